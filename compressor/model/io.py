@@ -1,0 +1,162 @@
+"""Save and load a multi-task model directory: safetensors weights, tokenizer files, JSON manifest.
+
+Layout::
+
+    model.safetensors   every tensor of the MultiTaskModel (encoder.* and heads.<task>.*)
+    manifest.json       format version, encoder config, per-layer architecture, tasks (plugin, labels, options)
+    tokenizer.json ...  the fast tokenizer (save_pretrained)
+
+Loading builds the encoder from the stored config (never the hub), reshapes it per layer, rebuilds each head
+through the task registry and loads the weights strictly; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.errors import CompressorError, ModelDirError
+from compressor.fsutil import atomic_dir, atomic_write_text
+from compressor.model.architecture import LayerArch, apply_architecture, read_architecture
+from compressor.model.multitask import MultiTaskModel
+from compressor.tasks import TASKS, build_task
+
+FORMAT = "compressor-model"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def build_manifest(model: MultiTaskModel, max_length: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    config = model.encoder.config.to_dict()
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "encoder": {"config": config, "source": getattr(model.encoder.config, "_name_or_path", "")},
+        "architecture": {
+            "hidden_size": model.encoder.config.hidden_size,
+            "vocab_size": model.encoder.get_input_embeddings().num_embeddings,
+            "layers": [a.to_dict() for a in read_architecture(model.encoder)],
+        },
+        "tasks": [
+            {"plugin": _plugin_name(task), **task.describe()} for task in model.tasks.values()
+        ],
+        "max_length": max_length,
+        "parameters": model.num_parameters(),
+        **(dict(extra) if extra else {}),
+    }
+
+
+def save_model(model: MultiTaskModel, tokenizer: Any, directory: Path, max_length: int,
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the model directory atomically: a half-written directory never appears at ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    manifest = build_manifest(model, max_length, extra)
+    with atomic_dir(directory) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    return directory
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ModelDirError(f"{directory}: model directory does not exist")
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing manifest (is this a compressor model directory?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: field 'format' is {manifest.get('format')!r}, expected '{FORMAT}'")
+    for key in ("encoder", "architecture", "tasks", "max_length"):
+        if key not in manifest:
+            raise ModelDirError(f"{path}: missing field '{key}'")
+    return manifest
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, Any, dict[str, Any]]:
+    """Rebuild a saved model: (model in eval mode, tokenizer, manifest)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise ModelDirError(f"{directory}: missing weights file {WEIGHTS}")
+
+    cfg = dict(manifest["encoder"]["config"])
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ModelDirError(f"{directory / MANIFEST}: encoder.config has no model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+        encoder = AutoModel.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise ModelDirError(f"{directory / MANIFEST}: cannot build encoder '{model_type}': {exc}") from exc
+    layers = [LayerArch(**layer) for layer in manifest["architecture"]["layers"]]
+    apply_architecture(encoder, layers)
+
+    tasks = {}
+    for spec in manifest["tasks"]:
+        try:
+            tasks[spec["name"]] = build_task(spec["plugin"], spec["name"], spec["labels"], spec["options"])
+        except CompressorError as exc:
+            raise ModelDirError(f"{directory / MANIFEST}: task '{spec.get('name')}': {exc}") from exc
+    model = MultiTaskModel(encoder, tasks)
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ModelDirError(f"{weights}: not a readable safetensors file: {exc}") from exc
+    check_state(model, state, weights)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    return model, tokenizer, manifest
+
+
+def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Raise ``ModelDirError`` naming the first tensors where weights and manifest disagree."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs manifest {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[0]}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es) e.g. {wrong[0]}")
+    if problems:
+        raise ModelDirError(f"{source}: weights do not match the manifest: {'; '.join(problems)}")
+
+
+def weights_size(directory: Path) -> int:
+    return (Path(directory) / WEIGHTS).stat().st_size
+
+
+def _plugin_name(task: Any) -> str:
+    if getattr(task, "plugin_name", None):
+        return task.plugin_name
+    for name in TASKS.names():
+        if TASKS.get(name) is type(task):
+            return name
+    raise ModelDirError(f"task '{task.name}': its plugin class {type(task).__name__} is not registered")

