@@ -34,10 +34,23 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
 
 
+class SplitFile(Strict):
+    """A split given with its own reader format (e.g. the same SQuAD file read as ``squad-train``/``squad-dev``)."""
+
+    path: str
+    format: str | None = None
+
+
 class Splits(Strict):
-    train: str | None = None
-    dev: str | None = None
-    test: str | None = None
+    """Paths relative to the data root (or absolute); a plain string or ``{path, format}``."""
+
+    train: str | SplitFile | None = None
+    dev: str | SplitFile | None = None
+    test: str | SplitFile | None = None
+
+    def get(self, split: str) -> SplitFile | None:
+        value = getattr(self, split)
+        return SplitFile(path=value) if isinstance(value, str) else value
 
 
 class Limits(Strict):

@@ -129,6 +129,13 @@ class TaskPlugin(ABC):
         except ValidationError as exc:
             raise RecipeError(f"task '{name}': invalid options: {_first_error(exc)}") from exc
 
+    def bind(self, tasks: Mapping[str, TaskPlugin]) -> None:
+        """Called once all tasks of a model or run exist, with every task by name (including this one).
+
+        A task that builds on another (relation extraction decodes entities with the NER task) keeps what it
+        needs here. Default: nothing.
+        """
+
     # ---- data ---------------------------------------------------------------------------------------------
     @abstractmethod
     def read(self, path: Path, format: str | None = None) -> list[Any]:
@@ -186,6 +193,17 @@ class TaskPlugin(ABC):
     def onnx_inputs(self) -> list[OnnxInput]:
         """Extra graph inputs of the head (beyond ``BASE_INPUTS``)."""
         return []
+
+    def export_spec(self) -> dict[str, Any]:
+        """What a torch-free runtime needs to decode this task's graph outputs (written to ``tasks.json``).
+
+        Built-in decoders (``compressor.runtime``): ``{"decoder": "bio", "tags": [...]}``,
+        ``{"decoder": "classification", "labels": [...], "text_pair": bool}``,
+        ``{"decoder": "relation", "entity_task": str, "labels": [...], "no_relation": str, ...}``,
+        ``{"decoder": "qa_span", "max_answer_length": int, "n_best": int, "doc_stride": int}``.
+        ``{"decoder": None}`` means the runtime returns raw outputs.
+        """
+        return {"decoder": None}
 
     def input_names(self) -> list[str]:
         return [*BASE_INPUTS, *(i.name for i in self.onnx_inputs())]

@@ -22,15 +22,17 @@ class DataStore:
         self.tasks: dict[str, TaskPlugin] = {
             t.name: build_task(t.plugin, t.name, t.labels, t.options) for t in recipe.tasks
         }
+        for task in self.tasks.values():
+            task.bind(self.tasks)
         self._examples: dict[tuple[str, str], list[Any]] = {}
         self._full_sizes: dict[tuple[str, str], int] = {}
         self._encoded: dict[tuple[str, str, int, bool, int], Encoded] = {}
 
     def path(self, task: str, split: str) -> Path | None:
-        rel = getattr(self.recipe.task(task).data, split)
-        if rel is None:
+        entry = self.recipe.task(task).data.get(split)
+        if entry is None:
             return None
-        p = Path(rel).expanduser()
+        p = Path(entry.path).expanduser()
         return p if p.is_absolute() else self.root / p
 
     def has(self, task: str, split: str) -> bool:
@@ -45,7 +47,8 @@ class DataStore:
             if not path.is_file():
                 raise DataError(path, f"data file for task '{task}' split '{split}' not found")
             spec = self.recipe.task(task)
-            examples = self.tasks[task].read(path, spec.format)
+            fmt = spec.data.get(split).format or spec.format
+            examples = self.tasks[task].read(path, fmt)
             if not examples:
                 raise DataError(path, f"split '{split}' of task '{task}' is empty")
             self._full_sizes[key] = len(examples)

@@ -35,6 +35,8 @@ class MultiTaskModel(nn.Module):
             encoder.pooler = None
         self.encoder = encoder
         self.tasks: dict[str, TaskPlugin] = dict(tasks)
+        for task in self.tasks.values():
+            task.bind(self.tasks)
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({name: task.build_head(hidden) for name, task in self.tasks.items()})
 
