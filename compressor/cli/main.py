@@ -1,0 +1,184 @@
+"""The ``compressor`` command line. A thin layer: every command calls the library.
+
+Heavy imports (torch, transformers, onnx) happen inside the commands, so ``compressor --help`` stays fast.
+User errors (``CompressorError``) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(help="Make multi-task NLP transformers small and fast.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tasks_app = typer.Typer(help="Task plugins.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: recipe, "
+                                                  "$COMPRESSOR_DATA_ROOT, then ../shared/data).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from compressor.errors import CompressorError
+
+        try:
+            return fn(*args, **kwargs)
+        except CompressorError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except FileNotFoundError as exc:
+            typer.echo(f"error: {exc.filename}: not found", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")]) -> None:
+    """Check recipes without running them: YAML, fields, stage kinds and task plugins."""
+    from compressor.errors import RecipeError
+    from compressor.recipe import load_recipe
+    from compressor.tasks import TASKS
+
+    for path in recipes:
+        recipe = load_recipe(path)
+        for i, task in enumerate(recipe.tasks):
+            if task.plugin not in TASKS:
+                from compressor.registry import RegistryError
+
+                try:
+                    TASKS.get(task.plugin)
+                except RegistryError as exc:
+                    raise RecipeError(f"{path}: tasks[{i}].plugin: {exc}") from None
+        typer.echo(f"{path}: ok ({len(recipe.tasks)} task(s), stages: {', '.join(s.name for s in recipe.stages)})")
+
+
+@app.command()
+@guarded
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip completed stages, "
+                                                          "resume the running one from its last checkpoint.")] = False,
+    data_root: DataRoot = None,
+) -> None:
+    """Run a recipe's stages in order and write report.json / report.md into the run directory."""
+    from compressor.pipeline import run_recipe
+
+    run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root)
+    typer.echo(f"report: {run_dir / 'report.md'} (and report.json)")
+
+
+@app.command()
+@guarded
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by a stage.")],
+    task: Annotated[str, typer.Option("--task", help="Task name in the model.")],
+    data: Annotated[Path, typer.Option("--data", help="Data file of that task.")],
+    format: Annotated[Optional[str], typer.Option("--format", help="Reader format (default: from the extension).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    json_out: JsonOut = False,
+) -> None:
+    """Score a saved model on one task's data file."""
+    from compressor.errors import DataError, RecipeError
+    from compressor.model.io import load_model
+    from compressor.report.measure import torch_forward
+
+    model, tokenizer, manifest = load_model(model_dir)
+    if task not in model.tasks:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(model.tasks), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; it has: {', '.join(model.tasks)}"
+        raise RecipeError(f"{model_dir}: no task '{task}'{hint}")
+    if not data.is_file():
+        raise DataError(data, "data file not found")
+    plugin = model.tasks[task]
+    examples = plugin.read(data, format)
+    if not examples:
+        raise DataError(data, "no examples")
+    encoded = plugin.encode(examples, tokenizer, manifest["max_length"], False)
+    metrics, _ = plugin.evaluate(torch_forward(model), encoded, examples, batch_size)
+    result = {"task": task, "data": str(data), "examples": len(examples), "truncated": encoded.truncated,
+              "metric": plugin.metric.name, "metrics": metrics}
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"{task} on {data}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                   + f" ({len(examples)} examples, {encoded.truncated} truncated)")
+
+
+@tasks_app.command("list")
+@guarded
+def tasks_list(json_out: JsonOut = False) -> None:
+    """Registered task plugins with their source distribution, label count and metric."""
+    from compressor.tasks import TASKS
+
+    rows = []
+    for name in TASKS.names():
+        cls = TASKS.get(name)
+        rows.append({
+            "name": name, "source": TASKS.source(name), "class": f"{cls.__module__}.{cls.__qualname__}",
+            "labels": len(cls.default_labels) if cls.default_labels else None,
+            "metric": cls.metric.name, "higher_is_better": cls.metric.higher_is_better,
+            "description": cls.description,
+        })
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "source", "labels", "metric", "description")
+    for r in rows:
+        table.add_row(r["name"], r["source"], str(r["labels"]) if r["labels"] is not None else "from data",
+                      r["metric"] + (" (higher is better)" if r["higher_is_better"] else " (lower is better)"),
+                      r["description"])
+    Console().print(table)
+
+
+@app.command()
+@guarded
+def publish(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    to: Annotated[Path, typer.Option("--to", help="Report path without extension, e.g. reports/teacher.")],
+    title: Annotated[str, typer.Option("--title")] = "",
+) -> None:
+    """Write a run's report as a benchmark report (Markdown + JSON) with a per-task comparison."""
+    from compressor.report.publish import publish_run
+
+    md, js = publish_run(run_dir, to, title)
+    typer.echo(f"wrote {md} and {js}")
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules may be absent in a partial install (e.g. the torch-free runtime)."""
+    try:
+        from compressor.cli.predict import predict
+    except ImportError:
+        return
+    app.command(name="predict")(guarded(predict))
+
+
+_register_optional_commands()
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Generic file readers that keep line numbers and record indices, so every error names where it happened.
+
+Task plugins build their formats on these: text lines, JSON Lines, one JSON document, CoNLL column blocks, and
+the CoNLL04 joint entity/relation JSON (validated spans, shared by the NER and relation-extraction plugins).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import DataError
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an example came from: a file and a 1-based line or a 0-based record index."""
+
+    path: str
+    line: int | None = None
+    record: int | None = None
+
+    def error(self, message: str) -> DataError:
+        """A ``DataError`` pointing at this location."""
+        return DataError(self.path, message, line=self.line, record=self.record)
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}"
+        if self.record is not None:
+            return f"{self.path} [record {self.record}]"
+        return self.path
+
+
+def read_text(path: Path) -> str:
+    """The whole file as UTF-8 text; a missing or undecodable file is a ``DataError``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(path, f"not valid UTF-8 (byte {exc.start})", line=line) from None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line without its newline)`` for every line, numbered from 1."""
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        yield n, line
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line; each line must hold one JSON object."""
+    out = []
+    for n, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=n) from None
+        if not isinstance(obj, dict):
+            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line=n)
+        out.append((n, obj))
+    return out
+
+
+def read_json(path: Path) -> Any:
+    """One JSON document."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
+
+
+@dataclass
+class ConllRow:
+    line: int
+    columns: list[str]
+
+
+def read_conll_blocks(path: Path, docstart: str = "-DOCSTART-") -> list[list[ConllRow]]:
+    """Sentences of a CoNLL column file: whitespace-separated columns, blank lines between sentences.
+
+    Lines whose first column is ``docstart`` are skipped (they also end a sentence).
+    """
+    blocks: list[list[ConllRow]] = []
+    current: list[ConllRow] = []
+    for n, line in iter_lines(path):
+        columns = line.split()
+        if not columns or columns[0] == docstart:
+            if current:
+                blocks.append(current)
+                current = []
+            continue
+        current.append(ConllRow(n, columns))
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def read_conll04(path: Path) -> list[dict[str, Any]]:
+    """Records of a CoNLL04-style JSON array, validated.
+
+    Each element must be ``{"tokens": [str], "entities": [[start, end, type]], "relations": [[h_start, h_end,
+    t_start, t_end, type]]}`` with token offsets, ``end`` exclusive; ``relations`` may be absent. Entities must
+    lie inside the sentence and not overlap; relation arguments must be entities of the sentence.
+
+    Returns:
+        one dict per record: ``{"index": i, "tokens": [...], "entities": [(s, e, type)], "relations":
+        [(hs, he, ts, te, type)]}`` with entities sorted by start.
+
+    Raises:
+        DataError: naming the file and the record index of the first malformed record.
+    """
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(path, f"expected a JSON array of records, got {type(data).__name__}")
+    return [_conll04_record(path, i, rec) for i, rec in enumerate(data)]
+
+
+def _conll04_record(path: Path, index: int, rec: Any) -> dict[str, Any]:
+    def fail(message: str) -> DataError:
+        return DataError(path, message, record=index)
+
+    if not isinstance(rec, dict):
+        raise fail(f"expected an object, got {type(rec).__name__}")
+    tokens = rec.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise fail("field 'tokens' must be a list of strings")
+    if not tokens:
+        raise fail("field 'tokens' is empty")
+    try:
+        entities = check_entities(rec.get("entities", []), len(tokens))
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    spans = {(s, e) for s, e, _ in entities}
+    raw_relations = rec.get("relations", [])
+    if not isinstance(raw_relations, list):
+        raise fail("field 'relations' must be a list")
+    relations: list[tuple[int, int, int, int, str]] = []
+    for j, rel in enumerate(raw_relations):
+        if not (isinstance(rel, list) and len(rel) == 5 and all(_is_int(x) for x in rel[:4])
+                and isinstance(rel[4], str) and rel[4]):
+            raise fail(f"relations[{j}] must be [head_start, head_end, tail_start, tail_end, type], got {rel!r}")
+        for arg, (s, e) in (("head", rel[0:2]), ("tail", rel[2:4])):
+            if (s, e) not in spans:
+                raise fail(f"relations[{j}] {rel!r}: {arg} span [{s}, {e}) is not an entity of the sentence")
+        relations.append(tuple(rel))  # type: ignore[arg-type]
+    return {"index": index, "tokens": list(tokens), "entities": entities, "relations": relations}
+
+
+def check_entities(raw: Any, num_tokens: int) -> list[tuple[int, int, str]]:
+    """Validate ``[[start, end_exclusive, type], ...]`` over ``num_tokens`` tokens; sorted tuples out.
+
+    Raises:
+        ValueError: a malformed, out-of-range or overlapping span (the caller adds file and line/record).
+    """
+    if not isinstance(raw, list):
+        raise ValueError("field 'entities' must be a list")
+    entities: list[tuple[int, int, str]] = []
+    for j, ent in enumerate(raw):
+        if not (isinstance(ent, (list, tuple)) and len(ent) == 3 and _is_int(ent[0]) and _is_int(ent[1])
+                and isinstance(ent[2], str) and ent[2]):
+            raise ValueError(f"entities[{j}] must be [start, end, type], got {ent!r}")
+        start, end, typ = ent
+        if not 0 <= start < end <= num_tokens:
+            raise ValueError(
+                f"entities[{j}] {list(ent)!r} is outside the sentence of {num_tokens} tokens (end is exclusive)"
+            )
+        entities.append((start, end, typ))
+    entities.sort()
+    for a, b in zip(entities, entities[1:]):
+        if b[0] < a[1]:
+            raise ValueError(f"entities {list(a)} and {list(b)} overlap")
+    return entities
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

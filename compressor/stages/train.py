@@ -1,0 +1,70 @@
+"""The ``train`` stage: the jointly trained multi-task teacher and, optionally, its single-task twins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compressor.model.io import load_model, save_model
+from compressor.model.multitask import MultiTaskModel, load_pretrained
+from compressor.recipe import TrainStage
+from compressor.report.evaluate import evaluate_rows
+from compressor.stages import StageContext, StageResult
+from compressor.tasks import build_task
+from compressor.train.loop import TrainResult, clear_checkpoint, train_model
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: TrainStage = ctx.stage
+    recipe = ctx.recipe
+    tasks = dict(ctx.data.tasks)
+    outputs: dict[str, Any] = {"baselines": {}, "training": {}}
+    notes: list[str] = []
+
+    jobs: list[tuple[str, str, list[str]]] = [(cfg.name, "model", list(tasks))]
+    if cfg.baselines and len(tasks) > 1:
+        jobs += [(f"single:{t}", f"single-{t}", [t]) for t in tasks]
+    elif cfg.baselines:
+        notes.append("baselines skipped: the recipe has a single task, so the model is its own baseline")
+
+    for label, subdir, task_names in jobs:
+        result, model, tokenizer = _train_one(ctx, cfg, label, subdir, task_names)
+        saved = ctx.out_dir / subdir
+        save_model(model, tokenizer, saved, recipe.model.max_length,
+                   extra={"trained_by": {"stage": cfg.name, "label": label, "epochs": result.epochs_run,
+                                         "best_epoch": result.best_epoch}})
+        ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=label, stage=cfg.name,
+                                          model_dir=saved, report=recipe.report))
+        summary = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_dev": result.best_score,
+                   "wall_s": round(result.wall_s, 1), "device": result.device, "mixed_precision": result.mixed_precision,
+                   "history": result.history}
+        outputs["training"][label] = summary
+        if label != cfg.name:
+            outputs["baselines"][task_names[0]] = str(ctx.final_dir / subdir)
+        notes.append(f"{label}: {result.epochs_run} epoch(s) on {result.device} ({result.mixed_precision}), "
+                     f"best dev epoch {result.best_epoch}, {result.wall_s:.0f}s")
+    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _train_one(ctx: StageContext, cfg: TrainStage, label: str, subdir: str,
+               task_names: list[str]) -> tuple[TrainResult, MultiTaskModel, Any]:
+    recipe = ctx.recipe
+    checkpoint_dir = ctx.checkpoint_dir / subdir if ctx.checkpoint_dir else None
+    done = checkpoint_dir / "done" if checkpoint_dir else None
+    if ctx.resume and done is not None and done.is_dir():
+        model, tokenizer, manifest = load_model(done)
+        result = TrainResult(**manifest["train_result"])
+        return result, model, tokenizer
+    # each model gets its own plugin instances (same labels and options) so heads never alias
+    tasks = {t: build_task(ctx.data.tasks[t].plugin_name or "", t, ctx.data.tasks[t].labels,
+                           ctx.data.tasks[t].options.model_dump()) for t in task_names}
+    encoder, tokenizer = load_pretrained(recipe.model.encoder, recipe.model.trust_remote_code)
+    model = MultiTaskModel(encoder, tasks)
+    result = train_model(model, tokenizer, ctx.data, cfg, seed=recipe.seed, checkpoint_dir=checkpoint_dir,
+                         resume=ctx.resume, label=label)
+    if done is not None:
+        from dataclasses import asdict
+
+        save_model(model, tokenizer, done, recipe.model.max_length, extra={"train_result": asdict(result)})
+        clear_checkpoint(checkpoint_dir)
+    return result, model, tokenizer
