@@ -11,7 +11,7 @@ counts them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -131,3 +131,156 @@ def classify(logits: np.ndarray, labels: Sequence[str]) -> list[tuple[str, float
     probs = softmax(np.asarray(logits, dtype=np.float64), axis=-1)
     best = probs.argmax(axis=-1)
     return [(labels[int(b)], float(p[b])) for b, p in zip(best, probs)]
+
+
+# ---- extractive QA ----------------------------------------------------------------------------------------
+QaCandidate = tuple[float, int, int]  # (start logit + end logit, start char, end char exclusive)
+
+
+def offsets_array(offsets: Sequence[tuple[int, int] | None] | np.ndarray) -> np.ndarray:
+    """Character offsets ``[seq, 2]`` (int64) with ``-1`` rows for tokens that cannot be part of an answer."""
+    if isinstance(offsets, np.ndarray):
+        return offsets.astype(np.int64, copy=False)
+    return np.array([(-1, -1) if o is None else (o[0], o[1]) for o in offsets], dtype=np.int64).reshape(-1, 2)
+
+
+def qa_span_candidates(
+    start_logits: np.ndarray, end_logits: np.ndarray, offsets: Sequence[tuple[int, int] | None] | np.ndarray,
+    max_answer_length: int = 30, n_best: int = 20,
+) -> list[QaCandidate]:
+    """The ``n_best`` answer spans of one window, best first.
+
+    A span runs from a start token to an end token of the context (``offsets`` row not ``None``/negative), with
+    ``start <= end < start + max_answer_length`` (in tokens); its score is ``start_logits[start] +
+    end_logits[end]``. Every such span is considered (not only the top starts and ends), so the result is exact.
+    Ties keep the earlier, then shorter span first.
+
+    Args:
+        start_logits, end_logits: ``[seq]`` (positions past ``len(offsets)``, i.e. padding, are ignored).
+        offsets: per token ``(start_char, end_char)`` in the context, ``None`` (or ``-1``) for question, special
+            and padding tokens.
+    """
+    offs = offsets_array(offsets)
+    ctx = np.flatnonzero(offs[:, 0] >= 0)
+    if ctx.size == 0 or max_answer_length < 1 or n_best < 1:
+        return []
+    s = np.asarray(start_logits, dtype=np.float64)[ctx]
+    e = np.asarray(end_logits, dtype=np.float64)[ctx]
+    n, width = ctx.size, min(max_answer_length, ctx.size)
+    # band[i, d] = score of the span (ctx[i], ctx[i + d]); context tokens of a window are contiguous
+    ends = np.arange(n)[:, None] + np.arange(width)[None, :]
+    valid = ends < n
+    band = np.where(valid, s[:, None] + e[np.minimum(ends, n - 1)], -np.inf)
+    flat = band.ravel()
+    k = min(n_best, int(valid.sum()))
+    top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+    # stable order: score desc, then start asc, then length asc (flat index = start * width + length)
+    top = top[np.isfinite(flat[top])]
+    top = top[np.lexsort((top, -flat[top]))][:k]
+    out = []
+    for idx in top:
+        i, d = divmod(int(idx), width)
+        out.append((float(flat[idx]), int(offs[ctx[i], 0]), int(offs[ctx[i + d], 1])))
+    return out
+
+
+def qa_best_answer(candidates: Sequence[QaCandidate], context: str) -> dict[str, object]:
+    """The best of all candidates of one question (from every window): ``{"text", "start", "end", "score"}``.
+
+    Windows are compared by raw score, as in the reference BERT implementation. No candidate (no context token
+    in any window) gives the empty answer with ``score`` ``None``.
+    """
+    if not candidates:
+        return {"text": "", "start": 0, "end": 0, "score": None}
+    score, start, end = min(candidates, key=lambda c: (-c[0], c[1], c[2]))
+    return {"text": context[start:end], "start": start, "end": end, "score": score}
+
+
+# ---- relation extraction ----------------------------------------------------------------------------------
+NO_RELATION = "no_relation"
+
+
+def word_token_ranges(word_ids: Sequence[int | None]) -> dict[int, tuple[int, int]]:
+    """Word index -> ``(first sub-token, last sub-token + 1)`` for every word present in ``word_ids``."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for pos, w in enumerate(word_ids):
+        if w is None:
+            continue
+        first = ranges[w][0] if w in ranges else pos
+        ranges[w] = (first, pos + 1)
+    return ranges
+
+
+def span_token_range(span: Sequence, ranges: Mapping[int, tuple[int, int]]) -> tuple[int, int] | None:
+    """Sub-token range ``[start, end)`` of a word span ``(start_word, end_word_exclusive, ...)``; ``None`` when
+    its first or last word was cut off by truncation."""
+    first, last = ranges.get(int(span[0])), ranges.get(int(span[1]) - 1)
+    if first is None or last is None:
+        return None
+    return first[0], last[1]
+
+
+def relation_candidates(
+    entities: Sequence[Span], word_ids: Sequence[int | None],
+    allowed: Mapping[str, Sequence[Sequence[str]]] | None = None, max_pairs: int | None = None,
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The entity pairs to classify in one sentence and their ``re_spans`` graph input.
+
+    Every ordered pair ``(head, tail)`` of distinct entities, in order of head then tail, skipping entities cut
+    off by truncation and, when ``allowed`` (relation -> allowed ``[head_type, tail_type]``) is given, pairs whose
+    types no relation allows; at most ``max_pairs`` (the first ones).
+
+    Returns:
+        ``(pairs, spans)``: ``pairs`` as indices into ``entities``; ``spans`` ``[len(pairs), 4]`` int64 sub-token
+        positions ``(head_start, head_end, tail_start, tail_end)``, ends exclusive.
+    """
+    ranges = word_token_ranges(word_ids)
+    tok = [span_token_range(e, ranges) for e in entities]
+    type_pairs = None if allowed is None else {(h, t) for pairs in allowed.values() for h, t in pairs}
+    pairs: list[tuple[int, int]] = []
+    rows: list[tuple[int, int, int, int]] = []
+    for i, head in enumerate(entities):
+        for j, tail in enumerate(entities):
+            if i == j or tok[i] is None or tok[j] is None:
+                continue
+            if type_pairs is not None and (head[2], tail[2]) not in type_pairs:
+                continue
+            if max_pairs is not None and len(pairs) >= max_pairs:
+                return pairs, np.array(rows, dtype=np.int64).reshape(-1, 4)
+            pairs.append((i, j))
+            rows.append((*tok[i], *tok[j]))  # type: ignore[misc]
+    return pairs, np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def relation_decode(
+    logits: np.ndarray, pairs: Sequence[tuple[int, int]], entities: Sequence[Span], classes: Sequence[str],
+    allowed: Mapping[str, Sequence[Sequence[str]]] | None = None, no_relation: str = NO_RELATION,
+) -> list[tuple[int, int, int, int, str]]:
+    """Relations of one sentence from pair logits ``[pairs, classes]`` (rows past ``len(pairs)`` are padding).
+
+    Each pair takes the argmax class; with ``allowed``, a relation whose argument types it does not allow is
+    masked out before the argmax (so the pair falls back to its best allowed class). Pairs predicted
+    ``no_relation`` give nothing.
+
+    Returns:
+        ``(head_start, head_end, tail_start, tail_end, relation)`` word spans, ends exclusive, in pair order.
+    """
+    if not len(pairs):
+        return []
+    scores = np.asarray(logits, dtype=np.float64)[: len(pairs)].copy()
+    if allowed is not None:
+        for c, name in enumerate(classes):
+            if name == no_relation:
+                continue
+            ok = {tuple(p) for p in allowed.get(name, ())}
+            for row, (i, j) in enumerate(pairs):
+                if (entities[i][2], entities[j][2]) not in ok:
+                    scores[row, c] = -np.inf
+    best = scores.argmax(axis=-1)
+    out = []
+    for row, (i, j) in enumerate(pairs):
+        name = classes[int(best[row])]
+        if name != no_relation:
+            h, t = entities[i], entities[j]
+            out.append((int(h[0]), int(h[1]), int(t[0]), int(t[1]), name))
+    return out

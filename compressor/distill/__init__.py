@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses (``losses``) and a multi-task distillation loop (``trainer``)."""

@@ -1,0 +1,218 @@
+"""End to end through the CLI on a tiny random BERT and small fixtures: run, report, evaluate, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from compressor.cli.main import app
+from conftest import FIXTURES, tiny_bert
+
+PIPE = FIXTURES / "pipeline"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, tokenizer):
+    """A tiny random BERT saved as a local Hugging Face directory (what a user's own encoder path looks like)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert(hidden=32, layers=2, heads=4, ffn=64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def recipe_text(model_path: Path, epochs: int = 2, extra_task: str = "", baselines: bool = True,
+                sst_train: str = "sst.train.txt", labels: str = "") -> str:
+    return f"""\
+name: tiny
+seed: 3
+data_root: {PIPE}
+model: {{encoder: {model_path}, max_length: 32}}
+tasks:
+  - name: ner
+    plugin: ner
+    format: conll
+    data: {{train: ner.train.conll, dev: ner.dev.conll, test: ner.test.conll}}
+  - name: sst
+    plugin: classification
+    format: label_text
+    {labels}
+    data: {{train: {sst_train}, dev: sst.dev.txt, test: sst.test.txt}}
+{extra_task}
+stages:
+  - kind: train
+    name: teacher
+    epochs: {epochs}
+    batch_size: 8
+    lr: 3.0e-3
+    warmup_ratio: 0.0
+    sampling: {{strategy: round_robin}}
+    loss_weighting: {{strategy: uncertainty}}
+    baselines: {str(baselines).lower()}
+report: {{latency_runs: 2, latency_warmup: 1, latency_seq_len: 32}}
+"""
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_path):
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(recipe_text(tiny_model_path, epochs=3))
+    result = invoke("run", recipe, "--out", tmp / "out")
+    assert result.exit_code == 0, result.output
+    return recipe, tmp / "out"
+
+
+def test_run_writes_report_with_teacher_and_single_task_rows(finished_run):
+    _, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    models = {(r["model"], r["task"], r["split"]) for r in report["rows"]}
+    for task in ("ner", "sst"):
+        for split in ("dev", "test"):
+            assert ("teacher", task, split) in models
+            assert (f"single:{task}", task, split) in models
+    for r in report["rows"]:
+        for key in ("model", "stage", "task", "split", "metric", "value", "params", "size_bytes", "latency_ms_p50"):
+            assert key in r
+        assert 0.0 <= r["value"] <= 1.0 and r["latency_ms_p50"] > 0 and r["size_bytes"] > 0
+    teacher_params = {r["params"] for r in report["rows"] if r["model"] == "teacher"}
+    single_params = {r["params"] for r in report["rows"] if r["model"] == "single:sst"}
+    assert teacher_params.pop() > single_params.pop()  # the teacher carries two heads
+    assert report["threads"] >= 1 and report["machine"]["cpu_count"]
+    assert (out / "report.md").read_text().startswith("# Report: tiny")
+    assert not list(out.glob("stages/.*partial")) and not (out / "checkpoints" / "teacher").exists()
+
+
+def test_training_lowers_the_loss_and_learns_the_easy_task(finished_run):
+    _, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    history = report["outputs"]["teacher"]["training"]["teacher"]["history"]
+    assert history[-1]["train_loss"]["sst"] < history[0]["train_loss"]["sst"]
+    assert history[-1]["train_loss"]["ner"] < history[0]["train_loss"]["ner"]
+    weights = history[-1]["task_weights"]
+    assert weights["ner"] != 1.0 and weights["sst"] != 1.0  # uncertainty weights moved
+
+
+def test_evaluate_command_reproduces_the_report(finished_run):
+    _, out = finished_run
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["rows"] if r["model"] == "teacher" and r["task"] == "sst" and r["split"] == "test")
+    result = invoke("evaluate", out / "stages/00-teacher/model", "--task", "sst", "--data", PIPE / "sst.test.txt", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["accuracy"] == pytest.approx(row["value"])
+
+
+def test_resume_skips_completed_stages(finished_run):
+    recipe, out = finished_run
+    before = json.loads((out / "report.json").read_text())["rows"]
+    result = invoke("run", recipe, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "done earlier, skipped" in result.output
+    assert json.loads((out / "report.json").read_text())["rows"] == before
+
+
+def test_rerun_without_resume_refuses_to_overwrite(finished_run):
+    recipe, out = finished_run
+    result = invoke("run", recipe, "--out", out)
+    assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def _bad_run(tmp_path, text):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    result = invoke("run", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    return result.stderr
+
+
+def test_bad_data_inputs_exit_2_naming_the_problem(tmp_path, tiny_model_path):
+    base = recipe_text(tiny_model_path, epochs=1, baselines=False)
+    # missing data file
+    assert "nope.txt" in _bad_run(tmp_path, base.replace("sst.train.txt", "nope.txt"))
+    # a line that does not parse: file and line named
+    bad = tmp_path / "bad_lines.txt"
+    bad.write_text("1 good line\nnolabelhere\n")
+    assert f"{bad}:2" in _bad_run(tmp_path, base.replace("sst.train.txt", str(bad)))
+    # a label outside the schema
+    assert "label" in _bad_run(tmp_path, recipe_text(tiny_model_path, epochs=1, baselines=False,
+                                                      labels="labels: ['0']")).lower()
+    # an empty split
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in _bad_run(tmp_path, base.replace("sst.train.txt", str(empty)))
+    # tokens and tags of different lengths
+    conll = tmp_path / "bad.conll"
+    conll.write_text("John B-Peop\nlives\n\n")
+    assert str(conll) in _bad_run(tmp_path, base.replace("ner.train.conll", str(conll)))
+    # unknown task plugin and unknown key
+    assert "did you mean 'ner'" in _bad_run(tmp_path, base.replace("plugin: ner", "plugin: nre"))
+    assert "unknown key" in _bad_run(tmp_path, base.replace("    epochs: 1", "    epochs: 1\n    epoch: 2"))
+    assert "malformed YAML" in _bad_run(tmp_path, base + "stages: [\n")
+
+
+def test_bad_model_dirs_exit_2(tmp_path, finished_run):
+    import shutil
+
+    _, out = finished_run
+    model = out / "stages/00-teacher/model"
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(model, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    r = invoke("evaluate", no_weights, "--task", "sst", "--data", PIPE / "sst.test.txt")
+    assert r.exit_code == 2 and "missing weights" in r.stderr
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(model, mismatch)
+    manifest = json.loads((mismatch / "manifest.json").read_text())
+    manifest["architecture"]["layers"][0]["ffn"] = 48
+    (mismatch / "manifest.json").write_text(json.dumps(manifest))
+    r = invoke("evaluate", mismatch, "--task", "sst", "--data", PIPE / "sst.test.txt")
+    assert r.exit_code == 2 and "do not match the manifest" in r.stderr and "intermediate" in r.stderr
+    r = invoke("evaluate", model, "--task", "sts", "--data", PIPE / "sst.test.txt")
+    assert r.exit_code == 2 and "did you mean 'sst'" in r.stderr
+
+
+def test_in_stage_resume_continues_from_the_epoch_checkpoint(tmp_path, tiny_model_path):
+    from compressor.data.store import DataStore
+    from compressor.model.multitask import build_model
+    from compressor.recipe import load_recipe
+    from compressor.train.loop import train_model
+
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(recipe_text(tiny_model_path, epochs=2, baselines=False))
+    recipe = load_recipe(recipe_path)
+    data = DataStore(recipe, PIPE)
+    data.fit_labels()
+    cfg = recipe.stages[0]
+    logs = []
+    model, tok = build_model(str(tiny_model_path), data.tasks)
+    first = train_model(model, tok, data, cfg.model_copy(update={"epochs": 1}), seed=1, checkpoint_dir=tmp_path / "ck")
+    model2, tok2 = build_model(str(tiny_model_path), data.tasks)
+    resumed = train_model(model2, tok2, data, cfg, seed=1, checkpoint_dir=tmp_path / "ck", resume=True, log=logs.append)
+    assert any("resumed after epoch 1" in line for line in logs)
+    assert resumed.epochs_run == 2 and resumed.history[0] == first.history[0] and len(resumed.history) == 2
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from compressor.cli.main import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tasks_list_json_shows_builtin_plugins():
+    result = invoke("tasks", "list", "--json")
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["ner"]["source"] == "compressor" and rows["ner"]["metric"] == "f1"
+    assert rows["classification"]["metric"] == "accuracy"

@@ -1,0 +1,41 @@
+import collections
+
+import pytest
+
+from compressor.data.sampling import BatchStream, TaskSampler, task_probabilities
+
+
+def test_proportional_and_temperature_probabilities_by_hand():
+    sizes = {"a": 900, "b": 100}
+    assert task_probabilities(sizes, "proportional") == pytest.approx({"a": 0.9, "b": 0.1})
+    # tau = 2: sqrt(900) = 30, sqrt(100) = 10 -> 0.75 / 0.25
+    assert task_probabilities(sizes, "temperature", tau=2.0) == pytest.approx({"a": 0.75, "b": 0.25})
+    # tau -> large approaches uniform
+    assert task_probabilities(sizes, "temperature", tau=1000.0)["a"] == pytest.approx(0.5, abs=0.01)
+    assert task_probabilities(sizes, "round_robin") == {"a": 0.5, "b": 0.5}
+
+
+@pytest.mark.parametrize("strategy,tau,expected", [("proportional", 1.0, 0.9), ("temperature", 2.0, 0.75)])
+def test_sampler_draws_tasks_in_proportion(strategy, tau, expected):
+    sampler = TaskSampler({"a": 900, "b": 100}, strategy, tau, seed=1)
+    counts = collections.Counter(next(sampler) for _ in range(20000))
+    assert counts["a"] / 20000 == pytest.approx(expected, abs=0.015)
+
+
+def test_round_robin_cycles_and_state_restores():
+    sampler = TaskSampler({"a": 5, "b": 1, "c": 1}, "round_robin")
+    assert [next(sampler) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    s = TaskSampler({"a": 3, "b": 1}, "proportional", seed=3)
+    [next(s) for _ in range(10)]
+    state = s.state_dict()
+    after = [next(s) for _ in range(20)]
+    s2 = TaskSampler({"a": 3, "b": 1}, "proportional", seed=99)
+    s2.load_state_dict(state)
+    assert [next(s2) for _ in range(20)] == after
+
+
+def test_batch_stream_covers_every_index_once_per_pass():
+    stream = BatchStream(10, 4, seed=0)
+    assert stream.batches_per_pass() == 3
+    seen = [i for _ in range(3) for i in stream.next()]
+    assert sorted(seen) == list(range(10))
