@@ -24,6 +24,7 @@ from compressor.registry import _load
 from compressor.stages import STAGE_RUNNERS, StageContext, StageResult
 
 STATE = "state.json"
+TEACHER_KINDS = ("train", "load")  # the first stage of these kinds provides the teacher
 
 
 def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False, data_root: Path | None = None,
@@ -43,7 +44,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     # read and check every training split before anything is written
     data = DataStore(recipe, resolve_data_root(recipe.data_root, data_root))
     data.fit_labels()
-    train_stages = [s for s in recipe.stages if s.kind == "train"]
+    train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
     created = not run_dir.exists()
@@ -66,7 +67,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
                 outputs[stage.name] = rec["outputs"]
                 if rec.get("model_dir"):
                     model_dir = Path(rec["model_dir"])
-                    if stage.kind == "train" and teacher_dir is None:
+                    if stage.kind in TEACHER_KINDS and teacher_dir is None:
                         teacher_dir = model_dir
                 log(f"stage {stage.name}: done earlier, skipped")
                 continue
@@ -91,7 +92,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
             shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
             if result.model_dir is not None:
                 model_dir = result.model_dir
-                if stage.kind == "train" and teacher_dir is None:
+                if stage.kind in TEACHER_KINDS and teacher_dir is None:
                     teacher_dir = model_dir
             outputs[stage.name] = result.outputs
             state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [{

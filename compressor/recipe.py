@@ -114,7 +114,254 @@ class TrainStage(Strict):
     baselines: bool = False
 
 
-Stage = Annotated[Union[TrainStage], Field(discriminator="kind")]
+class StudentFromTeacher(Strict):
+    """Copy the teacher, keeping some layers (0-based), and optionally fewer heads / FFN neurons per layer."""
+
+    layers: Literal["every_other"] | int | list[int] = Field(
+        "every_other", description="'every_other' (1, 3, 5...), N evenly spaced layers (top kept), or 0-based indices"
+    )
+    heads: int | None = Field(None, gt=0, description="attention heads kept per layer (largest weight norm)")
+    ffn: int | None = Field(None, gt=0, description="FFN neurons kept per layer (largest weight norm)")
+
+
+class StudentFromConfig(Strict):
+    """A fresh, randomly initialised BERT with the teacher's vocabulary and tasks."""
+
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    ffn: int | None = Field(None, gt=0, description="default: 4 * hidden_size")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> StudentFromConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        return self
+
+
+class StudentSpec(Strict):
+    """Exactly one of ``from_teacher``, ``from_config``, ``from_previous: true`` (the latest model, e.g. pruned)."""
+
+    from_teacher: StudentFromTeacher | None = None
+    from_config: StudentFromConfig | None = None
+    from_previous: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentSpec:
+        given = [k for k in ("from_teacher", "from_config") if getattr(self, k) is not None]
+        given += ["from_previous"] if self.from_previous else []
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from_teacher, from_config, from_previous (got {given or 'none'})")
+        return self
+
+
+class DistillWeights(Strict):
+    """Weights of the distillation terms (their sum is scaled by ``1 - alpha``)."""
+
+    logits: float = Field(1.0, ge=0)
+    hidden: float = Field(0.0, ge=0)
+    attention: float = Field(0.0, ge=0)
+
+
+class LoadStage(Strict):
+    """Start from a model directory written earlier (e.g. a teacher trained by another run).
+
+    The first ``load`` or ``train`` stage of a recipe provides the teacher that later stages compare against.
+    """
+
+    kind: Literal["load"]
+    name: str = Field("teacher", pattern=NAME)
+    path: str = Field(description="model directory (manifest.json + model.safetensors), relative to the cwd")
+    evaluate: bool = True
+
+
+class DistillStage(Strict):
+    """Distil the teacher (the first train stage's model) into a smaller student on all tasks at once."""
+
+    kind: Literal["distill"]
+    name: str = Field("distill", pattern=NAME)
+    student: StudentSpec = StudentSpec(from_teacher=StudentFromTeacher())
+    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (0-based); default uniform")
+    alpha: float = Field(0.5, ge=0, le=1, description="task-loss weight; 1 - alpha weighs distillation")
+    temperature: float = Field(2.0, gt=0)
+    weights: DistillWeights = DistillWeights()
+    relation_heads: int | None = Field(None, gt=0, description="MiniLM relation heads where head counts differ")
+    epochs: int = Field(3, gt=0)
+    steps: int | None = Field(None, gt=0, description="total steps; overrides epochs * steps_per_epoch")
+    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    sampling: Sampling = Sampling()
+    seed: int | None = Field(None, description="default: the recipe's seed")
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+
+class PruneLayerRatios(Strict):
+    """Per-layer override of the ratios (``per_layer`` scope); 0 leaves that layer's heads or FFN alone."""
+
+    head_ratio: float | None = Field(None, ge=0, lt=1)
+    ffn_ratio: float | None = Field(None, ge=0, lt=1)
+
+
+class PruneRecovery(Strict):
+    """Distillation run after each pruning step (``recovery_steps`` steps of it)."""
+
+    teacher: Literal["teacher", "input"] = Field(
+        "teacher", description="'teacher': the first train stage's model (falls back to 'input' if none); "
+        "'input': the model as it was before this stage"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="task-loss weight; 1 - alpha weighs distillation")
+    temperature: float = Field(2.0, gt=0)
+    weights: DistillWeights = DistillWeights()
+    lr: float = Field(3e-5, gt=0)
+    batch_size: int = Field(16, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    sampling: Sampling = Sampling()
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+
+class PruneStage(Strict):
+    """Structured pruning of the shared encoder: attention heads, FFN neurons and whole layers.
+
+    The hidden size is never pruned, so every task head stays as it is.
+    """
+
+    kind: Literal["prune"]
+    name: str = Field("prune", pattern=NAME)
+    importance: Literal["magnitude", "taylor"] = Field(
+        "taylor", description="taylor: |w * grad| of every task's loss on its training batches; magnitude: weight norm"
+    )
+    head_ratio: float | None = Field(None, gt=0, lt=1, description="share of attention heads to remove")
+    ffn_ratio: float | None = Field(None, gt=0, lt=1, description="share of FFN neurons to remove")
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer", description="per_layer: every layer loses its share; global: rank across layers "
+        "(each layer keeps at least one head and one FFN neuron)"
+    )
+    layer_ratios: dict[int, PruneLayerRatios] = Field({}, description="per_layer scope: layer -> ratio overrides")
+    heads: dict[int, list[int]] = Field({}, description="explicit heads to remove: layer -> head indices (0-based)")
+    drop_layers: list[int] = Field([], description="layers to remove (0-based, original numbering)")
+    drop_num_layers: int = Field(0, ge=0, description="remove this many more layers, least important first")
+    steps: int = Field(1, gt=0, description="reach the ratios over this many pruning steps")
+    recovery_steps: int = Field(0, ge=0, description="distillation steps after each pruning step")
+    recovery: PruneRecovery = PruneRecovery()
+    importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
+    batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
+    eval_batch_size: int = Field(64, gt=0)
+    seed: int | None = Field(None, description="default: the recipe's seed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneStage:
+        if not (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
+                or self.drop_num_layers):
+            raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers "
+                             "or drop_num_layers")
+        if self.scope == "global" and self.layer_ratios:
+            raise ValueError("layer_ratios needs scope 'per_layer'")
+        if self.heads and (self.head_ratio or any(r.head_ratio for r in self.layer_ratios.values())):
+            raise ValueError("give either explicit heads or a head ratio, not both")
+        negative = [i for i in [*self.drop_layers, *self.heads, *self.layer_ratios,
+                                *(h for hs in self.heads.values() for h in hs)] if i < 0]
+        if negative:
+            raise ValueError(f"layer and head indices are 0-based and >= 0 (got {negative[0]})")
+        return self
+
+
+class PruneVocabStage(Strict):
+    """Keep only the vocabulary the tasks' training data uses; shrink the word embeddings and the tokenizer."""
+
+    kind: Literal["prune_vocab"]
+    name: str = Field("prune_vocab", pattern=NAME)
+    keep_eval_splits: bool = Field(False, description="also keep tokens of the dev/test splits (leaks their vocabulary)")
+    extra_tokens: list[str] = Field([], description="vocabulary entries to keep (e.g. '##ing', 'covid')")
+    extra_files: list[str] = Field([], description="text files (data-root relative or absolute) whose tokens are kept")
+    keep_chars: Literal["none", "ascii", "all"] = Field(
+        "ascii", description="keep single-character tokens (and their ## forms) so unseen words split into "
+        "characters instead of becoming [UNK]"
+    )
+    min_count: int = Field(1, ge=1, description="keep a training token only if it occurs at least this often")
+    eval_batch_size: int = Field(64, gt=0)
+
+
+
+class ExportStage(Strict):
+    """Export the latest model to ONE ONNX graph (every task's head), checked against PyTorch output by output."""
+
+    kind: Literal["export"]
+    name: str = Field("export", pattern=NAME)
+    opset: int = Field(17, ge=14, le=21)
+    optimize: bool = Field(True, description="ONNX Runtime transformer fusions (checked; basic optimisation if "
+                                             "the fused graph fails parity)")
+    parity_batches: int = Field(3, gt=0, description="batches per task (dev, then test features) for the parity check")
+    parity_batch_size: int = Field(8, gt=0)
+    rtol: float = Field(1e-3, ge=0, description="relative tolerance of the parity check, added to each output's atol")
+    evaluate: bool = Field(True, description="score every task with ONNX Runtime and add 'onnx' report rows")
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class QuantCalibration(Strict):
+    """Static quantization: activation ranges from task batches."""
+
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    split: Literal["train", "dev", "test"] = Field("train", description="falls back to dev/test for a task without it")
+    samples: int = Field(64, gt=0, description="features per task (spread over the split)")
+    batch_size: int = Field(8, gt=0)
+    percentile: float = Field(99.999, gt=0, le=100)
+    num_bins: int | None = Field(None, gt=0, description="histogram bins; default 2048 (percentile), 128 (entropy)")
+
+
+class QuantizeStage(Strict):
+    """INT8 quantization of the export stage's graph, accuracy-aware: sensitive nodes fall back to fp32."""
+
+    kind: Literal["quantize"]
+    name: str = Field("quantize", pattern=NAME)
+    source: str | None = Field(None, description="export stage to quantize; default: the latest one")
+    mode: Literal["dynamic", "static"] = "dynamic"
+    target: Literal["avx512_vnni", "avx2", "arm64"] = Field("avx512_vnni", description="optimum AutoQuantizationConfig preset")
+    per_channel: bool = False
+    reduce_range: bool = Field(False, description="7-bit weights (avx2 only; avoids VPMADDUBSW saturation)")
+    op_types: list[str] | None = Field(None, description="op types to quantize; default dynamic: MatMul, Attention, "
+                                       "Gather, EmbedLayerNormalization; static: MatMul, Gather")
+    exclude_op_types: list[str] = Field([], description="op types kept in fp32, e.g. [Gather, LayerNormalization]")
+    exclude_nodes: list[str] = Field([], description="node-name patterns kept in fp32 (fnmatch), e.g. '*/layer.0/*'")
+    quantize_heads: bool = Field(False, description="also quantize the task heads (tiny; they write the logits)")
+    calibration: QuantCalibration = QuantCalibration()
+    tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
+    tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
+    eval_split: Literal["dev", "test"] = Field("dev", description="split the accuracy check uses (falls back to the other)")
+    max_iterations: int = Field(4, ge=0, description="fallback rounds after the first attempt")
+    fallback_step: int = Field(2, gt=0, description="nodes moved to fp32 in the first fallback round; doubles each round")
+    sensitivity_batches: int = Field(4, gt=0, description="calibration batches per task used to rank node sensitivity")
+    on_failure: Literal["warn", "error"] = Field("warn", description="when no attempt meets every tolerance: keep the "
+                                                 "best attempt and report it, or fail the stage")
+    eval_batch_size: int = Field(64, gt=0)
+
+    @field_validator("tolerances")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if t < 0}
+        if bad:
+            raise ValueError(f"tolerances must be >= 0 (got {bad})")
+        return v
+
+
+class BundleStage(Strict):
+    """Write the edge bundle: the final graph, tokenizer.json and tasks.json, for ``compressor.runtime``."""
+
+    kind: Literal["bundle"]
+    name: str = Field("bundle", pattern=NAME)
+    source: str | None = Field(None, description="quantize or export stage whose graph to ship; default: the latest")
+    check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
+
+Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage, BundleStage],
+                  Field(discriminator="kind")]
 
 
 class ReportSpec(Strict):
@@ -194,7 +441,7 @@ def load_recipe(path: Path | str) -> Recipe:
         raise RecipeError(f"{path}:{line}: {dotted}: {msg}{got}") from exc
 
 
-_UNION_TAGS = {"train"}  # discriminator values pydantic inserts into error locations
+_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle"}  # discriminator values pydantic inserts into error locations
 
 
 def _dotted(loc: list[Any]) -> str:

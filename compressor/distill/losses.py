@@ -28,7 +28,7 @@ from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
-from compressor.model.multitask import MultiTaskModel
+from compressor.model.multitask import ModelOutput, MultiTaskModel
 from compressor.model.student import check_layer_map, default_layer_map
 from compressor.tasks import DistillTarget
 
@@ -266,27 +266,11 @@ class DistillLoss(nn.Module):
             with torch.no_grad(), capture_qkv(teacher, t_layers) as t_qkv:
                 t_out = teacher.forward_batch(task, batch, output_hidden_states=want_hidden)
             mask = batch["attention_mask"].bool()
-            if want_logits:
-                parts["kd_logits"] = logits_kd(plugin.distill_targets(s_out.outputs, batch),
-                                               teacher.tasks[task].distill_targets(t_out.outputs, batch),
-                                               cfg.temperature)
-            if want_hidden:
-                pairs = [(0, 0), *((s + 1, t + 1) for s, t in sorted(self.layer_map.items()))]
-                parts["kd_hidden"] = torch.stack([
-                    hidden_mse(s_out.hidden_states[si], t_out.hidden_states[ti], mask,
-                               self.projections[str(si)] if str(si) in self.projections else None)
-                    for si, ti in pairs
-                ]).mean()
-            if want_attention:
-                s_blocks, t_blocks = encoder_layers(student.encoder), encoder_layers(teacher.encoder)
-                terms = []
-                for s, t in sorted(self.layer_map.items()):
-                    sq = tuple(s_qkv[s][k] for k in ("query", "key", "value"))
-                    tq = tuple(t_qkv[t][k] for k in ("query", "key", "value"))
-                    terms.append(attention_transfer(sq, s_blocks[s].attention.self.num_attention_heads, tq,
-                                                    t_blocks[t].attention.self.num_attention_heads, mask,
-                                                    cfg.relation_heads))
-                parts["kd_attention"] = torch.stack(terms).mean()
+            # the comparisons run in fp32 even under bf16 autocast: relation matmuls and KLs between nearly equal
+            # distributions lose too much in bf16
+            with torch.autocast(mask.device.type, enabled=False):
+                parts.update(self._kd_terms(student, teacher, task, batch, s_out, t_out, s_qkv, t_qkv, mask,
+                                            want_logits, want_hidden, want_attention))
 
         kd = cfg.logits * parts["kd_logits"] + cfg.hidden * parts["kd_hidden"] + cfg.attention * parts["kd_attention"]
         total = kd_weight * kd
@@ -295,3 +279,35 @@ class DistillLoss(nn.Module):
         out = {k: v.detach() for k, v in parts.items()}
         out["loss"] = total
         return out
+
+    def _kd_terms(self, student: MultiTaskModel, teacher: MultiTaskModel, task: str, batch: Mapping[str, torch.Tensor],
+                  s_out: ModelOutput, t_out: ModelOutput, s_qkv: dict[int, dict[str, torch.Tensor]],
+                  t_qkv: dict[int, dict[str, torch.Tensor]], mask: torch.Tensor, want_logits: bool,
+                  want_hidden: bool, want_attention: bool) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        parts: dict[str, torch.Tensor] = {}
+        if want_logits:
+            parts["kd_logits"] = logits_kd(student.tasks[task].distill_targets(s_out.outputs, batch),
+                                           teacher.tasks[task].distill_targets(t_out.outputs, batch),
+                                           cfg.temperature)
+        if want_hidden:
+            pairs = [(0, 0), *((s + 1, t + 1) for s, t in sorted(self.layer_map.items()))]
+            parts["kd_hidden"] = torch.stack([
+                hidden_mse(s_out.hidden_states[si], t_out.hidden_states[ti], mask,
+                           self.projections[str(si)] if str(si) in self.projections else None)
+                for si, ti in pairs
+            ]).mean()
+        if want_attention:
+            s_blocks, t_blocks = encoder_layers(student.encoder), encoder_layers(teacher.encoder)
+            terms = []
+            for s, t in sorted(self.layer_map.items()):
+                s_heads = s_blocks[s].attention.self.num_attention_heads
+                t_heads = t_blocks[t].attention.self.num_attention_heads
+                if not s_heads or not t_heads:
+                    continue  # pruning removed every head of the layer: no attention to transfer
+                sq = tuple(s_qkv[s][k] for k in ("query", "key", "value"))
+                tq = tuple(t_qkv[t][k] for k in ("query", "key", "value"))
+                terms.append(attention_transfer(sq, s_heads, tq, t_heads, mask, cfg.relation_heads))
+            if terms:
+                parts["kd_attention"] = torch.stack(terms).mean()
+        return parts

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 #: stage kind -> "module:function"; loaded only when a stage of that kind runs.
 STAGE_RUNNERS: dict[str, str] = {
     "train": "compressor.stages.train:run",
+    "load": "compressor.stages.load:run",
+    "distill": "compressor.stages.distill:run",
+    "prune": "compressor.stages.prune:run",
+    "prune_vocab": "compressor.stages.prune_vocab:run",
+    "export": "compressor.stages.export:run",
+    "quantize": "compressor.stages.quantize:run",
+    "bundle": "compressor.stages.bundle:run",
 }
 
 

@@ -145,6 +145,9 @@ def train_model(
                 if bar is not None:
                     shown = " ".join(f"{t}={sums[t] / counts[t]:.3f}" for t in tasks if counts[t])
                     bar.update(bar_task, advance=1, losses=shown)
+                    done = sum(counts.values())
+                    if not bar.console.is_terminal and done % max(1, steps_per_epoch // 5) == 0:
+                        log(f"[{label}] epoch {epoch} step {done}/{steps_per_epoch} loss {shown}")
         score, per_task = dev_score(core, tokenizer, data, tasks, max_length, cfg.eval_batch_size)
         record = {
             "epoch": epoch,

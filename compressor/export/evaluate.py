@@ -1,0 +1,83 @@
+"""Task metrics, size and latency of an ONNX graph through ONNX Runtime, as report rows.
+
+Rows have the keys of ``compressor.report.evaluate.evaluate_rows`` plus ``threads`` (ORT intra-op threads),
+``latency_batch`` and ``latency_seq_len``. Latency is one ``session.run`` of the whole multi-head graph (every
+task's outputs) at batch 1 and the report's sequence length, on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor.runtime.session import (
+    OrtForward, build_feeds, latency_inputs, make_session, ort_latency_ms,
+)
+from compressor.runtime.spec import GraphSpec
+from compressor.tasks import TaskPlugin
+
+
+def evaluate_split(forward: OrtForward, plugins: Mapping[str, TaskPlugin], data: Any, tokenizer: Any,
+                   max_length: int, split: str, tasks: Sequence[str] | None = None,
+                   batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """{task: metrics} on one split for every task that has it."""
+    out: dict[str, dict[str, float]] = {}
+    for name in tasks or list(plugins):
+        if not data.has(name, split):
+            continue
+        encoded = data.encoded(name, split, tokenizer, max_length)
+        metrics, _ = plugins[name].evaluate(forward, encoded, data.examples(name, split), batch_size)
+        out[name] = {k: float(v) for k, v in metrics.items()}
+    return out
+
+
+def onnx_rows(path: Path, spec: GraphSpec, plugins: Mapping[str, TaskPlugin], data: Any, tokenizer: Any, *,
+              label: str, stage: str, fmt: str, report: Any, threads: int | None,
+              splits: Sequence[str] = ("dev", "test"), batch_size: int = 64,
+              extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per (task, split) of the graph at ``path`` (metrics, params, size on disk, ORT latency)."""
+    from compressor.export.onnx_export import onnx_param_count
+
+    path = Path(path)
+    session = make_session(path, threads)
+    forward = OrtForward(session, spec)
+    lat = None
+    if report.latency:
+        feeds = latency_inputs(spec, int(spec.metadata.get("vocab_size", 30522)), report.latency_seq_len)
+        lat = ort_latency_ms(session, feeds, report.latency_runs, report.latency_warmup)
+    params = onnx_param_count(path)
+    size = path.stat().st_size
+    rows = []
+    for split in splits:
+        for name, metrics in evaluate_split(forward, plugins, data, tokenizer, spec.max_length, split,
+                                            batch_size=batch_size).items():
+            metric = plugins[name].metric.name
+            rows.append({
+                "model": label, "stage": stage, "task": name, "split": split, "metric": metric,
+                "value": metrics[metric], "metrics": metrics, "params": params,
+                "task_params": spec.metadata.get("task_params", {}).get(name), "size_bytes": size,
+                "latency_ms_p50": lat["p50"] if lat else None, "latency_ms_p95": lat["p95"] if lat else None,
+                "format": fmt, "threads": threads, "latency_batch": 1,
+                "latency_seq_len": report.latency_seq_len if lat else None, **(extra or {}),
+            })
+    return rows
+
+
+def calibration_feeds(spec: GraphSpec, plugins: Mapping[str, TaskPlugin], data: Any, tokenizer: Any,
+                      split: str = "train", samples: int = 64, batch_size: int = 8,
+                      fallback_splits: Sequence[str] = ("dev", "test")) -> list[dict[str, np.ndarray]]:
+    """Graph feeds of up to ``samples`` features per task (``split``, else the first fallback split it has)."""
+    out: list[dict[str, np.ndarray]] = []
+    for name, plugin in plugins.items():
+        use = next((s for s in (split, *fallback_splits) if data.has(name, s)), None)
+        if use is None:
+            continue
+        features = data.encoded(name, use, tokenizer, spec.max_length).features
+        features = features[:: max(1, len(features) // samples)][:samples]  # spread over the split
+        for start in range(0, len(features), batch_size):
+            batch = {k: v.numpy() for k, v in plugin.collate(features[start : start + batch_size]).items()}
+            out.append(build_feeds(spec, batch, [name]))
+    return out

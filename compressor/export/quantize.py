@@ -1,0 +1,398 @@
+"""INT8 quantization of a multi-task ONNX graph with optimum's ``ORTQuantizer``, and an accuracy-aware fallback.
+
+* **dynamic** (default): weights int8 ahead of time, activations quantized per batch at run time
+  (``DynamicQuantizeLinear`` + ``MatMulInteger`` / ``QAttention``). Works on the fused graph.
+* **static**: QDQ format, activation ranges calibrated on task batches (min-max, percentile or entropy). Works on
+  the raw export, so every MatMul (also inside attention) gets QDQ pairs; ONNX Runtime fuses them at load.
+
+``ORTQuantizer`` handles any ONNX file (``ORTQuantizer(path)``; it only wants a config for ``ORTModel``
+loading, which a multi-head graph does not use). Two things it cannot do are done here with ONNX Runtime
+directly: type information for the contrib ops of fused graphs (symbolic shape inference first), and
+calibration over batches of different shapes (ORT's histogram calibrators stack every collected tensor, so
+each batch is collected on its own and the histograms are merged).
+
+The accuracy-aware loop (:func:`quantize_accuracy_aware`) quantizes, evaluates every task, and while a task
+drops more than its tolerance below the fp32 graph, moves the most sensitive nodes back to fp32 and quantizes
+again. Sensitivity of a node = relative error of its output in the quantized graph minus that of its input
+(what the node itself adds), measured against the fp32 graph on calibration batches.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+Mode = Literal["dynamic", "static"]
+Method = Literal["minmax", "percentile", "entropy"]
+Target = Literal["avx512_vnni", "avx2", "arm64"]
+
+#: op types quantized by default. Embedding lookups (Gather / EmbedLayerNormalization) hold most of a small
+#: encoder's weights, so quantizing them is most of the size win on disk.
+DEFAULT_OP_TYPES: dict[str, list[str]] = {
+    "dynamic": ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
+    "static": ["MatMul", "Gather"],
+}
+#: ops that compute with integers in a quantized graph (QDQ MatMuls are counted separately)
+INTEGER_OPS = ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+               "QEmbedLayerNormalization", "QGemm")
+HEAD_SCOPE = "/heads/"  # TorchScript scope of the heads in node names (ExportWrapper.model.heads.<task>)
+
+
+class QuantizationError(CompressorError):
+    """Quantization failed, or produced a graph without integer MatMuls."""
+
+
+@dataclass
+class QuantOptions:
+    """How to quantize (the recipe's ``quantize`` stage maps onto this)."""
+
+    mode: Mode = "dynamic"
+    target: Target = "avx512_vnni"
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types: list[str] | None = None  # None: DEFAULT_OP_TYPES[mode]
+    exclude_op_types: list[str] = field(default_factory=list)  # kept fp32 (e.g. Gather, LayerNormalization)
+    exclude_nodes: list[str] = field(default_factory=list)  # fnmatch patterns on node names, e.g. "*/layer.5/*"
+    quantize_heads: bool = False  # heads are tiny and write straight into the logits: fp32 by default
+    calibration: Method = "minmax"
+    percentile: float = 99.999
+    num_bins: int | None = None  # None: 2048 (percentile), 128 (entropy)
+
+    def ops(self) -> list[str]:
+        return [t for t in (self.op_types or DEFAULT_OP_TYPES[self.mode]) if t not in self.exclude_op_types]
+
+
+# ---- graph preparation -----------------------------------------------------------------------------------
+def prepare_source(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` with every node named and tensor types inferred (contrib ops included)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _quiet("onnxruntime.tools.symbolic_shape_infer"):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        if inferred is not None:
+            model = inferred
+    except Exception:  # noqa: BLE001 - symbolic inference is best effort; ONNX inference covers standard ops
+        model = onnx.shape_inference.infer_shapes(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def nodes_to_exclude(path: Path, options: QuantOptions, extra: Iterable[str] = ()) -> list[str]:
+    """Node names kept in fp32: excluded op types, name patterns, the heads (unless quantized) and ``extra``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out: list[str] = []
+    for node in model.graph.node:
+        if (node.op_type in options.exclude_op_types
+                or any(fnmatch.fnmatchcase(node.name, p) for p in options.exclude_nodes)
+                or (not options.quantize_heads and HEAD_SCOPE in node.name)):
+            out.append(node.name)
+    return sorted(set(out) | set(extra))
+
+
+def candidate_nodes(path: Path, options: QuantOptions, excluded: Iterable[str]) -> list[str]:
+    """Nodes the quantizer may turn into integer ops: quantizable type, a float initializer as weight."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    ops = set(options.ops())
+    skip = set(excluded)
+    weight_index = {"MatMul": 1, "Attention": 1, "Gather": 0, "EmbedLayerNormalization": 2, "Gemm": 1}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ops or node.name in skip:
+            continue
+        w = weight_index.get(node.op_type)
+        if w is None or (len(node.input) > w and node.input[w] in floats):
+            out.append(node.name)
+    return out
+
+
+# ---- quantization ------------------------------------------------------------------------------------------
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def quantization_config(options: QuantOptions, exclude: Sequence[str]) -> Any:
+    """optimum's ``QuantizationConfig`` for the target CPU (``AutoQuantizationConfig`` presets)."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    preset = getattr(AutoQuantizationConfig, options.target)
+    kwargs: dict[str, Any] = {"is_static": options.mode == "static", "per_channel": options.per_channel,
+                              "nodes_to_exclude": list(exclude), "operators_to_quantize": options.ops()}
+    if options.target in ("avx2", "avx512"):
+        kwargs["reduce_range"] = options.reduce_range
+    return preset(**kwargs)
+
+
+def calibrate(path: Path, batches: Sequence[Mapping[str, np.ndarray]], options: QuantOptions, workdir: Path) -> Any:
+    """Activation ranges of ``path`` over ``batches`` (each batch collected alone, so shapes may differ)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from optimum.onnxruntime.configuration import CalibrationConfig
+
+    if not batches:
+        raise QuantizationError("static quantization needs calibration batches; the tasks gave none")
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[options.calibration]
+    kwargs: dict[str, Any] = {}
+    if options.calibration == "percentile":
+        kwargs = {"num_bins": options.num_bins or 2048, "percentile": options.percentile}
+    elif options.calibration == "entropy":
+        kwargs = {"num_bins": options.num_bins or 128, "num_quantized_bins": 128}
+    else:
+        kwargs = {"moving_average": False, "averaging_constant": 0.01}
+    config = CalibrationConfig(dataset_name="compressor-tasks", dataset_config_name="multi-task",
+                               dataset_split="calibration", dataset_num_samples=len(batches), method=method, **kwargs)
+    calibrator = config.create_calibrator(onnx_model_path=str(path), operators_to_quantize=options.ops(),
+                                          augmented_model_name=str(workdir / "augmented.onnx"))
+
+    class _One(CalibrationDataReader):
+        def __init__(self, feeds: Mapping[str, np.ndarray]):
+            self.feeds: dict[str, np.ndarray] | None = dict(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            feeds, self.feeds = self.feeds, None
+            return feeds
+
+    with _quiet("onnxruntime.quantization", "root", ""):
+        for feeds in batches:
+            calibrator.collect_data(_One(feeds))
+        return calibrator.compute_data()
+
+
+def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequence[str] = (),
+                   ranges: Any = None) -> Path:
+    """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``."""
+    from optimum.onnxruntime import ORTQuantizer
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
+        with _quiet("optimum.onnxruntime.quantization", "optimum", "root", ""):
+            quantizer = ORTQuantizer(Path(src))
+            quantizer.quantize(quantization_config(options, exclude), save_dir=tmp, file_suffix=None,
+                               calibration_tensors_range=ranges)
+        out = Path(tmp) / f"{Path(src).stem}.onnx"
+        if not out.is_file():
+            raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
+        shutil.move(str(out), str(dst))
+    return dst
+
+
+def integer_op_counts(path: Path) -> dict[str, int]:
+    """Counts of integer-compute ops, ``DynamicQuantizeLinear`` and QDQ MatMuls (``qdq_matmul``) in a graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    counts = Counter(n.op_type for n in model.graph.node
+                     if n.op_type in (*INTEGER_OPS, "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"))
+    counts["qdq_matmul"] = sum(
+        1 for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and all(producers.get(i) == "DequantizeLinear" for i in n.input[:2])
+    )
+    return {k: int(v) for k, v in counts.items() if v}
+
+
+def integer_matmuls(counts: Mapping[str, int]) -> int:
+    """MatMuls that run in integer arithmetic (directly, or QDQ-wrapped for ORT to fuse at load)."""
+    return sum(counts.get(k, 0) for k in ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul",
+                                          "MatMulIntegerToFloat", "qdq_matmul", "QGemm"))
+
+
+# ---- sensitivity -------------------------------------------------------------------------------------------
+def node_sensitivity(fp32: Path, quantized: Path, nodes: Sequence[str],
+                     batches: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Rank ``nodes`` by the error each adds: rel. error of its output minus that of its activation input.
+
+    Both graphs get the nodes' input and output tensors as extra outputs (names survive quantization: ORT
+    keeps a quantized node's output name) and run on the same ``batches``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32))
+    initializers = {i.name for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    watch: dict[str, tuple[str, str | None]] = {}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is None or not node.output:
+            continue
+        act = next((i for i in node.input if i and i not in initializers), None)
+        if node.op_type in ("Gather", "EmbedLayerNormalization"):
+            act = None  # integer ids in: all error comes from the quantized table
+        watch[name] = (node.output[0], act)
+    tensors = sorted({t for pair in watch.values() for t in pair if t})
+
+    def session(path: Path) -> Any:
+        m = onnx.load(str(path))
+        existing = {o.name for o in m.graph.output}
+        produced = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+        for t in tensors:
+            if t not in existing and t in produced:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensors as named
+        opts.log_severity_level = 3
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    s_fp, s_q = session(fp32), session(quantized)
+    names_fp = {o.name for o in s_fp.get_outputs()}
+    names_q = {o.name for o in s_q.get_outputs()}
+    common = [t for t in tensors if t in names_fp and t in names_q]
+    sse = dict.fromkeys(common, 0.0)
+    ss = dict.fromkeys(common, 0.0)
+    for feeds in batches:
+        a = dict(zip(common, s_fp.run(common, dict(feeds))))
+        b = dict(zip(common, s_q.run(common, dict(feeds))))
+        for t in common:
+            fa = np.asarray(a[t], dtype=np.float64)
+            fb = np.asarray(b[t], dtype=np.float64)
+            if fa.shape != fb.shape:
+                continue
+            sse[t] += float(np.sum((fa - fb) ** 2))
+            ss[t] += float(np.sum(fa**2))
+    err = {t: math.sqrt(sse[t] / ss[t]) if ss[t] > 0 else 0.0 for t in common}
+    scores = [(name, err.get(out, 0.0) - (err.get(act, 0.0) if act else 0.0)) for name, (out, act) in watch.items()]
+    return sorted(scores, key=lambda x: -x[1])
+
+
+# ---- accuracy-aware loop -----------------------------------------------------------------------------------
+def relative_drop(reference: float, value: float, higher_is_better: bool = True) -> float:
+    """How much worse ``value`` is than ``reference``, relative to |reference| (absolute when it is 0)."""
+    worse = (reference - value) if higher_is_better else (value - reference)
+    return worse / abs(reference) if reference else worse
+
+
+@dataclass
+class Attempt:
+    iteration: int  # 0: everything quantizable quantized; i > 0: i-th fallback
+    excluded: list[str]  # nodes moved back to fp32 by the fallback (user exclusions not listed)
+    metrics: dict[str, float]
+    drops: dict[str, float]
+    failing: list[str]
+    integer_ops: dict[str, int]
+
+    @property
+    def worst_margin(self) -> float:
+        return max(self.drops.values(), default=0.0)
+
+
+@dataclass
+class QuantizeOutcome:
+    path: Path  # the kept quantized graph
+    passed: bool
+    attempts: list[Attempt]
+    kept: int  # index into attempts
+    reference: dict[str, float]
+    tolerances: dict[str, float]
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> Attempt:
+        return self.attempts[self.kept]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed, "kept_iteration": self.final.iteration, "reference": self.reference,
+            "tolerances": self.tolerances, "attempts": [asdict(a) for a in self.attempts],
+            "fallback_nodes": self.final.excluded, "integer_ops": self.final.integer_ops,
+            "sensitivity_top": [[n, round(s, 6)] for n, s in self.ranking[:20]],
+        }
+
+
+def quantize_accuracy_aware(
+    source: Path,
+    out: Path,
+    options: QuantOptions,
+    evaluate: Callable[[Path], Mapping[str, float]],
+    reference: Mapping[str, float],
+    tolerances: Mapping[str, float],
+    higher_is_better: Mapping[str, bool],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    max_iterations: int = 5,
+    step: int = 2,
+    ranges: Any = None,
+) -> QuantizeOutcome:
+    """Quantize ``source`` (prepared by :func:`prepare_source`) into ``out``, falling back node by node.
+
+    Args:
+        evaluate: quantized graph path -> {task: primary metric}.
+        reference: {task: metric of the fp32 graph}; a task passes when ``relative_drop <= tolerance``.
+        batches: graph feeds for sensitivity ranking (calibration batches).
+        max_iterations: fallback rounds after the first attempt; round ``i`` keeps the ``step * 2**(i-1)`` most
+            sensitive nodes in fp32 (doubling, so a deep encoder is covered in a few rounds).
+        ranges: calibration ranges (static mode).
+
+    Returns the outcome; ``out`` holds the first graph that passes, or, if none does, the attempt with the
+    fewest failing tasks (then the smallest worst drop).
+    """
+    workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
+    try:
+        user_excluded = nodes_to_exclude(source, options)
+        candidates = candidate_nodes(source, options, user_excluded)
+        attempts: list[Attempt] = []
+        files: list[Path] = []
+        ranking: list[tuple[str, float]] = []
+        fallback: list[str] = []
+        for iteration in range(max_iterations + 1):
+            path = workdir / f"attempt{iteration}.onnx"
+            quantize_graph(source, path, options, [*user_excluded, *fallback], ranges)
+            counts = integer_op_counts(path)
+            if iteration == 0 and integer_matmuls(counts) == 0:
+                raise QuantizationError(f"{source}: quantization produced no integer MatMul (op types "
+                                        f"{options.ops()}, {len(user_excluded)} node(s) excluded)")
+            metrics = {k: float(v) for k, v in evaluate(path).items()}
+            drops = {t: relative_drop(reference[t], metrics[t], higher_is_better.get(t, True)) for t in metrics}
+            failing = [t for t, d in drops.items() if d > tolerances.get(t, 0.0) + 1e-12]
+            attempts.append(Attempt(iteration, list(fallback), metrics, drops, failing, counts))
+            files.append(path)
+            if not failing:
+                break
+            if iteration == 0:
+                ranking = node_sensitivity(source, path, candidates, batches)
+            if len(fallback) >= len(ranking):
+                break  # everything quantizable is fp32 already: more rounds cannot help
+            fallback = [n for n, _ in ranking[: min(len(ranking), step * 2**iteration)]]
+        passed = not attempts[-1].failing
+        kept = len(attempts) - 1 if passed else min(
+            range(len(attempts)), key=lambda i: (len(attempts[i].failing), attempts[i].worst_margin))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(files[kept]), str(out))
+        return QuantizeOutcome(out, passed, attempts, kept, dict(reference), dict(tolerances), ranking)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""The graph contract of an exported multi-task model, as written to ``graph.json`` and a bundle's ``tasks.json``.
+
+One ONNX graph serves every task: it takes the encoder inputs (``input_ids``, ``attention_mask`` and, where the
+encoder has them, ``token_type_ids``) plus each head's extra inputs, and returns one output per task output,
+named ``f"{task}.{name}"``. An extra input keeps its plugin name (``re_spans``) unless two tasks declare the same
+name, in which case both become ``f"{task}.{name}"``.
+
+Torch-free: only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "compressor-bundle"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """One extra graph input of a head (see ``compressor.tasks.OnnxInput``)."""
+
+    name: str  # the keyword the head and the collated batch use
+    graph_name: str  # the graph input's name
+    dtype: str  # numpy dtype name
+    dynamic_axes: dict[int, str]
+    example_shape: tuple[int, ...]  # dims after the batch dim, for dummies
+
+    def dummy_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.example_shape)
+
+
+@dataclass
+class TaskGraph:
+    """What the graph holds for one task: its inputs, its outputs and how to decode them."""
+
+    name: str
+    plugin: str
+    labels: list[str]
+    outputs: dict[str, str]  # plugin output name -> graph output name
+    atol: dict[str, float]  # plugin output name -> parity tolerance
+    extra_inputs: list[ExtraInput] = field(default_factory=list)
+    decoder: dict[str, Any] = field(default_factory=lambda: {"decoder": None})  # plugin.export_spec()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra_inputs"] = [{**asdict(e), "dynamic_axes": {str(k): v for k, v in e.dynamic_axes.items()},
+                              "example_shape": list(e.example_shape)} for e in self.extra_inputs]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TaskGraph:
+        extras = [ExtraInput(e["name"], e["graph_name"], e["dtype"], {int(k): v for k, v in e["dynamic_axes"].items()},
+                             tuple(e["example_shape"])) for e in d.get("extra_inputs", [])]
+        return cls(name=d["name"], plugin=d["plugin"], labels=list(d.get("labels", [])), outputs=dict(d["outputs"]),
+                   atol={k: float(v) for k, v in d.get("atol", {}).items()}, extra_inputs=extras,
+                   decoder=dict(d.get("decoder") or {"decoder": None}))
+
+
+@dataclass
+class GraphSpec:
+    """The inputs and outputs of one multi-task graph, task by task."""
+
+    base_inputs: list[str]  # the encoder inputs the graph takes, in graph order
+    tasks: dict[str, TaskGraph]
+    max_length: int
+    metadata: dict[str, Any] = field(default_factory=dict)  # free-form: opset, optimisation, quantization ...
+
+    @property
+    def input_names(self) -> list[str]:
+        return [*self.base_inputs, *(e.graph_name for t in self.tasks.values() for e in t.extra_inputs)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [g for t in self.tasks.values() for g in t.outputs.values()]
+
+    def extra_inputs(self) -> list[ExtraInput]:
+        return [e for t in self.tasks.values() for e in t.extra_inputs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "max_length": self.max_length, "inputs": self.base_inputs,
+            "tasks": {name: {**t.to_json(), "inputs": [*self.base_inputs, *(e.graph_name for e in t.extra_inputs)],
+                             "max_length": self.max_length} for name, t in self.tasks.items()},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "<graph spec>") -> GraphSpec:
+        """Parse ``to_json`` output; raises ``ValueError`` naming ``source`` and the field for bad input."""
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source}: field 'format' is {d.get('format')!r}, expected '{FORMAT}'")
+        if not isinstance(d.get("version"), int) or d["version"] > VERSION:
+            raise ValueError(f"{source}: field 'version' is {d.get('version')!r}; this runtime reads up to {VERSION}")
+        for key in ("inputs", "tasks", "max_length"):
+            if key not in d:
+                raise ValueError(f"{source}: missing field '{key}'")
+        if not isinstance(d["tasks"], dict) or not d["tasks"]:
+            raise ValueError(f"{source}: field 'tasks' must be a non-empty mapping of task name -> task")
+        tasks = {}
+        for name, t in d["tasks"].items():
+            try:
+                tasks[name] = TaskGraph.from_json(t)
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{source}: tasks.{name}: malformed task entry ({exc!r})") from exc
+        return cls(list(d["inputs"]), tasks, int(d["max_length"]), dict(d.get("metadata") or {}))
+
+    def write(self, path: Path) -> None:
+        from compressor.fsutil import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> GraphSpec:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        return cls.from_json(data, str(path))

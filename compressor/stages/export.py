@@ -1,0 +1,107 @@
+"""The ``export`` stage: the latest model as ONE ONNX graph, checked against PyTorch, optimised, evaluated.
+
+Artefacts (``ctx.out_dir``): ``model.onnx`` (the raw export), ``model.opt.onnx`` (when an optimisation passed
+parity), ``graph.json`` (the graph contract, :class:`compressor.runtime.spec.GraphSpec`) and ``parity.json``.
+Every graph is written to a temporary directory first and moved into place only after it passed parity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import RecipeError
+from compressor.fsutil import atomic_write_text
+from compressor.recipe import ExportStage
+from compressor.stages import StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    import torch
+
+    from compressor.export.evaluate import onnx_rows
+    from compressor.export.onnx_export import export_onnx, graph_spec
+    from compressor.export.optimize import describe, optimize_checked
+    from compressor.export.parity import check_parity, real_batches
+    from compressor.model.io import load_model
+
+    cfg: ExportStage = ctx.stage
+    if ctx.model_dir is None:
+        raise RecipeError(f"stage '{cfg.name}': no model to export; put a train, distill or prune stage before it")
+    model, tokenizer, manifest = load_model(ctx.model_dir, device="cpu")
+    max_length = int(manifest["max_length"])
+    spec = graph_spec(model, max_length)
+    spec.metadata.update({"opset": cfg.opset, "source_model": str(ctx.model_dir)})
+    threads = ctx.recipe.report.threads or torch.get_num_threads()
+    notes: list[str] = []
+
+    batches = real_batches(model, tokenizer, ctx.data, max_length, cfg.parity_batches, cfg.parity_batch_size)
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".export-") as tmp_str:
+        tmp = Path(tmp_str)
+        raw = export_onnx(model, tmp / "model.onnx", spec, opset=cfg.opset)
+        parity = check_parity(raw, model, spec, batches, rtol=cfg.rtol, threads=threads)
+        parity.raise_for_failures("exported graph")
+        parity_json: dict[str, Any] = {"model.onnx": parity.to_json()}
+
+        optimized = None
+        opt_info: dict[str, Any] = {"level": None, "fused": {}, "notes": ["disabled by the recipe"]}
+        if cfg.optimize:
+            result = optimize_checked(raw, tmp / "model.opt.onnx", lambda p: check_parity(
+                p, model, spec, batches, rtol=cfg.rtol, threads=threads))
+            opt_info = describe(result)
+            notes += result.notes
+            if result.path is not None:
+                optimized = result.path
+                parity_json["model.opt.onnx"] = result.parity.to_json() if result.parity else {}
+                fused = ", ".join(f"{k}={v}" for k, v in result.fused.items()) or "none"
+                notes.append(f"optimised graph: {result.level} (fused: {fused})")
+        spec.metadata["optimization"] = opt_info
+
+        # verified: move into the stage directory
+        os.replace(raw, ctx.out_dir / "model.onnx")
+        if optimized is not None:
+            os.replace(optimized, ctx.out_dir / "model.opt.onnx")
+    final_name = "model.opt.onnx" if optimized is not None else "model.onnx"
+    spec.metadata["graph_file"] = final_name
+    spec.write(ctx.out_dir / "graph.json")
+    atomic_write_text(ctx.out_dir / "parity.json", json.dumps(parity_json, indent=2))
+    worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
+    notes.insert(0, f"exported {len(spec.output_names)} output(s) of {len(spec.tasks)} task(s) in one graph; "
+                    f"parity max |diff| {worst.max_abs:.2g} ({worst.output})")
+
+    if cfg.evaluate:
+        ctx.reporter.extend(onnx_rows(
+            ctx.out_dir / final_name, spec, model.tasks, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
+            fmt="onnx", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
+        ))
+    outputs = {
+        "onnx": str(ctx.final_dir / final_name),
+        "raw": str(ctx.final_dir / "model.onnx"),
+        "optimized": str(ctx.final_dir / "model.opt.onnx") if optimized is not None else None,
+        "graph": str(ctx.final_dir / "graph.json"),
+        "model_dir": str(ctx.model_dir),
+        "optimization": opt_info,
+        "outputs": spec.output_names,
+        "inputs": spec.input_names,
+    }
+    return StageResult(outputs=outputs, notes=notes)
+
+
+def latest_stage_output(ctx: StageContext, kinds: tuple[str, ...], name: str | None, key: str,
+                        what: str) -> tuple[str, dict[str, Any]]:
+    """The outputs of stage ``name`` (or the latest earlier stage of one of ``kinds``) that have ``key``."""
+    earlier = [s for s in ctx.recipe.stages[: ctx.index] if s.kind in kinds]
+    if name is not None:
+        match = [s for s in earlier if s.name == name]
+        if not match:
+            raise RecipeError(f"stage '{ctx.stage.name}': source '{name}' is not an earlier stage of kind "
+                              f"{' or '.join(kinds)} (earlier: {[s.name for s in earlier] or 'none'})")
+        earlier = match
+    for stage in reversed(earlier):
+        out = ctx.outputs.get(stage.name)
+        if out and out.get(key):
+            return stage.name, out
+    raise RecipeError(f"stage '{ctx.stage.name}': needs {what} before it (a stage of kind {' or '.join(kinds)})")

@@ -1,0 +1,148 @@
+"""The ``quantize`` stage: INT8 of the export stage's graph, accuracy-aware, evaluated with ONNX Runtime.
+
+Artefacts (``ctx.out_dir``): ``model.int8.onnx``, ``graph.json`` (the contract, with the quantization recorded)
+and ``quantization.json`` (every attempt: fallback nodes, metrics, drops, integer-op counts; sensitivity top).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import ModelDirError, RecipeError
+from compressor.fsutil import atomic_write_text
+from compressor.recipe import QuantizeStage
+from compressor.stages import StageContext, StageResult
+from compressor.stages.export import latest_stage_output
+
+
+def plugins_from_manifest(model_dir: Path) -> dict[str, Any]:
+    """The task plugins of a model directory (labels and options from its manifest), bound to each other."""
+    from compressor.errors import CompressorError
+    from compressor.model.io import read_manifest
+    from compressor.tasks import build_task
+
+    manifest = read_manifest(model_dir)
+    tasks = {}
+    for t in manifest["tasks"]:
+        try:
+            tasks[t["name"]] = build_task(t["plugin"], t["name"], t["labels"], t["options"])
+        except CompressorError as exc:
+            raise ModelDirError(f"{model_dir}: task '{t.get('name')}': {exc}") from exc
+    for task in tasks.values():
+        task.bind(tasks)
+    return tasks
+
+
+def run(ctx: StageContext) -> StageResult:
+    import torch
+    from transformers import AutoTokenizer
+
+    from compressor.export.evaluate import calibration_feeds, evaluate_split, onnx_rows
+    from compressor.export.quantize import (
+        QuantizationError, QuantOptions, calibrate, integer_matmuls, prepare_source, quantize_accuracy_aware,
+    )
+    from compressor.runtime.session import OrtForward, make_session
+    from compressor.runtime.spec import GraphSpec
+
+    cfg: QuantizeStage = ctx.stage
+    source_name, export = latest_stage_output(ctx, ("export",), cfg.source, "onnx", "an export stage")
+    spec = GraphSpec.read(Path(export["graph"]))
+    unknown = sorted(set(cfg.tolerances) - set(spec.tasks))
+    if unknown:
+        raise RecipeError(f"stage '{cfg.name}': tolerances name unknown task(s) {unknown}; tasks: {list(spec.tasks)}")
+    model_dir = Path(export["model_dir"])
+    plugins = plugins_from_manifest(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    threads = ctx.recipe.report.threads or torch.get_num_threads()
+    # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
+    source = Path(export["onnx"] if cfg.mode == "dynamic" else export["raw"])
+    options = QuantOptions(
+        mode=cfg.mode, target=cfg.target, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+        op_types=cfg.op_types, exclude_op_types=list(cfg.exclude_op_types), exclude_nodes=list(cfg.exclude_nodes),
+        quantize_heads=cfg.quantize_heads, calibration=cfg.calibration.method,
+        percentile=cfg.calibration.percentile, num_bins=cfg.calibration.num_bins,
+    )
+
+    eval_split = {}
+    for name in spec.tasks:
+        other = "test" if cfg.eval_split == "dev" else "dev"
+        split = next((s for s in (cfg.eval_split, other) if ctx.data.has(name, s)), None)
+        if split is not None:
+            eval_split[name] = split
+
+    def evaluate(path: Path) -> dict[str, float]:
+        forward = OrtForward(make_session(path, threads), spec)
+        out = {}
+        for name, split in eval_split.items():
+            metrics = evaluate_split(forward, plugins, ctx.data, tokenizer, spec.max_length, split, [name],
+                                     cfg.eval_batch_size)
+            out[name] = metrics[name][plugins[name].metric.name]
+        return out
+
+    feeds = calibration_feeds(spec, plugins, ctx.data, tokenizer, cfg.calibration.split, cfg.calibration.samples,
+                              cfg.calibration.batch_size)
+    per_task = max(1, cfg.sensitivity_batches)
+    sensitivity = feeds[:: max(1, len(feeds) // (per_task * max(1, len(spec.tasks))))]
+    reference = evaluate(source)
+    tolerances = {t: cfg.tolerances.get(t, cfg.tolerance) for t in reference}
+
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quantize-") as tmp_str:
+        tmp = Path(tmp_str)
+        prepared = prepare_source(source, tmp / "src" / "model.onnx")
+        ranges = calibrate(prepared, feeds, options, tmp) if cfg.mode == "static" else None
+        outcome = quantize_accuracy_aware(
+            prepared, ctx.out_dir / "model.int8.onnx", options, evaluate, reference, tolerances,
+            {t: plugins[t].metric.higher_is_better for t in reference}, sensitivity,
+            max_iterations=cfg.max_iterations, step=cfg.fallback_step, ranges=ranges,
+        )
+
+    final = outcome.final
+    n_int = integer_matmuls(final.integer_ops)
+    summary = {
+        "mode": cfg.mode, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(source),
+        "source_stage": source_name, "op_types": options.ops(), "eval_split": eval_split,
+        "calibration": cfg.calibration.model_dump() if cfg.mode == "static" else None,
+        "integer_matmuls": n_int, **outcome.to_json(),
+    }
+    atomic_write_text(ctx.out_dir / "quantization.json", json.dumps(summary, indent=2))
+    spec.metadata["quantization"] = {k: summary[k] for k in ("mode", "target", "per_channel", "integer_matmuls",
+                                                             "passed", "fallback_nodes", "op_types")}
+    spec.metadata["graph_file"] = "model.int8.onnx"
+    spec.write(ctx.out_dir / "graph.json")
+
+    notes = [f"{cfg.mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
+             f"MatMul(s); {len(final.excluded)} node(s) moved back to fp32 after {len(outcome.attempts) - 1} "
+             "fallback round(s)"]
+    drops = ", ".join(f"{t} {final.metrics[t]:.4f} vs fp32 {outcome.reference[t]:.4f} "
+                      f"(drop {100 * final.drops[t]:.2f}% / tol {100 * tolerances[t]:.2f}%)" for t in final.metrics)
+    if outcome.passed:
+        notes.append(f"every task within tolerance on its {cfg.eval_split} split: {drops}")
+    else:
+        msg = (f"quantization missed the tolerance of task(s) {', '.join(final.failing)} after "
+               f"{len(outcome.attempts) - 1} fallback round(s) (max_iterations {cfg.max_iterations}): {drops}")
+        if cfg.on_failure == "error":
+            raise QuantizationError(f"stage '{cfg.name}': {msg}")
+        notes.append(f"WARNING: {msg}; kept attempt {final.iteration}")
+        ctx.reporter.notes.append(f"stage '{cfg.name}': {msg}")
+
+    ctx.reporter.extend(onnx_rows(
+        ctx.out_dir / "model.int8.onnx", spec, plugins, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
+        fmt="onnx-int8", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
+        extra={"quantization": cfg.mode, "integer_matmuls": n_int, "within_tolerance": outcome.passed},
+    ))
+    outputs = {
+        "onnx": str(ctx.final_dir / "model.int8.onnx"),
+        "graph": str(ctx.final_dir / "graph.json"),
+        "model_dir": str(model_dir),
+        "mode": cfg.mode,
+        "passed": outcome.passed,
+        "integer_ops": final.integer_ops,
+        "integer_matmuls": n_int,
+        "fallback_nodes": final.excluded,
+        "attempts": len(outcome.attempts),
+        "failing": final.failing,
+    }
+    return StageResult(outputs=outputs, notes=notes)

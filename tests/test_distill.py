@@ -1,0 +1,309 @@
+"""Distillation: the loss terms against hand-computed values, the loop lowering them, and the ``distill`` stage."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES
+from test_student import make_teacher
+
+from compressor.data.store import DataStore
+from compressor.distill.losses import (
+    DistillLoss, KDConfig, capture_qkv, hidden_mse, kl_last_dim, pick_relation_heads, relation_kl,
+    relation_log_probs,
+)
+from compressor.distill.trainer import Distiller, TaskBatches, distill_steps
+from compressor.errors import RecipeError
+from compressor.model.io import load_model, save_model
+from compressor.model.student import student_from_config, student_from_teacher
+from compressor.recipe import DistillStage, Recipe
+from compressor.report.rows import Reporter
+from compressor.stages import StageContext
+
+PIPE = FIXTURES / "pipeline"
+
+
+# ---- the terms ----------------------------------------------------------------------------------------------
+def test_kl_last_dim_matches_hand_computation_with_mask_and_temperature():
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [3.0, 1.0, 0.0]])
+    t = torch.tensor([[0.0, 2.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 9.0]])
+    T = 2.0
+
+    def kl(si, ti):
+        p = [math.exp(x / T) for x in ti]
+        q = [math.exp(x / T) for x in si]
+        p = [x / sum(p) for x in p]
+        q = [x / sum(q) for x in q]
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    rows = [kl(s[i].tolist(), t[i].tolist()) for i in range(3)]
+    assert float(kl_last_dim(s, t, T)) == pytest.approx(sum(rows) / 3 * T**2, rel=1e-5)
+    mask = torch.tensor([True, False, True])
+    assert float(kl_last_dim(s, t, T, mask)) == pytest.approx((rows[0] + rows[2]) / 2 * T**2, rel=1e-5)
+    assert float(kl_last_dim(t, t, T)) == pytest.approx(0.0, abs=1e-7)
+    # classes masked with -inf by both (e.g. QA positions outside the context) add nothing instead of NaN
+    s_inf = torch.tensor([[1.0, float("-inf"), 0.0]], requires_grad=True)
+    t_inf = torch.tensor([[0.0, float("-inf"), 1.0]])
+    value = kl_last_dim(s_inf, t_inf)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s_inf.grad).all()
+    assert float(value.detach()) == pytest.approx(kl([1.0 * T, 0.0], [0.0, 1.0 * T]), rel=1e-5)
+
+
+def test_hidden_mse_masks_padding_and_uses_the_projection():
+    s = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])
+    t = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])
+    assert float(hidden_mse(s, t, mask)) == pytest.approx((1 + 4) / 2)
+    proj = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    t3 = torch.zeros(1, 2, 3)
+    assert float(hidden_mse(s, t3, mask, proj).detach()) == pytest.approx((1 + 4 + 9) / 3)
+
+
+def test_relation_of_q_and_k_is_the_models_attention_distribution(tokenizer):
+    """The hooked Q/K give exactly the probabilities BERT's eager attention returns."""
+    teacher = make_teacher(layers=2)
+    enc = tokenizer(["Anna works for Acme .", "fun"], padding=True, return_tensors="pt")
+    with torch.no_grad(), capture_qkv(teacher, [0, 1]) as qkv:
+        out = teacher("sst", enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], output_attentions=True)
+    for layer in (0, 1):
+        probs = relation_log_probs(qkv[layer]["query"], qkv[layer]["key"], 4, enc["attention_mask"]).exp()
+        real = enc["attention_mask"].bool()
+        # rows of real query tokens (padding rows differ only in the masked-key value HF adds)
+        torch.testing.assert_close(probs[real[:, None, :].expand(-1, 4, -1)],
+                                   out.attentions[layer][real[:, None, :].expand(-1, 4, -1)], atol=1e-6, rtol=1e-5)
+
+
+def test_relation_kl_is_zero_for_equal_relations_and_positive_otherwise():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    same = relation_kl(relation_log_probs(x, x, 2, mask), relation_log_probs(x, x, 2, mask), mask)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    diff = relation_kl(relation_log_probs(y, y, 2, mask), relation_log_probs(x, x, 2, mask), mask)
+    log_s, log_t = relation_log_probs(y, y, 2, mask), relation_log_probs(x, x, 2, mask)
+    by_hand = []
+    for b in range(2):
+        for h in range(2):
+            for q in range(int(mask[b].sum())):
+                keep = mask[b].bool()
+                by_hand.append(F.kl_div(log_s[b, h, q, keep], log_t[b, h, q, keep], log_target=True, reduction="sum"))
+    assert float(diff) == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-5)
+    assert float(diff) > 0
+
+
+def test_pick_relation_heads():
+    assert pick_relation_heads(2, 16, 4, 32) == 2  # the student's heads split the teacher's width
+    assert pick_relation_heads(3, 24, 4, 32) == 4  # 32 % 3 != 0, 24 % 4 == 0
+    assert pick_relation_heads(6, 30, 4, 32) == 2  # neither: gcd of the head counts
+    assert pick_relation_heads(2, 16, 4, 32, requested=8) == 8
+    with pytest.raises(RecipeError, match="does not divide"):
+        pick_relation_heads(2, 16, 4, 32, requested=3)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store(tokenizer) -> DataStore:
+    recipe = Recipe.model_validate({
+        "name": "tiny", "seed": 3, "data_root": str(PIPE), "model": {"max_length": 32},
+        "tasks": [
+            {"name": "ner", "plugin": "ner", "format": "conll",
+             "data": {"train": "ner.train.conll", "dev": "ner.dev.conll", "test": "ner.test.conll"}},
+            {"name": "sst", "plugin": "classification", "format": "label_text",
+             "data": {"train": "sst.train.txt", "dev": "sst.dev.txt", "test": "sst.test.txt"}},
+        ],
+        "stages": [{"kind": "train"}, {"kind": "distill", "steps": 4}],
+        "report": {"latency": False},
+    })
+    data = DataStore(recipe, PIPE)
+    data.fit_labels()
+    return data
+
+
+def fixed_batches(store: DataStore, tokenizer, n: int = 8):
+    """The first batch of each task, repeated in turn: the loss on it must fall."""
+    batches = []
+    for task in ("ner", "sst"):
+        feats = store.encoded(task, "train", tokenizer, 32, train=True).features[:n]
+        batches.append((task, store.tasks[task].collate(feats)))
+    return itertools.cycle(batches)
+
+
+def teacher_for(store: DataStore, layers: int = 4) -> torch.nn.Module:
+    from conftest import tiny_bert
+    from compressor.model.multitask import MultiTaskModel
+    from compressor.tasks import build_task
+
+    torch.manual_seed(0)
+    tasks = {t: build_task(p.plugin_name, t, p.labels) for t, p in store.tasks.items()}
+    teacher = MultiTaskModel(tiny_bert(layers=layers, heads=4, hidden=32, ffn=64), tasks).eval()
+    # BERT's init (std 0.02) makes layers near-identities with uniform attention; a trained teacher's layers,
+    # attention and heads are far from that, and only then is there something to distil
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith("weight") and p.ndim == 2 and "embeddings" not in name:
+                p.normal_(0.0, 0.5 if name.startswith("heads.") else 0.25)
+    return teacher
+
+
+def evaluate_parts(loss: DistillLoss, student, teacher, batches) -> dict[str, float]:
+    student.eval()
+    with torch.no_grad():
+        parts = [loss(student, teacher, *next(batches)) for _ in range(2)]
+    return {k: sum(float(p[k]) for p in parts) / 2 for k in parts[0]}
+
+
+@pytest.mark.parametrize("kind", ["from_teacher", "from_config"])
+def test_distillation_lowers_every_kd_term(store, tokenizer, kind):
+    torch.manual_seed(0)
+    teacher = teacher_for(store)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    if kind == "from_teacher":
+        student = student_from_teacher(teacher, layers=[1, 3], heads=4)
+        lr = 2e-3
+    else:  # narrower (projection) and with other head counts (MiniLM relation path)
+        student = student_from_config(teacher, hidden_size=16, num_layers=2, heads=2, ffn=32, seed=1)
+        lr = 1e-2
+    config = KDConfig(alpha=0.0, temperature=2.0, logits=1.0, hidden=1.0, attention=2.0)
+    batches = fixed_batches(store, tokenizer)
+    distiller = Distiller(student, teacher, batches, config, total_steps=30, layer_map={0: 1, 1: 3}, lr=lr,
+                          weight_decay=0.0, grad_clip=1.0)
+    if kind == "from_config":
+        assert set(distiller.loss.projections) == {"0", "1", "2"}  # embeddings + two student layers
+        proj_before = distiller.loss.projections["2"].weight.detach().clone()
+    before = evaluate_parts(distiller.loss, student, teacher, batches)
+    for _ in range(30):
+        parts = distiller.step()
+        assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+    after = evaluate_parts(distiller.loss, student, teacher, batches)
+
+    for term in ("kd_logits", "kd_hidden", "kd_attention", "loss"):
+        assert before[term] > 0
+        assert after[term] < 0.75 * before[term], (term, before[term], after[term])
+    assert after["task"] == 0.0  # alpha = 0: the task loss is not computed
+    # the teacher never changes; projections train but are not part of the student
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    assert not any("projection" in k for k in student.state_dict())
+    if kind == "from_config":
+        assert not torch.equal(distiller.loss.projections["2"].weight, proj_before)
+
+
+def test_loss_is_alpha_blend_of_the_named_parts(store, tokenizer):
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=2, heads=2)
+    config = KDConfig(alpha=0.3, temperature=3.0, logits=0.5, hidden=2.0, attention=0.25)
+    loss = DistillLoss(student, teacher, config)
+    assert loss.layer_map == {0: 1, 1: 3}
+    student.eval()
+    task, batch = next(fixed_batches(store, tokenizer))
+    parts = loss(student, teacher, task, batch)
+    kd = 0.5 * parts["kd_logits"] + 2.0 * parts["kd_hidden"] + 0.25 * parts["kd_attention"]
+    torch.testing.assert_close(parts["loss"].detach(), 0.3 * parts["task"] + 0.7 * kd)
+    assert parts["loss"].requires_grad and all(float(parts[k].detach()) > 0 for k in parts)
+    # the task part is the plugin's own loss
+    with torch.no_grad():
+        expected_task = student.tasks[task].loss(student.forward_batch(task, batch).outputs, batch)
+    torch.testing.assert_close(parts["task"], expected_task)
+
+
+def test_distill_loss_rejects_a_layer_map_naming_a_missing_layer(store):
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=2)
+    with pytest.raises(RecipeError, match="teacher layer 9 .*does not exist; the teacher has 4 layers"):
+        DistillLoss(student, teacher, KDConfig(), layer_map={0: 1, 1: 9})
+
+
+def test_task_batches_sample_tasks_and_distill_steps_trains_in_place(store, tokenizer):
+    batches = TaskBatches.from_store(store, ["ner", "sst"], tokenizer, 32, batch_size=4, strategy="round_robin")
+    seen = [next(batches) for _ in range(4)]
+    assert [t for t, _ in seen] == ["ner", "sst", "ner", "sst"]
+    assert seen[1][1]["input_ids"].shape[0] == 4 and "labels" in seen[1][1]
+    n_ner = len(store.encoded("ner", "train", tokenizer, 32, train=True).features)
+    n_sst = len(store.encoded("sst", "train", tokenizer, 32, train=True).features)
+    assert batches.steps_per_epoch() == math.ceil(n_ner / 4) + math.ceil(n_sst / 4)
+
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    parts = distill_steps(student, teacher, batches, steps=3, loss_config=KDConfig(alpha=0.5), lr=1e-3)
+    assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+    assert parts["kd_hidden"] == 0.0 and parts["kd_logits"] > 0 and parts["task"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert not student.training
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+def make_ctx(store: DataStore, tmp_path, stage: dict, teacher_dir=None, model_dir=None, outputs=None) -> StageContext:
+    cfg = DistillStage.model_validate({"kind": "distill", **stage})
+    out = tmp_path / "partial"
+    out.mkdir(parents=True)
+    return StageContext(
+        recipe=store.recipe, stage=cfg, index=1, run_dir=tmp_path, out_dir=out, final_dir=tmp_path / "final",
+        data=store, reporter=Reporter("tiny"), model_dir=model_dir or teacher_dir, teacher_dir=teacher_dir,
+        outputs=outputs or {},
+    )
+
+
+def test_distill_stage_needs_a_teacher(store, tmp_path):
+    from compressor.stages.distill import run
+
+    with pytest.raises(RecipeError, match="distill stage needs a teacher: put a train stage first"):
+        run(make_ctx(store, tmp_path, {"steps": 2}))
+
+
+def test_distill_stage_saves_evaluates_and_reports_the_student(store, tokenizer, tmp_path):
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {
+        "name": "small", "student": {"from_teacher": {"layers": 2, "heads": 2}}, "steps": 6, "batch_size": 4,
+        "lr": 1e-3, "weights": {"logits": 1.0, "hidden": 1.0, "attention": 1.0}, "warmup_ratio": 0.0,
+    }, teacher_dir=teacher_dir)
+    result = run(ctx)
+
+    assert result.model_dir == tmp_path / "final" / "model"
+    student, _, manifest = load_model(ctx.out_dir / "model")
+    assert [layer["heads"] for layer in manifest["architecture"]["layers"]] == [2, 2]
+    assert manifest["distilled_by"]["teacher_layers"] == [1, 3]
+    assert result.outputs["teacher_layers"] == [1, 3] and result.outputs["steps"] == 6
+    assert result.outputs["params"] == student.num_parameters() < result.outputs["teacher_params"]
+    assert set(result.outputs["loss_last"]) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+    rows = ctx.reporter.rows
+    assert {(r["model"], r["task"], r["split"]) for r in rows} == {
+        ("small", t, s) for t in ("ner", "sst") for s in ("dev", "test")}
+    assert all(r["stage"] == "small" and r["size_bytes"] > 0 and r["params"] == student.num_parameters()
+               for r in rows)
+    assert any("kd_logits=" in n for n in result.notes)
+
+    # from_previous continues from the saved student with the same teacher-layer map; a bad map fails early
+    prev = make_ctx(store, tmp_path / "prev", {"student": {"from_previous": True}, "steps": 2, "batch_size": 4},
+                    teacher_dir=teacher_dir, model_dir=ctx.out_dir / "model", outputs={"small": result.outputs})
+    again = run(prev)
+    assert again.outputs["layer_map"] == {"0": 1, "1": 3}
+    bad = make_ctx(store, tmp_path / "bad", {"student": {"from_teacher": {"layers": 2}}, "layer_map": {0: 1, 1: 4},
+                                             "steps": 2}, teacher_dir=teacher_dir)
+    with pytest.raises(RecipeError, match="teacher layer 4 .*does not exist"):
+        run(bad)
+
+
+def test_distill_stage_config_is_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one of"):
+        DistillStage.model_validate({"kind": "distill", "student": {"from_previous": True,
+                                                                   "from_teacher": {"layers": 2}}})
+    with pytest.raises(ValidationError, match="not a multiple of heads"):
+        DistillStage.model_validate({"kind": "distill", "student": {"from_config": {
+            "hidden_size": 30, "num_layers": 2, "heads": 4}}})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        DistillStage.model_validate({"kind": "distill", "weights": {"logit": 1.0}})
+    cfg = DistillStage.model_validate({"kind": "distill", "student": {"from_teacher": {"layers": [0, 2]}},
+                                       "layer_map": {"0": 0, "1": 2}})
+    assert cfg.student.from_teacher.layers == [0, 2] and cfg.layer_map == {0: 0, 1: 2}
