@@ -108,8 +108,12 @@ def torch_outputs(model: MultiTaskModel, spec: GraphSpec, feeds: dict[str, np.nd
 
 
 def check_parity(path: Path, model: MultiTaskModel, spec: GraphSpec, batches: Sequence[Batch],
-                 rtol: float = DEFAULT_RTOL, threads: int | None = None) -> ParityReport:
-    """Compare each task's graph outputs with PyTorch on that task's batches (no exception: see the report)."""
+                 rtol: float = DEFAULT_RTOL, threads: int | None = None,
+                 cache: dict[int, dict[str, np.ndarray]] | None = None) -> ParityReport:
+    """Compare each task's graph outputs with PyTorch on that task's batches (no exception: see the report).
+
+    ``cache`` (batch position -> PyTorch outputs) lets several graphs of one model share the PyTorch runs.
+    """
     model = model.to("cpu").eval()
     session = make_session(path, threads)
     report = ParityReport(str(path))
@@ -119,11 +123,14 @@ def check_parity(path: Path, model: MultiTaskModel, spec: GraphSpec, batches: Se
         for out_name, graph_name in task.outputs.items():
             report.outputs[graph_name] = OutputParity(graph_name, task.atol[out_name], rtol,
                                                       synthetic=name not in covered)
-    for name, batch in all_batches:
+    cache = {} if cache is None else cache
+    for position, (name, batch) in enumerate(all_batches):
         feeds = build_feeds(spec, batch, [name])
         wanted = list(spec.tasks[name].outputs.values())
         got = dict(zip(wanted, session.run(wanted, feeds)))
-        ref = torch_outputs(model, spec, feeds)
+        if position not in cache:
+            cache[position] = torch_outputs(model, spec, feeds)
+        ref = cache[position]
         for graph_name in wanted:
             _compare(report.outputs[graph_name], got[graph_name], ref[graph_name])
     return report

@@ -56,7 +56,7 @@ def head_group(graph: Any, layer: nn.Module, channels: Sequence[int]) -> Any:
 
     attn = layer.attention
     group = graph.get_pruning_group(attn.self.query, tp.prune_linear_out_channels, list(channels))
-    _check(group, {
+    _check(graph, group, {
         (attn.self.query, "out"), (attn.self.key, "out"), (attn.self.value, "out"), (attn.output.dense, "in"),
     }, channels, "attention heads")
     return group
@@ -67,13 +67,13 @@ def ffn_group(graph: Any, layer: nn.Module, neurons: Sequence[int]) -> Any:
     import torch_pruning as tp
 
     group = graph.get_pruning_group(layer.intermediate.dense, tp.prune_linear_out_channels, list(neurons))
-    _check(group, {(layer.intermediate.dense, "out"), (layer.output.dense, "in")}, neurons, "FFN neurons")
+    _check(graph, group, {(layer.intermediate.dense, "out"), (layer.output.dense, "in")}, neurons, "FFN neurons")
     return group
 
 
-def _check(group: Any, expected: set[tuple[nn.Module, str]], idxs: Sequence[int], what: str) -> None:
+def _check(graph: Any, group: Any, expected: set[tuple[nn.Module, str]], idxs: Sequence[int], what: str) -> None:
     """Only the expected layers, each pruned on the expected side at exactly ``idxs``."""
-    graph = group._DG
+    names = {m: n for n, m in graph.model.named_modules()}
     found: set[tuple[nn.Module, str]] = set()
     for item in group:
         dep, got = item.dep, item.idxs
@@ -83,12 +83,12 @@ def _check(group: Any, expected: set[tuple[nn.Module, str]], idxs: Sequence[int]
         side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
         if (module, side) not in expected or sorted(got) != sorted(idxs):
             raise CouplingError(
-                f"pruning {what}: the dependency graph also couples {graph._module2name.get(module, module)} "
+                f"pruning {what}: the dependency graph also couples {names.get(module, module)} "
                 f"({side} channels); only Q/K/V/O or FFN in/out may change"
             )
         found.add((module, side))
     if found != expected:
-        missing = [graph._module2name.get(m, m) for m, _ in expected - found]
+        missing = [names.get(m, m) for m, _ in expected - found]
         raise CouplingError(f"pruning {what}: the dependency graph did not couple {missing}")
 
 

@@ -42,7 +42,8 @@ def run(ctx: StageContext) -> StageResult:
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".export-") as tmp_str:
         tmp = Path(tmp_str)
         raw = export_onnx(model, tmp / "model.onnx", spec, opset=cfg.opset)
-        parity = check_parity(raw, model, spec, batches, rtol=cfg.rtol, threads=threads)
+        torch_cache: dict = {}  # PyTorch outputs per batch, shared by the checks of every candidate graph
+        parity = check_parity(raw, model, spec, batches, rtol=cfg.rtol, threads=threads, cache=torch_cache)
         parity.raise_for_failures("exported graph")
         parity_json: dict[str, Any] = {"model.onnx": parity.to_json()}
 
@@ -50,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
         opt_info: dict[str, Any] = {"level": None, "fused": {}, "notes": ["disabled by the recipe"]}
         if cfg.optimize:
             result = optimize_checked(raw, tmp / "model.opt.onnx", lambda p: check_parity(
-                p, model, spec, batches, rtol=cfg.rtol, threads=threads))
+                p, model, spec, batches, rtol=cfg.rtol, threads=threads, cache=torch_cache))
             opt_info = describe(result)
             notes += result.notes
             if result.path is not None:
