@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compressor.console import say
 from compressor.errors import RecipeError
 from compressor.fsutil import atomic_write_text
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
@@ -24,12 +25,15 @@ from compressor.registry import _load
 from compressor.stages import STAGE_RUNNERS, StageContext, StageResult
 
 STATE = "state.json"
+
+
 TEACHER_KINDS = ("train", "load")  # the first stage of these kinds provides the teacher
 
 
 def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False, data_root: Path | None = None,
-               log=print) -> Path:
+               log=None) -> Path:
     """Run every stage of a recipe; returns the run directory."""
+    log = log or say
     recipe = load_recipe(recipe_path)
     run_dir = Path(out) if out else Path("runs") / recipe.name
     state_path = run_dir / STATE

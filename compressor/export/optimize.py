@@ -70,10 +70,14 @@ def basic_optimize(src: Path, dst: Path) -> None:
 
 def optimize_checked(src: Path, dst: Path, check: Callable[[Path], ParityReport]) -> OptimizeResult:
     """Write an optimised ``dst`` that passes ``check``, trying fusions, then basic optimisation."""
+    def basic() -> dict[str, int]:
+        basic_optimize(src, dst)
+        return {}
+
     notes: list[str] = []
     attempts: list[tuple[str, Callable[[], dict[str, int]]]] = [
         ("transformer-fusions", lambda: fuse_transformer(src, dst)),
-        ("basic", lambda: (basic_optimize(src, dst), {})[1]),
+        ("basic", basic),
     ]
     for level, attempt in attempts:
         try:

@@ -19,7 +19,9 @@ again. Sensitivity of a node = relative error of its output in the quantized gra
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import logging
 import math
 import shutil
@@ -111,6 +113,8 @@ def nodes_to_exclude(path: Path, options: QuantOptions, extra: Iterable[str] = (
                 or any(fnmatch.fnmatchcase(node.name, p) for p in options.exclude_nodes)
                 or (not options.quantize_heads and HEAD_SCOPE in node.name)):
             out.append(node.name)
+            if node.op_type == "Gemm":  # ORT's dynamic quantizer splits Gemm into "<name>_MatMul" + "<name>_Add"
+                out.append(f"{node.name}_MatMul")
     return sorted(set(out) | set(extra))
 
 
@@ -188,7 +192,8 @@ def calibrate(path: Path, batches: Sequence[Mapping[str, np.ndarray]], options: 
             feeds, self.feeds = self.feeds, None
             return feeds
 
-    with _quiet("onnxruntime.quantization", "root", ""):
+    # ORT's calibrators print progress lines; the stage reports what matters
+    with _quiet("onnxruntime.quantization", ""), contextlib.redirect_stdout(io.StringIO()):
         for feeds in batches:
             calibrator.collect_data(_One(feeds))
         return calibrator.compute_data()
@@ -196,12 +201,19 @@ def calibrate(path: Path, batches: Sequence[Mapping[str, np.ndarray]], options: 
 
 def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequence[str] = (),
                    ranges: Any = None) -> Path:
-    """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``."""
+    """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``.
+
+    Nodes kept fp32: ``options``' exclusions (op types, name patterns, heads; see :func:`nodes_to_exclude`)
+    plus ``exclude``. ``ranges``: calibration ranges, required for static mode.
+    """
     from optimum.onnxruntime import ORTQuantizer
 
+    if options.mode == "static" and ranges is None:
+        raise QuantizationError("static quantization needs calibration ranges (see calibrate)")
+    exclude = nodes_to_exclude(src, options, exclude)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
-        with _quiet("optimum.onnxruntime.quantization", "optimum", "root", ""):
+        with _quiet("optimum.onnxruntime.quantization", "optimum", ""), contextlib.redirect_stdout(io.StringIO()):
             quantizer = ORTQuantizer(Path(src))
             quantizer.quantize(quantization_config(options, exclude), save_dir=tmp, file_suffix=None,
                                calibration_tensors_range=ranges)
@@ -371,7 +383,7 @@ def quantize_accuracy_aware(
         fallback: list[str] = []
         for iteration in range(max_iterations + 1):
             path = workdir / f"attempt{iteration}.onnx"
-            quantize_graph(source, path, options, [*user_excluded, *fallback], ranges)
+            quantize_graph(source, path, options, fallback, ranges)
             counts = integer_op_counts(path)
             if iteration == 0 and integer_matmuls(counts) == 0:
                 raise QuantizationError(f"{source}: quantization produced no integer MatMul (op types "

@@ -116,6 +116,8 @@ def run(ctx: StageContext) -> StageResult:
     notes = [f"{cfg.mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
              f"MatMul(s); {len(final.excluded)} node(s) moved back to fp32 after {len(outcome.attempts) - 1} "
              "fallback round(s)"]
+    if n_int == 0:
+        notes.append("WARNING: the kept graph has no integer MatMul: every quantizable node fell back to fp32")
     drops = ", ".join(f"{t} {final.metrics[t]:.4f} vs fp32 {outcome.reference[t]:.4f} "
                       f"(drop {100 * final.drops[t]:.2f}% / tol {100 * tolerances[t]:.2f}%)" for t in final.metrics)
     if outcome.passed:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.console import say
 from compressor.data.sampling import BatchStream, TaskSampler
 from compressor.data.store import DataStore
 from compressor.fsutil import atomic_dir, atomic_write_text
@@ -75,13 +76,14 @@ def train_model(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     label: str = "model",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on all of its tasks in place; on return it holds the best-dev-epoch weights."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    log = log or say
     started = time.perf_counter()
     set_seed(seed)
     cuda = torch.cuda.is_available()

@@ -19,7 +19,9 @@ class SequenceClassificationHead(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.02)  # BERT's initializer_range
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         if self.pooling == "cls":
             pooled = hidden_states[:, 0]
         else:

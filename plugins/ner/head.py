@@ -16,5 +16,7 @@ class TokenTaggingHead(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.02)  # BERT's initializer_range: small logits at start
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         return {"logits": self.classifier(self.dropout(hidden_states))}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.errors import DataError, RecipeError
+from compressor.errors import RecipeError
 from compressor.runtime.decoding import bio_decode, bio_tags, spans_to_bio
 from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
 from compressor_plugins.ner.formats import NerExample, read_ner
@@ -129,7 +129,9 @@ class NerTask(TaskPlugin):
     ) -> list[list[tuple[int, int, str]]]:
         return self.spans_from_logits(outputs["logits"], features)
 
-    def spans_from_logits(self, logits: np.ndarray, features: Sequence[dict[str, Any]]) -> list[list[tuple[int, int, str]]]:
+    def spans_from_logits(
+        self, logits: np.ndarray, features: Sequence[dict[str, Any]]
+    ) -> list[list[tuple[int, int, str]]]:
         """Word-level entity spans of each feature from token logits.
 
         Args:
@@ -144,7 +146,9 @@ class NerTask(TaskPlugin):
         tags = self.tags
         return [bio_decode(logits[i], f["word_ids"], f["num_words"], tags) for i, f in enumerate(features)]
 
-    def score(self, predictions: Sequence[list[tuple[int, int, str]]], examples: Sequence[NerExample]) -> dict[str, float]:
+    def score(
+        self, predictions: Sequence[list[tuple[int, int, str]]], examples: Sequence[NerExample]
+    ) -> dict[str, float]:
         """Entity-level strict micro precision, recall and F1 (seqeval ``mode="strict"``, IOB2)."""
         from seqeval.metrics import f1_score, precision_score, recall_score
         from seqeval.scheme import IOB2
