@@ -64,3 +64,38 @@ def test_toy_data_is_recipe_friendly():
     assert len(lines) == 48 and all(line.split("\t")[0] in ("yes", "no") for line in lines)
     assert any(ch.isdigit() for ch in lines[0]) == (lines[0].split("\t")[0] == "yes")
     assert (TOY_DATA_DIR / "dev.tsv").is_file()
+
+
+def test_third_party_task_trains_and_evaluates_through_the_cli(tmp_path):
+    """The installed `toy` plugin runs in a recipe like a built-in one: trained, evaluated, reported."""
+    import json
+
+    from plugin_fixtures import TOY_DATA_DIR, env_with, install_toy
+
+    site = install_toy(tmp_path / "install")
+    model_dir = tmp_path / "tiny"
+    build = (
+        "import sys; sys.path.insert(0, %r); from conftest import tiny_bert; "
+        "from transformers import AutoTokenizer; from compressor.model.multitask import resolve_encoder_path; "
+        "tiny_bert().save_pretrained(%r); "
+        "AutoTokenizer.from_pretrained(resolve_encoder_path('offline-default')).save_pretrained(%r)"
+    ) % (str(Path(__file__).parent), str(model_dir), str(model_dir))
+    subprocess.run([sys.executable, "-c", build], check=True, env=env_with(site))
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(f"""\
+name: toy-run
+data_root: {TOY_DATA_DIR}
+model: {{encoder: {model_dir}, max_length: 32}}
+tasks:
+  - {{name: digits, plugin: toy, data: {{train: train.tsv, dev: dev.tsv, test: dev.tsv}}}}
+stages:
+  - {{kind: train, epochs: 3, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0.0}}
+report: {{latency_runs: 2, latency_warmup: 1, latency_seq_len: 16}}
+""")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "compressor.cli.main", "run", str(recipe), "--out", str(out)],
+                          env=env_with(site), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    test_row = next(r for r in rows if r["task"] == "digits" and r["split"] == "test")
+    assert test_row["model"] == "teacher" and 0.0 <= test_row["value"] <= 1.0
