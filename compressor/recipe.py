@@ -112,6 +112,9 @@ class TrainStage(Strict):
     steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     baselines: bool = False
+    baseline_steps: Literal["task_share", "epochs"] = Field(
+        "task_share", description="task_share: each single-task twin takes as many steps per epoch as the "
+        "multi-task sampler gives its task (same exposure to its data); epochs: one pass over its data per epoch")
 
 
 class StudentFromTeacher(Strict):

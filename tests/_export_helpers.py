@@ -7,7 +7,9 @@ Built once per test process (``build_run``) and shared by the three test modules
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,7 @@ def build_run() -> Run:
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="compressor-export-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     run = make_run([{"kind": "export"}, {"kind": "quantize", "tolerance": 0.05}, {"kind": "bundle"}], root)
     for i in range(len(run.recipe.stages)):
         run.run_stage(i)

@@ -161,3 +161,57 @@ def test_failing_parity_raises_and_writes_no_graph(tmp_path, branchy_plugin):
     out = tmp_path / "00-export"
     assert not list(out.rglob("*.onnx")), list(out.rglob("*"))
     assert not r.reporter.rows
+
+
+# ---- every registered plugin exports alone, with parity, and scores the same through ONNX Runtime ------------
+def _plugin_model(plugin: str):
+    """The plugin's task (named after it) and its siblings from ``tests/plugin_fixtures.py`` in a tiny model."""
+    from conftest import tiny_bert
+    from plugin_fixtures import PLUGIN_FIXTURES
+
+    from compressor.model.multitask import MultiTaskModel
+    from compressor.tasks import build_task
+
+    entry = PLUGIN_FIXTURES.get(plugin)
+    if entry is None:
+        pytest.fail(f"task plugin '{plugin}' has no entry in tests/plugin_fixtures.py")
+    specs = {plugin: {**entry, "plugin": plugin}, **entry.get("siblings", {})}
+    tasks = {n: build_task(s["plugin"], n, s.get("labels"), s.get("options")) for n, s in specs.items()}
+    for task in tasks.values():
+        task.bind(tasks)
+    examples = {}
+    for name, task in tasks.items():
+        examples[name] = task.read(specs[name]["path"], specs[name].get("format"))
+        if not task.labels:
+            task.labels = list(task.fit_labels(examples[name]))
+    model = MultiTaskModel(tiny_bert(hidden=32, layers=2, heads=4, ffn=64), tasks).eval()
+    return model, examples, entry.get("max_length", 64)
+
+
+def _all_plugins():
+    from compressor.tasks import TASKS
+
+    return TASKS.names()
+
+
+@pytest.mark.parametrize("plugin", _all_plugins())
+def test_every_registered_plugin_exports_with_parity(plugin, tokenizer, tmp_path):
+    from compressor.export.onnx_export import export_onnx, graph_spec
+    from compressor.report.measure import torch_forward
+    from compressor.runtime.session import OrtForward, make_session
+
+    torch.set_num_threads(1)
+    model, examples, max_length = _plugin_model(plugin)
+    spec = graph_spec(model, max_length)
+    path = export_onnx(model, tmp_path / "model.onnx", spec)
+    encoded = {n: model.tasks[n].encode(examples[n], tokenizer, max_length, False) for n in model.tasks}
+    batches = [(n, {k: v.numpy() for k, v in model.tasks[n].collate(e.features[:4]).items()})
+               for n, e in encoded.items()]
+    report = check_parity(path, model, spec, batches)
+    assert not report.failures(), report.to_json()
+    assert set(report.outputs) == {f"{n}.{o.name}" for n, t in model.tasks.items() for o in t.onnx_outputs()}
+    onnx_forward = OrtForward(make_session(path, 1), spec)
+    for name, task in model.tasks.items():
+        got, _ = task.evaluate(onnx_forward, encoded[name], examples[name])
+        ref, _ = task.evaluate(torch_forward(model), encoded[name], examples[name])
+        assert got == pytest.approx(ref, abs=1e-9), name

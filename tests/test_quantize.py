@@ -15,7 +15,7 @@ from _export_helpers import QA_FILE, build_run, make_run
 from compressor.errors import RecipeError
 from compressor.export.quantize import (
     QuantizationError, QuantOptions, calibrate, integer_matmuls, integer_op_counts, nodes_to_exclude,
-    prepare_source, quantize_graph, relative_drop,
+    prepare_source, quantize_graph, quantized_nodes, relative_drop,
 )
 from compressor.runtime.spec import GraphSpec
 
@@ -64,6 +64,10 @@ def test_dynamic_int8_has_integer_matmuls_and_stays_close(prepared, feeds, tmp_p
     assert counts["QAttention"] == 2 and counts["MatMulInteger"] == 6
     assert counts["QEmbedLayerNormalization"] == 1 and counts["DynamicQuantizeLinear"] >= 6
     assert integer_matmuls(counts) == 8
+    moved = quantized_nodes(prepared["fused"], q, QuantOptions())
+    assert sorted(moved) == sorted(["Attention_0", "Attention_1", "EmbedLayerNormalization_0", *(
+        f"/encoder/encoder/layer.{i}/{m}/MatMul" for i in (0, 1)
+        for m in ("attention/output/dense", "intermediate/dense", "output/dense"))])
     graph = onnx.load(str(q)).graph
     heads = [n for n in graph.node if n.name.startswith("/heads/")]
     assert heads and not [n for n in heads if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
@@ -82,6 +86,9 @@ def test_static_qdq_calibrated_on_batches_of_different_shapes(prepared, feeds, t
     counts = integer_op_counts(q)
     # query, key, value, attention output, intermediate and output dense of 2 layers are QDQ MatMuls at least
     assert counts["qdq_matmul"] >= 12 and counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    moved = quantized_nodes(prepared["raw"], q, options)
+    assert len([n for n in moved if "/MatMul" in n]) == counts["qdq_matmul"]  # attention scores included
+    assert not [n for n in moved if n.startswith("/heads/")]
     errors = _relative_error(prepared["raw"], q, feeds)
     assert max(errors.values()) < 0.25, errors
 

@@ -250,3 +250,32 @@ def test_bad_requests(run):
         bundle.predict("Paris is nice .", tasks=["qa"])
     with pytest.raises(BundleError, match="question 0: empty question"):
         bundle.predict("Paris is nice .", tasks=["qa"], questions=" ")
+
+
+def test_text_pair_classification_matches_pytorch(tokenizer, tmp_path):
+    from conftest import tiny_bert
+    from plugin_fixtures import PLUGIN_FIXTURES
+
+    from compressor.export.bundle import write_bundle
+    from compressor.export.onnx_export import export_onnx, graph_spec
+    from compressor.model.multitask import MultiTaskModel
+    from compressor.report.measure import torch_forward
+    from compressor.tasks import build_task
+
+    entry = PLUGIN_FIXTURES["classification"]
+    task = build_task("classification", "nli", None, entry["options"])
+    examples = task.read(entry["path"], entry["format"])
+    task.labels = task.fit_labels(examples)
+    model = MultiTaskModel(tiny_bert(hidden=32, layers=2, heads=4, ffn=64, seed=3), {"nli": task}).eval()
+    spec = graph_spec(model, 64)
+    graph = export_onnx(model, tmp_path / "model.onnx", spec)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    bundle_dir = write_bundle(tmp_path / "bundle", graph, spec, tmp_path / "tok" / "tokenizer.json",
+                              tokenizer.pad_token_id)
+    encoded = task.encode(examples, tokenizer, 64, False)
+    _, expected = task.evaluate(torch_forward(model), encoded, examples)
+    bundle = Bundle.load(bundle_dir)
+    res = bundle.predict([ex.text for ex in examples], text_pairs=[ex.text_pair for ex in examples])
+    assert [r["predictions"]["nli"]["label"] for r in res] == expected
+    with pytest.raises(BundleError, match="classifies text pairs: give text_pairs"):
+        bundle.predict("a premise")

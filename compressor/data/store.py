@@ -27,6 +27,7 @@ class DataStore:
         self._examples: dict[tuple[str, str], list[Any]] = {}
         self._full_sizes: dict[tuple[str, str], int] = {}
         self._encoded: dict[tuple[str, str, int, bool, int], Encoded] = {}
+        self._tokenizers: dict[int, Any] = {}
 
     def path(self, task: str, split: str) -> Path | None:
         entry = self.recipe.task(task).data.get(split)
@@ -69,7 +70,9 @@ class DataStore:
     def encoded(self, task: str, split: str, tokenizer: Any, max_length: int, train: bool = False) -> Encoded:
         key = (task, split, id(tokenizer), train, max_length)
         if key not in self._encoded:
-            self._encoded[key] = self.tasks[task].encode(self.examples(task, split), tokenizer, max_length, train)
+            encoded = self.tasks[task].encode(self.examples(task, split), tokenizer, max_length, train)
+            self._encoded[key] = encoded
+            self._tokenizers[id(tokenizer)] = tokenizer  # keeps the id from being reused by another tokenizer
         return self._encoded[key]
 
     def sizes(self) -> dict[str, dict[str, dict[str, int]]]:

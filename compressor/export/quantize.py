@@ -118,21 +118,22 @@ def nodes_to_exclude(path: Path, options: QuantOptions, extra: Iterable[str] = (
     return sorted(set(out) | set(extra))
 
 
-def candidate_nodes(path: Path, options: QuantOptions, excluded: Iterable[str]) -> list[str]:
-    """Nodes the quantizer may turn into integer ops: quantizable type, a float initializer as weight."""
+def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[str]:
+    """Nodes of ``src`` (quantizable op types) that run in INT8 in ``quantized``: the dynamic quantizer
+    replaces them (their name is gone); the QDQ quantizer feeds them from ``DequantizeLinear``."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    src_model = onnx.load(str(src), load_external_data=False)
+    q_model = onnx.load(str(quantized), load_external_data=False)
+    q_nodes = {n.name: n for n in q_model.graph.node}
+    producers = {o: n.op_type for n in q_model.graph.node for o in n.output}
     ops = set(options.ops())
-    skip = set(excluded)
-    weight_index = {"MatMul": 1, "Attention": 1, "Gather": 0, "EmbedLayerNormalization": 2, "Gemm": 1}
     out = []
-    for node in model.graph.node:
-        if node.op_type not in ops or node.name in skip:
+    for node in src_model.graph.node:
+        if node.op_type not in ops:
             continue
-        w = weight_index.get(node.op_type)
-        if w is None or (len(node.input) > w and node.input[w] in floats):
+        q = q_nodes.get(node.name)
+        if q is None or any(producers.get(i) == "DequantizeLinear" for i in q.input):
             out.append(node.name)
     return out
 
@@ -248,7 +249,7 @@ def integer_matmuls(counts: Mapping[str, int]) -> int:
 # ---- sensitivity -------------------------------------------------------------------------------------------
 def node_sensitivity(fp32: Path, quantized: Path, nodes: Sequence[str],
                      batches: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float]]:
-    """Rank ``nodes`` by the error each adds: rel. error of its output minus that of its activation input.
+    """Rank ``nodes`` by the error each adds: rel. error of its output minus the largest of its activation inputs'.
 
     Both graphs get the nodes' input and output tensors as extra outputs (names survive quantization: ORT
     keeps a quantized node's output name) and run on the same ``batches``.
@@ -259,16 +260,16 @@ def node_sensitivity(fp32: Path, quantized: Path, nodes: Sequence[str],
     model = onnx.load(str(fp32))
     initializers = {i.name for i in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
-    watch: dict[str, tuple[str, str | None]] = {}
+    watch: dict[str, tuple[str, list[str]]] = {}
     for name in nodes:
         node = by_name.get(name)
         if node is None or not node.output:
             continue
-        act = next((i for i in node.input if i and i not in initializers), None)
+        acts = [i for i in node.input if i and i not in initializers]
         if node.op_type in ("Gather", "EmbedLayerNormalization"):
-            act = None  # integer ids in: all error comes from the quantized table
-        watch[name] = (node.output[0], act)
-    tensors = sorted({t for pair in watch.values() for t in pair if t})
+            acts = []  # integer ids in: all error comes from the quantized table
+        watch[name] = (node.output[0], acts)
+    tensors = sorted({t for out, acts in watch.values() for t in (out, *acts)})
 
     def session(path: Path) -> Any:
         m = onnx.load(str(path))
@@ -299,7 +300,8 @@ def node_sensitivity(fp32: Path, quantized: Path, nodes: Sequence[str],
             sse[t] += float(np.sum((fa - fb) ** 2))
             ss[t] += float(np.sum(fa**2))
     err = {t: math.sqrt(sse[t] / ss[t]) if ss[t] > 0 else 0.0 for t in common}
-    scores = [(name, err.get(out, 0.0) - (err.get(act, 0.0) if act else 0.0)) for name, (out, act) in watch.items()]
+    scores = [(name, err.get(out, 0.0) - max((err.get(a, 0.0) for a in acts), default=0.0))
+              for name, (out, acts) in watch.items()]
     return sorted(scores, key=lambda x: -x[1])
 
 
@@ -318,10 +320,6 @@ class Attempt:
     drops: dict[str, float]
     failing: list[str]
     integer_ops: dict[str, int]
-
-    @property
-    def worst_margin(self) -> float:
-        return max(self.drops.values(), default=0.0)
 
 
 @dataclass
@@ -371,12 +369,10 @@ def quantize_accuracy_aware(
         ranges: calibration ranges (static mode).
 
     Returns the outcome; ``out`` holds the first graph that passes, or, if none does, the attempt with the
-    fewest failing tasks (then the smallest worst drop).
+    fewest failing tasks (then the smallest worst excess of a drop over its tolerance).
     """
     workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
     try:
-        user_excluded = nodes_to_exclude(source, options)
-        candidates = candidate_nodes(source, options, user_excluded)
         attempts: list[Attempt] = []
         files: list[Path] = []
         ranking: list[tuple[str, float]] = []
@@ -387,7 +383,8 @@ def quantize_accuracy_aware(
             counts = integer_op_counts(path)
             if iteration == 0 and integer_matmuls(counts) == 0:
                 raise QuantizationError(f"{source}: quantization produced no integer MatMul (op types "
-                                        f"{options.ops()}, {len(user_excluded)} node(s) excluded)")
+                                        f"{options.ops()}, {len(nodes_to_exclude(source, options))} node(s) "
+                                        "excluded)")
             metrics = {k: float(v) for k, v in evaluate(path).items()}
             drops = {t: relative_drop(reference[t], metrics[t], higher_is_better.get(t, True)) for t in metrics}
             failing = [t for t, d in drops.items() if d > tolerances.get(t, 0.0) + 1e-12]
@@ -396,13 +393,15 @@ def quantize_accuracy_aware(
             if not failing:
                 break
             if iteration == 0:
-                ranking = node_sensitivity(source, path, candidates, batches)
+                ranking = node_sensitivity(source, path, quantized_nodes(source, path, options), batches)
             if len(fallback) >= len(ranking):
                 break  # everything quantizable is fp32 already: more rounds cannot help
             fallback = [n for n, _ in ranking[: min(len(ranking), step * 2**iteration)]]
         passed = not attempts[-1].failing
-        kept = len(attempts) - 1 if passed else min(
-            range(len(attempts)), key=lambda i: (len(attempts[i].failing), attempts[i].worst_margin))
+        def shortfall(a: Attempt) -> tuple[int, float]:
+            return len(a.failing), max((d - tolerances.get(t, 0.0) for t, d in a.drops.items()), default=0.0)
+
+        kept = len(attempts) - 1 if passed else min(range(len(attempts)), key=lambda i: shortfall(attempts[i]))
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(files[kept]), str(out))
         return QuantizeOutcome(out, passed, attempts, kept, dict(reference), dict(tolerances), ranking)

@@ -27,8 +27,12 @@ def run(ctx: StageContext) -> StageResult:
     elif cfg.baselines:
         notes.append("baselines skipped: the recipe has a single task, so the model is its own baseline")
 
+    shares = _task_steps(ctx, cfg, list(tasks)) if len(jobs) > 1 else {}
     for label, subdir, task_names in jobs:
-        result, model, tokenizer = _train_one(ctx, cfg, label, subdir, task_names)
+        job_cfg = cfg
+        if label != cfg.name and cfg.baseline_steps == "task_share":
+            job_cfg = cfg.model_copy(update={"steps_per_epoch": shares[task_names[0]]})
+        result, model, tokenizer = _train_one(ctx, job_cfg, label, subdir, task_names)
         saved = ctx.out_dir / subdir
         save_model(model, tokenizer, saved, recipe.model.max_length,
                    extra={"trained_by": {"stage": cfg.name, "label": label, "epochs": result.epochs_run,
@@ -44,6 +48,25 @@ def run(ctx: StageContext) -> StageResult:
         notes.append(f"{label}: {result.epochs_run} epoch(s) on {result.device} ({result.mixed_precision}), "
                      f"best dev epoch {result.best_epoch}, {result.wall_s:.0f}s")
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _task_steps(ctx: StageContext, cfg: TrainStage, tasks: list[str]) -> dict[str, int]:
+    """Steps per epoch the multi-task sampler gives each task (its expected share of the epoch's steps)."""
+    from compressor.data.sampling import task_probabilities
+
+    sizes = {t: len(ctx.data.encoded(t, "train", _tokenizer_for(ctx), ctx.recipe.model.max_length, train=True).features)
+             for t in tasks}
+    total = cfg.steps_per_epoch or sum(-(-n // cfg.batch_size) for n in sizes.values())
+    probs = task_probabilities(sizes, cfg.sampling.strategy, cfg.sampling.tau)
+    return {t: max(1, round(probs[t] * total)) for t in tasks}
+
+
+def _tokenizer_for(ctx: StageContext) -> Any:
+    from compressor.model.multitask import resolve_encoder_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_encoder_path(ctx.recipe.model.encoder), use_fast=True,
+                                         trust_remote_code=ctx.recipe.model.trust_remote_code)
 
 
 def _train_one(ctx: StageContext, cfg: TrainStage, label: str, subdir: str,
