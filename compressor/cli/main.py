@@ -163,16 +163,9 @@ def publish(
     typer.echo(f"wrote {md} and {js}")
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules may be absent in a partial install (e.g. the torch-free runtime)."""
-    try:
-        from compressor.cli.predict import predict
-    except ImportError:
-        return
-    app.command(name="predict")(guarded(predict))
+from compressor.cli.predict import predict  # noqa: E402  (torch-free: the edge runtime)
 
-
-_register_optional_commands()
+app.command(name="predict")(guarded(predict))
 
 
 def main() -> None:  # pragma: no cover - console script entry
