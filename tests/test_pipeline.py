@@ -216,3 +216,36 @@ def test_tasks_list_json_shows_builtin_plugins():
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert rows["ner"]["source"] == "compressor" and rows["ner"]["metric"] == "f1"
     assert rows["classification"]["metric"] == "accuracy"
+
+
+def test_full_chain_to_an_int8_bundle_and_predict(tmp_path, tiny_model_path):
+    """teacher -> distill -> prune -> prune_vocab -> export -> quantize -> bundle in one recipe, then predict."""
+    text = recipe_text(tiny_model_path, epochs=1, baselines=False).replace(
+        "report:", """\
+  - {kind: distill, student: {from_teacher: {layers: 1}}, epochs: 1, batch_size: 8, lr: 3.0e-3}
+  - {kind: prune, importance: taylor, head_ratio: 0.5, ffn_ratio: 0.5, steps: 2, recovery_steps: 3, importance_batches: 2, batch_size: 8}
+  - {kind: prune_vocab}
+  - {kind: export}
+  - {kind: quantize, tolerance: 1.0}
+  - {kind: bundle}
+report:""")
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    result = invoke("run", recipe, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    stages = [s["name"] for s in report["stages"]]
+    assert stages == ["teacher", "distill", "prune", "prune_vocab", "export", "quantize", "bundle"]
+    by_stage = {}
+    for r in report["rows"]:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert by_stage["prune"][0]["params"] < by_stage["distill"][0]["params"] < by_stage["teacher"][0]["params"]
+    int8 = [r for r in by_stage["quantize"] if r["task"] == "sst" and r["split"] == "test"]
+    assert int8 and int8[0]["format"] == "onnx-int8" and int8[0]["retention"] is not None
+    bundle = out / "stages" / "06-bundle"
+    bundle_dir = next(p.parent for p in bundle.rglob("tasks.json"))
+    r = invoke("predict", bundle_dir, "--task", "ner", "--task", "sst", "--json", "John lives in Paris .")
+    assert r.exit_code == 0, r.output
+    pred = json.loads(r.stdout)
+    assert "ner" in json.dumps(pred) and "sst" in json.dumps(pred)
