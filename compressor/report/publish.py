@@ -18,6 +18,8 @@ def publish_run(run_dir: Path, to: Path, title: str = "") -> tuple[Path, Path]:
         raise CompressorError(f"{run_dir}: no report.json (has the run finished a stage?)")
     data = json.loads(report_path.read_text())
     data["comparison"] = compare_multi_single(data)
+    data["compression"] = compression_table(data)
+    data["targets"] = student_targets(data)
     md, js = Path(f"{to}.md"), Path(f"{to}.json")
     atomic_write_text(js, json.dumps(data, indent=2))
     atomic_write_text(md, _markdown(data, title or f"Benchmark: {data['recipe']}", Path(run_dir)))
@@ -50,6 +52,49 @@ def compare_multi_single(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def compression_table(data: dict[str, Any], split: str = "test") -> list[dict[str, Any]]:
+    """Every non-baseline model of the run against the teacher, per task: size, speed and metric ratios."""
+    teacher = data.get("stages", [{}])[0].get("name") if data.get("stages") else None
+    ref = {r["task"]: r for r in data["rows"] if r["model"] == teacher and r["split"] == split}
+    out = []
+    for r in data["rows"]:
+        if r["split"] != split or r["model"].startswith("single:") or r["task"] not in ref:
+            continue
+        t = ref[r["task"]]
+        out.append({
+            "model": r["model"], "stage": r["stage"], "format": r.get("format", "pytorch"), "task": r["task"],
+            "metric": r["metric"], "value": r["value"], "teacher_value": t["value"],
+            "retention": r["value"] / t["value"] if t["value"] else None,
+            "params": r["params"], "params_ratio": r["params"] / t["params"] if t["params"] else None,
+            "size_bytes": r.get("size_bytes"),
+            "size_ratio": (t["size_bytes"] / r["size_bytes"]) if r.get("size_bytes") and t.get("size_bytes") else None,
+            "latency_ms_p50": r.get("latency_ms_p50"),
+            "speedup": (t["latency_ms_p50"] / r["latency_ms_p50"])
+            if r.get("latency_ms_p50") and t.get("latency_ms_p50") else None,
+        })
+    return out
+
+
+def student_targets(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The distillation/pruning targets, checked on the last PyTorch model of the run (before quantization)."""
+    comp = [c for c in data.get("compression", []) if c["format"] == "pytorch"]
+    stages = [s["name"] for s in data.get("stages", [])]
+    if len(stages) < 2 or not comp:
+        return None
+    last = max((c for c in comp), key=lambda c: stages.index(c["stage"]) if c["stage"] in stages else -1)
+    rows = [c for c in comp if c["stage"] == last["stage"]]
+    worst = min(rows, key=lambda c: c["retention"] if c["retention"] is not None else 1.0)
+    slowest = min(rows, key=lambda c: c["speedup"] or 0.0)
+    return {
+        "student": last["stage"],
+        "params_ratio": last["params_ratio"], "params_target": 0.25, "params_met": last["params_ratio"] <= 0.25,
+        "min_speedup": slowest["speedup"], "speedup_target": 3.0,
+        "speedup_met": bool(slowest["speedup"] and slowest["speedup"] >= 3.0),
+        "min_retention": worst["retention"], "min_retention_task": worst["task"], "retention_target": 0.97,
+        "retention_met": all(c["retention"] is not None and c["retention"] >= 0.97 for c in rows),
+    }
+
+
 def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
     lines = [f"# {title}", "", f"Measured by `compressor run` into `{run_dir}` ({data['created']}); "
              "this file was written by `compressor publish` from that run's report.json.", ""]
@@ -70,6 +115,30 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
         gpu = (data.get("machine") or {}).get("cuda")
         lines += [f"GPU: {gpu}" if gpu else "GPU: none was available for this run (CPU only); no GPU epoch time "
                   "was measured.", ""]
+    if data.get("compression") and len({c["stage"] for c in data["compression"]}) > 1:
+        lines += ["## Teacher vs compressed models (test split)", "",
+                  "| model | format | task | metric | value | retention | params | params ratio | size (MB) | "
+                  "size ratio (teacher / model) | latency p50 (ms) | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in data["compression"]:
+            size = f"{c['size_bytes'] / 1e6:.1f}" if c.get("size_bytes") else "-"
+            lines.append(f"| {c['model']} | {c['format']} | {c['task']} | {c['metric']} | {c['value']:.4f} | "
+                         f"{_r(c['retention'])} | {c['params']:,} | {_r(c['params_ratio'])} | {size} | "
+                         f"{_r(c['size_ratio'])}x | {_r(c['latency_ms_p50'], 2)} | {_r(c['speedup'], 2)}x |")
+        lines.append("")
+    t = data.get("targets")
+    if t:
+        lines += [f"## Targets for the student before quantization (`{t['student']}`)", "",
+                  f"- parameters at most 1/4 of the teacher's: {_r(t['params_ratio'])} of the teacher -> "
+                  f"{'met' if t['params_met'] else 'missed by ' + _r(t['params_ratio'] - 0.25) + ' of the teacher'}",
+                  f"- at least 3x lower PyTorch CPU latency (batch 1, seq {data.get('latency_seq_len', 128)}): lowest "
+                  f"speed-up over tasks {_r(t['min_speedup'], 2)}x -> {'met' if t['speedup_met'] else 'missed'}",
+                  f"- at least 97% of the teacher's metric on every task: lowest retention {_r(t['min_retention'])} "
+                  f"({t['min_retention_task']}) -> {'met' if t['retention_met'] else 'missed'}", ""]
     body = render_markdown(data)
     lines += body.split("\n", 2)[2].splitlines()  # drop the generic title
     return "\n".join(lines) + "\n"
+
+
+def _r(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
