@@ -136,6 +136,13 @@ class TaskPlugin(ABC):
         needs here. Default: nothing.
         """
 
+    def requires(self) -> list[str]:
+        """Names of other tasks this one cannot run without (relation extraction needs its entity task).
+
+        A single-task twin of this task is trained together with them; the report scores only this task.
+        """
+        return []
+
     # ---- data ---------------------------------------------------------------------------------------------
     @abstractmethod
     def read(self, path: Path, format: str | None = None) -> list[Any]:

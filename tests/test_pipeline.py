@@ -249,3 +249,25 @@ report:""")
     assert r.exit_code == 0, r.output
     pred = json.loads(r.stdout)
     assert "ner" in json.dumps(pred) and "sst" in json.dumps(pred)
+
+
+def test_single_task_twin_of_relation_extraction_keeps_its_entity_task(tmp_path, tiny_model_path):
+    re_file = FIXTURES / "re_conll04_tiny.json"
+    recipe = tmp_path / "re.yaml"
+    recipe.write_text(f"""\
+name: re-twins
+model: {{encoder: {tiny_model_path}, max_length: 48}}
+tasks:
+  - {{name: ner, plugin: ner, format: conll04, data: {{train: {re_file}, dev: {re_file}, test: {re_file}}}}}
+  - {{name: re, plugin: relation, format: conll04, data: {{train: {re_file}, dev: {re_file}, test: {re_file}}}}}
+stages:
+  - {{kind: train, epochs: 1, batch_size: 4, baselines: true}}
+report: {{latency: false}}
+""")
+    result = invoke("run", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {r["task"] for r in report["rows"] if r["model"] == "single:re"} == {"re"}
+    assert {r["task"] for r in report["rows"] if r["model"] == "single:ner"} == {"ner"}
+    manifest = json.loads((tmp_path / "out/stages/00-teacher/single-re/manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["re", "ner"]

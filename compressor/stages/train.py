@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> StageResult:
 
     jobs: list[tuple[str, str, list[str]]] = [(cfg.name, "model", list(tasks))]
     if cfg.baselines and len(tasks) > 1:
-        jobs += [(f"single:{t}", f"single-{t}", [t]) for t in tasks]
+        jobs += [(f"single:{t}", f"single-{t}", _with_required(tasks, t)) for t in tasks]
     elif cfg.baselines:
         notes.append("baselines skipped: the recipe has a single task, so the model is its own baseline")
 
@@ -31,13 +31,14 @@ def run(ctx: StageContext) -> StageResult:
     for label, subdir, task_names in jobs:
         job_cfg = cfg
         if label != cfg.name and cfg.baseline_steps == "task_share":
-            job_cfg = cfg.model_copy(update={"steps_per_epoch": shares[task_names[0]]})
+            job_cfg = cfg.model_copy(update={"steps_per_epoch": sum(shares[t] for t in task_names)})
         result, model, tokenizer = _train_one(ctx, job_cfg, label, subdir, task_names)
         saved = ctx.out_dir / subdir
         save_model(model, tokenizer, saved, recipe.model.max_length,
                    extra={"trained_by": {"stage": cfg.name, "label": label, "epochs": result.epochs_run,
                                          "best_epoch": result.best_epoch}})
-        ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=label, stage=cfg.name,
+        scored = None if label == cfg.name else task_names[:1]  # a twin is scored on its own task only
+        ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=label, stage=cfg.name, tasks=scored,
                                           model_dir=saved, report=recipe.report))
         summary = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_dev": result.best_score,
                    "wall_s": round(result.wall_s, 1), "device": result.device, "mixed_precision": result.mixed_precision,
@@ -45,9 +46,23 @@ def run(ctx: StageContext) -> StageResult:
         outputs["training"][label] = summary
         if label != cfg.name:
             outputs["baselines"][task_names[0]] = str(ctx.final_dir / subdir)
+        if label != cfg.name and len(task_names) > 1:
+            notes.append(f"{label} is trained together with {', '.join(task_names[1:])}, which it requires; "
+                         f"it is scored on {task_names[0]} only")
         notes.append(f"{label}: {result.epochs_run} epoch(s) on {result.device} ({result.mixed_precision}), "
                      f"best dev epoch {result.best_epoch}, {result.wall_s:.0f}s")
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _with_required(tasks: dict, task: str) -> list[str]:
+    """``task`` first, then every task it needs (transitively), in recipe order."""
+    need, todo = {task}, [task]
+    while todo:
+        for req in tasks[todo.pop()].requires():
+            if req not in need:
+                need.add(req)
+                todo.append(req)
+    return [task] + [t for t in tasks if t in need and t != task]
 
 
 def _task_steps(ctx: StageContext, cfg: TrainStage, tasks: list[str]) -> dict[str, int]:

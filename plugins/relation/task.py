@@ -82,6 +82,9 @@ class RelationTask(TaskPlugin):
         """The head's classes: ``no_relation`` then the relation types."""
         return [NO_RELATION, *self.labels]
 
+    def requires(self) -> list[str]:
+        return [self.options.entity_task]
+
     def bind(self, tasks: Mapping[str, TaskPlugin]) -> None:
         """Keep the entity task; a ``RecipeError`` when it is missing or cannot decode entities."""
         name = self.options.entity_task

@@ -1,0 +1,168 @@
+"""The benchmark's Markdown report and its two plots (metric vs latency, metric vs size; one panel per task)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from compressor.bench.results import ORDER
+from compressor.bench.timing import key
+
+MARKERS = {"a": "s", "b": "D", "c": "v", "d": "P", "e-fp32": "o", "e-int8": "*"}
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _x(ratio: float | None, smaller_is_better: bool = True) -> str:
+    """A ratio value/reference as "N.NNx smaller/faster" (or larger/slower)."""
+    if ratio is None:
+        return "-"
+    if ratio == 1.0:
+        return "1.00x"
+    if smaller_is_better:
+        return f"{1 / ratio:.2f}x smaller" if ratio < 1 else f"{ratio:.2f}x larger"
+    return f"{ratio:.2f}x higher" if ratio > 1 else f"{1 / ratio:.2f}x lower"
+
+
+def _lat(p50: float | None, p95: float | None) -> str:
+    return "-" if p50 is None else f"{p50:.2f} / {p95:.2f}"
+
+
+def model_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One row per model (model-level numbers are the same on each of its task rows)."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(r["id"], r)
+    return [seen[m] for m in ORDER if m in seen]
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    s = data["settings"]
+    threads = s["threads"]
+    rows = data["rows"]
+    machine = data["machine"]
+    lines = [f"# {data['title']}", "",
+             f"Measured by `compressor benchmark {data['run']}` on {data['created']}: one command, one process, "
+             "one machine, the same test data for every model. Every number below was measured by that command.", "",
+             "## Machine and settings", ""]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    lines += [f"- ONNX Runtime {data['versions']['onnxruntime']}, PyTorch {data['versions']['torch']}, "
+              f"optimum {data['versions']['optimum']}",
+              f"- threads: {', '.join(str(t) for t in threads)} (intra-op threads of PyTorch and ONNX Runtime; "
+              f"all cores = {s['all_cores']} physical core(s))",
+              f"- latency: batch 1; dummy inputs of {s['seq_len']} tokens ({s['runs']} timed runs after "
+              f"{s['warmup']} warm-up runs, p50 / p95), and the first {s['samples']} test inputs of each task at "
+              "their own length (each timed once)",
+              f"- throughput: examples/s at batch {s['batch']} ({s['batch_runs']} timed runs on dummy inputs; one "
+              "pass over the same real test inputs)",
+              "- every timing answers one request for every task (the encoder once, then every head); size = the "
+              "weights file on disk (model.safetensors or the .onnx graph; tokenizer files excluded)", ""]
+
+    lines += ["## Models", "", "| id | model | format | size (MB) | params | integer MatMuls | source |",
+              "|---|---|---|---|---|---|---|"]
+    for mid, m in data["models"].items():
+        lines.append(f"| {mid} | {m['label']} | {m['format']} | {m['size_bytes'] / 1e6:.2f} | {m['params']:,} | "
+                     f"{_f(m.get('integer_matmuls'))} | `{m['source']}` |")
+    lines.append("")
+    if "d" not in data["models"]:
+        lines += ["Row (d) is absent: no single-task students were given (`--single`).", ""]
+
+    lines += ["## Targets (INT8 student e-int8)", ""]
+    for t in data["targets"]:
+        state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"- **{state}**: {t['target']}: {t['detail']}")
+    lines.append("")
+
+    lines += ["## Quality (test split)", "",
+              "| task | model | metric | value | retention vs (a) | points vs (a) | points vs (c) |",
+              "|---|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for r in (r for r in rows if r["task"] == task):
+            ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
+            pa = f"{r['points_vs_a']:+.2f}" if r["points_vs_a"] is not None else "-"
+            pc = f"{r['points_vs_c']:+.2f}" if r["points_vs_c"] is not None else "-"
+            lines.append(f"| {task} | {r['id']} | {r['metric']} ({r['split']}) | {r['value']:.4f} | {ret} | {pa} | {pc} |")
+    lines.append("")
+
+    lines += [f"## Size and speed (batch 1 latency on {s['seq_len']} tokens, p50 / p95 ms; throughput at batch "
+              f"{s['batch']})", ""]
+    head = "| model | size (MB) | vs (a) | vs (c) | params |"
+    sep = "|---|---|---|---|---|"
+    for t in threads:
+        head += f" latency {t} thr | speed-up vs (a) | vs (c) | ex/s {t} thr |"
+        sep += "---|---|---|---|"
+    lines += [head, sep]
+    for r in model_rows(rows):
+        line = (f"| {r['id']} | {r['size_bytes'] / 1e6:.2f} | {_x(r['vs_a'].get('size_bytes'))} | "
+                f"{_x(r['vs_c'].get('size_bytes'))} | {r['params']:,} |")
+        for t in threads:
+            k = key("latency_seq_p50_ms", t)
+            sa = r["vs_a"].get(k)
+            sc = r["vs_c"].get(k)
+            line += (f" {_lat(r[k], r[key('latency_seq_p95_ms', t)])} | {_f(1 / sa if sa else None)}x | "
+                     f"{_f(1 / sc if sc else None)}x | {_f(r[key('throughput_seq', t)], 1)} |")
+        lines.append(line)
+    lines.append("")
+
+    lines += [f"## Real test inputs (batch 1 latency p50 / p95 ms over each task's first {s['samples']} test "
+              f"inputs; throughput at batch {s['batch']})", ""]
+    head = "| task | model | inputs | mean tokens |"
+    sep = "|---|---|---|---|"
+    for t in threads:
+        head += f" latency {t} thr | speed-up vs (a) | ex/s {t} thr |"
+        sep += "---|---|---|"
+    lines += [head, sep]
+    for r in rows:
+        line = f"| {r['task']} | {r['id']} | {r['real_n']} | {r['real_mean_length']:.1f} |"
+        for t in threads:
+            k = key("latency_real_p50_ms", t)
+            sa = r["vs_a"].get(k)
+            line += (f" {_lat(r[k], r[key('latency_real_p95_ms', t)])} | {_f(1 / sa if sa else None)}x | "
+                     f"{_f(r[key('throughput_real', t)], 1)} |")
+        lines.append(line)
+    lines.append("")
+
+    plots = data.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({Path(p).name})" for name, p in plots.items()] + [""]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path, scale: float = 1.0) -> Path:
+    """Metric (y) against ``x_key`` (x, log scale), one panel per task, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task and r.get(x_key) is not None):
+            x = r[x_key] * scale
+            ax.scatter([x], [r["value"]], marker=MARKERS.get(r["id"], "o"), s=60, label=f"{r['id']}: {r['label']}")
+            ax.annotate(r["id"], (x, r["value"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        ax.set_title(task)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12 + 0.04 * (len(labels) // 3), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

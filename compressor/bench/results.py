@@ -1,0 +1,150 @@
+"""Benchmark rows (one per model and task), ratios against (a) and (c), and the issue's targets.
+
+Row keys: ``id`` (a, b, c, d, e-fp32, e-int8), ``label``, ``format``, ``task``, ``split``, ``metric``,
+``higher_is_better``, ``value``, ``metrics``, ``retention`` (value / (a)'s; (a)'s / value when lower is better),
+``size_bytes``, ``params``, ``integer_matmuls``, ``real_n``, ``real_mean_length``, the timing keys of
+:mod:`compressor.bench.timing` per thread count, ``vs_a`` and ``vs_c`` ({key: row[key] / reference[key]} for
+every key in :func:`ratio_keys`) and ``points_vs_a`` / ``points_vs_c`` (100 x how much better the metric is;
+negative = worse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from compressor.bench.timing import MODEL_KEYS, TASK_KEYS, key
+
+ORDER = ("a", "b", "c", "d", "e-fp32", "e-int8")
+SIZE_TARGET = 10.0  # INT8 student at least 10x smaller on disk than the teacher's fp32 weights
+LATENCY_TARGET = 6.0  # at least 6x lower ORT p50 than (b), batch 1, sequence 128, 1 thread
+RETENTION_TARGET = 0.97  # of the teacher's metric, every task
+POINTS_VS_C = 1.0  # no more than 1 point worse than (c) on any task
+
+
+def ratio_keys(threads: Sequence[int]) -> list[str]:
+    return ["value", "size_bytes", "params", *(key(k, t) for t in threads for k in (*MODEL_KEYS, *TASK_KEYS))]
+
+
+def retention(value: float, ref: float, higher_is_better: bool) -> float | None:
+    if higher_is_better:
+        return value / ref if ref else None
+    return ref / value if value else None
+
+
+def points_better(value: float, ref: float, higher_is_better: bool) -> float:
+    return 100.0 * ((value - ref) if higher_is_better else (ref - value))
+
+
+def _ratios(row: Mapping[str, Any], ref: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, float | None]:
+    if ref is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for k in keys:
+        v, r = row.get(k), ref.get(k)
+        out[k] = (v / r) if v is not None and r else None
+    return out
+
+
+def build_rows(models: Mapping[str, Mapping[str, Any]], threads: Sequence[int]) -> list[dict[str, Any]]:
+    """Rows from measured models: ``{id: {label, format, size_bytes, params, integer_matmuls, timings,
+    tasks: {task: {split, metric, higher_is_better, value, metrics, real_n, real_mean_length, timings}}}}``."""
+    rows: list[dict[str, Any]] = []
+    for mid in [m for m in ORDER if m in models]:
+        m = models[mid]
+        for task, t in m["tasks"].items():
+            rows.append({
+                "id": mid, "label": m["label"], "format": m["format"], "task": task, "split": t["split"],
+                "metric": t["metric"], "higher_is_better": t["higher_is_better"], "value": t["value"],
+                "metrics": t["metrics"], "size_bytes": m["size_bytes"], "params": m["params"],
+                "integer_matmuls": m.get("integer_matmuls"), "real_n": t["real_n"],
+                "real_mean_length": t["real_mean_length"], **m["timings"], **t["timings"],
+            })
+    keys = ratio_keys(threads)
+    by = {(r["id"], r["task"]): r for r in rows}
+    for r in rows:
+        a, c = by.get(("a", r["task"])), by.get(("c", r["task"]))
+        hib = r["higher_is_better"]
+        r["retention"] = retention(r["value"], a["value"], hib) if a else None
+        r["points_vs_a"] = points_better(r["value"], a["value"], hib) if a else None
+        r["points_vs_c"] = points_better(r["value"], c["value"], hib) if c else None
+        r["vs_a"] = _ratios(r, a, keys)
+        r["vs_c"] = _ratios(r, c, keys)
+    return rows
+
+
+def _pick(rows: Sequence[Mapping[str, Any]], mid: str) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r["id"] == mid]
+
+
+def _target(tid: str, text: str, met: bool | None, measured: Any, detail: str) -> dict[str, Any]:
+    return {"id": tid, "target": text, "met": met, "measured": measured, "detail": detail}
+
+
+def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq_len: int) -> list[dict[str, Any]]:
+    """The issue's four targets for the INT8 student (e-int8), from the measured rows.
+
+    ``met`` is None when a needed row or measurement is absent (``detail`` says which).
+    """
+    a, b, c, e = (_pick(rows, m) for m in ("a", "b", "c", "e-int8"))
+    seq_note = "" if seq_len == 128 else f" (measured at sequence {seq_len}, not 128)"
+    out = []
+
+    text = f">= {SIZE_TARGET:g}x smaller on disk than the teacher's fp32 weights"
+    if a and e:
+        x = a[0]["size_bytes"] / e[0]["size_bytes"]
+        detail = (f"{x:.2f}x ({a[0]['size_bytes'] / 1e6:.2f} MB -> {e[0]['size_bytes'] / 1e6:.2f} MB)"
+                  + ("" if x >= SIZE_TARGET else f"; missed by {SIZE_TARGET - x:.2f}x "
+                     f"({100 * (1 - x / SIZE_TARGET):.1f}% short)"))
+        out.append(_target("size", text, x >= SIZE_TARGET, x, detail))
+    else:
+        out.append(_target("size", text, None, None, "not measured: the run has no INT8 student (quantize stage)"))
+
+    text = f">= {LATENCY_TARGET:g}x lower ONNX Runtime p50 latency than (b) at batch 1, sequence 128, 1 thread"
+    k1 = key("latency_seq_p50_ms", 1)
+    if 1 not in threads:
+        out.append(_target("latency", text, None, None, "not measured: 1 thread is not among --threads"))
+    elif b and e:
+        x = b[0][k1] / e[0][k1]
+        detail = (f"{x:.2f}x ({b[0][k1]:.2f} ms -> {e[0][k1]:.2f} ms){seq_note}"
+                  + ("" if x >= LATENCY_TARGET else f"; missed by {LATENCY_TARGET - x:.2f}x "
+                     f"({100 * (1 - x / LATENCY_TARGET):.1f}% short)"))
+        out.append(_target("latency", text, x >= LATENCY_TARGET, x, detail))
+    else:
+        out.append(_target("latency", text, None, None, "not measured: the run has no INT8 student"))
+
+    text = f">= {100 * RETENTION_TARGET:g}% of the teacher's metric on every task"
+    if a and e:
+        per = {r["task"]: r["retention"] for r in e}
+        worst = min(per, key=lambda t: per[t] if per[t] is not None else float("-inf"))
+        met = all(v is not None and v >= RETENTION_TARGET - 1e-12 for v in per.values())
+        parts = ", ".join(f"{t} {100 * v:.1f}%" if v is not None else f"{t} undefined (teacher metric 0)"
+                          for t, v in per.items())
+        detail = parts + ("" if met else "; missed on " + ", ".join(
+            f"{t} by {100 * (RETENTION_TARGET - v):.1f} points of retention" if v is not None else t
+            for t, v in per.items() if v is None or v < RETENTION_TARGET - 1e-12))
+        out.append(_target("retention", text, met, per[worst], detail))
+    else:
+        out.append(_target("retention", text, None, None, "not measured: the run has no INT8 student"))
+
+    text = (f"smaller and faster than (c) (optimum dynamic INT8 teacher) and at most {POINTS_VS_C:g} point worse "
+            "on any task")
+    if c and e:
+        size_x = c[0]["size_bytes"] / e[0]["size_bytes"]
+        speed = {t: c[0][key("latency_seq_p50_ms", t)] / e[0][key("latency_seq_p50_ms", t)] for t in threads}
+        points = {r["task"]: r["points_vs_c"] for r in e}
+        ok_size, ok_speed = size_x > 1.0, all(x > 1.0 for x in speed.values())
+        ok_points = all(p >= -POINTS_VS_C - 1e-9 for p in points.values())
+        parts = [f"size {size_x:.2f}x smaller" if ok_size else f"size: missed, {1 / size_x:.2f}x larger than (c)"]
+        for t, x in speed.items():
+            parts.append(f"{t} thread(s): {x:.2f}x faster" if x > 1.0 else f"{t} thread(s): missed, "
+                         f"{1 / x:.2f}x slower than (c)")
+        for t, p in points.items():
+            parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -POINTS_VS_C - 1e-9
+                                                          else f" (missed by {-p - POINTS_VS_C:.2f} points)"))
+        out.append(_target("vs_c", text, ok_size and ok_speed and ok_points,
+                           {"size_x": size_x, "speed_x": {str(t): x for t, x in speed.items()}, "points": points},
+                           "; ".join(parts) + f" (latency at batch 1, sequence {seq_len})"))
+    else:
+        out.append(_target("vs_c", text, None, None, "not measured: the run has no INT8 student"))
+    return out

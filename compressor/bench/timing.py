@@ -1,0 +1,118 @@
+"""Latency and throughput of one candidate at one thread count, on dummy and on real test inputs.
+
+Every timing is one ``run(None, feeds)`` (every task's outputs). Keys, with ``T`` the thread count:
+
+* ``latency_seq_p50_ms_tT`` / ``latency_seq_p95_ms_tT``: batch 1, ``seq_len`` dummy tokens, ``runs`` timed runs;
+* ``throughput_seq_tT``: examples/s at batch ``batch`` on ``seq_len`` dummy tokens (median batch time);
+* ``latency_real_p50_ms_tT`` / ``latency_real_p95_ms_tT``: batch 1 over the task's first test features, each
+  at its own length, each timed once after a short warm-up;
+* ``throughput_real_tT``: examples/s over the same features in batches of ``batch`` (padded per batch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compressor.runtime.session import build_feeds, latency_inputs, ort_latency_ms
+from compressor.runtime.spec import GraphSpec
+
+MODEL_KEYS = ("latency_seq_p50_ms", "latency_seq_p95_ms", "throughput_seq")
+TASK_KEYS = ("latency_real_p50_ms", "latency_real_p95_ms", "throughput_real")
+
+
+@dataclass(frozen=True)
+class Settings:
+    threads: tuple[int, ...]
+    batch: int = 32
+    runs: int = 20
+    seq_len: int = 128
+    samples: int = 100
+
+    @property
+    def warmup(self) -> int:
+        return max(1, min(5, self.runs // 4))
+
+    @property
+    def batch_runs(self) -> int:
+        """Timed runs at batch ``batch`` (each costs ``batch`` single runs)."""
+        return max(2, self.runs // 4)
+
+
+def key(name: str, threads: int) -> str:
+    return f"{name}_t{threads}"
+
+
+def task_feeds(spec: GraphSpec, batch: Mapping[str, np.ndarray], task: str, vocab_size: int) -> dict[str, np.ndarray]:
+    """Feeds for a graph from a task's batch. A graph without ``task`` (another single-task model) gets the same
+    tokens and lengths, ids clipped into its vocabulary and placeholders for its own extra inputs."""
+    if task in spec.tasks:
+        return build_feeds(spec, batch, [task])
+    clipped = dict(batch)
+    clipped["input_ids"] = np.minimum(np.asarray(batch["input_ids"]), vocab_size - 1)
+    return build_feeds(spec, clipped, [])
+
+
+def time_each(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], warmup: int) -> list[float]:
+    """Wall time (ms) of one run per feeds, after ``warmup`` untimed runs of the first ones."""
+    for f in list(feeds)[:warmup]:
+        runner.run(None, dict(f))
+    times = []
+    for f in feeds:
+        t0 = time.perf_counter()
+        runner.run(None, dict(f))
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def percentiles(times: Sequence[float]) -> dict[str, float]:
+    """Median and p95 the way ``ort_latency_ms`` computes them."""
+    ordered = sorted(times)
+    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+
+
+def model_timings(runner: Any, spec: GraphSpec, vocab_size: int, threads: int, settings: Settings) -> dict[str, float]:
+    """Dummy-input latency at batch 1 and throughput at batch ``settings.batch``."""
+    one = ort_latency_ms(runner, latency_inputs(spec, vocab_size, settings.seq_len, 1), settings.runs,
+                         settings.warmup)
+    many = ort_latency_ms(runner, latency_inputs(spec, vocab_size, settings.seq_len, settings.batch),
+                          settings.batch_runs, 1)
+    return {key("latency_seq_p50_ms", threads): one["p50"], key("latency_seq_p95_ms", threads): one["p95"],
+            key("throughput_seq", threads): settings.batch * 1000.0 / many["p50"]}
+
+
+def real_timings(runner: Any, spec: GraphSpec, vocab_size: int, task: str, ones: Sequence[Mapping[str, np.ndarray]],
+                 batches: Sequence[Mapping[str, np.ndarray]], threads: int, settings: Settings) -> dict[str, float | None]:
+    """Latency over real batch-1 inputs of ``task`` and throughput over its real batches."""
+    out: dict[str, float | None] = {key(k, threads): None for k in TASK_KEYS}
+    if ones:
+        feeds = [task_feeds(spec, b, task, vocab_size) for b in ones]
+        lat = percentiles(time_each(runner, feeds, min(settings.warmup, len(feeds))))
+        out[key("latency_real_p50_ms", threads)] = lat["p50"]
+        out[key("latency_real_p95_ms", threads)] = lat["p95"]
+    if batches:
+        feeds = [task_feeds(spec, b, task, vocab_size) for b in batches]
+        times = time_each(runner, feeds, 1)
+        n = sum(int(np.asarray(b["input_ids"]).shape[0]) for b in batches)
+        out[key("throughput_real", threads)] = n * 1000.0 / sum(times)
+    return out
+
+
+def combine(parts: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    """Serving every task with several models: latencies add up, so do per-example times (throughputs combine
+    as ``1 / sum(1 / x)``). ``None`` when any part lacks the value."""
+    out: dict[str, float | None] = {}
+    for k in parts[0]:
+        values = [p.get(k) for p in parts]
+        if any(v is None for v in values):
+            out[k] = None
+        elif k.startswith("throughput"):
+            out[k] = 1.0 / sum(1.0 / v for v in values)  # type: ignore[operator]
+        else:
+            out[k] = float(sum(values))  # type: ignore[arg-type]
+    return out
