@@ -14,6 +14,8 @@ from compressor.bench.candidates import Candidate, TaskInputs
 from compressor.bench.timing import Settings
 from compressor.errors import CompressorError
 
+INTERNAL = ("tasks", "timings", "real_timings", "real_inputs")  # per-model keys the rows already carry
+
 
 def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), threads: Sequence[int] | None = None,
                   batch: int = 32, runs: int = 20, seq_len: int = 128, samples: int = 100,
@@ -78,6 +80,10 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
             log(f"benchmark: teacher {src.teacher_dir}")
             teacher, t_tok, manifest = load_model(src.teacher_dir, device="cpu")
             max_length = int(manifest["max_length"])
+            positions = getattr(teacher.encoder.config, "max_position_embeddings", None)
+            if positions is not None and seq_len > positions:
+                raise CompressorError(f"benchmark: --seq-len {seq_len} exceeds the teacher's "
+                                      f"{positions} position embeddings")
             spec_t = graph_spec(teacher, max_length)
             tasks = list(teacher.tasks)
             inputs: dict[str, dict[str, TaskInputs]] = {
@@ -134,24 +140,27 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
                     model, spec = None, GraphSpec.read(ss.graph_spec)
                     plugins = plugins_from_manifest(ss.model_dir)
                     tok = AutoTokenizer.from_pretrained(str(ss.model_dir), use_fast=True)
-                for t in plugins:
-                    if t not in tasks:
-                        raise CompressorError(f"{ss.path}: task '{t}' is not a task of the run ({', '.join(tasks)})")
-                    if t in covered:
-                        raise CompressorError(f"{ss.path}: task '{t}' is already served by {covered[t]}")
-                    covered[t] = str(ss.path)
-                inputs[group] = task_inputs(plugins, data, tok, spec.max_length, samples, batch)
+                own = own_task(plugins)
+                if own not in tasks:
+                    raise CompressorError(f"{ss.path}: task '{own}' is not a task of the run ({', '.join(tasks)})")
+                if own in covered:
+                    raise CompressorError(f"{ss.path}: task '{own}' is already served by {covered[own]}")
+                covered[own] = str(ss.path)
+                inputs[group] = task_inputs(plugins, data, tok, spec.max_length, samples, batch, [own])
+                d_extra = ([f"carries {', '.join(list(plugins)[1:])} (required by {own}); scored on {own} only"]
+                           if len(plugins) > 1 else [])
                 if model is not None:
                     log(f"benchmark: (d) exporting single-task model {ss.model_dir} to ONNX (parity checked)")
                     path, d_notes = export_checked(model, spec, parity_batches(plugins, inputs[group]),
                                                    work / f"d{i}", eval_threads)
                 else:
                     path, d_notes = ss.graph, []
+                d_notes = d_extra + d_notes
                 n_int = integer_matmuls(integer_op_counts(path)) if ss.format == "onnx-int8" else None
-                single_cands.append(Candidate(f"d:{'+'.join(plugins)}", f"single-task student ({', '.join(plugins)})",
-                                              ss.format, path, spec, plugins, tok, onnx_param_count(path), group,
+                single_cands.append(Candidate(f"d:{own}", f"single-task student ({own})", ss.format, path, spec,
+                                              plugins, tok, onnx_param_count(path), group, scored=[own],
                                               integer_matmuls=n_int, notes=d_notes,
-                                              source=str(ss.path) + (f" (stage {ss.stage}: {path.name})" if ss.stage
+                                              source=str(ss.path) + (f" (stage {ss.stage}: {path.name})" if ss.graph
                                                                      else " (exported to ONNX, temporary)")))
             if single_cands and set(covered) != set(tasks):
                 notes.append(f"single-task students cover {', '.join(sorted(covered))} only: row (d) sums "
@@ -168,8 +177,9 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
                 for cand in single_cands:
                     log(f"benchmark: measuring ({cand.key}) {cand.label}")
                     # every single model runs on every covered task's inputs: serving a request needs them all
-                    task_src = {t: inputs[next(c.group for c in single_cands if t in c.plugins)][t] for t in covered}
-                    parts.append(_measure(cand, task_src, settings, eval_threads, scored=list(cand.plugins)))
+                    task_src = {t: inputs[next(c.group for c in single_cands if c.scored == [t])][t]
+                                for t in covered}
+                    parts.append(_measure(cand, task_src, settings, eval_threads))
                 models["d"] = _combine_singles(single_cands, parts)
     finally:
         torch.set_num_threads(torch_threads)
@@ -209,7 +219,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         "settings": {**asdict(settings), "threads": list(thread_list), "all_cores": cores,
                      "warmup": settings.warmup, "batch_runs": settings.batch_runs,
                      "quantization_target": target},
-        "models": {m: {k: v for k, v in models[m].items() if k not in ("tasks", "timings", "real_timings", "real_inputs")}
+        "models": {m: {k: v for k, v in models[m].items() if k not in INTERNAL}
                    for m in ("a", "b", "c", "d", "e-fp32", "e-int8") if m in models},
         "targets": targets,
         "rows": rows,
@@ -221,13 +231,19 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     return paths
 
 
-def _measure(cand: Candidate, inputs: dict[str, TaskInputs], settings: Settings, eval_threads: int,
-             scored: Sequence[str] | None = None) -> dict[str, Any]:
-    """Metrics on the ``scored`` tasks (default: every task of ``inputs`` the model has) and timings at every
+def own_task(plugins: dict[str, Any]) -> str:
+    """The task a single-task model is for: a twin also carries the tasks its task requires (relation
+    extraction's entity task); its own task is the first that no other task of the model requires."""
+    required = {r for p in plugins.values() for r in p.requires()}
+    return next((t for t in plugins if t not in required), next(iter(plugins)))
+
+
+def _measure(cand: Candidate, inputs: dict[str, TaskInputs], settings: Settings, eval_threads: int) -> dict[str, Any]:
+    """Metrics on the candidate's scored tasks (default: every task of ``inputs`` it has) and timings at every
     thread count: dummy-input ones, and real-input ones on every task of ``inputs``."""
     from compressor.bench.timing import model_timings, real_timings
 
-    scored = [t for t in (scored or inputs) if t in cand.plugins and t in inputs]
+    scored = [t for t in (cand.scored or inputs) if t in cand.plugins and t in inputs]
     tasks: dict[str, dict[str, Any]] = {}
     for t in scored:
         metrics = cand.evaluate(t, inputs[t], eval_threads)

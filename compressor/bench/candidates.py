@@ -59,6 +59,7 @@ class Candidate:
     integer_matmuls: int | None = None
     notes: list[str] = field(default_factory=list)
     source: str = ""  # where it came from, for the report (default: ``path``)
+    scored: list[str] | None = None  # tasks scored (None: every task); a single-task twin: its own task
 
     @property
     def size_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from compressor.bench.results import ORDER
 from compressor.bench.timing import key
 
 MARKERS = {"a": "s", "b": "D", "c": "v", "d": "P", "e-fp32": "o", "e-int8": "*"}
+OFFSETS = {"a": (6, 4), "b": (6, -11), "c": (-14, 6), "d": (6, 4), "e-fp32": (6, 4), "e-int8": (6, -11)}  # labels of
+# models that land on one spot (b/c, e-fp32/e-int8) go on opposite sides
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -73,6 +76,17 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     lines.append("")
     if "d" not in data["models"]:
         lines += ["Row (d) is absent: no single-task students were given (`--single`).", ""]
+    else:
+        head, sep = "| (d) part | format | size (MB) | params |", "|---|---|---|---|"
+        for t in threads:
+            head += f" latency {t} thr |"
+            sep += "---|"
+        lines += ["Row (d) serves every task with these models together (sums below):", "", head, sep]
+        for p in data["models"]["d"].get("parts", []):
+            lines.append(f"| {p['label']} | {p['format']} | {p['size_bytes'] / 1e6:.2f} | {p['params']:,} |" + "".join(
+                f" {_lat(p['timings'][key('latency_seq_p50_ms', t)], p['timings'][key('latency_seq_p95_ms', t)])} |"
+                for t in threads))
+        lines.append("")
 
     lines += ["## Targets (INT8 student e-int8)", ""]
     for t in data["targets"]:
@@ -88,7 +102,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
             pa = f"{r['points_vs_a']:+.2f}" if r["points_vs_a"] is not None else "-"
             pc = f"{r['points_vs_c']:+.2f}" if r["points_vs_c"] is not None else "-"
-            lines.append(f"| {task} | {r['id']} | {r['metric']} ({r['split']}) | {r['value']:.4f} | {ret} | {pa} | {pc} |")
+            lines.append(f"| {task} | {r['id']} | {r['metric']} ({r['split']}) | {r['value']:.4f} | {ret} | {pa} | "
+                         f"{pc} |")
     lines.append("")
 
     lines += [f"## Size and speed (batch 1 latency on {s['seq_len']} tokens, p50 / p95 ms; throughput at batch "
@@ -143,6 +158,7 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
@@ -150,8 +166,11 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
         for r in (r for r in rows if r["task"] == task and r.get(x_key) is not None):
             x = r[x_key] * scale
             ax.scatter([x], [r["value"]], marker=MARKERS.get(r["id"], "o"), s=60, label=f"{r['id']}: {r['label']}")
-            ax.annotate(r["id"], (x, r["value"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(r["id"], (x, r["value"]), textcoords="offset points", xytext=OFFSETS.get(r["id"], (6, 4)),
+                        fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         metric = next(r["metric"] for r in rows if r["task"] == task)
         ax.set_title(task)
         ax.set_xlabel(x_label)
@@ -159,7 +178,7 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12 + 0.04 * (len(labels) // 3), 1, 1))
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)

@@ -87,7 +87,8 @@ def model_timings(runner: Any, spec: GraphSpec, vocab_size: int, threads: int, s
 
 
 def real_timings(runner: Any, spec: GraphSpec, vocab_size: int, task: str, ones: Sequence[Mapping[str, np.ndarray]],
-                 batches: Sequence[Mapping[str, np.ndarray]], threads: int, settings: Settings) -> dict[str, float | None]:
+                 batches: Sequence[Mapping[str, np.ndarray]], threads: int,
+                 settings: Settings) -> dict[str, float | None]:
     """Latency over real batch-1 inputs of ``task`` and throughput over its real batches."""
     out: dict[str, float | None] = {key(k, threads): None for k in TASK_KEYS}
     if ones:

@@ -10,12 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
+DEFAULT_OUT = Path("reports/benchmark")
+
 
 def benchmark(
     run: Annotated[Path, typer.Argument(help="A finished run directory: a teacher (train/load stage) and a "
                                              "student chain ending in export/quantize.")],
     out: Annotated[Path, typer.Option("--out", help="Report path without extension: writes <out>.md, <out>.json, "
-                                      "<out>-metric-vs-latency.png and <out>-metric-vs-size.png.")] = Path("reports/benchmark"),
+                                      "<out>-metric-vs-latency.png and <out>-metric-vs-size.png.")] = DEFAULT_OUT,
     singles: Annotated[Optional[list[Path]], typer.Option("--single", help="Run or model directory of a "
                                                           "single-task student (repeatable; row d).")] = None,
     threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, help="Intra-op thread count "

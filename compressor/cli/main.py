@@ -152,14 +152,16 @@ def tasks_list(json_out: JsonOut = False) -> None:
 @app.command()
 @guarded
 def publish(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    runs: Annotated[list[Path], typer.Argument(help="Finished run directories (one section each).")],
     to: Annotated[Path, typer.Option("--to", help="Report path without extension, e.g. reports/teacher.")],
     title: Annotated[str, typer.Option("--title")] = "",
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", help="Keep only these stages' rows.")] = None,
+    note: Annotated[Optional[list[str]], typer.Option("--note", help="A line of context at the top.")] = None,
 ) -> None:
-    """Write a run's report as a benchmark report (Markdown + JSON) with a per-task comparison."""
-    from compressor.report.publish import publish_run
+    """Write finished runs' reports as one benchmark report (Markdown + JSON) with per-task comparisons."""
+    from compressor.report.publish import publish_runs
 
-    md, js = publish_run(run_dir, to, title)
+    md, js = publish_runs(runs, to, title, stage, note)
     typer.echo(f"wrote {md} and {js}")
 
 

@@ -12,17 +12,33 @@ from compressor.fsutil import atomic_write_text
 from compressor.report.rows import render_markdown
 
 
-def publish_run(run_dir: Path, to: Path, title: str = "") -> tuple[Path, Path]:
-    report_path = Path(run_dir) / "report.json"
-    if not report_path.is_file():
-        raise CompressorError(f"{run_dir}: no report.json (has the run finished a stage?)")
-    data = json.loads(report_path.read_text())
-    data["comparison"] = compare_multi_single(data)
-    data["compression"] = compression_table(data)
-    data["targets"] = student_targets(data)
+def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[str] | None = None,
+                 notes: list[str] | None = None) -> tuple[Path, Path]:
+    """Write ``<to>.md`` and ``<to>.json`` with one section per run (e.g. the two-task and four-task teachers).
+
+    ``stages`` keeps only the rows of those stages (e.g. just the teacher and its twins of a longer chain).
+    """
+    sections = []
+    for run_dir in run_dirs:
+        report_path = Path(run_dir) / "report.json"
+        if not report_path.is_file():
+            raise CompressorError(f"{run_dir}: no report.json (has the run finished a stage?)")
+        data = json.loads(report_path.read_text())
+        if stages:
+            data["rows"] = [r for r in data["rows"] if r["stage"] in stages]
+            data["stages"] = [s for s in data.get("stages", []) if s["name"] in stages]
+        data["run_dir"] = str(run_dir)
+        data["comparison"] = compare_multi_single(data)
+        data["compression"] = compression_table(data)
+        data["targets"] = student_targets(data)
+        sections.append(data)
     md, js = Path(f"{to}.md"), Path(f"{to}.json")
-    atomic_write_text(js, json.dumps(data, indent=2))
-    atomic_write_text(md, _markdown(data, title or f"Benchmark: {data['recipe']}", Path(run_dir)))
+    title = title or "Benchmark: " + ", ".join(d["recipe"] for d in sections)
+    atomic_write_text(js, json.dumps({"title": title, "notes": notes or [], "runs": sections}, indent=2))
+    body = [f"# {title}", ""] + [f"- {n}" for n in notes or []] + ([""] if notes else [])
+    for data in sections:
+        body += _markdown(data, f"Run `{data['recipe']}`", Path(data["run_dir"])).splitlines()
+    atomic_write_text(md, "\n".join(body) + "\n")
     return md, js
 
 
@@ -42,6 +58,8 @@ def compare_multi_single(data: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({
                 "stage": name, "task": r["task"], "split": r["split"], "metric": r["metric"],
                 "multi_task": r["value"], "single_task": single["value"] if single else None,
+                "multi_task_metrics": r.get("metrics", {}),
+                "single_task_metrics": single.get("metrics", {}) if single else {},
                 "delta": (r["value"] - single["value"]) if single else None,
                 "multi_task_params": r["params"], "single_task_params": single["params"] if single else None,
                 "multi_task_wall_s": training.get(name, {}).get("wall_s"),
@@ -96,19 +114,19 @@ def student_targets(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
-    lines = [f"# {title}", "", f"Measured by `compressor run` into `{run_dir}` ({data['created']}); "
+    lines = [f"## {title}", "", f"Measured by `compressor run` into `{run_dir}` ({data['created']}); "
              "this file was written by `compressor publish` from that run's report.json.", ""]
     comp = data["comparison"]
     if comp:
-        lines += ["## Multi-task vs single-task", "",
-                  "| task | split | metric | multi-task | single-task | delta | wall s (multi / single) | epochs (multi / single) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["### Multi-task vs single-task", "",
+                  "| task | split | metric | multi-task | single-task | delta | wall s (multi / single) | epochs (multi / single) | other metrics (multi / single) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in comp:
             single = f"{c['single_task']:.4f}" if c["single_task"] is not None else "-"
             delta = f"{c['delta']:+.4f}" if c["delta"] is not None else "-"
             lines.append(f"| {c['task']} | {c['split']} | {c['metric']} | {c['multi_task']:.4f} | {single} | {delta} | "
                          f"{c['multi_task_wall_s']} / {c['single_task_wall_s']} | "
-                         f"{c['multi_task_epochs']} / {c['single_task_epochs']} |")
+                         f"{c['multi_task_epochs']} / {c['single_task_epochs']} | {_others(c)} |")
         lines += ["", "The multi-task wall time trains one model for all tasks; each single-task wall time trains one "
                   "model for one task. One multi-task model serves every task with one encoder; serving the "
                   "single-task models needs one encoder per task.", ""]
@@ -116,7 +134,7 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
         lines += [f"GPU: {gpu}" if gpu else "GPU: none was available for this run (CPU only); no GPU epoch time "
                   "was measured.", ""]
     if data.get("compression") and len({c["stage"] for c in data["compression"]}) > 1:
-        lines += ["## Teacher vs compressed models (test split)", "",
+        lines += ["### Teacher vs compressed models (test split)", "",
                   "| model | format | task | metric | value | retention | params | params ratio | size (MB) | "
                   "size ratio (teacher / model) | latency p50 (ms) | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -128,7 +146,7 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
         lines.append("")
     t = data.get("targets")
     if t:
-        lines += [f"## Targets for the student before quantization (`{t['student']}`)", "",
+        lines += [f"### Targets for the student before quantization (`{t['student']}`)", "",
                   f"- parameters at most 1/4 of the teacher's: {_r(t['params_ratio'])} of the teacher -> "
                   f"{'met' if t['params_met'] else 'missed by ' + _r(t['params_ratio'] - 0.25) + ' of the teacher'}",
                   f"- at least 3x lower PyTorch CPU latency (batch 1, seq {data.get('latency_seq_len', 128)}): lowest "
@@ -136,9 +154,17 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
                   f"- at least 97% of the teacher's metric on every task: lowest retention {_r(t['min_retention'])} "
                   f"({t['min_retention_task']}) -> {'met' if t['retention_met'] else 'missed'}", ""]
     body = render_markdown(data)
-    lines += body.split("\n", 2)[2].splitlines()  # drop the generic title
+    # the generic report without its title, one heading level down
+    lines += ["#" + line if line.startswith("## ") else line for line in body.split("\n", 2)[2].splitlines()]
     return "\n".join(lines) + "\n"
 
 
 def _r(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _others(c: dict[str, Any]) -> str:
+    keys = [k for k in c["multi_task_metrics"] if k != c["metric"]]
+    single = c["single_task_metrics"]
+    return "; ".join(f"{k} {c['multi_task_metrics'][k]:.3f} / " + (f"{single[k]:.3f}" if k in single else "-")
+                     for k in keys) or "-"
