@@ -165,9 +165,11 @@ def publish(
     typer.echo(f"wrote {md} and {js}")
 
 
+from compressor.cli.bench import benchmark  # noqa: E402  (typer only at import time)
 from compressor.cli.predict import predict  # noqa: E402  (torch-free: the edge runtime)
 
 app.command(name="predict")(guarded(predict))
+app.command(name="benchmark")(guarded(benchmark))
 
 
 def main() -> None:  # pragma: no cover - console script entry
