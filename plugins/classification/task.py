@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import classify
 from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
@@ -82,14 +83,7 @@ class ClassificationTask(TaskPlugin):
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
 
-        if not features:
-            raise ValueError("cannot collate an empty list of features")
-        width = max(len(f["input_ids"]) for f in features)
-        pads = {"input_ids": features[0].get("pad_id", 0), "attention_mask": 0, "token_type_ids": 0}
-        batch = {
-            key: torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
-            for key, value in pads.items() if key in features[0]
-        }
+        batch = pad_inputs(features)
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return batch
 

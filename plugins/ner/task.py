@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import bio_decode, bio_tags, spans_to_bio
 from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
@@ -99,7 +100,7 @@ class NerTask(TaskPlugin):
         return Encoded(features, num_examples=len(examples), truncated=truncated)
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_batch(features, {"labels": IGNORE})
+        return pad_inputs(features, {"labels": IGNORE})
 
     # ---- model --------------------------------------------------------------------------------------------
     def build_head(self, hidden_size: int) -> nn.Module:
@@ -171,18 +172,3 @@ class NerTask(TaskPlugin):
 
     def export_spec(self) -> dict[str, Any]:
         return {"decoder": "bio", "tags": self.tags, "first_subtoken": True}
-
-
-def pad_batch(features: Sequence[dict[str, Any]], label_pad: Mapping[str, int]) -> dict[str, torch.Tensor]:
-    """Right-pad the model inputs (and the per-token ``label_pad`` keys) of features into long tensors."""
-    import torch
-
-    if not features:
-        raise ValueError("cannot collate an empty list of features")
-    width = max(len(f["input_ids"]) for f in features)
-    pads = {"input_ids": features[0].get("pad_id", 0), "attention_mask": 0, "token_type_ids": 0, **label_pad}
-    batch = {}
-    for key, value in pads.items():
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
-    return batch

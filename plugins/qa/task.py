@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.data.collate import pad_inputs
 from compressor.errors import DataError, RecipeError
 from compressor.runtime.decoding import qa_best_answer, qa_span_candidates
 from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
@@ -123,12 +124,7 @@ class QaTask(TaskPlugin):
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
 
-        if not features:
-            raise ValueError("cannot collate an empty list of features")
-        width = max(len(f["input_ids"]) for f in features)
-        pads = {"input_ids": features[0].get("pad_id", 0), "attention_mask": 0, "token_type_ids": 0}
-        batch = {k: torch.tensor([f[k] + [v] * (width - len(f[k])) for f in features], dtype=torch.long)
-                 for k, v in pads.items() if k in features[0]}
+        batch = pad_inputs(features)
         for key in ("start_positions", "end_positions"):
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)

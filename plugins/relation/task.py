@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import (
     NO_RELATION, relation_candidates, relation_decode, span_token_range, word_token_ranges,
@@ -182,12 +183,7 @@ class RelationTask(TaskPlugin):
         """Model inputs, ``re_spans [batch, pairs, 4]``, ``re_labels`` (-100 pads) and ``re_pair_mask``."""
         import torch
 
-        if not features:
-            raise ValueError("cannot collate an empty list of features")
-        width = max(len(f["input_ids"]) for f in features)
-        pads = {"input_ids": features[0].get("pad_id", 0), "attention_mask": 0, "token_type_ids": 0}
-        batch = {k: torch.tensor([f[k] + [v] * (width - len(f[k])) for f in features], dtype=torch.long)
-                 for k, v in pads.items() if k in features[0]}
+        batch = pad_inputs(features)
         pairs = max(len(f["re_spans"]) for f in features)
         spans = torch.zeros(len(features), pairs, 4, dtype=torch.long)
         labels = torch.full((len(features), pairs), IGNORE, dtype=torch.long)
