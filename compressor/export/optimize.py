@@ -33,9 +33,9 @@ class OptimizeResult:
 
 
 @contextmanager
-def _quiet_optimizer() -> Iterator[None]:
-    # the fusion code logs per-node warnings (e.g. "hidden size differs" for pruned layers) that parity covers
-    loggers = [logging.getLogger(n) for n in ("onnxruntime.transformers", "fusion_base", "onnx_model", "")]
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Silence (below ERROR) the named loggers for the duration; onnxruntime/optimum log per node."""
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -50,7 +50,8 @@ def fuse_transformer(src: Path, dst: Path) -> dict[str, int]:
     """ORT transformer fusions of a BERT-family graph; returns fused-operator counts (only non-zero ones)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet_optimizer():
+    # the fusion code logs per-node warnings (e.g. "hidden size differs" for pruned layers) that parity covers
+    with quiet_loggers("onnxruntime.transformers", "fusion_base", "onnx_model", ""):
         optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, use_gpu=False)
         stats = optimized.get_fused_operator_statistics()
         optimized.save_model_to_file(str(dst))

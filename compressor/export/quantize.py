@@ -22,20 +22,19 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
-import logging
 import math
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
 Method = Literal["minmax", "percentile", "entropy"]
@@ -91,7 +90,7 @@ def prepare_source(src: Path, dst: Path) -> Path:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with _quiet("onnxruntime.tools.symbolic_shape_infer"):
+        with quiet_loggers("onnxruntime.tools.symbolic_shape_infer"):
             inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if inferred is not None:
             model = inferred
@@ -139,19 +138,6 @@ def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[s
 
 
 # ---- quantization ------------------------------------------------------------------------------------------
-@contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
-
-
 def quantization_config(options: QuantOptions, exclude: Sequence[str]) -> Any:
     """optimum's ``QuantizationConfig`` for the target CPU (``AutoQuantizationConfig`` presets)."""
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
@@ -194,7 +180,7 @@ def calibrate(path: Path, batches: Sequence[Mapping[str, np.ndarray]], options: 
             return feeds
 
     # ORT's calibrators print progress lines; the stage reports what matters
-    with _quiet("onnxruntime.quantization", ""), contextlib.redirect_stdout(io.StringIO()):
+    with quiet_loggers("onnxruntime.quantization", ""), contextlib.redirect_stdout(io.StringIO()):
         for feeds in batches:
             calibrator.collect_data(_One(feeds))
         return calibrator.compute_data()
@@ -214,7 +200,7 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
     exclude = nodes_to_exclude(src, options, exclude)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
-        with _quiet("optimum.onnxruntime.quantization", "optimum", ""), contextlib.redirect_stdout(io.StringIO()):
+        with quiet_loggers("optimum.onnxruntime.quantization", "optimum", ""), contextlib.redirect_stdout(io.StringIO()):
             quantizer = ORTQuantizer(Path(src))
             quantizer.quantize(quantization_config(options, exclude), save_dir=tmp, file_suffix=None,
                                calibration_tensors_range=ranges)
