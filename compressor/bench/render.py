@@ -9,6 +9,7 @@ from typing import Any
 
 from compressor.bench.results import ORDER
 from compressor.bench.timing import key
+from compressor.report.rows import fmt_value
 
 MARKERS = {"a": "s", "b": "D", "c": "v", "d": "P", "e-fp32": "o", "e-int8": "*"}
 OFFSETS = {"a": (6, 4), "b": (6, -11), "c": (-14, 6), "d": (6, 4), "e-fp32": (6, 4), "e-int8": (6, -11)}  # labels of
@@ -16,11 +17,7 @@ OFFSETS = {"a": (6, 4), "b": (6, -11), "c": (-14, 6), "d": (6, 4), "e-fp32": (6,
 
 
 def _f(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+    return fmt_value(v, digits)
 
 
 def _x(ratio: float | None, smaller_is_better: bool = True) -> str:

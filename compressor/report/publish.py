@@ -9,7 +9,7 @@ from typing import Any
 
 from compressor.errors import CompressorError
 from compressor.fsutil import atomic_write_text
-from compressor.report.rows import render_markdown
+from compressor.report.rows import fmt_value, render_markdown
 
 
 def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[str] | None = None,
@@ -160,7 +160,7 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
 
 
 def _r(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+    return fmt_value(v, digits)
 
 
 def _others(c: dict[str, Any]) -> str:

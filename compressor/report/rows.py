@@ -87,7 +87,8 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row["model"], row["stage"], row["task"], row["split"], row.get("format", "pytorch"))
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt_value(v: Any, digits: int = 4) -> str:
+    """A report cell: '-' for None, fixed digits for floats."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -111,8 +112,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         for r in rows:
             size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else "-"
             lines.append(
-                f"| {r['model']} | {r['stage']} | {r['task']} | {r['split']} | {r['metric']} | {_fmt(r['value'])} | "
-                f"{_fmt(r.get('retention'), 3)} | {r['params']:,} | {size} | {_fmt(r.get('latency_ms_p50'), 2)} |"
+                f"| {r['model']} | {r['stage']} | {r['task']} | {r['split']} | {r['metric']} | {fmt_value(r['value'])} | "
+                f"{fmt_value(r.get('retention'), 3)} | {r['params']:,} | {size} | {fmt_value(r.get('latency_ms_p50'), 2)} |"
             )
         lines.append("")
     if data.get("data"):
@@ -126,7 +127,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("stages"):
         lines += ["## Stages", "", "| stage | kind | wall time (s) | notes |", "|---|---|---|---|"]
         for s in data["stages"]:
-            lines.append(f"| {s['name']} | {s['kind']} | {_fmt(s.get('wall_s'), 1)} | {'; '.join(s.get('notes', []))} |")
+            lines.append(f"| {s['name']} | {s['kind']} | {fmt_value(s.get('wall_s'), 1)} | {'; '.join(s.get('notes', []))} |")
         lines.append("")
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]

@@ -27,10 +27,12 @@ def run(ctx: StageContext) -> StageResult:
     elif cfg.baselines:
         notes.append("baselines skipped: the recipe has a single task, so the model is its own baseline")
 
-    shares = _task_steps(ctx, cfg, list(tasks)) if len(jobs) > 1 else {}
+    shares: dict[str, int] = {}
     for label, subdir, task_names in jobs:
         job_cfg = cfg
         if label != cfg.name and cfg.baseline_steps == "task_share":
+            # the multi-task job ran first: its tokenizer's encodings are cached, so counting features is free
+            shares = shares or _task_steps(ctx, cfg, list(tasks), tokenizer)
             job_cfg = cfg.model_copy(update={"steps_per_epoch": sum(shares[t] for t in task_names)})
         result, model, tokenizer = _train_one(ctx, job_cfg, label, subdir, task_names)
         saved = ctx.out_dir / subdir
@@ -65,23 +67,15 @@ def _with_required(tasks: dict, task: str) -> list[str]:
     return [task] + [t for t in tasks if t in need and t != task]
 
 
-def _task_steps(ctx: StageContext, cfg: TrainStage, tasks: list[str]) -> dict[str, int]:
+def _task_steps(ctx: StageContext, cfg: TrainStage, tasks: list[str], tokenizer: Any) -> dict[str, int]:
     """Steps per epoch the multi-task sampler gives each task (its expected share of the epoch's steps)."""
     from compressor.data.sampling import task_probabilities
 
-    sizes = {t: len(ctx.data.encoded(t, "train", _tokenizer_for(ctx), ctx.recipe.model.max_length, train=True).features)
+    sizes = {t: len(ctx.data.encoded(t, "train", tokenizer, ctx.recipe.model.max_length, train=True).features)
              for t in tasks}
     total = cfg.steps_per_epoch or sum(-(-n // cfg.batch_size) for n in sizes.values())
     probs = task_probabilities(sizes, cfg.sampling.strategy, cfg.sampling.tau)
     return {t: max(1, round(probs[t] * total)) for t in tasks}
-
-
-def _tokenizer_for(ctx: StageContext) -> Any:
-    from compressor.model.multitask import resolve_encoder_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_encoder_path(ctx.recipe.model.encoder), use_fast=True,
-                                         trust_remote_code=ctx.recipe.model.trust_remote_code)
 
 
 def _train_one(ctx: StageContext, cfg: TrainStage, label: str, subdir: str,
