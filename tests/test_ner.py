@@ -41,23 +41,39 @@ def test_tag_set_has_fixed_order():
     assert make_task(["Loc", "Org", "Other", "Peop"]).tags[:3] == ["O", "B-Loc", "I-Loc"]
 
 
-def test_bio_to_spans_is_strict_iob2():
+def test_bio_to_spans_reads_a_stray_i_as_the_start_of_an_entity():
     tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-ORG", "I-LOC", "B-LOC", "B-LOC", "I-LOC"]
-    # I-LOC at 3-4 has no B-LOC: dropped; I-LOC at 6 ends ORG and is dropped; B-LOC B-LOC are two entities.
-    assert bio_to_spans(tags) == [(0, 2, "PER"), (5, 6, "ORG"), (7, 8, "LOC"), (8, 10, "LOC")]
-    assert bio_to_spans(["I-PER", "I-PER"]) == []
+    # I-LOC at 3 after O starts a LOC entity that I-LOC at 4 continues; I-LOC at 6 after B-ORG ends ORG and starts
+    # a LOC of one word; B-LOC B-LOC are two entities.
+    assert bio_to_spans(tags) == [(0, 2, "PER"), (3, 5, "LOC"), (5, 6, "ORG"), (6, 7, "LOC"), (7, 8, "LOC"),
+                                  (8, 10, "LOC")]
+    assert bio_to_spans(["I-PER", "I-PER"]) == [(0, 2, "PER")]  # at the start of the sentence
+    assert bio_to_spans(["B-PER", "I-LOC", "I-PER"]) == [(0, 1, "PER"), (1, 2, "LOC"), (2, 3, "PER")]
+    assert bio_to_spans(["O", "I-X", "O", "B-X", "I-X"]) == [(1, 2, "X"), (3, 5, "X")]
     assert bio_to_spans([]) == []
     with pytest.raises(ValueError, match="not IOB2"):
         bio_to_spans(["S-PER"])
 
 
-def test_bio_to_spans_agrees_with_seqeval_strict_on_random_sequences():
-    from seqeval.scheme import IOB2, Entities
+def test_bio_to_spans_agrees_with_seqeval_default_mode_on_random_sequences():
+    """seqeval's default mode is conlleval's chunking: the reading the field's NER scores use."""
+    from seqeval.metrics.sequence_labeling import get_entities
 
     rng = random.Random(0)
     tags = ["O", "B-A", "I-A", "B-B", "I-B"]
     for _ in range(300):
         seq = [rng.choice(tags) for _ in range(rng.randint(1, 12))]
+        expected = sorted((start, end + 1, typ) for typ, start, end in get_entities(seq))
+        assert sorted(bio_to_spans(seq)) == expected, seq
+
+
+def test_bio_to_spans_equals_seqeval_strict_on_well_formed_iob2():
+    from seqeval.scheme import IOB2, Entities
+
+    rng = random.Random(1)
+    tags = ["O", "B-A", "I-A", "B-B", "I-B"]
+    for _ in range(300):
+        seq = repair_iob([rng.choice(tags) for _ in range(rng.randint(1, 12))])
         expected = sorted((e.start, e.end, e.tag) for e in Entities([seq], IOB2).entities[0])
         assert sorted(bio_to_spans(seq)) == expected, seq
 
@@ -283,7 +299,7 @@ def test_training_on_fixture_learns_the_entities(tokenizer):
 
 
 # ---- decoding and scoring -----------------------------------------------------------------------------------
-def test_spans_from_logits_decodes_strictly(tokenizer):
+def test_spans_from_logits_reads_a_leading_stray_i_as_an_entity(tokenizer):
     task = make_task(["LOC", "PER"])  # tags: O B-LOC I-LOC B-PER I-PER
     ex = NerExample(["a", "b", "c", "d"], ["O"] * 4, [], source=None)
     feat = task.encode([ex], tokenizer, 16, train=False).features[0]
@@ -291,9 +307,10 @@ def test_spans_from_logits_decodes_strictly(tokenizer):
     logits = np.zeros((1, 6, 5), dtype=np.float32)
     for pos, tag in zip(range(1, 5), [4, 4, 3, 4]):  # I-PER I-PER B-PER I-PER
         logits[0, pos, tag] = 1.0
-    assert task.spans_from_logits(logits, [feat]) == [[(2, 4, "PER")]]
+    # the leading I-PER I-PER is an entity (conlleval), B-PER I-PER another
+    assert task.spans_from_logits(logits, [feat]) == [[(0, 2, "PER"), (2, 4, "PER")]]
     batch = {k: v.numpy() for k, v in task.collate([feat]).items()}
-    assert task.decode({"logits": logits}, batch, [feat]) == [[(2, 4, "PER")]]
+    assert task.decode({"logits": logits}, batch, [feat]) == [[(0, 2, "PER"), (2, 4, "PER")]]
 
 
 def test_score_matches_hand_computed_strict_f1():
@@ -315,6 +332,22 @@ def test_score_matches_hand_computed_strict_f1():
 def test_bio_decode_is_what_the_plugin_uses():
     logits = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]  # O B-X I-X I-X over words 0..3 (no specials)
     assert bio_decode(logits, [0, 1, 2, 3], 4, ["O", "B-X", "I-X"]) == [(1, 4, "X")]
+
+
+def test_stray_i_decodes_to_an_entity_in_pytorch_and_in_the_runtime_alike():
+    """O I-X I-X O B-X at the words' first sub-tokens: the stray I-X run is an entity, not dropped."""
+    from compressor.runtime.decoders import get_decoder
+
+    task = make_task(["X"])
+    word_ids = [None, 0, 1, 1, 2, 3, 4, None]
+    per_word = [0, 2, 2, 0, 1]  # O I-X I-X O B-X
+    ids = [0, per_word[0], per_word[1], 1, per_word[2], per_word[3], per_word[4], 0]  # word 1's 2nd piece: B-X
+    logits = np.eye(3, dtype=np.float32)[ids][None]
+    feature = {"word_ids": word_ids, "num_words": 5}
+    assert task.decode({"logits": logits}, {}, [feature]) == [[(1, 3, "X"), (4, 5, "X")]]
+    decoder_cls = get_decoder("bio")
+    assert decoder_cls.__module__ == "compressor_plugins.ner.decoder"
+    assert bio_decode(logits[0], word_ids, 5, task.tags) == [(1, 3, "X"), (4, 5, "X")]
 
 
 def test_export_spec_and_onnx_outputs():

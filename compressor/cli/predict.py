@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -50,18 +50,4 @@ def predict(
     for r in results:
         typer.echo(r["text"] + ("  [truncated]" if r["truncated"] else ""))
         for name, pred in r["predictions"].items():
-            typer.echo(f"  {name}: {_describe(pred)}")
-
-
-def _describe(pred: dict[str, Any]) -> str:
-    if "relations" in pred:
-        rels = [f"{x['head']['text']} --{x['type']}--> {x['tail']['text']} ({x['score']:.2f})" for x in pred["relations"]]
-        return "; ".join(rels) or "no relation"
-    if "entities" in pred:
-        return ", ".join(f"{e['text']} [{e['type']}] @{e['start']}:{e['end']}" for e in pred["entities"]) or "no entity"
-    if "label" in pred:
-        return f"{pred['label']} ({pred['score']:.3f})"
-    if "answer" in pred:
-        score = "-" if pred["score"] is None else f"{pred['score']:.2f}"
-        return f"{pred['answer']!r} @{pred['start']}:{pred['end']} (score {score})"
-    return json.dumps({k: v for k, v in pred.items() if k != "truncated"})
+            typer.echo(f"  {name}: {model.decoder(name).describe(pred)}")  # each plugin's decoder words its output

@@ -2,14 +2,16 @@
 
 A bundle directory holds ``model.onnx`` (one graph for every task), ``tokenizer.json`` (a Hugging Face fast
 tokenizer) and ``tasks.json`` (the graph contract, :class:`compressor.runtime.spec.GraphSpec`, with each task's
-decoder settings). Decoding uses :mod:`compressor.runtime.decoding`, the same functions the task plugins use on
+decoder settings: the plugin's ``export_spec()``, whose ``"decoder"`` names a decoder of the registry in
+:mod:`compressor.runtime.decoders`). Each task is decoded by the decoder its plugin registered (entry-point group
+``compressor.decoders``), with the numpy functions of :mod:`compressor.runtime.decoding` that the plugins use on
 PyTorch outputs, so both give the same predictions for the same logits.
 
 Texts are tokenised the way the plugins tokenise them: words are the tokenizer's pre-tokenisation of the text
-(whitespace and punctuation for BERT), so entities come back as character spans of whole words. Tasks that read
-the same input share one ``session.run`` (NER, classification and relation extraction over a sentence); relation
-extraction needs the entities first, so it costs one more run over the same batch; QA (question + context, in
-overlapping windows) and text-pair classification run on their own encodings.
+(whitespace and punctuation for BERT), so entities come back as character spans of whole words. Tasks whose
+decoders read the same input share one ``session.run`` (NER, classification over a sentence); a decoder that
+builds on another task's predictions (relation extraction over the entities) costs one more run over the same
+texts; QA (question + context, in overlapping windows) and text-pair classification run on their own encodings.
 """
 
 from __future__ import annotations
@@ -21,31 +23,33 @@ from typing import Any
 
 import numpy as np
 
-from compressor.errors import CompressorError
-from compressor.runtime import decoding as D
+from compressor.errors import RegistryError
+from compressor.runtime.decoders import DECODERS, BundleError, Decoder, get_decoder
 from compressor.runtime.spec import GraphSpec
 
 MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
 TASKS = "tasks.json"
 FILES = (MODEL, TOKENIZER, TASKS)
-DECODERS = ("bio", "classification", "relation", "qa_span", None)
 BATCH_SIZE = 32
 
-
-class BundleError(CompressorError):
-    """A bundle is missing files or inconsistent, or a prediction request is invalid."""
+__all__ = ["Bundle", "BundleError"]
 
 
 class Bundle:
     """A loaded edge bundle. Build it with :meth:`load`."""
 
-    def __init__(self, directory: Path, spec: GraphSpec, tokenizer: Any, session: Any):
+    batch_size = BATCH_SIZE
+
+    def __init__(self, directory: Path, spec: GraphSpec, tokenizer: Any, session: Any,
+                 decoders: Mapping[str, Decoder] | None = None):
         self.directory = directory
         self.spec = spec
         self.tokenizer = tokenizer
         self.session = session
         self.pad_id = int(spec.metadata.get("pad_id", 0))
+        self.decoders: dict[str, Decoder] = dict(decoders) if decoders is not None else \
+            make_decoders(spec, Path(directory) / TASKS)
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
@@ -63,10 +67,11 @@ class Bundle:
             if not (directory / name).is_file():
                 raise BundleError(f"{directory}: missing {name} (a bundle holds {', '.join(FILES)})")
         spec = _read_spec(directory / TASKS)
+        decoders = make_decoders(spec, directory / TASKS)
         tokenizer = _read_tokenizer(directory / TOKENIZER)
         session = _open_session(directory / MODEL, threads)
         _check_graph(directory, spec, session)
-        return cls(directory, spec, tokenizer, session)
+        return cls(directory, spec, tokenizer, session, decoders)
 
     @property
     def tasks(self) -> list[str]:
@@ -92,7 +97,9 @@ class Bundle:
             One ``{"text", "truncated", "predictions": {task: prediction}}`` per text. Predictions by decoder:
             ``bio`` -> ``{"entities": [{"text", "type", "start", "end"}]}``; ``classification`` -> ``{"label",
             "score", "scores"}``; ``relation`` -> ``{"entities", "relations": [{"head", "tail", "type",
-            "score"}]}``; ``qa_span`` -> ``{"answer", "start", "end", "score"}``; no decoder -> raw outputs.
+            "score"}]}``; ``qa_span`` -> ``{"answer", "start", "end", "score"}``; ``word_tags`` -> ``{"words":
+            [{"text", "label", "start", "end"}], "tags"}``; a plugin's own decoder -> what it documents; no
+            decoder -> raw outputs.
             Each carries ``"truncated"``: the input did not fit ``max_length`` and its end was cut off.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -108,160 +115,75 @@ class Bundle:
         if unknown:
             raise BundleError(f"this bundle does not serve task(s) {', '.join(repr(t) for t in unknown)}; "
                               f"it serves: {', '.join(self.tasks)}")
-        results: list[dict[str, Any]] = [{"text": t, "truncated": False, "predictions": {}} for t in texts]
-
-        single = [t for t in wanted if self._kind(t) == "single"]
-        if single:
-            self._predict_single(texts, single, results)
-        for t in (t for t in wanted if self._kind(t) == "pair"):
-            pairs = _broadcast(text_pairs, len(texts), f"task '{t}' classifies text pairs: give text_pairs")
-            self._predict_pair(texts, pairs, t, results)
-        for t in (t for t in wanted if self._kind(t) == "qa"):
-            qs = _broadcast(questions, len(texts), f"task '{t}' answers questions: give questions")
-            self._predict_qa(texts, qs, t, results)
-        for r in results:
-            r["truncated"] = any(p.get("truncated", False) for p in r["predictions"].values())
+        order = self._order(wanted)
+        inputs = {"questions": questions, "text_pairs": text_pairs}
+        done: dict[str, list[dict[str, Any]]] = {}
+        shared = [t for t in order if self.decoders[t].shared and not self.decoders[t].requires()]
+        if shared:
+            done.update(self._predict_shared(texts, shared))
+        for t in order:
+            if t not in done:
+                preds = self.decoders[t].predict(self, texts, inputs, done)
+                if len(preds) != len(texts):
+                    raise BundleError(f"decoder {self.spec.tasks[t].decoder.get('decoder')!r} of task '{t}' returned "
+                                      f"{len(preds)} predictions for {len(texts)} texts")
+                done[t] = preds
+        results: list[dict[str, Any]] = []
+        for i, text in enumerate(texts):
+            predictions = {t: {k: v for k, v in done[t][i].items() if not k.startswith("_")} for t in wanted}
+            for p in predictions.values():
+                p.setdefault("truncated", False)
+            results.append({"text": text, "truncated": any(p["truncated"] for p in predictions.values()),
+                            "predictions": predictions})
         return results
 
-    def _kind(self, task: str) -> str:
-        decoder = self.spec.tasks[task].decoder
-        if decoder.get("decoder") == "qa_span":
-            return "qa"
-        if decoder.get("decoder") == "classification" and decoder.get("text_pair"):
-            return "pair"
-        return "single"
+    def decoder(self, task: str) -> Decoder:
+        """The decoder of ``task`` (e.g. for :meth:`Decoder.describe`)."""
+        return self.decoders[task]
 
-    # ---- single texts: bio, classification, relation, raw -------------------------------------------------
-    def _predict_single(self, texts: list[str], tasks: list[str], results: list[dict[str, Any]]) -> None:
-        entity_tasks = {self.spec.tasks[t].decoder["entity_task"] for t in tasks
-                        if self.spec.tasks[t].decoder.get("decoder") == "relation"}
-        first = [t for t in self.spec.tasks if t in tasks or t in entity_tasks]
-        first = [t for t in first if self.spec.tasks[t].decoder.get("decoder") != "relation"]
-        for lo in range(0, len(texts), BATCH_SIZE):
-            chunk = texts[lo : lo + BATCH_SIZE]
-            encs = self._encode(chunk)
-            batch = self._pad(encs)
-            outs = self._run(first, batch)
-            entities: dict[str, list[list[D.Span]]] = {}
-            for i, enc in enumerate(encs):
-                res = results[lo + i]
-                truncated = bool(enc.overflowing)
-                for t in first:
-                    spans = None
-                    pred = self._decode_single(t, outs[t], i, enc, chunk[i])
-                    if self.spec.tasks[t].decoder.get("decoder") == "bio":
-                        spans = pred.pop("_spans")
-                        entities.setdefault(t, []).append(spans)
-                    if t in tasks:
-                        res["predictions"][t] = {**pred, "truncated": truncated}
-            for t in (t for t in tasks if self.spec.tasks[t].decoder.get("decoder") == "relation"):
-                self._predict_relation(t, chunk, encs, batch, entities, results[lo : lo + len(chunk)])
+    def _order(self, wanted: Sequence[str]) -> list[str]:
+        """``wanted`` and the tasks their decoders require, each after what it requires (in bundle order)."""
+        order: list[str] = []
 
-    def _decode_single(self, task: str, outputs: Mapping[str, np.ndarray], i: int, enc: Any, text: str) -> dict:
-        graph = self.spec.tasks[task]
-        decoder = graph.decoder.get("decoder")
-        if decoder == "bio":
-            logits = outputs[_first(graph.outputs)][i]
-            word_ids = list(enc.word_ids)
-            num_words = max((w for w in word_ids if w is not None), default=-1) + 1
-            spans = D.bio_decode(logits, word_ids, num_words, graph.decoder["tags"])
-            chars = _word_chars(enc)
-            return {"entities": [_entity(s, chars, text) for s in spans], "_spans": spans}
-        if decoder == "classification":
-            return _classification(outputs[_first(graph.outputs)][i], graph.decoder.get("labels") or graph.labels)
-        return {name: outputs[name][i].tolist() for name in graph.outputs}
+        def visit(task: str, path: tuple[str, ...]) -> None:
+            if task in order:
+                return
+            if task in path:
+                raise BundleError(f"{self.directory / TASKS}: decoders require each other in a cycle: "
+                                  f"{' -> '.join([*path, task])}")
+            for dep in self.decoders[task].requires():
+                if dep not in self.decoders:
+                    raise BundleError(f"{self.directory / TASKS}: task '{task}' requires task '{dep}', which this "
+                                      "bundle does not have")
+                visit(dep, (*path, task))
+            order.append(task)
 
-    def _predict_relation(self, task: str, texts: list[str], encs: list[Any], batch: dict[str, np.ndarray],
-                          entities: dict[str, list[list[D.Span]]], results: list[dict[str, Any]]) -> None:
-        graph = self.spec.tasks[task]
-        dec = graph.decoder
-        ents_all = entities[dec["entity_task"]]
-        allowed = dec.get("type_constraints")
-        classes = dec.get("classes") or [dec.get("no_relation", D.NO_RELATION), *graph.labels]
-        no_rel = dec.get("no_relation", D.NO_RELATION)
-        cands = [D.relation_candidates(ents, list(enc.word_ids), allowed, dec.get("max_pairs"))
-                 for ents, enc in zip(ents_all, encs)]
-        width = max(1, max(len(p) for p, _ in cands))
-        spans = np.zeros((len(encs), width, 4), dtype=np.int64)
-        for i, (_, s) in enumerate(cands):
-            spans[i, : len(s)] = s
-        extra = graph.extra_inputs[0].name if graph.extra_inputs else "re_spans"
-        logits = self._run([task], {**batch, extra: spans})[task][_first(graph.outputs)]
-        for i, (enc, text, ents, (pairs, _)) in enumerate(zip(encs, texts, ents_all, cands)):
-            chars = _word_chars(enc)
-            rels = D.relation_decode(logits[i], pairs, ents, classes, allowed, no_rel)
-            probs = D.softmax(np.asarray(logits[i][: len(pairs)], dtype=np.float64), axis=-1)
-            row_of = {(int(ents[h][0]), int(ents[h][1]), int(ents[t][0]), int(ents[t][1])): r
-                      for r, (h, t) in enumerate(pairs)}
-            by_span = {(s[0], s[1]): s for s in ents}
-            out = []
-            for hs, he, ts, te, rel in rels:
-                row = row_of[(hs, he, ts, te)]
-                out.append({"head": _entity(by_span[(hs, he)], chars, text),
-                            "tail": _entity(by_span[(ts, te)], chars, text),
-                            "type": rel, "score": float(probs[row, classes.index(rel)])})
-            results[i]["predictions"][task] = {"entities": [_entity(s, chars, text) for s in ents],
-                                               "relations": out, "truncated": bool(enc.overflowing)}
+        for t in sorted(wanted, key=list(self.spec.tasks).index):
+            visit(t, ())
+        return order
 
-    # ---- text pairs -----------------------------------------------------------------------------------------
-    def _predict_pair(self, texts: list[str], pairs: list[str], task: str, results: list[dict[str, Any]]) -> None:
-        graph = self.spec.tasks[task]
-        for i, p in enumerate(pairs):
-            if not p.strip():
-                raise BundleError(f"text pair {i}: empty text")
-        for lo in range(0, len(texts), BATCH_SIZE):
-            encs = self._encode(texts[lo : lo + BATCH_SIZE], pairs[lo : lo + BATCH_SIZE])
-            logits = self._run([task], self._pad(encs))[task][_first(graph.outputs)]
-            for i, enc in enumerate(encs):
-                pred = _classification(logits[i], graph.decoder.get("labels") or graph.labels)
-                results[lo + i]["predictions"][task] = {**pred, "truncated": bool(enc.overflowing)}
+    def _predict_shared(self, texts: list[str], tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """One encoder pass per batch of texts for every task decoded from the plain text."""
+        out: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+        for lo in range(0, len(texts), self.batch_size):
+            chunk = texts[lo : lo + self.batch_size]
+            encs = self.encode(chunk)
+            outs = self.run(tasks, self.pad(encs))
+            for t in tasks:
+                preds = self.decoders[t].decode_batch(outs[t], encs, chunk)
+                if len(preds) != len(chunk):
+                    raise BundleError(f"decoder {self.spec.tasks[t].decoder.get('decoder')!r} of task '{t}' returned "
+                                      f"{len(preds)} predictions for {len(chunk)} texts")
+                out[t] += preds
+        return out
 
-    # ---- question answering ---------------------------------------------------------------------------------
-    def _predict_qa(self, contexts: list[str], questions: list[str], task: str, results: list[dict[str, Any]]) -> None:
-        graph = self.spec.tasks[task]
-        dec = graph.decoder
-        for i, q in enumerate(questions):
-            if not q.strip():
-                raise BundleError(f"question {i}: empty question")
-        max_length = int(dec.get("max_length") or self.max_length)
-        stride = int(dec.get("doc_stride") or max(1, max_length // 2))
-        special = self.tokenizer.post_processor.num_special_tokens_to_add(True) if self.tokenizer.post_processor else 0
-        budget = min(int(dec.get("max_query_length", 64)), max_length - special - stride - 1)
-        if budget < 1:
-            raise BundleError(f"task '{task}': max_length {max_length} leaves no room for a question next to "
-                              f"doc_stride {stride}")
-        windows: list[tuple[int, Any]] = []  # (question index, window encoding)
-        cut: list[bool] = []
-        tok = self.tokenizer
-        for qi, (question, context) in enumerate(zip(questions, contexts)):
-            fitted = _fit_question(tok, question, budget)
-            cut.append(fitted != question)
-            tok.enable_truncation(max_length, stride=stride, strategy="only_second")
-            try:
-                enc = tok.encode(fitted, context)
-            finally:
-                tok.no_truncation()
-            windows += [(qi, w) for w in [enc, *enc.overflowing]]
-        candidates: dict[int, list[D.QaCandidate]] = {i: [] for i in range(len(contexts))}
-        starts, ends = graph.outputs.get("start_logits"), graph.outputs.get("end_logits")
-        if starts is None or ends is None:
-            raise BundleError(f"task '{task}': a qa_span decoder needs outputs start_logits and end_logits")
-        for lo in range(0, len(windows), BATCH_SIZE):
-            part = windows[lo : lo + BATCH_SIZE]
-            out = self._run([task], self._pad([w for _, w in part]))[task]
-            for i, (qi, w) in enumerate(part):
-                offsets = [tuple(o) if s == 1 else None for o, s in zip(w.offsets, w.sequence_ids)]
-                candidates[qi] += D.qa_span_candidates(out["start_logits"][i], out["end_logits"][i], offsets,
-                                                       int(dec.get("max_answer_length", 30)),
-                                                       int(dec.get("n_best", 20)))
-        for qi, context in enumerate(contexts):
-            best = D.qa_best_answer(candidates[qi], context)
-            results[qi]["predictions"][task] = {"answer": best["text"], "start": best["start"], "end": best["end"],
-                                                "score": best["score"], "question": questions[qi],
-                                                "truncated": cut[qi]}
+    @staticmethod
+    def second_inputs(values: str | Sequence[str] | None, n: int, missing: str) -> list[str]:
+        """Second inputs of a request (questions, text pairs): one for all texts or one per text."""
+        return _broadcast(values, n, missing)
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
-    def _encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Any]:
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Any]:
         tok = self.tokenizer
         tok.enable_truncation(self.max_length)  # longest_first, like the plugins' truncation=True
         try:
@@ -271,7 +193,7 @@ class Bundle:
         finally:
             tok.no_truncation()
 
-    def _pad(self, encs: Sequence[Any]) -> dict[str, np.ndarray]:
+    def pad(self, encs: Sequence[Any]) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encs)
         ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
@@ -283,7 +205,7 @@ class Bundle:
             types[i, :n] = e.type_ids
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
-    def _run(self, tasks: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    def run(self, tasks: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         """One ``session.run`` fetching every output of ``tasks``: {task: {output name: array}}."""
         from compressor.runtime.session import build_feeds
 
@@ -309,18 +231,6 @@ def _read_spec(path: Path) -> GraphSpec:
         spec = GraphSpec.from_json(data, str(path))
     except ValueError as exc:
         raise BundleError(str(exc)) from exc
-    for name, task in spec.tasks.items():
-        decoder = task.decoder.get("decoder")
-        if decoder not in DECODERS:
-            raise BundleError(f"{path}: task '{name}' has decoder {decoder!r}; this runtime knows "
-                              f"{', '.join(str(d) for d in DECODERS)}")
-        if decoder == "relation":
-            entity = task.decoder.get("entity_task")
-            if entity not in spec.tasks or spec.tasks[entity].decoder.get("decoder") != "bio":
-                raise BundleError(f"{path}: task '{name}' decodes relations over entity task {entity!r}, which "
-                                  "is not a bio task of this bundle")
-        if decoder == "bio" and not task.decoder.get("tags"):
-            raise BundleError(f"{path}: task '{name}': a bio decoder needs 'tags'")
     return spec
 
 
@@ -370,35 +280,32 @@ def _broadcast(values: str | Sequence[str] | None, n: int, missing: str) -> list
     return values
 
 
-def _first(outputs: Mapping[str, str]) -> str:
-    return next(iter(outputs))
+def make_decoders(spec: GraphSpec, path: Path) -> dict[str, Decoder]:
+    """One decoder per task of ``spec`` from the registry; ``path`` (the bundle's tasks.json) names errors.
 
+    Raises:
+        BundleError: a task names a decoder no installed plugin registers (with a did-you-mean), or the
+            decoder rejects the task's settings.
+    """
+    decoders: dict[str, Decoder] = {}
+    for name, task in spec.tasks.items():
+        decoder = task.decoder.get("decoder")
+        if decoder is not None and not isinstance(decoder, str):
+            raise BundleError(f"{path}: task '{name}': field 'decoder' must be a decoder name or null, got {decoder!r}")
+        try:
+            cls = get_decoder(decoder)
+        except RegistryError as exc:
+            if decoder in DECODERS:  # registered but broken (cannot load, not a Decoder)
+                raise BundleError(f"{path}: task '{name}': {exc}") from None
+            import difflib
 
-def _word_chars(enc: Any) -> dict[int, tuple[int, int]]:
-    """Word index -> character span ``(start, end)`` in the text, from its sub-tokens' offsets."""
-    chars: dict[int, tuple[int, int]] = {}
-    for w, (s, e), seq in zip(enc.word_ids, enc.offsets, enc.sequence_ids):
-        if w is None or seq != 0:
-            continue
-        chars[w] = (min(s, chars[w][0]), max(e, chars[w][1])) if w in chars else (s, e)
-    return chars
-
-
-def _entity(span: Sequence, chars: Mapping[int, tuple[int, int]], text: str) -> dict[str, Any]:
-    start, end = chars[int(span[0])][0], chars[int(span[1]) - 1][1]
-    return {"text": text[start:end], "type": span[2], "start": start, "end": end}
-
-
-def _classification(logits: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
-    probs = D.softmax(np.asarray(logits, dtype=np.float64)[None], axis=-1)[0]
-    (label, score), = D.classify(np.asarray(logits)[None], labels)
-    return {"label": label, "score": score, "scores": {lab: float(p) for lab, p in zip(labels, probs)}}
-
-
-def _fit_question(tok: Any, question: str, budget: int) -> str:
-    """``question`` cut at a token boundary to at most ``budget`` tokens (as the QA plugin does)."""
-    offsets = tok.encode(question, add_special_tokens=False).offsets
-    while len(offsets) > budget:
-        question = question[: offsets[budget - 1][1]]
-        offsets = tok.encode(question, add_special_tokens=False).offsets
-    return question
+            close = difflib.get_close_matches(decoder, DECODERS.names(), n=1)
+            hint = (f"did you mean '{close[0]}'?" if close else
+                    f"known: {', '.join(DECODERS.names()) or 'none'}")
+            raise BundleError(f"{path}: task '{name}' uses unknown decoder '{decoder}' ({hint}); install the plugin "
+                              "that registers it in the 'compressor.decoders' entry-point group") from None
+        try:
+            decoders[name] = cls(name, task, spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{path}: task '{name}' (decoder {decoder!r}): {exc}") from None
+    return decoders

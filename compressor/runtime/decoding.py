@@ -3,10 +3,10 @@
 Plugins decode PyTorch outputs with these functions and the runtime decodes ONNX Runtime outputs with the same
 ones, so both give identical predictions. Only numpy and the standard library may be imported here.
 
-BIO decoding is strict IOB2 (the ``mode="strict", scheme=IOB2`` of seqeval): an entity starts at ``B-X`` and
-continues over following ``I-X``; an ``I-X`` that does not continue an ``X`` entity starts nothing and is dropped
-(rather than repaired into ``B-X``), so a model is credited only for well-formed entities, exactly as the metric
-counts them.
+BIO decoding reads entities the way the field scores them (conlleval, and seqeval's default mode): an entity
+starts at ``B-X`` and continues over following ``I-X``; a stray ``I-X`` that does not follow ``B-X``/``I-X`` (after
+``O``, at the start, or after another type) starts a new ``X`` entity instead of being dropped. PyTorch decoding
+(the plugins) and the torch-free runtime both call :func:`bio_to_spans`, so they agree.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def split_tag(tag: str) -> tuple[str, str | None]:
 
 
 def bio_to_spans(tags: Sequence[str]) -> list[Span]:
-    """Entity spans of a strict IOB2 tag sequence: ``[(start, end_exclusive, type), ...]`` in order.
+    """Entity spans of an IOB2 tag sequence: ``[(start, end_exclusive, type), ...]`` in order.
 
-    ``I-X`` extends an entity only when it follows ``B-X`` or ``I-X`` of the same entity; otherwise it is
-    dropped and ends any open entity (seqeval strict IOB2).
+    ``I-X`` extends an entity when it follows ``B-X`` or ``I-X``; a stray ``I-X`` (after ``O``, at the start or
+    after an entity of another type) ends any open entity and starts a new ``X`` entity, as conlleval and
+    seqeval's default mode read it. On well-formed IOB2 this is the same as seqeval's strict mode.
     """
     spans: list[Span] = []
     start, typ = -1, None  # the open entity, if any
@@ -60,7 +61,7 @@ def bio_to_spans(tags: Sequence[str]) -> list[Span]:
             continue
         if typ is not None:
             spans.append((start, i, typ))
-        start, typ = (i, t) if prefix == "B" else (-1, None)
+        start, typ = (i, t) if prefix in ("B", "I") else (-1, None)
     if typ is not None:
         spans.append((start, len(tags), typ))
     return spans
@@ -120,7 +121,8 @@ def first_subtoken_word_tags(
 def bio_decode(
     logits: np.ndarray, word_ids: Sequence[int | None], num_words: int, tags: Sequence[str]
 ) -> list[Span]:
-    """Word-level entity spans of one sequence from its token logits ``[seq, num_tags]`` (argmax, strict IOB2)."""
+    """Word-level entity spans of one sequence from its token logits ``[seq, num_tags]`` (argmax at each word's
+    first sub-token, then :func:`bio_to_spans`: a stray ``I-X`` starts an entity)."""
     tag_ids = np.asarray(logits).argmax(axis=-1)
     return bio_to_spans(first_subtoken_word_tags(tag_ids, word_ids, num_words, tags))
 

@@ -142,7 +142,9 @@ class NerTask(TaskPlugin):
 
         Returns:
             one list per feature of ``(start_word, end_word_exclusive, entity_type)``, decoded by argmax at each
-            word's first sub-token and strict IOB2 (an ``I-X`` not continuing an ``X`` entity is dropped).
+            word's first sub-token; a stray ``I-X`` not continuing an ``X`` entity starts a new one, as conlleval
+            and seqeval's default mode read it (``compressor.runtime.decoding.bio_to_spans``, which the torch-free
+            runtime uses too).
         """
         tags = self.tags
         return [bio_decode(logits[i], f["word_ids"], f["num_words"], tags) for i, f in enumerate(features)]
@@ -150,7 +152,11 @@ class NerTask(TaskPlugin):
     def score(
         self, predictions: Sequence[list[tuple[int, int, str]]], examples: Sequence[NerExample]
     ) -> dict[str, float]:
-        """Entity-level strict micro precision, recall and F1 (seqeval ``mode="strict"``, IOB2)."""
+        """Entity-level micro precision, recall and F1 (seqeval ``mode="strict"``, IOB2).
+
+        Predicted spans are written back as well-formed IOB2 (a stray ``I-X`` already became an entity when it was
+        decoded) and gold tags are repaired when read, so strict mode scores the same entities as conlleval.
+        """
         from seqeval.metrics import f1_score, precision_score, recall_score
         from seqeval.scheme import IOB2
 
