@@ -279,3 +279,152 @@ def test_text_pair_classification_matches_pytorch(tokenizer, tmp_path):
     assert [r["predictions"]["nli"]["label"] for r in res] == expected
     with pytest.raises(BundleError, match="classifies text pairs: give text_pairs"):
         bundle.predict("a premise")
+
+
+# ---- decoders come from the registry ----------------------------------------------------------------------------
+def _set_decoder(bundle_dir: Path, task: str, decoder: dict) -> None:
+    tasks = json.loads((bundle_dir / "tasks.json").read_text())
+    tasks["tasks"][task]["decoder"] = decoder
+    (bundle_dir / "tasks.json").write_text(json.dumps(tasks))
+
+
+def test_unknown_decoder_names_the_file_and_suggests(bundle_copy):
+    _set_decoder(bundle_copy, "ner", {"decoder": "bioo", "tags": ["O"]})
+    with pytest.raises(BundleError) as info:
+        Bundle.load(bundle_copy)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{bundle_copy / 'tasks.json'}: task 'ner' uses unknown decoder 'bioo'")
+    assert "did you mean 'bio'?" in msg and "compressor.decoders" in msg
+
+
+def test_decoder_settings_are_checked_at_load(bundle_copy):
+    _set_decoder(bundle_copy, "ner", {"decoder": "bio"})
+    with pytest.raises(BundleError, match=r"tasks.json: task 'ner' \(decoder 'bio'\): a bio decoder needs 'tags'"):
+        Bundle.load(bundle_copy)
+    _set_decoder(bundle_copy, "ner", {"decoder": "classification", "labels": ["a"]})
+    with pytest.raises(BundleError, match=r"task 'rel' \(decoder 'relation'\): .*produces no entity spans"):
+        Bundle.load(bundle_copy)
+
+
+def test_builtin_decoders_are_registered_by_their_plugins():
+    from compressor.runtime.decoders import DECODERS
+
+    assert {"bio", "classification", "relation", "qa_span", "word_tags"} <= set(DECODERS.names())
+    for name, module in [("bio", "compressor_plugins.ner.decoder"), ("relation", "compressor_plugins.relation.decoder"),
+                         ("qa_span", "compressor_plugins.qa.decoder"),
+                         ("classification", "compressor_plugins.classification.decoder")]:
+        assert DECODERS.get(name).__module__ == module and DECODERS.source(name) == "compressor"
+
+
+def test_a_plugin_decoder_registered_at_runtime_is_served_by_bundle_and_cli(bundle_copy):
+    from typer.testing import CliRunner
+
+    from compressor.cli.main import app
+    from compressor.runtime.decoders import DECODERS, Decoder, register_decoder
+
+    @register_decoder("length_bucket")
+    class LengthBucket(Decoder):
+        """A made-up decoder: the argmax label and how many tokens the text had."""
+
+        def decode_batch(self, outputs, encodings, texts):
+            logits = self.output(outputs)
+            return [{"label": self.labels()[int(logits[i].argmax())], "tokens": len(enc.ids),
+                     "truncated": bool(enc.overflowing)} for i, enc in enumerate(encodings)]
+
+        def describe(self, prediction):
+            return f"{prediction['label']} / {prediction['tokens']} tokens"
+
+    try:
+        _set_decoder(bundle_copy, "sst", {"decoder": "length_bucket", "labels": ["neg", "pos"]})
+        bundle = Bundle.load(bundle_copy)
+        (res,) = bundle.predict("Paris is nice .", tasks=["sst"])
+        pred = res["predictions"]["sst"]
+        assert pred["label"] in ("neg", "pos") and pred["tokens"] == 6 and pred["truncated"] is False
+        out = CliRunner().invoke(app, ["predict", str(bundle_copy), "Paris is nice .", "-t", "sst"])
+        assert out.exit_code == 0, out.output
+        assert out.output.splitlines()[1] == f"  sst: {pred['label']} / 6 tokens"
+    finally:
+        DECODERS.unregister("length_bucket")
+
+
+def test_word_tags_decoder_labels_each_word_at_its_first_subtoken(bundle_copy):
+    tags = json.loads((bundle_copy / "tasks.json").read_text())["tasks"]["ner"]["decoder"]["tags"]
+    _set_decoder(bundle_copy, "ner", {"decoder": "word_tags", "labels": tags})
+    tasks = json.loads((bundle_copy / "tasks.json").read_text())
+    del tasks["tasks"]["rel"]  # relations build on bio entities
+    (bundle_copy / "tasks.json").write_text(json.dumps(tasks))
+    bundle = FakeLogits.bundle(bundle_copy, {})
+    text = "Schmidtkowski lives in Oslo ."
+    # every sub-token of the first word scores B-<type 1>, except the first, which scores I-<type 1>
+    enc = bundle.tokenizer.encode(text)
+    first = [i for i, w in enumerate(enc.word_ids) if w is not None and enc.word_ids.index(w) == i]
+    assert len([w for w in enc.word_ids if w == 0]) > 1  # the word is split into several pieces
+    per_token = [1] * len(enc.ids)
+    for pos, tag in zip(first, [2, 0, 0, 1, 0]):
+        per_token[pos] = tag
+    bundle.session.logits = {"ner.logits": per_token}
+    (res,) = bundle.predict(text, tasks=["ner"])
+    words = res["predictions"]["ner"]["words"]
+    assert [(w["text"], w["label"]) for w in words] == [
+        ("Schmidtkowski", tags[2]), ("lives", "O"), ("in", "O"), ("Oslo", tags[1]), (".", "O")]
+    assert text[words[3]["start"]:words[3]["end"]] == "Oslo"
+    assert res["predictions"]["ner"]["tags"] == [tags[2], "O", "O", tags[1], "O"]
+
+
+class FakeLogits:
+    """An ONNX Runtime stand-in: returns one-hot logits whose argmax per sub-token is ``logits[name][pos]``."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.logits: dict[str, list[int]] = {}
+
+    @classmethod
+    def bundle(cls, directory: Path, logits: dict[str, list[int]]) -> Bundle:
+        from compressor.runtime.bundle import _read_spec, _read_tokenizer
+
+        spec = _read_spec(directory / "tasks.json")
+        fake = cls(spec)
+        fake.logits = logits
+        return Bundle(directory, spec, _read_tokenizer(directory / "tokenizer.json"), fake)
+
+    def run(self, names, feeds):
+        import numpy as np
+
+        n, seq = feeds["input_ids"].shape
+        out = []
+        for name in names:
+            task = next(t for t in self.spec.tasks.values() if name in t.outputs.values())
+            width = len(task.decoder.get("tags") or task.decoder.get("labels") or task.labels)
+            ids = self.logits[name]
+            arr = np.zeros((n, seq, width), dtype=np.float32)
+            for row in range(n):
+                for pos in range(seq):
+                    arr[row, pos, ids[pos] if pos < len(ids) else 0] = 1.0
+            out.append(arr)
+        return out
+
+
+def test_runtime_reads_a_stray_i_as_the_start_of_an_entity(bundle_copy):
+    """The torch-free bio decoder gives the entities the PyTorch plugin gives: a stray I-X starts one."""
+    from compressor_plugins.ner import NerTask
+
+    spec = json.loads((bundle_copy / "tasks.json").read_text())
+    tags = spec["tasks"]["ner"]["decoder"]["tags"]
+    typ = tags[1][2:]
+    i_x, b_x = tags.index(f"I-{typ}"), tags.index(f"B-{typ}")
+    text = "Anna met Bob in Oslo"
+    #          [CLS] Anna  met Bob  in Oslo [SEP]: O I-X O I-X O B-X
+    per_token = [0, i_x, 0, i_x, 0, b_x, 0]
+    bundle = FakeLogits.bundle(bundle_copy, {"ner.logits": per_token})
+    assert bundle.tokenizer.encode(text).word_ids == [None, 0, 1, 2, 3, 4, None]
+    (res,) = bundle.predict(text, tasks=["ner"])
+    got = [(e["text"], e["type"]) for e in res["predictions"]["ner"]["entities"]]
+    assert got == [("Anna", typ), ("Bob", typ), ("Oslo", typ)]
+    # the PyTorch side decodes the same logits to the same word spans
+    import numpy as np
+
+    task = NerTask("ner", [t[2:] for t in tags[1::2]])
+    logits = np.eye(len(tags), dtype=np.float32)[per_token][None]
+    feature = {"word_ids": [None, 0, 1, 2, 3, 4, None], "num_words": 5}
+    assert task.decode({"logits": logits}, {}, [feature]) == [[(0, 1, typ), (2, 3, typ), (4, 5, typ)]]
