@@ -290,6 +290,15 @@ class PruneVocabStage(Strict):
         "characters instead of becoming [UNK]"
     )
     min_count: int = Field(1, ge=1, description="keep a training token only if it occurs at least this often")
+    full_train: bool = Field(True, description="take tokens from every task's whole training file, not only the "
+                             "recipe's subsample of it (limit.train)")
+    english_words: int = Field(30000, ge=0, description="also rank the tokens of the N most frequent English words "
+                               "(wordfreq); 0: none")
+    sizes: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="candidate vocabulary sizes; each is measured on dev (changed sub-tokens, "
+        "every task's metric) and the smallest within tolerance is kept; default 8000, 12000, 16000, 20000")
+    tolerance: float = Field(0.01, gt=0, lt=1, description="largest relative drop of a task's dev metric a "
+                             "vocabulary size may cost")
     eval_batch_size: int = Field(64, gt=0)
 
 

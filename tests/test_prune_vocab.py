@@ -104,7 +104,8 @@ def test_prune_vocab_stage(tmp_path, tokenizer):
     save_model(model, tokenizer, tmp_path / "input", max_length=32)
     from compressor.stages.prune_vocab import run
 
-    ctx = stage_context(tmp_path, {"kind": "prune_vocab", "keep_chars": "none", "extra_files": ["extra.txt"]},
+    ctx = stage_context(tmp_path, {"kind": "prune_vocab", "keep_chars": "none", "extra_files": ["extra.txt"],
+                                   "english_words": 0},
                         tmp_path / "input")
     result = run(ctx)
     out = result.outputs

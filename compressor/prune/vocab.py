@@ -13,6 +13,7 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,110 @@ def backend_json(tokenizer: Any) -> dict[str, Any]:
     if kind != "WordPiece":
         raise RecipeError(f"vocabulary pruning supports WordPiece tokenizers (BERT family); this one is {kind}")
     return data
+
+
+@dataclass
+class VocabCandidates:
+    """Every token a pruned vocabulary may keep, ranked, with the ones it must keep.
+
+    ``required`` (special tokens, single characters, ``extra_tokens``) is in every vocabulary; ``ranked`` holds the
+    other candidates, most useful first: a token's score is its mean share of the occurrences over the sources
+    (each task's training text, the corpus files, the English word list weighted by word frequency), so a small
+    task's words rank beside a large task's. Tokens no source uses are never candidates.
+    """
+
+    required: list[int]
+    ranked: list[int]
+    sources: dict[str, int]  # tokens each source contributed (sources overlap)
+    scores: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def max_size(self) -> int:
+        return len(self.required) + len(self.ranked)
+
+    def kept(self, size: int | None = None) -> list[int]:
+        """Old ids of a vocabulary of ``size`` tokens (``None`` or more than :attr:`max_size`: every candidate)."""
+        size = self.max_size if size is None else min(size, self.max_size)
+        if size < len(self.required):
+            raise RecipeError(f"sizes: {size:,} is smaller than the {len(self.required):,} tokens every pruned "
+                              "vocabulary keeps (special tokens, single characters, extra_tokens)")
+        return sorted(set(self.required) | set(self.ranked[: size - len(self.required)]))
+
+
+def english_words(tokenizer: Any, n: int, lang: str = "en") -> list[tuple[list[int], float]]:
+    """The ``n`` most frequent words of ``lang`` (``wordfreq``), each as (token ids, word frequency).
+
+    A cased tokenizer also gets each word capitalised (at the same frequency), as it starts sentences.
+    """
+    if n <= 0:
+        return []
+    try:
+        import wordfreq
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise RecipeError("english_words needs the 'wordfreq' package (pip install wordfreq)") from exc
+    words = wordfreq.top_n_list(lang, n)
+    freqs = [wordfreq.word_frequency(w, lang) for w in words]
+    cased = tokenizer("The", add_special_tokens=False)["input_ids"] != tokenizer("the", add_special_tokens=False)["input_ids"]
+    forms = words + ([w.capitalize() for w in words] if cased else [])
+    weights = freqs + (freqs if cased else [])
+    ids = tokenizer(forms, add_special_tokens=False)["input_ids"]
+    return [(list(i), f) for i, f in zip(ids, weights) if i]
+
+
+def rank_vocab(tokenizer: Any, sources: Mapping[str, Iterable[Sequence[int]]], *,
+               weighted: Mapping[str, Iterable[tuple[Sequence[int], float]]] | None = None,
+               extra_tokens: Sequence[str] = (), keep_chars: str = "ascii", min_count: int = 1) -> VocabCandidates:
+    """Rank the candidate tokens of a pruned vocabulary (see :class:`VocabCandidates`).
+
+    Args:
+        tokenizer: the original fast WordPiece tokenizer.
+        sources: source name -> token id sequences (e.g. ``"train:ner"`` -> every training feature's
+            ``input_ids``, ``"corpus"`` -> the corpus files' lines). ``min_count`` applies per source.
+        weighted: source name -> (token ids, weight) pairs, e.g. English words with their frequencies.
+        extra_tokens, keep_chars: as in :func:`select_vocab`.
+    """
+    model = backend_json(tokenizer)["model"]
+    vocab: dict[str, int] = model["vocab"]
+    prefix = model.get("continuing_subword_prefix", "##")
+    size = len(tokenizer)
+    missing = [t for t in extra_tokens if t not in vocab]
+    if missing:
+        raise RecipeError(f"extra_tokens: {missing[0]!r} is not in the vocabulary")
+    required: dict[str, set[int]] = {
+        "special": set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder},
+        "extra_tokens": {vocab[t] for t in extra_tokens},
+    }
+    if keep_chars != "none":
+        required["chars"] = set()
+        for token, i in vocab.items():
+            char = token[len(prefix):] if token.startswith(prefix) else token
+            if len(char) == 1 and (keep_chars == "all" or ord(char) < 128):
+                required["chars"].add(i)
+    shares: dict[str, dict[int, float]] = {}
+    for name, id_lists in sources.items():
+        counts: Counter[int] = Counter()
+        for ids in id_lists:
+            counts.update(int(i) for i in ids)
+        counts = Counter({i: n for i, n in counts.items() if n >= min_count and 0 <= i < size})
+        total = sum(counts.values())
+        shares[name] = {i: n / total for i, n in counts.items()} if total else {}
+    for name, pairs in (weighted or {}).items():
+        acc: dict[int, float] = {}
+        for ids, w in pairs:
+            for i in ids:
+                if 0 <= int(i) < size:
+                    acc[int(i)] = acc.get(int(i), 0.0) + float(w)
+        total = sum(acc.values())
+        shares[name] = {i: v / total for i, v in acc.items()} if total else {}
+    n_sources = max(1, len(shares))
+    scores: dict[int, float] = {}
+    for share in shares.values():
+        for i, v in share.items():
+            scores[i] = scores.get(i, 0.0) + v / n_sources
+    must = set().union(*required.values()) & set(range(size))
+    ranked = sorted((i for i in scores if i not in must), key=lambda i: (-scores[i], i))
+    counts_out = {k: len(v) for k, v in required.items()} | {k: len(v) for k, v in shares.items()}
+    return VocabCandidates(sorted(must), ranked, counts_out, scores)
 
 
 def select_vocab(tokenizer: Any, id_lists: Iterable[Sequence[int]], *, extra_tokens: Sequence[str] = (),
