@@ -35,3 +35,46 @@ class ModelDirError(CompressorError):
 
 class RegistryError(CompressorError):
     """A plugin is invalid, registered twice, or unknown."""
+
+
+class TrainingError(CompressorError):
+    """Training diverged (a non-finite loss or weight) or cannot run as configured."""
+
+
+class RunLockedError(CompressorError):
+    """Another live process holds the run directory's lock."""
+
+
+#: environment variable that makes the CLI show the traceback of every error (as ``--debug`` does)
+DEBUG_ENV = "COMPRESSOR_DEBUG"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def anticipated(exc: BaseException) -> str | None:
+    """The one-line message for a failure caused by the user's input or environment, or ``None`` for a bug.
+
+    Anticipated: every ``CompressorError``; OS errors on paths (missing, not a directory, read-only, disk full);
+    text that is not UTF-8; ONNX Runtime's argument errors; refused remote code.
+    """
+    if isinstance(exc, CompressorError):
+        return _first_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.strerror):
+        where = str(exc.filename) if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where += f" -> {exc.filename2}"
+        reason = exc.strerror or _first_line(str(exc))
+        return f"{where}: {reason}" if where else reason
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 text (byte {exc.start}): {exc.reason}"
+    module = type(exc).__module__ or ""
+    if module.startswith("onnxruntime") and type(exc).__name__ in {"InvalidArgument", "Fail", "InvalidGraph",
+                                                                  "NoSuchFile", "InvalidProtobuf"}:
+        return f"ONNX Runtime: {_first_line(str(exc))}"
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return (f"{_first_line(str(exc))} (remote code is refused; set model.trust_remote_code: true in the recipe "
+                "only for code you trust)")
+    return None

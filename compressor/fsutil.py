@@ -1,13 +1,17 @@
-"""Atomic writes: a file or directory appears complete or not at all."""
+"""Atomic writes (a file or directory appears complete or not at all), strict JSON, run-directory locks and
+paths stored relative to a run directory."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,3 +46,143 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---- strict JSON ------------------------------------------------------------------------------------------
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, so strict JSON parsers accept it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return finite_json(obj.item())
+    return obj
+
+
+def dumps_strict(obj: Any, indent: int | None = 2) -> str:
+    """JSON text that is valid for strict parsers: non-finite numbers become ``null``, never a bare ``NaN``."""
+    return json.dumps(finite_json(obj), indent=indent, default=str, allow_nan=False)
+
+
+# ---- paths relative to a run directory --------------------------------------------------------------------
+#: top-level folders of a run directory whose paths are stored relative to it
+RUN_SUBDIRS = ("stages", "checkpoints")
+
+
+def relative_paths(obj: Any, base: Path) -> Any:
+    """Every string in ``obj`` that is an absolute path inside ``base`` made relative to it, so a file that
+    stores them stays valid when ``base`` moves or is read from another working directory."""
+    root = Path(os.path.abspath(base))
+    if isinstance(obj, str):
+        p = Path(obj)
+        if not p.is_absolute():
+            return obj
+        try:
+            rel = Path(os.path.abspath(p)).relative_to(root)
+        except ValueError:
+            return obj
+        return rel.as_posix() if rel.parts[:1] and rel.parts[0] in RUN_SUBDIRS else obj
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, base) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [relative_paths(v, base) for v in obj]
+    return obj
+
+
+def absolute_paths(obj: Any, base: Path) -> Any:
+    """Inverse of :func:`relative_paths`: strings starting with a run sub-folder (``stages/...``) joined to
+    ``base``."""
+    if isinstance(obj, str):
+        p = Path(obj)
+        if not p.is_absolute() and p.parts[:1] and p.parts[0] in RUN_SUBDIRS:
+            return str(Path(base) / p)
+        return obj
+    if isinstance(obj, dict):
+        return {k: absolute_paths(v, base) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [absolute_paths(v, base) for v in obj]
+    return obj
+
+
+# ---- run-directory lock -----------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+class DirLock:
+    """An exclusive lock on a directory: a lock file holding the owner's pid, locked with ``flock``.
+
+    The kernel drops the ``flock`` when its process dies (even on ``kill -9``), so a lock file left by a dead
+    run is stale and is taken over. ``acquire`` fails at once (never waits) when a live process holds the lock.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._fd: int | None = None
+        self.previous_pid: int | None = None  # pid found in a stale lock file that was taken over
+
+    def acquire(self) -> DirLock:
+        import fcntl
+
+        from compressor.errors import RunLockedError
+
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise RunLockedError(f"{self.directory}: run directory is in use by {who} "
+                                     f"(lock {self.path}); wait for it to finish or use another --out") from None
+            try:  # the file we locked must still be the lock file (a finishing run may have removed it)
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            old = _read_pid(fd)
+            if old and old != os.getpid():
+                self.previous_pid = old
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise OSError(f"{self.path}: could not take the lock (the lock file keeps changing)")
+
+    def release(self, remove: bool = True) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+        return int(text.split()[0]) if text else None
+    except (OSError, ValueError):
+        return None

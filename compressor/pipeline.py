@@ -7,19 +7,28 @@ Run directory::
     <run>/stages/NN-<name>/      each completed stage's artefacts (written under a temporary name first)
     <run>/checkpoints/<name>/    in-stage checkpoints (epochs), removed when the stage completes
     <run>/report.json, report.md
+    <run>/.lock                  the pid of the run holding the directory (flock; stale after a crash, taken over)
+
+Paths inside the run directory are stored in ``state.json`` relative to it, so a run resumes from any working
+directory and the directory can be moved. Before a stage is recorded complete, every model it wrote is loaded
+and checked (weights against the manifest, finite values, tokenizer).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from compressor.console import say
-from compressor.errors import RecipeError
-from compressor.fsutil import atomic_write_text
+from compressor.errors import CompressorError, RecipeError
+from compressor.fsutil import LOCK_NAME, DirLock, absolute_paths, atomic_write_text, dumps_strict, relative_paths
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
 from compressor.stages import STAGE_RUNNERS, StageContext, StageResult
@@ -32,86 +41,238 @@ TEACHER_KINDS = ("train", "load")  # the first stage of these kinds provides the
 
 def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False, data_root: Path | None = None,
                log=None) -> Path:
-    """Run every stage of a recipe; returns the run directory."""
+    """Run every stage of a recipe; returns the run directory (absolute).
+
+    The run directory is locked for the whole run (a second run or resume into it fails at once, naming the
+    holder's pid); SIGTERM cleans up like Ctrl-C.
+    """
+    from compressor.checks import check_stage_chain, check_tasks
+
     log = log or say
+    recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
-    run_dir = Path(out) if out else Path("runs") / recipe.name
-    state_path = run_dir / STATE
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise RecipeError(f"{run_dir}: run directory is not empty; pass --resume to continue it or --out for a new one")
+    check_tasks(recipe, recipe_path)  # plugin typos and options name the recipe file and field
+    check_stage_chain(recipe, recipe_path)  # a stage without its input fails now, not after training
+    run_dir = Path(os.path.abspath(out if out else Path("runs") / recipe.name))
+    _check_out(run_dir)
 
     from compressor.data.store import DataStore
-    from compressor.report.machine import describe_machine
-    from compressor.report.measure import describe_threads
-    from compressor.report.rows import Reporter
 
     # read and check every training split before anything is written
     data = DataStore(recipe, resolve_data_root(recipe.data_root, data_root))
     data.fit_labels()
+
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"{run_dir}: cannot create the run directory (--out): {exc.strerror or exc}") from None
+    lock = DirLock(run_dir)
+    if _is_main_rank():
+        try:
+            lock.acquire()
+        except CompressorError:
+            raise
+        except OSError as exc:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise RecipeError(f"{run_dir}: cannot write the run directory (--out): {exc.strerror or exc}") from None
+        if lock.previous_pid:
+            log(f"took over the lock of process {lock.previous_pid}, which is no longer running")
+    try:
+        with _sigterm_as_exit():
+            return _run_locked(recipe, recipe_path, run_dir, existed, resume, data, log)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool, resume: bool, data, log) -> Path:
+    from compressor.report.machine import describe_machine
+    from compressor.report.measure import describe_threads
+    from compressor.report.rows import Reporter
+
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+    if entries and not resume:
+        raise RecipeError(f"{run_dir}: run directory is not empty; pass --resume to continue it or --out for a new one")
+    fresh = not entries  # nothing of ours was there: a failure before the first stage completes removes it all
+    state_path = run_dir / STATE
     train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
-    created = not run_dir.exists()
-    if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if (run_dir / "report.json").is_file():
-            reporter.load(run_dir / "report.json")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe_path, run_dir / "recipe.yaml") if not (run_dir / "recipe.yaml").exists() else None
+    try:
+        if resume and state_path.is_file():
+            state = read_state(run_dir)
+            if (run_dir / "report.json").is_file():
+                reporter.load(run_dir / "report.json")
+        if not (run_dir / "recipe.yaml").exists():
+            shutil.copyfile(recipe_path, run_dir / "recipe.yaml")
+        _run_stages(recipe, run_dir, state, data, reporter, resume, log)
+    except BaseException:
+        if fresh and not state["completed"]:  # nothing finished: leave nothing behind
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                for p in run_dir.iterdir():
+                    if p.name != LOCK_NAME:
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        raise
+    _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
+    return run_dir
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
+    from compressor.report.machine import describe_machine
+    from compressor.report.measure import describe_threads
 
     done = {s["name"]: s for s in state["completed"]}
     model_dir: Path | None = None
     teacher_dir: Path | None = None
     outputs: dict[str, dict[str, Any]] = {}
-    try:
-        for index, stage in enumerate(recipe.stages):
-            final_dir = run_dir / "stages" / f"{index:02d}-{stage.name}"
-            if stage.name in done and final_dir.is_dir():
-                rec = done[stage.name]
-                outputs[stage.name] = rec["outputs"]
-                if rec.get("model_dir"):
-                    model_dir = Path(rec["model_dir"])
-                    if stage.kind in TEACHER_KINDS and teacher_dir is None:
-                        teacher_dir = model_dir
-                log(f"stage {stage.name}: done earlier, skipped")
-                continue
-            log(f"stage {stage.name} ({stage.kind})")
-            out_dir = run_dir / "stages" / f".{index:02d}-{stage.name}.partial"
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
-            ctx = StageContext(
-                recipe=recipe, stage=stage, index=index, run_dir=run_dir, out_dir=out_dir, final_dir=final_dir,
-                data=data, reporter=reporter, model_dir=model_dir, teacher_dir=teacher_dir, outputs=outputs,
-                resume=resume, checkpoint_dir=run_dir / "checkpoints" / stage.name,
-            )
-            started = time.perf_counter()
-            try:
-                result: StageResult = _load(STAGE_RUNNERS[stage.kind], f"stage '{stage.kind}'")(ctx)
-            except BaseException:
-                shutil.rmtree(out_dir, ignore_errors=True)
-                reporter.drop_stage(stage.name)
-                raise
-            shutil.rmtree(final_dir, ignore_errors=True)
-            out_dir.rename(final_dir)
-            shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
-            if result.model_dir is not None:
-                model_dir = result.model_dir
+    for index, stage in enumerate(recipe.stages):
+        final_dir = run_dir / "stages" / f"{index:02d}-{stage.name}"
+        if stage.name in done and final_dir.is_dir():
+            rec = done[stage.name]
+            outputs[stage.name] = rec["outputs"]
+            if rec.get("model_dir"):
+                model_dir = Path(rec["model_dir"])
                 if stage.kind in TEACHER_KINDS and teacher_dir is None:
                     teacher_dir = model_dir
-            outputs[stage.name] = result.outputs
-            state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [{
-                "name": stage.name, "kind": stage.kind, "outputs": result.outputs,
-                "model_dir": str(result.model_dir) if result.model_dir else None,
-                "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes,
-            }]
-            atomic_write_text(state_path, json.dumps(state, indent=2, default=str))
-            _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
-    except BaseException:
-        if created and not state["completed"]:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing behind
-        raise
-    _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
-    return run_dir
+            log(f"stage {stage.name}: done earlier, skipped")
+            continue
+        log(f"stage {stage.name} ({stage.kind})")
+        out_dir = run_dir / "stages" / f".{index:02d}-{stage.name}.partial"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        ctx = StageContext(
+            recipe=recipe, stage=stage, index=index, run_dir=run_dir, out_dir=out_dir, final_dir=final_dir,
+            data=data, reporter=reporter, model_dir=model_dir, teacher_dir=teacher_dir, outputs=outputs,
+            resume=resume, checkpoint_dir=run_dir / "checkpoints" / stage.name,
+        )
+        started = time.perf_counter()
+        try:
+            if resume:
+                check_checkpoints(ctx.checkpoint_dir, stage.name)
+            result: StageResult = _load(STAGE_RUNNERS[stage.kind], f"stage '{stage.kind}'")(ctx)
+            check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            reporter.drop_stage(stage.name)
+            raise
+        shutil.rmtree(final_dir, ignore_errors=True)
+        out_dir.rename(final_dir)
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+        if result.model_dir is not None:
+            model_dir = result.model_dir
+            if stage.kind in TEACHER_KINDS and teacher_dir is None:
+                teacher_dir = model_dir
+        outputs[stage.name] = result.outputs
+        state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [{
+            "name": stage.name, "kind": stage.kind, "outputs": result.outputs,
+            "model_dir": str(result.model_dir) if result.model_dir else None,
+            "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes,
+        }]
+        write_state(run_dir, state)
+        _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
+
+
+# ---- state.json: paths relative to the run directory --------------------------------------------------------
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """``state.json`` with every path inside the run directory stored relative to it, strict JSON (no NaN)."""
+    atomic_write_text(Path(run_dir) / STATE, dumps_strict(relative_paths(state, run_dir)))
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """``state.json`` of a run with its paths made absolute again (wherever the run directory now is)."""
+    run_dir = Path(os.path.abspath(run_dir))
+    path = run_dir / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: unreadable run state ({exc}); remove it to start the run afresh") from None
+    if not isinstance(state, dict) or not isinstance(state.get("completed"), list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("outputs", {}), dict)
+            for s in state["completed"]):
+        raise RecipeError(f"{path}: field 'completed' must be a list of stage records")
+    return absolute_paths(state, run_dir)
+
+
+# ---- checks -----------------------------------------------------------------------------------------------
+def _check_out(run_dir: Path) -> None:
+    """``--out`` must be a directory or a path that can become one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"{run_dir}: --out is an existing file, not a directory")
+    for parent in run_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecipeError(f"{run_dir}: --out lies below {parent}, which is a file")
+            break
+
+
+def check_stage_models(result: StageResult, out_dir: Path, final_dir: Path) -> None:
+    """Load every model a stage wrote (and the one it names) and check it: weights against the manifest, finite
+    values, tokenizer. Paths under ``final_dir`` are read from ``out_dir``, where they still are."""
+    from compressor.model.io import MANIFEST, check_model_dir
+
+    dirs = {p.parent for p in out_dir.rglob(MANIFEST)}
+    if result.model_dir is not None:
+        named = Path(result.model_dir)
+        try:
+            named = out_dir / named.relative_to(final_dir)
+        except ValueError:
+            pass
+        dirs.add(named)
+    for d in sorted(dirs):
+        check_model_dir(d)
+
+
+def check_checkpoints(checkpoint_dir: Path | None, stage: str) -> None:
+    """Before a stage resumes: every file of its checkpoint folder is readable (safetensors, JSON, torch
+    tensors-only pickles), so a corrupt or crafted file is a one-line error naming it, not a traceback."""
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return
+    for f in sorted(checkpoint_dir.rglob("*")):
+        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(checkpoint_dir).parts):
+            continue
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                load_file(str(f))
+            elif f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix in (".pt", ".bin"):
+                import torch
+
+                torch.load(f, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - every reader has its own error types
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise CompressorError(f"{f}: unreadable checkpoint of stage '{stage}' ({first[:200]}); remove "
+                                  f"{checkpoint_dir} to restart the stage from scratch") from None
+
+
+def _is_main_rank() -> bool:
+    """Under ``accelerate launch`` every rank runs the pipeline; only rank 0 holds the run directory's lock."""
+    return os.environ.get("RANK", "0") in ("", "0") and os.environ.get("LOCAL_RANK", "0") in ("", "0")
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the run is so that it cleans up exactly as Ctrl-C does (exit code 143)."""
+
+
+@contextmanager
+def _sigterm_as_exit():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state, describe_machine, describe_threads) -> None:
@@ -123,7 +284,7 @@ def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state, describe
         "data": data.sizes(),
         "limits": {t.name: t.limit.model_dump(exclude_none=True) for t in recipe.tasks if t.limit.model_dump(exclude_none=True)},
         "stages": [{k: s[k] for k in ("name", "kind", "wall_s", "notes")} for s in state["completed"]],
-        "outputs": {s["name"]: s["outputs"] for s in state["completed"]},
+        "outputs": relative_paths({s["name"]: s["outputs"] for s in state["completed"]}, run_dir),
     }
     notes = [f"task '{t}' subsampled: {lim}" for t, lim in reporter.meta["limits"].items()]
     reporter.notes = sorted(set(n for n in reporter.notes if not n.startswith("task '")) | set(notes))

@@ -39,7 +39,9 @@ def read_state(run_dir: Path) -> dict[str, Any]:
         raise CompressorError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
     if not isinstance(state.get("completed"), list):
         raise CompressorError(f"{path}: field 'completed' is missing or not a list")
-    return state
+    from compressor.fsutil import absolute_paths
+
+    return absolute_paths(state, Path(run_dir).absolute())  # state.json stores paths relative to the run
 
 
 def _last(completed: list[dict[str, Any]], kind: str, key: str) -> tuple[str | None, dict[str, Any] | None]:

@@ -25,20 +25,43 @@ DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+_DEBUG = {"on": False}  # set by --debug for this invocation
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of every error "
+                                                 "(or set COMPRESSOR_DEBUG=1).")] = False) -> None:
+    """Make multi-task NLP transformers small and fast."""
+    _DEBUG["on"] = debug
+
+
+def _debugging() -> bool:
+    from compressor.errors import DEBUG_ENV
+
+    return _DEBUG["on"] or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "no")
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into ``error: <message>`` on stderr and exit code 2."""
+    """The CLI's one error boundary: an anticipated failure (user input, paths, data, model directories,
+    ONNX Runtime argument errors, refused remote code) prints ``error: <one line>`` on stderr and exits with
+    code 2; anything else is a bug and shows its traceback. ``--debug`` / ``COMPRESSOR_DEBUG=1`` show the
+    traceback of every error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from compressor.errors import CompressorError
+        from compressor.errors import anticipated
 
         try:
             return fn(*args, **kwargs)
-        except CompressorError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except FileNotFoundError as exc:
-            typer.echo(f"error: {exc.filename}: not found", err=True)
+        except Exception as exc:  # noqa: BLE001 - sorted into anticipated failures and bugs below
+            message = anticipated(exc)
+            if message is None:
+                raise
+            if _debugging():
+                import traceback
+
+                traceback.print_exc()
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -46,23 +69,22 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @app.command()
 @guarded
-def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")]) -> None:
-    """Check recipes without running them: YAML, fields, stage kinds and task plugins."""
-    from compressor.errors import RecipeError
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")],
+    data_root: DataRoot = None,
+) -> None:
+    """Check recipes without running them: YAML and fields, every task built through its plugin (options
+    against the plugin's schema), the stage chain (each stage's input made by an earlier stage, every `source`
+    an earlier stage), and every data file (exists, its first lines parse; skipped without a data root)."""
+    from compressor.checks import check_recipe, default_data_root
     from compressor.recipe import load_recipe
-    from compressor.tasks import TASKS
 
     for path in recipes:
         recipe = load_recipe(path)
-        for i, task in enumerate(recipe.tasks):
-            if task.plugin not in TASKS:
-                from compressor.registry import RegistryError
-
-                try:
-                    TASKS.get(task.plugin)
-                except RegistryError as exc:
-                    raise RecipeError(f"{path}: tasks[{i}].plugin: {exc}") from None
-        typer.echo(f"{path}: ok ({len(recipe.tasks)} task(s), stages: {', '.join(s.name for s in recipe.stages)})")
+        root = default_data_root(recipe, data_root)
+        summary = check_recipe(recipe, path, root)
+        data = f", {summary['data_files']} data file(s) read" if root is not None else ", no data root: data not checked"
+        typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
 
 
 @app.command()

@@ -74,22 +74,63 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelDirError(f"{path}: missing manifest (is this a compressor model directory?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ModelDirError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelDirError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ModelDirError(f"{path}: field 'format' is {manifest.get('format')!r}, expected '{FORMAT}'")
     for key in ("encoder", "architecture", "tasks", "max_length"):
         if key not in manifest:
             raise ModelDirError(f"{path}: missing field '{key}'")
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Field types of a manifest; the error names the field (``tasks[1].options``)."""
+
+    def need(ok: bool, field: str, expected: str, value: Any) -> None:
+        if not ok:
+            raise ModelDirError(f"{path}: field '{field}' must be {expected}, got {type(value).__name__} {value!r:.60}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(is_int(m["max_length"]) and m["max_length"] > 0, "max_length", "a positive integer", m["max_length"])
+    need(isinstance(m["encoder"], dict), "encoder", "an object", m["encoder"])
+    need(isinstance(m["encoder"].get("config"), dict), "encoder.config", "an object", m["encoder"].get("config"))
+    arch = m["architecture"]
+    need(isinstance(arch, dict), "architecture", "an object", arch)
+    layers = arch.get("layers")
+    need(isinstance(layers, list) and bool(layers), "architecture.layers", "a non-empty list", layers)
+    for i, layer in enumerate(layers):
+        ok = isinstance(layer, dict) and set(layer) == {"heads", "head_size", "ffn"} and all(
+            is_int(v) and v > 0 for v in layer.values())
+        need(ok, f"architecture.layers[{i}]", "{heads, head_size, ffn} of positive integers", layer)
+    tasks = m["tasks"]
+    need(isinstance(tasks, list) and bool(tasks), "tasks", "a non-empty list", tasks)
+    for i, t in enumerate(tasks):
+        need(isinstance(t, dict), f"tasks[{i}]", "an object", t)
+        for key in ("name", "plugin", "labels", "options"):
+            if key not in t:
+                raise ModelDirError(f"{path}: tasks[{i}]: missing field '{key}'")
+        need(isinstance(t["name"], str) and bool(t["name"]), f"tasks[{i}].name", "a non-empty string", t["name"])
+        need(isinstance(t["plugin"], str) and bool(t["plugin"]), f"tasks[{i}].plugin", "a non-empty string",
+             t["plugin"])
+        need(isinstance(t["labels"], list) and all(isinstance(x, str) for x in t["labels"]), f"tasks[{i}].labels",
+             "a list of strings", t["labels"])
+        need(isinstance(t["options"], dict), f"tasks[{i}].options", "an object", t["options"])
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, Any, dict[str, Any]]:
     """Rebuild a saved model: (model in eval mode, tokenizer, manifest)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -99,15 +140,18 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[Mul
 
     cfg = dict(manifest["encoder"]["config"])
     model_type = cfg.pop("model_type", None)
-    if not model_type:
+    if not isinstance(model_type, str) or not model_type:
         raise ModelDirError(f"{directory / MANIFEST}: encoder.config has no model_type")
     try:
         config = AutoConfig.for_model(model_type, **cfg)
         encoder = AutoModel.from_config(config)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelDirError(f"{directory / MANIFEST}: cannot build encoder '{model_type}': {exc}") from exc
     layers = [LayerArch(**layer) for layer in manifest["architecture"]["layers"]]
-    apply_architecture(encoder, layers)
+    try:
+        apply_architecture(encoder, layers)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise ModelDirError(f"{directory / MANIFEST}: architecture does not fit encoder.config: {exc}") from exc
 
     tasks = {}
     for spec in manifest["tasks"]:
@@ -122,10 +166,42 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[Mul
     except (SafetensorError, OSError) as exc:
         raise ModelDirError(f"{weights}: not a readable safetensors file: {exc}") from exc
     check_state(model, state, weights)
+    check_finite(state, weights)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    tokenizer = load_tokenizer(directory)
     return model, tokenizer, manifest
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The fast tokenizer saved in a model directory; a missing or corrupt one is a ``ModelDirError``."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file() and not (directory / "vocab.txt").is_file():
+        raise ModelDirError(f"{directory}: missing tokenizer files (tokenizer.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a corrupt tokenizer.json
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelDirError(f"{directory / 'tokenizer.json'}: unreadable tokenizer: {first}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelDirError(f"{directory}: tokenizer.json missing (a fast tokenizer is required)")
+    return tokenizer
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Raise ``ModelDirError`` when a floating-point tensor holds NaN or infinity."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelDirError(f"{source}: {len(bad)} of {len(state)} tensor(s) hold NaN or infinite values, e.g. "
+                            f"{bad[0]} (training diverged? try a lower learning rate)")
+
+
+def check_model_dir(directory: Path) -> dict[str, Any]:
+    """Load a saved model fully (manifest, weights against manifest, finite values, tokenizer); its manifest."""
+    _model, _tokenizer, manifest = load_model(directory)
+    return manifest
 
 
 def check_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:

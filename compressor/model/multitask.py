@@ -87,13 +87,20 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple
     """Encoder and fast tokenizer from a Hugging Face name or local directory."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_encoder_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
-    if not getattr(tokenizer, "is_fast", False):
-        from compressor.errors import RecipeError
+    from compressor.errors import RecipeError
 
-        raise RecipeError(f"model.encoder '{name_or_path}': a fast tokenizer (offset mappings) is required")
-    encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = resolve_encoder_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+        if not getattr(tokenizer, "is_fast", False):
+            raise RecipeError(f"model.encoder '{name_or_path}': a fast tokenizer (offset mappings) is required")
+        encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise RecipeError(f"model.encoder '{name_or_path}': needs remote code, which is refused "
+                              "(set model.trust_remote_code: true only for code you trust)") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise RecipeError(f"model.encoder '{name_or_path}': cannot load: {first}") from exc
     return encoder, tokenizer
 
 

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compressor.fsutil import atomic_write_text
+from compressor.fsutil import atomic_write_text, dumps_strict
 
 ROW_KEYS = ("model", "stage", "task", "split", "metric", "value", "params", "size_bytes", "latency_ms_p50")
 
@@ -78,7 +78,7 @@ class Reporter:
     def write(self, run_dir: Path) -> tuple[Path, Path]:
         data = self.to_json()
         js, md = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
-        atomic_write_text(js, json.dumps(data, indent=2, default=str))
+        atomic_write_text(js, dumps_strict(data))  # strict JSON: a NaN metric is written as null
         atomic_write_text(md, render_markdown(data))
         return js, md
 

@@ -71,6 +71,7 @@ class Bundle:
         tokenizer = _read_tokenizer(directory / TOKENIZER)
         session = _open_session(directory / MODEL, threads)
         _check_graph(directory, spec, session)
+        _check_max_length(directory, spec, session)
         return cls(directory, spec, tokenizer, session, decoders)
 
     @property
@@ -108,7 +109,7 @@ class Bundle:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise BundleError(f"text {i}: expected a string, got {type(t).__name__}")
-            if not t.strip():
+            if not any(c.isprintable() and not c.isspace() for c in t):  # control characters only count as empty
                 raise BundleError(f"text {i}: empty text")
         wanted = list(tasks) if tasks else self.tasks
         unknown = [t for t in wanted if t not in self.spec.tasks]
@@ -267,6 +268,24 @@ def _check_graph(directory: Path, spec: GraphSpec, session: Any) -> None:
     if want != inputs:
         raise BundleError(f"{directory / TASKS}: inputs {sorted(want)} do not match the inputs of {MODEL} "
                           f"{sorted(inputs)}")
+
+
+def _check_max_length(directory: Path, spec: GraphSpec, session: Any) -> None:
+    """One row of ``max_length`` tokens through the graph: a ``max_length`` beyond the model's positions is an
+    error naming tasks.json now, not an ONNX Runtime INVALID_ARGUMENT at the first long text."""
+    from compressor.runtime.session import build_feeds
+
+    lengths = [spec.max_length, *(getattr(t, "max_length", 0) or 0 for t in spec.tasks.values())]
+    length = max(int(n) for n in lengths)
+    if length < 2:
+        raise BundleError(f"{directory / TASKS}: field 'max_length' must be at least 2, got {length}")
+    try:
+        feeds = build_feeds(spec, {"input_ids": np.zeros((1, length), dtype=np.int64)}, [])
+        session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{directory / TASKS}: field 'max_length' {length} does not fit {MODEL} "
+                          f"(more tokens than the model has positions?): {first[:200]}") from None
 
 
 def _broadcast(values: str | Sequence[str] | None, n: int, missing: str) -> list[str]:

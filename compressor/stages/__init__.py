@@ -27,7 +27,24 @@ STAGE_RUNNERS: dict[str, str] = {
     "export": "compressor.stages.export:run",
     "quantize": "compressor.stages.quantize:run",
     "bundle": "compressor.stages.bundle:run",
+    "search": "compressor.stages.search:run",
 }
+
+#: stage kind -> what it needs from an earlier stage (None: nothing). ``compressor validate`` and the pipeline
+#: check the chain before any work: "teacher" (a train/load model), "model" (any model), "export" (an ONNX
+#: export), "graph" (an exported or quantized graph)
+STAGE_NEEDS: dict[str, str | None] = {
+    "train": None, "load": None, "distill": "teacher", "prune": "model", "prune_vocab": "model", "export": "model",
+    "quantize": "export", "bundle": "graph", "search": "teacher",
+}
+#: stage kind -> what it gives later stages
+STAGE_GIVES: dict[str, set[str]] = {
+    "train": {"teacher", "model"}, "load": {"teacher", "model"}, "distill": {"model"}, "prune": {"model"},
+    "prune_vocab": {"model"}, "export": {"export", "graph"}, "quantize": {"graph"}, "bundle": set(),
+    "search": {"model"},
+}
+#: stage kind -> the kinds its ``source`` field may name
+STAGE_SOURCES: dict[str, tuple[str, ...]] = {"quantize": ("export",), "bundle": ("export", "quantize")}
 
 
 @dataclass

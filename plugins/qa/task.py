@@ -96,6 +96,16 @@ class QaTask(TaskPlugin):
                 skipped["answer_start_mismatch"] += 1
             else:
                 keep.append(i)
+        if train and skipped["answer_start_mismatch"]:
+            bad = next(ex for ex in examples if ex.answers and not ex.answer_ok(0))
+            what = (f"{skipped['answer_start_mismatch']} of {len(examples)} training questions have an answer whose "
+                    f"text is not at its answer_start in the context")
+            if not keep:
+                raise DataError(bad.where, f"task '{self.name}': {what}; no training question is left (first: "
+                                           f"answer {bad.answers[0][0]!r} at {bad.answers[0][1]})")
+            from compressor.console import say
+
+            say(f"warning: task '{self.name}': {what}; they are skipped (first: {bad.where})")
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         features: list[dict[str, Any]] = []

@@ -1,0 +1,165 @@
+"""Checks of a recipe that need more than its YAML: task plugins and their options, the stage chain, data files.
+
+``compressor validate`` runs all of them; ``compressor run`` runs the first two before it reads any data, so a
+typo fails at once with the file, line and field, not after training. Every error is a ``RecipeError`` or a
+``DataError`` naming the recipe file and field (or the data file and line).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compressor.errors import CompressorError, DataError, RecipeError
+from compressor.recipe import Recipe, _line_of
+
+#: a data file up to this size is read whole by ``check_data``; a larger one only its first lines
+FULL_READ_BYTES = 8 * 1024 * 1024
+HEAD_LINES = 200
+SPLITS = ("train", "dev", "test")
+
+
+def _where(path: Path, loc: list[Any]) -> str:
+    """``file:line: dotted.field`` of a recipe location."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+        line = _line_of(node, loc)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        line = 1
+    dotted = ""
+    for p in loc:
+        dotted += f"[{p}]" if isinstance(p, int) else (f".{p}" if dotted else str(p))
+    return f"{path}:{line}: {dotted}"
+
+
+def check_tasks(recipe: Recipe, path: Path) -> dict[str, Any]:
+    """Build every task through its plugin (name, labels, options); the built tasks by name."""
+    from compressor.tasks import build_task
+
+    tasks = {}
+    for i, spec in enumerate(recipe.tasks):
+        from compressor.tasks import TASKS
+
+        try:
+            TASKS.get(spec.plugin)
+        except CompressorError as exc:
+            raise RecipeError(f"{_where(path, ['tasks', i, 'plugin'])}: {exc}") from None
+        try:
+            tasks[spec.name] = build_task(spec.plugin, spec.name, spec.labels, spec.options)
+        except CompressorError as exc:
+            message = str(exc).removeprefix(f"task '{spec.name}': ")
+            raise RecipeError(f"{_where(path, ['tasks', i, 'options'])}: {message}") from None
+    return tasks
+
+
+def check_stage_chain(recipe: Recipe, path: Path) -> None:
+    """Every stage's input is produced by an earlier stage; every ``source`` names an earlier stage that can be
+    one. The error names the stage."""
+    from compressor.stages import STAGE_GIVES, STAGE_NEEDS, STAGE_SOURCES
+
+    given: set[str] = set()
+    earlier: list[Any] = []
+    for i, stage in enumerate(recipe.stages):
+        source = getattr(stage, "source", None)
+        kinds = STAGE_SOURCES.get(stage.kind, ())
+        if source is not None:
+            match = [s for s in earlier if s.name == source]
+            if not match:
+                names = [s.name for s in earlier]
+                raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
+                                  f"'{source}' is not an earlier stage (earlier: {names or 'none'})")
+            if kinds and match[0].kind not in kinds:
+                raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
+                                  f"'{source}' is a {match[0].kind} stage; expected {' or '.join(kinds)}")
+        need = STAGE_NEEDS.get(stage.kind)
+        if stage.kind == "distill" and getattr(stage.student, "from_previous", False):
+            need = "teacher"  # and the previous model, which every teacher stage also gives
+        if need is not None and need not in given:
+            makers = sorted(k for k, gives in STAGE_GIVES.items() if need in gives)
+            raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
+                              f"{_NEED_WORDS.get(need, need)} from an earlier stage (of kind {', '.join(makers)}); "
+                              f"none comes before it")
+        given |= STAGE_GIVES.get(stage.kind, {"model"})  # a kind without an entry is assumed to give a model
+        earlier.append(stage)
+
+
+_NEED_WORDS = {"teacher": "a teacher model", "model": "a model", "export": "an ONNX export", "graph": "an ONNX graph"}
+
+
+def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any]) -> int:
+    """Every data file of every task exists and its first lines parse (small files: all of it); files checked."""
+    checked = 0
+    for i, spec in enumerate(recipe.tasks):
+        for split in SPLITS:
+            entry = spec.data.get(split)
+            if entry is None:
+                continue
+            file = Path(entry.path).expanduser()
+            file = file if file.is_absolute() else data_root / file
+            if not file.is_file():
+                raise DataError(file, f"data file not found ({_where(path, ['tasks', i, 'data', split])})")
+            fmt = entry.format or spec.format
+            _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'")
+            checked += 1
+    return checked
+
+
+def _read_head(task: Any, file: Path, fmt: str | None, what: str) -> None:
+    if file.stat().st_size <= FULL_READ_BYTES:
+        if not task.read(file, fmt):
+            raise DataError(file, f"{what} is empty")
+        return
+    with open(file, "rb") as fh:
+        first = fh.read(1 << 16)
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(first) - 4:  # not just a character cut at the end of the sample
+            raise DataError(file, f"not valid UTF-8 (byte {exc.start})",
+                            line=first[: exc.start].count(b"\n") + 1) from None
+    if first.lstrip()[:1] in (b"[", b"{") and not file.suffix == ".jsonl":
+        return  # one JSON document: its first lines do not parse on their own
+    lines: list[bytes] = []
+    with open(file, "rb") as fh:
+        for line in fh:
+            lines.append(line)
+            if len(lines) >= HEAD_LINES and not line.strip():
+                break
+            if len(lines) >= 4 * HEAD_LINES:
+                break
+    tmp = Path(tempfile.mkdtemp(prefix="compressor-head-"))
+    try:
+        head = tmp / file.name
+        head.write_bytes(b"".join(lines))
+        try:
+            task.read(head, fmt)
+        except DataError as exc:  # name the real file, not the sample
+            exc.args = (str(exc).replace(str(head), str(file)),)
+            exc.path = file
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_recipe(recipe: Recipe, path: Path, data_root: Path | None = None) -> dict[str, Any]:
+    """Tasks, stage chain and (with ``data_root``) data files; a summary for ``compressor validate``."""
+    tasks = check_tasks(recipe, path)
+    for task in tasks.values():
+        task.bind(tasks)
+    check_stage_chain(recipe, path)
+    files = check_data(recipe, path, data_root, tasks) if data_root is not None else 0
+    return {"tasks": len(tasks), "stages": [s.name for s in recipe.stages], "data_files": files}
+
+
+def default_data_root(recipe: Recipe, cli_root: Path | None) -> Path | None:
+    """The data root a run would use, or ``None`` when there is none (validate then skips the data files)."""
+    from compressor.recipe import resolve_data_root
+
+    try:
+        return resolve_data_root(recipe.data_root, cli_root)
+    except RecipeError:
+        return None
