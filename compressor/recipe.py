@@ -372,7 +372,82 @@ class BundleStage(Strict):
     source: str | None = Field(None, description="quantize or export stage whose graph to ship; default: the latest")
     check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
 
-Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage, BundleStage],
+SearchRatio = Annotated[float, Field(ge=0, lt=1)]
+
+
+class SearchBudget(Strict):
+    """How long a search runs: a number of trained trials (resumed runs included) and/or wall time."""
+
+    trials: int | None = Field(None, gt=0, description="trials trained (completed or early-stopped), all sessions")
+    seconds: float | None = Field(None, gt=0, description="wall time of one search session; no new trial after it")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> SearchBudget:
+        if self.trials is None and self.seconds is None:
+            raise ValueError("give trials and/or seconds")
+        return self
+
+
+class SearchSpace(Strict):
+    """The knobs a search stage tries; every list holds the values to choose from."""
+
+    layers: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="layer counts to keep (least important layers dropped); default: every "
+        "count from half the source model's layers (rounded up) to all of them")
+    head_ratio: list[SearchRatio] = Field([0.0, 0.25, 0.5], min_length=1,
+                                          description="share of each layer's attention heads removed")
+    ffn_ratio: list[SearchRatio] = Field([0.0, 0.25, 0.5, 0.75], min_length=1,
+                                         description="share of each layer's FFN neurons removed")
+    per_layer: bool = Field(False, description="choose head and FFN ratios for every layer separately")
+    vocab_min_count: list[Annotated[int, Field(gt=0)] | None] = Field(
+        [None], min_length=1, description="null: keep the vocabulary; k: keep the tokens the training data uses at "
+        "least k times (and single characters)")
+    int8: list[Literal["dynamic", "static", "none"]] = Field(
+        ["dynamic"], min_length=1, description="INT8 mode each trial is measured with ('none': fp32 graph)")
+
+
+class SearchStage(Strict):
+    """Search the smallest / fastest student whose every task keeps its retention floor (optuna, resumable)."""
+
+    kind: Literal["search"]
+    name: str = Field("search", pattern=NAME)
+    retention: float | dict[str, float] = Field(0.97, description="floor of dev metric / teacher dev metric: one "
+                                                "value for every task, or task -> value")
+    objective: Literal["latency", "size"] = "latency"
+    budget: SearchBudget = SearchBudget(trials=20)
+    space: SearchSpace = SearchSpace()
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int | None = Field(None, description="default: the recipe's seed")
+    importance: Literal["magnitude", "taylor"] = "taylor"
+    importance_batches: int = Field(4, gt=0)
+    batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
+    recovery_steps: int = Field(40, ge=0, description="short, fixed distillation of every trial")
+    full_recovery_steps: int = Field(400, ge=0, description="distillation of the chosen candidate")
+    recovery: PruneRecovery = PruneRecovery()
+    early_stop_margin: float | None = Field(0.15, gt=0, description="after half the short recovery, stop a trial "
+                                            "whose worst task is more than this below its floor; null: never")
+    latency_runs: int = Field(20, gt=0)
+    latency_warmup: int = Field(3, ge=0)
+    latency_threads: int = Field(1, gt=0)
+    latency_seq_len: int = Field(128, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+
+    @field_validator("retention")
+    @classmethod
+    def _floor_in_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        if isinstance(v, dict) and not v:
+            raise ValueError("give one floor or a floor per task")
+        for task, floor in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if not 0 < floor <= 1:
+                where = f" of task '{task}'" if task else ""
+                raise ValueError(f"retention floor{where} must be in (0, 1] (got {floor})")
+        return v
+
+    def floors(self, tasks: list[str]) -> dict[str, float]:
+        return {t: self.retention[t] if isinstance(self.retention, dict) else self.retention for t in tasks}
+
+Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage, BundleStage,
+                        SearchStage],
                   Field(discriminator="kind")]
 
 
@@ -404,6 +479,25 @@ class Recipe(Strict):
     def _unique_stages(cls, stages: list[Any]) -> list[Any]:
         _unique([s.name for s in stages], "stage")
         return stages
+
+    @model_validator(mode="after")
+    def _search_stages_fit_tasks(self) -> Recipe:
+        names = [t.name for t in self.tasks]
+        for i, stage in enumerate(self.stages):
+            if stage.kind != "search":
+                continue
+            if isinstance(stage.retention, dict):
+                unknown = sorted(set(stage.retention) - set(names))
+                missing = [n for n in names if n not in stage.retention]
+                if unknown or missing:
+                    raise ValueError(f"stages[{i}].retention: " + (f"unknown task(s) {unknown}" if unknown else
+                                     f"no floor for task(s) {missing}") + f" (tasks: {', '.join(names)})")
+            no_dev = [(j, t.name) for j, t in enumerate(self.tasks) if t.data.dev is None]
+            if no_dev:
+                j, name = no_dev[0]
+                raise ValueError(f"tasks[{j}].data.dev: task '{name}' has no dev split; search stage "
+                                 f"'{stage.name}' scores every task on dev")
+        return self
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -461,7 +555,7 @@ def load_recipe(path: Path | str) -> Recipe:
         raise RecipeError(f"{path}:{line}: {dotted}: {msg}{got}") from exc
 
 
-_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle"}  # discriminator values pydantic inserts into error locations
+_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle", "search"}  # discriminator values pydantic inserts into error locations
 
 
 def _dotted(loc: list[Any]) -> str:

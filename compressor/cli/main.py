@@ -62,7 +62,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
                 traceback.print_exc()
             typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # SearchFailed: 1
 
     return wrapper
 
@@ -192,6 +192,8 @@ from compressor.cli.predict import predict  # noqa: E402  (torch-free: the edge 
 
 app.command(name="predict")(guarded(predict))
 app.command(name="benchmark")(guarded(benchmark))
+from compressor.cli.compress import compress  # noqa: E402  (typer only at import time)
+app.command(name="compress")(guarded(compress))
 
 
 def main() -> None:  # pragma: no cover - console script entry

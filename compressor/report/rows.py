@@ -129,6 +129,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         for s in data["stages"]:
             lines.append(f"| {s['name']} | {s['kind']} | {fmt_value(s.get('wall_s'), 1)} | {'; '.join(s.get('notes', []))} |")
         lines.append("")
+    for name, out in (data.get("outputs") or {}).items():  # a stage's own Markdown (e.g. the search's trial table)
+        if isinstance(out, dict) and out.get("report_section"):
+            lines += [f"### {name}", "", out["report_section"], ""]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""One candidate: built from the source model, recovered by distillation, exported, measured and scored.
+
+Built with the toolkit's own parts: :class:`compressor.prune.pruner.StructuredPruner` (torch-pruning dependency
+groups) removes layers, heads and FFN neurons; :class:`compressor.distill.trainer.Distiller` recovers it from the
+teacher; ``compressor.prune.vocab`` cuts the vocabulary; ``compressor.export`` writes the ONE ONNX graph (fused
+when the fused graph passes parity) and, per the candidate's INT8 mode, quantizes it. Every task is scored on its
+dev split with ONNX Runtime on the graph that is timed; latency is one ``session.run`` at batch 1 and sequence
+``latency_seq_len`` on ``latency_threads`` thread(s); size is the graph file on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.model.architecture import encoder_layers
+from compressor.model.multitask import MultiTaskModel
+from compressor.search.space import Knobs, prune_config
+
+
+class EarlyStopped(Exception):
+    """A trial fell far below its floor half way through its recovery."""
+
+    def __init__(self, scores: dict[str, float], retention: dict[str, float]):
+        super().__init__("early-stopped")
+        self.scores, self.retention = scores, retention
+
+
+def retention_of(value: float, reference: float, higher_is_better: bool) -> float:
+    """value / teacher (or teacher / value for lower-is-better metrics); 1.0 when both are 0."""
+    if higher_is_better:
+        return value / reference if reference else (1.0 if value >= reference else 0.0)
+    return reference / value if value else (1.0 if value <= reference else 0.0)
+
+
+@dataclass
+class Measured:
+    scores: dict[str, float]  # task -> dev primary metric (ONNX Runtime, the measured graph)
+    retention: dict[str, float]  # task -> scores / teacher dev
+    latency_ms: float  # p50
+    latency_p95_ms: float
+    size_bytes: int  # graph on disk
+    params: int
+    vocab_size: int
+    architecture: list[dict[str, int]] = field(default_factory=list)
+    recovery: dict[str, float] = field(default_factory=dict)
+
+
+class CandidateBuilder:
+    """Builds and measures candidates of one source model.
+
+    Args:
+        stage: the ``SearchStage`` config.
+        source: the model the candidates are cut from (a distilled student or the teacher); never modified.
+        tokenizer: the source's tokenizer.
+        teacher: the distillation teacher of the recoveries.
+        teacher_layers: source layer -> teacher layer (None: unknown, uniform map).
+        data: the run's ``DataStore``.
+        max_length: the recipe's ``model.max_length``.
+        teacher_dev: task -> the teacher's dev metric.
+        eval_threads: ONNX Runtime threads when scoring (latency always uses ``stage.latency_threads``).
+    """
+
+    def __init__(self, stage: Any, source: MultiTaskModel, tokenizer: Any, teacher: MultiTaskModel,
+                 teacher_layers: list[int] | None, data: Any, max_length: int, teacher_dev: Mapping[str, float],
+                 eval_threads: int | None, seed: int):
+        from compressor.prune.importance import task_batches
+
+        self.stage, self.source, self.tokenizer, self.teacher = stage, source, tokenizer, teacher
+        self.teacher_layers = teacher_layers
+        self.data, self.max_length = data, max_length
+        self.teacher_dev = dict(teacher_dev)
+        self.eval_threads = eval_threads
+        self.seed = seed
+        self.tasks = list(source.tasks)
+        self.higher = {t: source.tasks[t].metric.higher_is_better for t in self.tasks}
+        self.num_layers = len(encoder_layers(source.encoder))
+        self.batches = task_batches(data, tokenizer, source.tasks, max_length, stage.importance_batches,
+                                    stage.batch_size, seed)
+
+    # ---- build and recover ----------------------------------------------------------------------------------
+    def build(self, knobs: Knobs, seed: int) -> tuple[MultiTaskModel, list[int]]:
+        """The pruned candidate (not recovered) and the source layers it kept."""
+        from compressor.prune.pruner import StructuredPruner
+
+        torch.manual_seed(seed)
+        model = copy.deepcopy(self.source)
+        cfg = prune_config(knobs, self.stage, self.num_layers)
+        if cfg is None:
+            return model, list(range(self.num_layers))
+        pruner = StructuredPruner(model, cfg, self.batches)
+        pruner.run()
+        model.eval()
+        return model, list(pruner.layer_ids)
+
+    def recover(self, model: MultiTaskModel, kept: list[int], steps: int, seed: int,
+                floors: Mapping[str, float] | None = None) -> dict[str, float]:
+        """``steps`` distillation steps from the teacher; with ``floors`` and an early-stop margin, checks the dev
+        retention half way and raises :class:`EarlyStopped` when the worst task is more than the margin below."""
+        from compressor.distill.losses import KDConfig
+        from compressor.distill.trainer import Distiller, TaskBatches
+        from compressor.model.student import default_layer_map
+
+        if steps <= 0:
+            return {}
+        rc = self.stage.recovery
+        batches = TaskBatches.from_store(self.data, self.tasks, self.tokenizer, self.max_length, rc.batch_size,
+                                         rc.sampling.strategy, rc.sampling.tau, seed)
+        to_teacher = [self.teacher_layers[i] for i in kept] if self.teacher_layers is not None else None
+        layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(self.teacher.encoder)),
+                                      to_teacher)
+        kd = KDConfig(alpha=rc.alpha, temperature=rc.temperature, logits=rc.weights.logits, hidden=rc.weights.hidden,
+                      attention=rc.weights.attention)
+        torch.manual_seed(seed)
+        device = next(model.parameters()).device
+        distiller = Distiller(model, self.teacher, batches, kd, total_steps=steps, layer_map=layer_map, lr=rc.lr,
+                              weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
+                              device=device, mixed_precision=rc.mixed_precision != "no")
+        margin = self.stage.early_stop_margin
+        if floors is not None and margin and steps >= 2:
+            distiller.run(steps // 2)
+            scores = self.torch_dev(model, self.tokenizer)
+            retention = self.retention(scores)
+            if min(retention[t] - floors[t] for t in self.tasks) < -margin:
+                raise EarlyStopped(scores, retention)
+        parts = distiller.run()
+        model.eval()
+        return parts
+
+    def prune_vocab(self, model: MultiTaskModel, min_count: int | None) -> Any:
+        """Cut the vocabulary to the tokens every task's training data uses ``min_count`` times; the tokenizer."""
+        if min_count is None:
+            return self.tokenizer
+        from compressor.prune.vocab import prune_embeddings, prune_tokenizer, select_vocab
+
+        id_lists = [f["input_ids"] for t in self.tasks
+                    for f in self.data.encoded(t, "train", self.tokenizer, self.max_length, train=True).features]
+        kept, _ = select_vocab(self.tokenizer, id_lists, keep_chars="ascii", min_count=min_count)
+        new_tokenizer = prune_tokenizer(self.tokenizer, kept)
+        prune_embeddings(model.encoder, kept)
+        model.eval()
+        return new_tokenizer
+
+    # ---- scoring --------------------------------------------------------------------------------------------
+    def retention(self, scores: Mapping[str, float]) -> dict[str, float]:
+        return {t: retention_of(scores[t], self.teacher_dev[t], self.higher[t]) for t in self.tasks}
+
+    def torch_dev(self, model: MultiTaskModel, tokenizer: Any) -> dict[str, float]:
+        """Every task's primary dev metric with PyTorch."""
+        from compressor.report.measure import torch_forward
+
+        forward = torch_forward(model)
+        model.eval()
+        out = {}
+        for t in self.tasks:
+            plugin = model.tasks[t]
+            encoded = self.data.encoded(t, "dev", tokenizer, self.max_length)
+            metrics, _ = plugin.evaluate(forward, encoded, self.data.examples(t, "dev"), self.stage.eval_batch_size)
+            out[t] = float(metrics[plugin.metric.name])
+        return out
+
+    def measure(self, model: MultiTaskModel, tokenizer: Any, int8: str, workdir: Path | None = None,
+                keep: Path | None = None) -> Measured:
+        """Export ``model`` (fused when parity holds; INT8 per ``int8``), score every task on dev with ONNX
+        Runtime and time it. ``keep``: copy the measured graph there."""
+        import shutil
+
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=".candidate-") as tmp_str:
+            graph, spec = self._graph(model, tokenizer, int8, Path(tmp_str))
+            scores, lat = self._score(graph, spec, model, tokenizer)
+            size = graph.stat().st_size
+            if keep is not None:
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(graph, keep)
+        from compressor.model.architecture import read_architecture
+
+        return Measured(scores=scores, retention=self.retention(scores), latency_ms=lat["p50"],
+                        latency_p95_ms=lat["p95"], size_bytes=size, params=model.num_parameters(),
+                        vocab_size=model.encoder.get_input_embeddings().num_embeddings,
+                        architecture=[a.to_dict() for a in read_architecture(model.encoder)])
+
+    def _graph(self, model: MultiTaskModel, tokenizer: Any, int8: str, tmp: Path) -> tuple[Path, Any]:
+        from compressor.export.evaluate import calibration_feeds
+        from compressor.export.onnx_export import export_onnx, graph_spec
+        from compressor.export.optimize import optimize_checked
+        from compressor.export.parity import check_parity, real_batches
+
+        model = model.to("cpu").eval()
+        spec = graph_spec(model, self.max_length)
+        raw = export_onnx(model, tmp / "model.onnx", spec)
+        batches = real_batches(model, tokenizer, self.data, self.max_length, 1, 4)
+        result = optimize_checked(raw, tmp / "model.opt.onnx", lambda p: check_parity(
+            p, model, spec, batches, threads=self.eval_threads))
+        fused = result.path if result.path is not None else raw
+        if int8 == "none":
+            return fused, spec
+        from compressor.export.quantize import QuantOptions, calibrate, prepare_source, quantize_graph
+
+        options = QuantOptions(mode=int8)
+        # as the quantize stage does: dynamic on the fused graph, static QDQ on the raw one
+        prepared = prepare_source(fused if int8 == "dynamic" else raw, tmp / "src" / "model.onnx")
+        ranges = None
+        if int8 == "static":
+            feeds = calibration_feeds(spec, model.tasks, self.data, tokenizer, "train", 32, 8)
+            ranges = calibrate(prepared, feeds, options, tmp)
+        return quantize_graph(prepared, tmp / "model.int8.onnx", options, ranges=ranges), spec
+
+    def _score(self, graph: Path, spec: Any, model: MultiTaskModel, tokenizer: Any) -> tuple[dict[str, float],
+                                                                                            dict[str, float]]:
+        from compressor.export.evaluate import evaluate_split
+        from compressor.runtime.session import OrtForward, latency_inputs, make_session, ort_latency_ms
+
+        forward = OrtForward(make_session(graph, self.eval_threads), spec)
+        metrics = evaluate_split(forward, model.tasks, self.data, tokenizer, self.max_length, "dev", self.tasks,
+                                 self.stage.eval_batch_size)
+        scores = {t: float(metrics[t][model.tasks[t].metric.name]) for t in self.tasks}
+        session = make_session(graph, self.stage.latency_threads)
+        feeds = latency_inputs(spec, int(spec.metadata.get("vocab_size", 30522)), self.stage.latency_seq_len)
+        lat = ort_latency_ms(session, feeds, self.stage.latency_runs, self.stage.latency_warmup)
+        return scores, lat
+
+    # ---- one trial ------------------------------------------------------------------------------------------
+    def trial(self, knobs: Knobs, seed: int, floors: Mapping[str, float], workdir: Path | None = None) -> Measured:
+        """Build, short recovery (with the early-stop check), vocabulary cut, export and measure."""
+        model, kept = self.build(knobs, seed)
+        parts = self.recover(model, kept, self.stage.recovery_steps, seed, floors)
+        tokenizer = self.prune_vocab(model, knobs.vocab_min_count)
+        measured = self.measure(model, tokenizer, knobs.int8, workdir)
+        measured.recovery = parts
+        return measured
