@@ -344,6 +344,9 @@ class QuantizeStage(Strict):
     exclude_op_types: list[str] = Field([], description="op types kept in fp32, e.g. [Gather, LayerNormalization]")
     exclude_nodes: list[str] = Field([], description="node-name patterns kept in fp32 (fnmatch), e.g. '*/layer.0/*'")
     quantize_heads: bool = Field(False, description="also quantize the task heads (tiny; they write the logits)")
+    embedding: Literal["per_row", "per_tensor", "fp32"] = Field(
+        "per_row", description="embedding tables: INT8 with one scale per row, dequantized after the lookup "
+        "(per_row); ORT's per-tensor Gather quantization (per_tensor); or left fp32")
     calibration: QuantCalibration = QuantCalibration()
     tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
     tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")

@@ -46,13 +46,22 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(lvl)
 
 
-def fuse_transformer(src: Path, dst: Path) -> dict[str, int]:
-    """ORT transformer fusions of a BERT-family graph; returns fused-operator counts (only non-zero ones)."""
+def fuse_transformer(src: Path, dst: Path, embed_layer_norm: bool = True) -> dict[str, int]:
+    """ORT transformer fusions of a BERT-family graph; returns fused-operator counts (only non-zero ones).
+
+    ``embed_layer_norm=False`` leaves the embedding lookups as plain ``Gather`` nodes (no
+    ``EmbedLayerNormalization``), so the word-embedding table can be quantized per row (see
+    :func:`compressor.export.quantize.quantize_embedding_rows`); attention and the other fusions still apply.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = embed_layer_norm
     # the fusion code logs per-node warnings (e.g. "hidden size differs" for pruned layers) that parity covers
     with quiet_loggers("onnxruntime.transformers", "fusion_base", "onnx_model", ""):
-        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, use_gpu=False)
+        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, use_gpu=False,
+                                   optimization_options=options)
         stats = optimized.get_fused_operator_statistics()
         optimized.save_model_to_file(str(dst))
     return {k: int(v) for k, v in stats.items() if v and k in FUSED_OPS}

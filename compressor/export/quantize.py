@@ -4,6 +4,10 @@
   (``DynamicQuantizeLinear`` + ``MatMulInteger`` / ``QAttention``). Works on the fused graph.
 * **static**: QDQ format, activation ranges calibrated on task batches (min-max, percentile or entropy). Works on
   the raw export, so every MatMul (also inside attention) gets QDQ pairs; ONNX Runtime fuses them at load.
+* **embedding tables** (word and position embeddings, the largest tensors of a small encoder) are stored INT8
+  with one fp32 scale per row (:func:`quantize_embedding_rows`): ``Gather(int8 table)`` + ``Gather(scales)`` ->
+  ``Cast`` -> ``Mul``, so only the looked-up rows are dequantized. Per-tensor INT8 (ORT's Gather quantizer) gives
+  every row the range of the table's largest value and loses the small rows; per row costs almost nothing.
 
 ``ORTQuantizer`` handles any ONNX file (``ORTQuantizer(path)``; it only wants a config for ``ORTModel``
 loading, which a multi-head graph does not use). Two things it cannot do are done here with ONNX Runtime
@@ -37,6 +41,9 @@ from compressor.errors import CompressorError
 from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
+Embedding = Literal["per_row", "per_tensor", "fp32"]
+#: an embedding table smaller than this stays fp32 (token-type tables: 2 x hidden)
+EMBED_MIN_ELEMENTS = 4096
 Method = Literal["minmax", "percentile", "entropy"]
 Target = Literal["avx512_vnni", "avx2", "arm64"]
 
@@ -71,9 +78,23 @@ class QuantOptions:
     calibration: Method = "minmax"
     percentile: float = 99.999
     num_bins: int | None = None  # None: 2048 (percentile), 128 (entropy)
+    #: embedding tables (Gather of a float initializer): "per_row" INT8 with one fp32 scale per row, dequantized
+    #: after the lookup (:func:`quantize_embedding_rows`); "per_tensor": ORT's quantizer (one scale per table);
+    #: "fp32": left alone. A fused ``EmbedLayerNormalization`` (word embedding inside) is quantized per tensor
+    #: by ORT unless "fp32": fuse with ``embed_layer_norm=False`` to get per-row lookups.
+    embedding: Embedding = "per_row"
+    embedding_min_elements: int = EMBED_MIN_ELEMENTS
 
     def ops(self) -> list[str]:
-        return [t for t in (self.op_types or DEFAULT_OP_TYPES[self.mode]) if t not in self.exclude_op_types]
+        """Op types ORT's quantizer handles (per-row embeddings are done here, not by ORT)."""
+        ops = [t for t in (self.op_types or DEFAULT_OP_TYPES[self.mode]) if t not in self.exclude_op_types]
+        if self.embedding != "per_tensor":
+            ops = [t for t in ops if t != "Gather" and (self.embedding != "fp32" or t != "EmbedLayerNormalization")]
+        return ops
+
+    def per_row_embeddings(self) -> bool:
+        requested = self.op_types is None or "Gather" in self.op_types
+        return self.embedding == "per_row" and requested and "Gather" not in self.exclude_op_types
 
 
 # ---- graph preparation -----------------------------------------------------------------------------------
@@ -126,12 +147,14 @@ def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[s
     q_model = onnx.load(str(quantized), load_external_data=False)
     q_nodes = {n.name: n for n in q_model.graph.node}
     producers = {o: n.op_type for n in q_model.graph.node for o in n.output}
-    ops = set(options.ops())
+    ops = set(options.ops()) | ({"Gather"} if options.per_row_embeddings() else set())
     out = []
     for node in src_model.graph.node:
         if node.op_type not in ops:
             continue
         q = q_nodes.get(node.name)
+        if node.op_type == "Gather" and q is not None and q.op_type == "Gather":
+            continue  # per-row embeddings replace the node; a Gather still there is fp32
         if q is None or any(producers.get(i) == "DequantizeLinear" for i in q.input):
             out.append(node.name)
     return out
@@ -207,8 +230,103 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         out = Path(tmp) / f"{Path(src).stem}.onnx"
         if not out.is_file():
             raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
+        if options.per_row_embeddings():
+            quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
+                                    skip_heads=not options.quantize_heads)
         shutil.move(str(out), str(dst))
     return dst
+
+
+# ---- per-row INT8 embedding tables -------------------------------------------------------------------------
+@dataclass
+class RowQuantized:
+    """One embedding lookup turned into Gather(int8 table) + Gather(scales) -> Cast -> Mul."""
+
+    node: str  # the replaced Gather's name
+    table: str  # the fp32 initializer it read
+    shape: tuple[int, int]
+    fp32_bytes: int
+    int8_bytes: int  # table + scales
+    max_abs_error: float  # largest |w - dequantized w| over the table (<= half the row's scale)
+
+
+def embedding_tables(model: Any, min_elements: int = EMBED_MIN_ELEMENTS) -> dict[str, str]:
+    """Gather node name -> float32 2-D initializer it looks up rows of (axis 0), for tables of ``min_elements``+."""
+    import onnx
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or not node.input or node.input[0] not in inits:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        init = inits[node.input[0]]
+        if (axis == 0 and init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2
+                and math.prod(init.dims) >= min_elements):
+            out[node.name] = node.input[0]
+    return out
+
+
+def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), min_elements: int = EMBED_MIN_ELEMENTS,
+                            skip_heads: bool = True) -> list[RowQuantized]:
+    """Store every embedding table of ``src`` as INT8 with one fp32 scale per row (symmetric, max |w| / 127).
+
+    Each lookup ``Gather(table, ids)`` becomes ``Mul(Cast(Gather(table_int8, ids)), Gather(scales, ids))`` with
+    the same output name, so the table stays INT8 in memory and only the looked-up rows are dequantized. A table
+    that another node also reads (tied weights) keeps its fp32 copy for that node. Nodes named in ``exclude``
+    (and the heads, with ``skip_heads``) are left alone. Writes ``dst`` (may be ``src``); returns what changed.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    exclude = set(exclude)
+    tables = {n: t for n, t in embedding_tables(model, min_elements).items()
+              if n not in exclude and not (skip_heads and HEAD_SCOPE in n)}
+    if not tables:
+        if Path(src) != Path(dst):
+            onnx.save(model, str(dst))
+        return []
+    inits = {i.name: i for i in graph.initializer}
+    done: dict[str, tuple[str, str]] = {}  # table -> (int8 name, scales name)
+    records: list[RowQuantized] = []
+    new_nodes = []
+    for node in graph.node:
+        if node.name not in tables:
+            new_nodes.append(node)
+            continue
+        table = tables[node.name]
+        if table not in done:
+            w = numpy_helper.to_array(inits[table]).astype(np.float32)
+            scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            names = (f"{table}_int8_rows", f"{table}_row_scales")
+            graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1])])
+            done[table] = names
+            error = float(np.abs(q.astype(np.float32) * scale - w).max()) if w.size else 0.0
+            records.append(RowQuantized(node.name, table, (int(w.shape[0]), int(w.shape[1])), int(w.nbytes),
+                                        int(q.nbytes + scale.nbytes), error))
+        q_name, s_name = done[table]
+        ids, out = node.input[1], node.output[0]
+        base = f"{node.name}/int8_rows"
+        new_nodes += [
+            helper.make_node("Gather", [q_name, ids], [f"{base}/q"], name=f"{base}/Gather", axis=0),
+            helper.make_node("Gather", [s_name, ids], [f"{base}/scale"], name=f"{base}/GatherScale", axis=0),
+            helper.make_node("Cast", [f"{base}/q"], [f"{base}/float"], name=f"{base}/Cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{base}/float", f"{base}/scale"], [out], name=f"{base}/Mul"),
+        ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for table in done:
+        if table not in still_read:
+            graph.initializer.remove(inits[table])
+            for inp in [i for i in graph.input if i.name == table]:
+                graph.input.remove(inp)
+    onnx.save(model, str(dst))
+    return records
 
 
 def integer_op_counts(path: Path) -> dict[str, int]:
@@ -223,6 +341,8 @@ def integer_op_counts(path: Path) -> dict[str, int]:
         1 for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm") and all(producers.get(i) == "DequantizeLinear" for i in n.input[:2])
     )
+    int8 = {i.name for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    counts["int8_gather"] = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[0] in int8)
     return {k: int(v) for k, v in counts.items() if v}
 
 
@@ -230,6 +350,48 @@ def integer_matmuls(counts: Mapping[str, int]) -> int:
     """MatMuls that run in integer arithmetic (directly, or QDQ-wrapped for ORT to fuse at load)."""
     return sum(counts.get(k, 0) for k in ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul",
                                           "MatMulIntegerToFloat", "qdq_matmul", "QGemm"))
+
+
+def fp32_nodes(src: Path, quantized: Path, options: QuantOptions, fallback: Sequence[str] = (),
+               sensitivity: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Every node of ``src`` that holds a weight matrix or embedding table (MatMul / Gemm / Attention /
+    EmbedLayerNormalization / Gather of a float table) and still computes in fp32 in ``quantized``, with why."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    moved = set(quantized_nodes(src, quantized, options))
+    fallback, sensitivity = set(fallback), dict(sensitivity or {})
+    ops = set(options.ops())
+    out = []
+    for node in model.graph.node:
+        table = node.input[0] if node.op_type == "Gather" and node.input and node.input[0] in inits else None
+        weight = next((i for i in node.input[1:3] if i in inits), None)
+        if node.name in moved or not (
+                table and inits[table].data_type == onnx.TensorProto.FLOAT
+                or node.op_type in ("Attention", "EmbedLayerNormalization")
+                or node.op_type in ("MatMul", "Gemm") and weight is not None):
+            continue
+        elements = math.prod(inits[table].dims) if table else None
+        if node.name in fallback:
+            why = f"accuracy fallback (adds relative error {sensitivity.get(node.name, float('nan')):.4g})"
+        elif node.op_type in options.exclude_op_types:
+            why = "exclude_op_types"
+        elif any(fnmatch.fnmatchcase(node.name, p) for p in options.exclude_nodes):
+            why = "exclude_nodes pattern"
+        elif HEAD_SCOPE in node.name and not options.quantize_heads:
+            why = "task head (quantize_heads: false; tiny, writes the logits)"
+        elif table and options.embedding == "per_row" and elements < options.embedding_min_elements:
+            why = f"small table ({elements} elements < {options.embedding_min_elements})"
+        elif table and options.embedding == "fp32":
+            why = "embedding: fp32"
+        elif not table and node.op_type not in ops:
+            why = f"op type {node.op_type} not in the quantized op types"
+        else:
+            why = "left fp32 by the quantizer"
+        out.append({"node": node.name, "op_type": node.op_type, "reason": why,
+                    **({"elements": int(elements)} if elements is not None else {})})
+    return out
 
 
 # ---- sensitivity -------------------------------------------------------------------------------------------
@@ -317,6 +479,7 @@ class QuantizeOutcome:
     reference: dict[str, float]
     tolerances: dict[str, float]
     ranking: list[tuple[str, float]] = field(default_factory=list)
+    fp32: list[dict[str, Any]] = field(default_factory=list)  # nodes left fp32 in the kept graph, and why
 
     @property
     def final(self) -> Attempt:
@@ -328,6 +491,7 @@ class QuantizeOutcome:
             "tolerances": self.tolerances, "attempts": [asdict(a) for a in self.attempts],
             "fallback_nodes": self.final.excluded, "integer_ops": self.final.integer_ops,
             "sensitivity_top": [[n, round(s, 6)] for n, s in self.ranking[:20]],
+            "fp32_nodes": self.fp32,
         }
 
 
@@ -388,8 +552,9 @@ def quantize_accuracy_aware(
             return len(a.failing), max((d - tolerances.get(t, 0.0) for t, d in a.drops.items()), default=0.0)
 
         kept = len(attempts) - 1 if passed else min(range(len(attempts)), key=lambda i: shortfall(attempts[i]))
+        fp32 = fp32_nodes(source, files[kept], options, attempts[kept].excluded, dict(ranking))
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(files[kept]), str(out))
-        return QuantizeOutcome(out, passed, attempts, kept, dict(reference), dict(tolerances), ranking)
+        return QuantizeOutcome(out, passed, attempts, kept, dict(reference), dict(tolerances), ranking, fp32)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

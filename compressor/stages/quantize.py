@@ -59,11 +59,12 @@ def run(ctx: StageContext) -> StageResult:
     threads = ctx.recipe.report.threads or torch.get_num_threads()
     # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
     source = Path(export["onnx"] if cfg.mode == "dynamic" else export["raw"])
+    export_source = source
     options = QuantOptions(
         mode=cfg.mode, target=cfg.target, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
         op_types=cfg.op_types, exclude_op_types=list(cfg.exclude_op_types), exclude_nodes=list(cfg.exclude_nodes),
         quantize_heads=cfg.quantize_heads, calibration=cfg.calibration.method,
-        percentile=cfg.calibration.percentile, num_bins=cfg.calibration.num_bins,
+        percentile=cfg.calibration.percentile, num_bins=cfg.calibration.num_bins, embedding=cfg.embedding,
     )
 
     eval_split = {}
@@ -86,11 +87,17 @@ def run(ctx: StageContext) -> StageResult:
                               cfg.calibration.batch_size)
     per_task = max(1, cfg.sensitivity_batches)
     sensitivity = feeds[:: max(1, len(feeds) // (per_task * max(1, len(spec.tasks))))]
-    reference = evaluate(source)
-    tolerances = {t: cfg.tolerances.get(t, cfg.tolerance) for t in reference}
+    source_notes: list[str] = []
 
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quantize-") as tmp_str:
         tmp = Path(tmp_str)
+        if options.per_row_embeddings() and _has_op(source, "EmbedLayerNormalization"):
+            # the fused embedding op hides the word-embedding lookup: fuse again without it (checked)
+            source, line = _unfused_embedding_source(Path(export["raw"]), source, tmp / "rows" / "model.onnx",
+                                                     spec, sensitivity, threads)
+            source_notes.append(line)
+        reference = evaluate(source)
+        tolerances = {t: cfg.tolerances.get(t, cfg.tolerance) for t in reference}
         prepared = prepare_source(source, tmp / "src" / "model.onnx")
         ranges = calibrate(prepared, feeds, options, tmp) if cfg.mode == "static" else None
         outcome = quantize_accuracy_aware(
@@ -102,20 +109,29 @@ def run(ctx: StageContext) -> StageResult:
     final = outcome.final
     n_int = integer_matmuls(final.integer_ops)
     summary = {
-        "mode": cfg.mode, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(source),
+        "mode": cfg.mode, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(export_source),
+        "embedding": cfg.embedding, "source_notes": source_notes,
         "source_stage": source_name, "op_types": options.ops(), "eval_split": eval_split,
         "calibration": cfg.calibration.model_dump() if cfg.mode == "static" else None,
         "integer_matmuls": n_int, **outcome.to_json(),
     }
     atomic_write_text(ctx.out_dir / "quantization.json", json.dumps(summary, indent=2))
     spec.metadata["quantization"] = {k: summary[k] for k in ("mode", "target", "per_channel", "integer_matmuls",
-                                                             "passed", "fallback_nodes", "op_types")}
+                                                             "passed", "fallback_nodes", "op_types", "embedding")}
     spec.metadata["graph_file"] = "model.int8.onnx"
     spec.write(ctx.out_dir / "graph.json")
 
+    int8_tables = final.integer_ops.get("int8_gather", 0)
     notes = [f"{cfg.mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
-             f"MatMul(s); {len(final.excluded)} node(s) moved back to fp32 after {len(outcome.attempts) - 1} "
-             "fallback round(s)"]
+             f"MatMul(s), {int8_tables} INT8 embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
+             f"node(s) moved back to fp32 after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
+    if outcome.fp32:
+        reasons: dict[str, list[str]] = {}
+        for entry in outcome.fp32:
+            reasons.setdefault(entry["reason"], []).append(entry["node"])
+        notes.append("left fp32: " + "; ".join(
+            f"{len(nodes)} node(s): {why} ({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})"
+            for why, nodes in reasons.items()))
     if n_int == 0:
         notes.append("WARNING: the kept graph has no integer MatMul: every quantizable node fell back to fp32")
     drops = ", ".join(f"{t} {final.metrics[t]:.4f} vs fp32 {outcome.reference[t]:.4f} "
@@ -136,6 +152,7 @@ def run(ctx: StageContext) -> StageResult:
         extra={"quantization": cfg.mode, "integer_matmuls": n_int, "within_tolerance": outcome.passed},
     ))
     outputs = {
+        "fp32_nodes": outcome.fp32,
         "onnx": str(ctx.final_dir / "model.int8.onnx"),
         "graph": str(ctx.final_dir / "graph.json"),
         "model_dir": str(model_dir),
@@ -148,3 +165,40 @@ def run(ctx: StageContext) -> StageResult:
         "failing": final.failing,
     }
     return StageResult(outputs=outputs, notes=notes)
+
+
+def _has_op(path: Path, op_type: str) -> bool:
+    import onnx
+
+    return any(n.op_type == op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _unfused_embedding_source(raw: Path, fused: Path, dst: Path, spec: Any, feeds: list[dict[str, Any]],
+                              threads: int) -> tuple[Path, str]:
+    """The raw export fused again with every fusion but ``EmbedLayerNormalization``, kept when its outputs match
+    the fused graph's on ``feeds`` (atol of each output + 1e-3 relative); else the raw export. Returns
+    (the graph, a note)."""
+    import numpy as np
+
+    from compressor.export.optimize import fuse_transformer
+    from compressor.runtime.session import make_session
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fuse_transformer(raw, dst, embed_layer_norm=False)
+    except Exception as exc:  # noqa: BLE001 - a failing fusion only costs speed: the raw graph is exact
+        return raw, (f"fusion without EmbedLayerNormalization raised {type(exc).__name__}: {exc}; quantizing the "
+                     "unfused export so the embedding lookup can be INT8 per row")
+    a, b = make_session(fused, threads), make_session(dst, threads)
+    atol = {g: task.atol[o] for task in spec.tasks.values() for o, g in task.outputs.items()}
+    names = [o.name for o in a.get_outputs()]
+    worst = 0.0
+    for f in feeds:
+        for n, x, y in zip(names, a.run(names, f), b.run(names, f)):
+            excess = np.abs(x - y) - (atol.get(n, 1e-4) + 1e-3 * np.abs(x))
+            worst = max(worst, float(excess.max()) if excess.size else 0.0)
+    if worst > 0:
+        return raw, ("the graph fused without EmbedLayerNormalization disagreed with the fused export; quantizing "
+                     "the unfused export so the embedding lookup can be INT8 per row")
+    return dst, ("quantized the export fused without EmbedLayerNormalization (attention and layer-norm fusions "
+                 "kept; outputs checked against the fused graph), so the embedding lookups are INT8 per row")

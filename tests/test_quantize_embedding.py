@@ -1,0 +1,158 @@
+"""Per-row INT8 embedding tables: the lookup stays within half a row's step of fp32 (where one scale per table
+loses small rows), the table is stored INT8 with fp32 row scales, the graph shrinks by ~3/4 of the table, and the
+quantize stage reports which nodes stayed fp32 and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from _export_helpers import build_run
+from compressor.export.quantize import (
+    QuantOptions, embedding_tables, fp32_nodes, integer_op_counts, prepare_source, quantize_embedding_rows,
+    quantize_graph, quantized_nodes,
+)
+
+WORD_TABLE = "encoder.embeddings.word_embeddings.weight"
+WORD_GATHER = "/encoder/embeddings/word_embeddings/Gather"
+
+
+def _lookup_graph(path: Path, table: np.ndarray) -> Path:
+    """ids -> Gather(table) -> emb, and a second consumer-free copy of nothing else."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", table.shape[1]])],
+        [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run(path: Path, ids: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+
+def test_per_row_lookup_within_half_a_step_of_fp32(tmp_path):
+    rng = np.random.default_rng(0)
+    # rows of very different magnitude: one scale for the table would round the small rows to 0
+    table = (rng.standard_normal((5000, 24)) * np.logspace(-3, 0, 5000)[:, None]).astype(np.float32)
+    src = _lookup_graph(tmp_path / "fp32.onnx", table)
+    records = quantize_embedding_rows(src, tmp_path / "int8.onnx")
+    assert [(r.node, r.table, r.shape) for r in records] == [("lookup", "table", (5000, 24))]
+
+    ids = rng.integers(0, 5000, size=(3, 40))
+    ref, got = _run(src, ids), _run(tmp_path / "int8.onnx", ids)
+    step = np.abs(table).max(axis=1) / 127  # each row's quantization step
+    # stated tolerance: every element within half its row's step of fp32, i.e. <= 0.4% of the row's largest value
+    assert np.all(np.abs(got - ref) <= 0.5 * step[ids][..., None] * (1 + 1e-5))
+    assert np.abs(got - ref).max() == pytest.approx(records[0].max_abs_error, rel=0.05) or \
+        np.abs(got - ref).max() <= records[0].max_abs_error
+    rel = np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert rel.max() < 0.01
+    # per tensor, a small row's values fall below one step of the table and round to zero
+    per_tensor = np.rint(table / (np.abs(table).max() / 127)) * (np.abs(table).max() / 127)
+    assert (np.linalg.norm(per_tensor[ids] - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max() > 0.5
+
+    # stored INT8 with fp32 row scales; the fp32 table is gone
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert set(inits) == {"table_int8_rows", "table_row_scales"}
+    assert inits["table_int8_rows"].data_type == TensorProto.INT8 and list(inits["table_int8_rows"].dims) == [5000, 24]
+    assert inits["table_row_scales"].data_type == TensorProto.FLOAT and list(inits["table_row_scales"].dims) == [5000, 1]
+    assert [n.op_type for n in model.graph.node] == ["Gather", "Gather", "Cast", "Mul"]
+    assert model.graph.node[-1].output[0] == "emb"  # same output name: sensitivity and parity see the same tensor
+    fp32_bytes, int8_bytes = src.stat().st_size, (tmp_path / "int8.onnx").stat().st_size
+    assert int8_bytes < 0.3 * fp32_bytes and records[0].int8_bytes == 5000 * 24 + 5000 * 4
+
+
+def test_tied_table_keeps_its_fp32_copy_and_small_tables_stay(tmp_path):
+    table = np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)
+    small = np.ones((2, 8), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup"),
+         helper.make_node("Gather", ["small", "ids"], ["emb2"], name="types"),
+         helper.make_node("MatMul", ["emb", "tableT"], ["logits"], name="tied"),
+         helper.make_node("Transpose", ["table"], ["tableT"], name="t")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("emb2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(small, "small")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    assert embedding_tables(onnx.load(str(tmp_path / "g.onnx")), min_elements=100) == {"lookup": "table"}
+    records = quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q.onnx", min_elements=100)
+    assert [r.node for r in records] == ["lookup"]
+    inits = {i.name for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert {"table", "small", "table_int8_rows", "table_row_scales"} == inits  # the MatMul still reads "table"
+    ids = np.array([[1, 0, 1]])
+    a = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"ids": ids})
+    b = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"ids": ids})
+    assert np.allclose(a[1], b[1]) and np.allclose(a[0], b[0], rtol=0.05, atol=0.05)
+    assert quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q2.onnx", exclude={"lookup"},
+                                   min_elements=100) == []
+
+
+@pytest.fixture(scope="module")
+def run():
+    return build_run()
+
+
+@pytest.fixture(scope="module")
+def rows_source(run, tmp_path_factory):
+    """The raw four-task export fused without EmbedLayerNormalization (what the stage quantizes), prepared."""
+    from compressor.export.optimize import fuse_transformer
+
+    tmp = tmp_path_factory.mktemp("rows")
+    fused = fuse_transformer(Path(run.outputs["export"]["raw"]), tmp / "rows.onnx", embed_layer_norm=False)
+    assert fused["Attention"] == 2 and "EmbedLayerNormalization" not in fused
+    return prepare_source(tmp / "rows.onnx", tmp / "p" / "model.onnx")
+
+
+def test_dynamic_int8_of_every_big_tensor(rows_source, tmp_path):
+    q = quantize_graph(rows_source, tmp_path / "q.onnx", QuantOptions())
+    counts = integer_op_counts(q)
+    assert counts["QAttention"] == 2 and counts["MatMulInteger"] == 6 and counts["int8_gather"] == 2  # word + pos
+    inits = {i.name: i for i in onnx.load(str(q)).graph.initializer}
+    assert WORD_TABLE not in inits and inits[f"{WORD_TABLE}_int8_rows"].data_type == TensorProto.INT8
+    moved = quantized_nodes(rows_source, q, QuantOptions())
+    assert WORD_GATHER in moved and "/encoder/embeddings/position_embeddings/Gather" in moved
+    # what stays fp32, and why: the heads (by default) and the 2 x 32 token-type table
+    left = fp32_nodes(rows_source, q, QuantOptions())
+    reasons = {e["reason"].split(" (")[0] for e in left}
+    assert reasons == {"task head", "small table"}, left
+    assert not [e for e in left if e["op_type"] in ("MatMul", "Attention") and "/heads/" not in e["node"]]
+    # size: ~3/4 of the word table's 30522 x 32 x 4 bytes is gone
+    table_bytes = 30522 * 32 * 4
+    assert rows_source.stat().st_size - q.stat().st_size > 0.7 * table_bytes + 0.7 * 512 * 32 * 4
+    per_tensor = quantize_graph(rows_source, tmp_path / "pt.onnx", QuantOptions(embedding="per_tensor"))
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(per_tensor)).graph.node}
+    fp32 = quantize_graph(rows_source, tmp_path / "fp.onnx", QuantOptions(embedding="fp32"))
+    assert integer_op_counts(fp32).get("int8_gather", 0) == 0 and fp32.stat().st_size > q.stat().st_size + 0.7 * table_bytes
+    excluded = quantize_graph(rows_source, tmp_path / "ex.onnx", QuantOptions(exclude_nodes=["*word_embeddings*"]))
+    assert integer_op_counts(excluded)["int8_gather"] == 1
+    assert {e["node"]: e["reason"] for e in fp32_nodes(rows_source, excluded,
+                                                      QuantOptions(exclude_nodes=["*word_embeddings*"]))}[WORD_GATHER] \
+        == "exclude_nodes pattern"
+
+
+def test_stage_quantizes_the_embedding_per_row_and_says_what_stayed_fp32(run):
+    out = run.outputs["quantize"]
+    q = Path(out["onnx"])
+    inits = {i.name: i for i in onnx.load(str(q)).graph.initializer}
+    assert inits[f"{WORD_TABLE}_int8_rows"].data_type == TensorProto.INT8 and WORD_TABLE not in inits
+    assert out["integer_ops"]["int8_gather"] >= 2 and out["integer_ops"]["QAttention"] == 2
+    summary = json.loads((q.parent / "quantization.json").read_text())
+    assert summary["embedding"] == "per_row" and "without EmbedLayerNormalization" in summary["source_notes"][0]
+    assert all(e["node"] != WORD_GATHER for e in summary["fp32_nodes"])
+    assert {e["reason"].split(" (")[0] for e in summary["fp32_nodes"]} <= {"task head", "small table",
+                                                                         "accuracy fallback"}
+    notes = run.results["quantize"].notes
+    assert any("INT8 embedding table lookup(s) (per_row)" in n for n in notes)
+    assert any(n.startswith("left fp32: ") and "task head" in n for n in notes)
+    fp32_size = Path(run.outputs["export"]["onnx"]).stat().st_size
+    assert q.stat().st_size < 0.4 * fp32_size
