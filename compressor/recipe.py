@@ -335,7 +335,8 @@ class QuantizeStage(Strict):
     kind: Literal["quantize"]
     name: str = Field("quantize", pattern=NAME)
     source: str | None = Field(None, description="export stage to quantize; default: the latest one")
-    mode: Literal["dynamic", "static"] = "dynamic"
+    mode: Literal["dynamic", "static", "auto"] = Field(
+        "dynamic", description="auto: quantize both ways and keep the faster graph among those within tolerance")
     target: Literal["avx512_vnni", "avx2", "arm64"] = Field("avx512_vnni", description="optimum AutoQuantizationConfig preset")
     per_channel: bool = False
     reduce_range: bool = Field(False, description="7-bit weights (avx2 only; avoids VPMADDUBSW saturation)")

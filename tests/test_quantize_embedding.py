@@ -156,3 +156,23 @@ def test_stage_quantizes_the_embedding_per_row_and_says_what_stayed_fp32(run):
     assert any(n.startswith("left fp32: ") and "task head" in n for n in notes)
     fp32_size = Path(run.outputs["export"]["onnx"]).stat().st_size
     assert q.stat().st_size < 0.4 * fp32_size
+
+
+def test_auto_mode_keeps_the_faster_graph_within_tolerance(run, tmp_path):
+    from _export_helpers import make_run
+
+    r = make_run([{"kind": "export"}, {"kind": "quantize", "mode": "auto", "tolerance": 1.0,
+                                       "calibration": {"samples": 8}}], tmp_path, tasks=("sst",))
+    r.run_stage(0)
+    result = r.run_stage(1)
+    compared = result.outputs["compared"]
+    assert set(compared) == {"dynamic", "static", "chosen", "rule"} and compared["dynamic"]["passed"]
+    assert compared["static"]["passed"] and compared["rule"] == "faster of the modes within every tolerance"
+    faster = min(("dynamic", "static"), key=lambda m: compared[m]["latency_ms_p50"])
+    assert compared["chosen"] == faster == result.outputs["mode"]
+    summary = json.loads((tmp_path / "01-quantize" / "quantization.json").read_text())
+    assert summary["mode"] == faster and summary["requested_mode"] == "auto"
+    # both graphs store the word embedding INT8 per row
+    q = onnx.load(str(result.outputs["onnx"]))
+    assert {i.name: i.data_type for i in q.graph.initializer}[f"{WORD_TABLE}_int8_rows"] == TensorProto.INT8
+    assert any(n.startswith("static vs dynamic: ") and f"kept {faster}" in n for n in result.notes)

@@ -142,35 +142,6 @@ def evaluate(
                    + f" ({len(examples)} examples, {encoded.truncated} truncated)")
 
 
-@tasks_app.command("list")
-@guarded
-def tasks_list(json_out: JsonOut = False) -> None:
-    """Registered task plugins with their source distribution, label count and metric."""
-    from compressor.tasks import TASKS
-
-    rows = []
-    for name in TASKS.names():
-        cls = TASKS.get(name)
-        rows.append({
-            "name": name, "source": TASKS.source(name), "class": f"{cls.__module__}.{cls.__qualname__}",
-            "labels": len(cls.default_labels) if cls.default_labels else None,
-            "metric": cls.metric.name, "higher_is_better": cls.metric.higher_is_better,
-            "description": cls.description,
-        })
-    if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("task", "source", "labels", "metric", "description")
-    for r in rows:
-        table.add_row(r["name"], r["source"], str(r["labels"]) if r["labels"] is not None else "from data",
-                      r["metric"] + (" (higher is better)" if r["higher_is_better"] else " (lower is better)"),
-                      r["description"])
-    Console().print(table)
-
-
 @app.command()
 @guarded
 def publish(
@@ -192,6 +163,11 @@ from compressor.cli.predict import predict  # noqa: E402  (torch-free: the edge 
 
 app.command(name="predict")(guarded(predict))
 app.command(name="benchmark")(guarded(benchmark))
+from compressor.cli.tasks import tasks_check, tasks_list, tasks_new  # noqa: E402  (typer only at import time)
+
+tasks_app.command("list")(guarded(tasks_list))
+tasks_app.command("check")(guarded(tasks_check))
+tasks_app.command("new")(guarded(tasks_new))
 from compressor.cli.compress import compress  # noqa: E402  (typer only at import time)
 app.command(name="compress")(guarded(compress))
 

@@ -7,6 +7,7 @@ and ``quantization.json`` (every attempt: fallback nodes, metrics, drops, intege
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,14 @@ def run(ctx: StageContext) -> StageResult:
     plugins = plugins_from_manifest(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     threads = ctx.recipe.report.threads or torch.get_num_threads()
-    # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
-    source = Path(export["onnx"] if cfg.mode == "dynamic" else export["raw"])
-    export_source = source
-    options = QuantOptions(
-        mode=cfg.mode, target=cfg.target, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-        op_types=cfg.op_types, exclude_op_types=list(cfg.exclude_op_types), exclude_nodes=list(cfg.exclude_nodes),
-        quantize_heads=cfg.quantize_heads, calibration=cfg.calibration.method,
-        percentile=cfg.calibration.percentile, num_bins=cfg.calibration.num_bins, embedding=cfg.embedding,
-    )
+    def options_for(mode: str) -> Any:
+        return QuantOptions(
+            mode=mode, target=cfg.target, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+            op_types=cfg.op_types, exclude_op_types=list(cfg.exclude_op_types),
+            exclude_nodes=list(cfg.exclude_nodes), quantize_heads=cfg.quantize_heads,
+            calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
+            num_bins=cfg.calibration.num_bins, embedding=cfg.embedding,
+        )
 
     eval_split = {}
     for name in spec.tasks:
@@ -87,32 +87,55 @@ def run(ctx: StageContext) -> StageResult:
                               cfg.calibration.batch_size)
     per_task = max(1, cfg.sensitivity_batches)
     sensitivity = feeds[:: max(1, len(feeds) // (per_task * max(1, len(spec.tasks))))]
-    source_notes: list[str] = []
 
-    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quantize-") as tmp_str:
-        tmp = Path(tmp_str)
+    def quantize(mode: str, out: Path, tmp: Path) -> dict[str, Any]:
+        """One mode, accuracy-aware, into ``out``."""
+        options = options_for(mode)
+        # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
+        source = export_source = Path(export["onnx"] if mode == "dynamic" else export["raw"])
+        notes: list[str] = []
         if options.per_row_embeddings() and _has_op(source, "EmbedLayerNormalization"):
             # the fused embedding op hides the word-embedding lookup: fuse again without it (checked)
             source, line = _unfused_embedding_source(Path(export["raw"]), source, tmp / "rows" / "model.onnx",
                                                      spec, sensitivity, threads)
-            source_notes.append(line)
+            notes.append(line)
         reference = evaluate(source)
         tolerances = {t: cfg.tolerances.get(t, cfg.tolerance) for t in reference}
         prepared = prepare_source(source, tmp / "src" / "model.onnx")
-        ranges = calibrate(prepared, feeds, options, tmp) if cfg.mode == "static" else None
+        ranges = calibrate(prepared, feeds, options, tmp) if mode == "static" else None
         outcome = quantize_accuracy_aware(
-            prepared, ctx.out_dir / "model.int8.onnx", options, evaluate, reference, tolerances,
+            prepared, out, options, evaluate, reference, tolerances,
             {t: plugins[t].metric.higher_is_better for t in reference}, sensitivity,
             max_iterations=cfg.max_iterations, step=cfg.fallback_step, ranges=ranges,
         )
+        return {"mode": mode, "outcome": outcome, "options": options, "source": export_source, "notes": notes,
+                "tolerances": tolerances}
+
+    compared: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quantize-") as tmp_str:
+        tmp = Path(tmp_str)
+        modes = ["dynamic", "static"] if cfg.mode == "auto" else [cfg.mode]
+        results = {}
+        for mode in modes:
+            (tmp / mode).mkdir()
+            results[mode] = quantize(mode, tmp / mode / "model.int8.onnx", tmp / mode)
+        if len(results) > 1:
+            chosen, compared = _choose_mode(results, spec, threads, ctx.recipe.report)
+        else:
+            chosen = modes[0]
+        picked = results[chosen]
+        shutil.move(str(picked["outcome"].path), str(ctx.out_dir / "model.int8.onnx"))
+        picked["outcome"].path = ctx.out_dir / "model.int8.onnx"
+    outcome, options, source_notes = picked["outcome"], picked["options"], picked["notes"]
+    export_source, tolerances, mode = picked["source"], picked["tolerances"], chosen
 
     final = outcome.final
     n_int = integer_matmuls(final.integer_ops)
     summary = {
-        "mode": cfg.mode, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(export_source),
+        "mode": mode, "requested_mode": cfg.mode, "compared": compared, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(export_source),
         "embedding": cfg.embedding, "source_notes": source_notes,
         "source_stage": source_name, "op_types": options.ops(), "eval_split": eval_split,
-        "calibration": cfg.calibration.model_dump() if cfg.mode == "static" else None,
+        "calibration": cfg.calibration.model_dump() if mode == "static" else None,
         "integer_matmuls": n_int, **outcome.to_json(),
     }
     atomic_write_text(ctx.out_dir / "quantization.json", json.dumps(summary, indent=2))
@@ -122,9 +145,14 @@ def run(ctx: StageContext) -> StageResult:
     spec.write(ctx.out_dir / "graph.json")
 
     int8_tables = final.integer_ops.get("int8_gather", 0)
-    notes = [f"{cfg.mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
+    notes = [f"{mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
              f"MatMul(s), {int8_tables} INT8 embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
              f"node(s) moved back to fp32 after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
+    if compared:
+        notes.append("static vs dynamic: " + "; ".join(
+            f"{m}: p50 {c['latency_ms_p50']:.2f} ms, {'within' if c['passed'] else 'OVER'} tolerance, "
+            f"{c['size_bytes'] / 1e6:.2f} MB" for m, c in compared.items() if isinstance(c, dict))
+            + f"; kept {mode} ({compared['rule']})")
     if outcome.fp32:
         reasons: dict[str, list[str]] = {}
         for entry in outcome.fp32:
@@ -149,14 +177,15 @@ def run(ctx: StageContext) -> StageResult:
     ctx.reporter.extend(onnx_rows(
         ctx.out_dir / "model.int8.onnx", spec, plugins, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
         fmt="onnx-int8", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
-        extra={"quantization": cfg.mode, "integer_matmuls": n_int, "within_tolerance": outcome.passed},
+        extra={"quantization": mode, "integer_matmuls": n_int, "within_tolerance": outcome.passed},
     ))
     outputs = {
         "fp32_nodes": outcome.fp32,
         "onnx": str(ctx.final_dir / "model.int8.onnx"),
         "graph": str(ctx.final_dir / "graph.json"),
         "model_dir": str(model_dir),
-        "mode": cfg.mode,
+        "mode": mode,
+        "compared": compared,
         "passed": outcome.passed,
         "integer_ops": final.integer_ops,
         "integer_matmuls": n_int,
@@ -202,3 +231,30 @@ def _unfused_embedding_source(raw: Path, fused: Path, dst: Path, spec: Any, feed
                      "the unfused export so the embedding lookup can be INT8 per row")
     return dst, ("quantized the export fused without EmbedLayerNormalization (attention and layer-norm fusions "
                  "kept; outputs checked against the fused graph), so the embedding lookups are INT8 per row")
+
+
+def _choose_mode(results: dict[str, dict[str, Any]], spec: Any, threads: int, report: Any) -> tuple[str, dict[str, Any]]:
+    """The mode to keep when both were tried: among those within every tolerance the one with the lower ORT p50
+    latency (batch 1, the report's sequence length); when neither is within tolerance, the one with fewer failing
+    tasks, then the smaller worst excess. Returns (mode, what was measured per mode)."""
+    from compressor.runtime.session import latency_inputs, make_session, ort_latency_ms
+
+    feeds = latency_inputs(spec, int(spec.metadata.get("vocab_size", 30522)), report.latency_seq_len)
+    compared: dict[str, Any] = {}
+    for mode, r in results.items():
+        outcome = r["outcome"]
+        lat = ort_latency_ms(make_session(outcome.path, threads), feeds, max(report.latency_runs, 10),
+                             max(report.latency_warmup, 2))
+        final = outcome.final
+        excess = max((d - r["tolerances"].get(t, 0.0) for t, d in final.drops.items()), default=0.0)
+        compared[mode] = {"passed": outcome.passed, "metrics": final.metrics, "drops": final.drops,
+                          "failing": final.failing, "fallback_nodes": len(final.excluded),
+                          "latency_ms_p50": lat["p50"], "size_bytes": outcome.path.stat().st_size,
+                          "_key": (0, lat["p50"]) if outcome.passed else (1, len(final.failing), excess)}
+    chosen = min(compared, key=lambda m: compared[m]["_key"])
+    for entry in compared.values():
+        del entry["_key"]
+    compared["chosen"] = chosen
+    compared["rule"] = ("faster of the modes within every tolerance" if compared[chosen]["passed"]
+                        else "no mode within every tolerance: fewest failing tasks")
+    return chosen, compared
