@@ -124,6 +124,7 @@ def check_plugin(
     first_subtoken_labels: bool = True,
     save_load: bool = True,
     runtime: bool = True,
+    runtime_inputs: Mapping[str, Any] | None = None,
 ) -> CheckReport:
     """Run a plugin through the whole contract on ``data``; raise :class:`ContractError` at the first break.
 
@@ -139,7 +140,10 @@ def check_plugin(
         first_subtoken_labels: in a token task (features with ``word_ids`` and per-token ``labels``), only a
             word's first sub-token may carry a label; others must be -100.
         save_load: check that a saved model reloads with identical outputs.
-        runtime: decode PyTorch outputs with the plugin's runtime decoder (``export_spec``) as a bundle would.
+        runtime: decode PyTorch outputs with the plugin's runtime decoder (``export_spec``) as a bundle would,
+            over two sample sentences (with a sample question and text pair for decoders that want them).
+        runtime_inputs: the texts and extra request inputs of that runtime check, e.g. ``{"texts": [...],
+            "spans": [...]}`` for a decoder that reads ``spans`` (see ``Bundle.predict``).
 
     Returns:
         A :class:`CheckReport`.
@@ -165,7 +169,8 @@ def check_plugin(
     torch.set_num_threads(1)
     try:
         return _check(c, cls, registered or temporary, task_name, Path(data), format, options, labels, siblings,
-                      max_length, batch_size, tokenizer, first_subtoken_labels, save_load, runtime)
+                      max_length, batch_size, tokenizer, first_subtoken_labels, save_load, runtime,
+                      dict(runtime_inputs or {}))
     finally:
         torch.set_num_threads(threads)
         if temporary is not None:
@@ -175,7 +180,7 @@ def check_plugin(
 def _check(c: _Checker, cls: type[TaskPlugin], plugin_name: str, task_name: str, data: Path, format: str | None,
            options: Mapping[str, Any] | None, labels: list[str] | None, siblings: Mapping[str, Mapping[str, Any]] | None,
            max_length: int, batch_size: int, tokenizer: Any, first_subtoken_labels: bool, save_load: bool,
-           runtime: bool) -> CheckReport:
+           runtime: bool, runtime_inputs: dict[str, Any]) -> CheckReport:
     import torch
 
     from compressor.model.multitask import MultiTaskModel
@@ -204,7 +209,7 @@ def _check(c: _Checker, cls: type[TaskPlugin], plugin_name: str, task_name: str,
     missing = [r for r in task.requires() if r not in tasks]
     if missing:
         raise c.fail("requires", f"needs task(s) {', '.join(missing)} beside it; pass siblings={{name: {{'plugin': "
-                                 "..., 'path': ...}}} (CLI: --sibling NAME=PLUGIN)")
+                                 "..., 'path': ...}} (CLI: --sibling NAME=PLUGIN)")
     for t in tasks.values():
         t.bind(tasks)
     examples: dict[str, list[Any]] = {}
@@ -361,7 +366,7 @@ def _check(c: _Checker, cls: type[TaskPlugin], plugin_name: str, task_name: str,
                                     "decoder name, or None for raw outputs)")
     c.ok("export_spec")
     if runtime:
-        _check_runtime(c, model, tokenizer, max_length, task_name)
+        _check_runtime(c, model, tokenizer, max_length, task_name, runtime_inputs)
         c.ok("runtime decoder")
 
     # ---- save -> load ---------------------------------------------------------------------------------------
@@ -419,10 +424,12 @@ def _collate(c: _Checker, task: TaskPlugin, feats: list[dict[str, Any]]) -> dict
 
 def _check_first_subtoken_labels(c: _Checker, encoded: Encoded) -> None:
     """Token tasks: labels only at each word's first sub-token (the runtime's word decoders read it there)."""
+    applies = False
     for i, f in enumerate(encoded.features):
         word_ids, labels = f.get("word_ids"), f.get("labels")
         if word_ids is None or not isinstance(labels, list) or len(labels) != len(f["input_ids"]):
             continue
+        applies = True
         seen: set[int] = set()
         for pos, (w, lab) in enumerate(zip(word_ids, labels)):
             first = w is not None and w not in seen
@@ -432,7 +439,8 @@ def _check_first_subtoken_labels(c: _Checker, encoded: Encoded) -> None:
                 where = "a special token" if w is None else f"a non-first sub-token of word {w}"
                 raise c.fail("encode", f"feature {i} labels position {pos} ({where}) with {lab}; expected {IGNORE} "
                                        "everywhere but each word's first sub-token (decoders read words there)")
-    c.ok("first-sub-token labels")
+    if applies:
+        c.ok("first-sub-token labels")
 
 
 def _other_batch(features: list[dict[str, Any]], first: list[dict[str, Any]], batch_size: int):
@@ -511,7 +519,8 @@ class _TorchSession:
         return [values[n] for n in names]
 
 
-def _check_runtime(c: _Checker, model: Any, tokenizer: Any, max_length: int, task_name: str) -> None:
+def _check_runtime(c: _Checker, model: Any, tokenizer: Any, max_length: int, task_name: str,
+                   inputs: dict[str, Any]) -> None:
     """Decode PyTorch outputs with the runtime decoder named by ``export_spec``, as a bundle would."""
     from tokenizers import Tokenizer
 
@@ -527,9 +536,10 @@ def _check_runtime(c: _Checker, model: Any, tokenizer: Any, max_length: int, tas
     tok.no_padding()
     tok.no_truncation()
     bundle = Bundle(Path("<check>"), spec, tok, _TorchSession(model, spec), decoders)
-    texts = ["Anna Schmidt works for Acme Corp in Oslo .", "Nothing happened ."]
+    inputs = {"questions": SAMPLE_QUESTION, "text_pairs": SAMPLE_PAIR, **inputs}
+    texts = inputs.pop("texts", None) or ["Anna Schmidt works for Acme Corp in Oslo .", "Nothing happened ."]
     try:
-        preds = bundle.predict(texts, tasks=[task_name], questions=SAMPLE_QUESTION, text_pairs=SAMPLE_PAIR)
+        preds = bundle.predict(texts, tasks=[task_name], **inputs)
     except BundleError as exc:
         raise c.fail("runtime decoder", f"decoder {spec.tasks[task_name].decoder.get('decoder')!r}: {exc}") from None
     try:

@@ -85,7 +85,7 @@ class Bundle:
     # ---- prediction ---------------------------------------------------------------------------------------
     def predict(self, texts: str | Sequence[str], tasks: Sequence[str] | None = None, *,
                 questions: str | Sequence[str] | None = None,
-                text_pairs: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+                text_pairs: str | Sequence[str] | None = None, **inputs: Any) -> list[dict[str, Any]]:
         """Decoded predictions of every requested task for every text.
 
         Args:
@@ -93,6 +93,7 @@ class Bundle:
             tasks: task names (default: every task of the bundle).
             questions: QA questions, one per text (or one for all).
             text_pairs: second texts of text-pair classification, one per text (or one for all).
+            inputs: further request inputs a plugin's decoder reads (e.g. ``spans`` for a span-pair decoder).
 
         Returns:
             One ``{"text", "truncated", "predictions": {task: prediction}}`` per text. Predictions by decoder:
@@ -117,7 +118,7 @@ class Bundle:
             raise BundleError(f"this bundle does not serve task(s) {', '.join(repr(t) for t in unknown)}; "
                               f"it serves: {', '.join(self.tasks)}")
         order = self._order(wanted)
-        inputs = {"questions": questions, "text_pairs": text_pairs}
+        inputs = {**inputs, "questions": questions, "text_pairs": text_pairs}
         done: dict[str, list[dict[str, Any]]] = {}
         shared = [t for t in order if self.decoders[t].shared and not self.decoders[t].requires()]
         if shared:
