@@ -60,7 +60,9 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
 
     # read and check every training split before anything is written
     data = DataStore(recipe, resolve_data_root(recipe.data_root, data_root))
+    fitted = [t.name for t in recipe.tasks if not data.tasks[t.name].labels]
     data.fit_labels()
+    _check_fitted_labels(data, fitted)
 
     existed = run_dir.exists()
     try:
@@ -99,12 +101,14 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
     train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
+    copied = False
     try:
         if resume and state_path.is_file():
             state = read_state(run_dir)
             if (run_dir / "report.json").is_file():
                 reporter.load(run_dir / "report.json")
-        if not (run_dir / "recipe.yaml").exists():
+        copied = not (run_dir / "recipe.yaml").exists()
+        if copied:
             shutil.copyfile(recipe_path, run_dir / "recipe.yaml")
         _run_stages(recipe, run_dir, state, data, reporter, resume, log)
     except BaseException:
@@ -115,6 +119,12 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
                 for p in run_dir.iterdir():
                     if p.name != LOCK_NAME:
                         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif not state["completed"]:  # a resume that completed nothing: take back what this attempt added
+            if copied:
+                (run_dir / "recipe.yaml").unlink(missing_ok=True)
+            for sub in (run_dir / "stages", run_dir / "checkpoints"):
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
         raise
     _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
     return run_dir
@@ -248,6 +258,24 @@ def check_checkpoints(checkpoint_dir: Path | None, stage: str) -> None:
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise CompressorError(f"{f}: unreadable checkpoint of stage '{stage}' ({first[:200]}); remove "
                                   f"{checkpoint_dir} to restart the stage from scratch") from None
+
+
+def _check_fitted_labels(data, fitted: list[str]) -> None:
+    """A label schema fitted from the training split must cover the dev and test labels; otherwise the
+    training file is the one to blame (too small or incomplete), not the first evaluation file that shows it."""
+    from compressor.errors import DataError
+
+    for name in fitted:
+        task = data.tasks[name]
+        for split in ("dev", "test"):
+            if not data.has(name, split):
+                continue
+            extra = sorted(set(task.fit_labels(data.examples(name, split))) - set(task.labels))
+            if extra:
+                n = len(data.examples(name, "train"))
+                raise DataError(data.path(name, "train"), f"task '{name}': the training split ({n} example(s)) "
+                                f"has only the labels {task.labels}, but the {split} split ({data.path(name, split)}) "
+                                f"also has {extra}; use a complete training file or give tasks[].labels")
 
 
 def _is_main_rank() -> bool:

@@ -538,8 +538,10 @@ def load_recipe(path: Path | str) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from exc
+        line = mark.line + 1 if mark else (text[: exc.position].count("\n") + 1 if hasattr(exc, "position") else None)
+        where = f"{path}:{line}" if line else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise RecipeError(f"{where}: malformed YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{path}:1: expected a mapping at the top of the recipe, got {type(data).__name__}")
     try:

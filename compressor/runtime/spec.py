@@ -104,7 +104,7 @@ class GraphSpec:
         for name, t in d["tasks"].items():
             try:
                 tasks[name] = TaskGraph.from_json(t)
-            except (KeyError, TypeError, AttributeError) as exc:
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
                 raise ValueError(f"{source}: tasks.{name}: malformed task entry ({exc!r})") from exc
         return cls(list(d["inputs"]), tasks, int(d["max_length"]), dict(d.get("metadata") or {}))
 
