@@ -203,6 +203,10 @@ class DistillStage(Strict):
     sampling: Sampling = Sampling()
     seed: int | None = Field(None, description="default: the recipe's seed")
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
+        "teacher dev metric, every task); null: run every epoch")
+    keep_best: bool = Field(True, description="end with the weights of the epoch with the best mean dev retention")
 
 
 class PruneLayerRatios(Strict):

@@ -307,3 +307,34 @@ def test_distill_stage_config_is_validated():
     cfg = DistillStage.model_validate({"kind": "distill", "student": {"from_teacher": {"layers": [0, 2]}},
                                        "layer_map": {"0": 0, "1": 2}})
     assert cfg.student.from_teacher.layers == [0, 2] and cfg.layer_map == {0: 0, 1: 2}
+
+
+def test_distill_stage_measures_dev_retention_per_epoch_and_keeps_the_best(store, tokenizer, tmp_path):
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {
+        "student": {"from_teacher": {"layers": 1}}, "epochs": 6, "steps_per_epoch": 2, "batch_size": 4,
+        "lr": 5e-3, "warmup_ratio": 0.0, "early_stopping_patience": 2,
+    }, teacher_dir=teacher_dir)
+    result = run(ctx)
+    out = result.outputs
+    history = out["epochs"]
+    assert history and [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert [h["steps"] for h in history] == [2 * h["epoch"] for h in history] and out["steps_done"] == 2 * len(history)
+    for h in history:
+        assert set(h["retention"]) == {"ner", "sst"}
+        assert h["mean_retention"] == pytest.approx(sum(h["retention"].values()) / 2)
+    scores = [h["mean_retention"] for h in history]
+    best = out["best_epoch"]
+    assert best == scores.index(max(scores)) + 1
+    # stops once `patience` epochs in a row bring no better retention, and not before
+    if out["stopped_early"]:
+        assert len(history) - best == 2 and len(history) < 6
+    else:
+        assert len(history) == 6 and len(history) - best < 2
+    # the saved student is the best epoch's: its dev rows are that epoch's dev metrics
+    dev = {r["task"]: r["value"] for r in ctx.reporter.rows if r["split"] == "dev"}
+    assert dev == pytest.approx(history[best - 1]["dev"])
+    assert any("mean dev retention per epoch" in n and f"kept epoch {best}" in n for n in result.notes)

@@ -42,19 +42,52 @@ def run(ctx: StageContext) -> StageResult:
     tasks = list(student.tasks)
     batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, max_length, cfg.batch_size,
                                      cfg.sampling.strategy, cfg.sampling.tau, seed)
-    total = cfg.steps or cfg.epochs * (cfg.steps_per_epoch or batches.steps_per_epoch())
+    steps_per_epoch = cfg.steps_per_epoch or batches.steps_per_epoch()
+    total = cfg.steps or cfg.epochs * steps_per_epoch
     loss_config = KDConfig(alpha=cfg.alpha, temperature=cfg.temperature, logits=cfg.weights.logits,
                            hidden=cfg.weights.hidden, attention=cfg.weights.attention,
                            relation_heads=cfg.relation_heads)
     distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                           optimizer=cfg.optimizer, momentum=cfg.momentum, device=device, mixed_precision=mixed)
-    # the mean loss parts of the first and the last steps go into the outputs, so a report shows the descent
+    # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
+    dev_tasks = [t for t in tasks if ctx.data.has(t, "dev")]
+    teacher_dev = _dev_metrics(ctx, teacher, tokenizer, dev_tasks, cfg.eval_batch_size)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped_early = False
+    # the mean loss parts of the first steps and of the last epoch go into the outputs (the descent)
     first_n = max(1, total // 10) if total > 1 else total
+    first: dict[str, float] | None = None
     with _Progress(cfg.name, total) as progress:
-        first = distiller.run(first_n, on_step=progress.update)
-        rest = distiller.run(on_step=progress.update) if total > first_n else first
-    last_n = total - first_n or total
+        while distiller.steps_done < total:
+            n = min(steps_per_epoch, total - distiller.steps_done)
+            if first is None:
+                k = min(n, first_n)
+                first = distiller.run(k, on_step=progress.update)
+                rest = distiller.run(n - k, on_step=progress.update) if n > k else first
+            else:
+                rest = distiller.run(n, on_step=progress.update)
+            entry: dict[str, Any] = {"epoch": len(history) + 1, "steps": distiller.steps_done, "loss": rest}
+            if dev_tasks:
+                dev = _dev_metrics(ctx, student, tokenizer, dev_tasks, cfg.eval_batch_size)
+                retention = {t: _retention(dev[t], teacher_dev[t], student.tasks[t].metric.higher_is_better)
+                             for t in dev_tasks}
+                mean = sum(retention.values()) / len(retention)
+                entry.update(dev=dev, retention=retention, mean_retention=mean)
+                if best is None or mean > best[0] + 1e-9:
+                    best = (mean, entry["epoch"])
+                    if cfg.keep_best:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            history.append(entry)
+            if (best is not None and cfg.early_stopping_patience
+                    and entry["epoch"] - best[1] >= cfg.early_stopping_patience):
+                stopped_early = distiller.steps_done < total
+                break
+    last_n = history[-1]["steps"] - (history[-2]["steps"] if len(history) > 1 else first_n) or total
+    if best_state is not None and best is not None and best[1] != history[-1]["epoch"]:
+        student.load_state_dict(best_state)
     student.eval()
 
     saved = ctx.out_dir / "model"
@@ -74,6 +107,12 @@ def run(ctx: StageContext) -> StageResult:
         f"attention={cfg.weights.attention}",
         f"{cfg.name}: mean loss parts over the last {last_n} steps: {fmt}",
     ]
+    if best is not None:
+        per_epoch = ", ".join(f"{h['epoch']}: {h['mean_retention']:.4f}" for h in history)
+        notes.append(f"{cfg.name}: mean dev retention per epoch (student / teacher) {per_epoch}; "
+                     f"{'kept' if cfg.keep_best else 'best was'} epoch {best[1]}"
+                     + (f"; stopped after epoch {history[-1]['epoch']} ({cfg.early_stopping_patience} epoch(s) "
+                        "without improvement)" if stopped_early else ""))
     outputs: dict[str, Any] = {
         "model_dir": str(ctx.final_dir / "model"),
         "teacher_layers": kept,
@@ -83,10 +122,38 @@ def run(ctx: StageContext) -> StageResult:
         "teacher_params": params_t,
         "loss_first": first,
         "loss_last": rest,
+        "epochs": history,
+        "best_epoch": best[1] if best is not None else None,
+        "stopped_early": stopped_early,
+        "steps_done": distiller.steps_done,
         "device": device.type,
         "mixed_precision": "bf16" if mixed else "no",
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],
+                 batch_size: int) -> dict[str, float]:
+    """Primary dev metric of every task in ``tasks`` (model left in eval mode)."""
+    from compressor.report.measure import torch_forward
+
+    model.eval()
+    forward = torch_forward(model)
+    out = {}
+    for t in tasks:
+        plugin = model.tasks[t]
+        encoded = ctx.data.encoded(t, "dev", tokenizer, ctx.recipe.model.max_length)
+        metrics, _ = plugin.evaluate(forward, encoded, ctx.data.examples(t, "dev"), batch_size)
+        out[t] = float(metrics[plugin.metric.name])
+    return out
+
+
+def _retention(student: float, teacher: float, higher_is_better: bool = True) -> float:
+    """Student metric as a share of the teacher's (inverted for lower-is-better metrics); 1.0 when both are 0."""
+    num, den = (student, teacher) if higher_is_better else (teacher, student)
+    if den == 0:
+        return 1.0 if num == 0 else float("inf")
+    return num / den
 
 
 def _build_student(ctx: StageContext, teacher: MultiTaskModel, seed: int) -> tuple[MultiTaskModel, list[int] | None, str]:
