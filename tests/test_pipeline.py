@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,165 @@ report: {{latency: false}}
     assert {r["task"] for r in report["rows"] if r["model"] == "single:ner"} == {"ner"}
     manifest = json.loads((tmp_path / "out/stages/00-teacher/single-re/manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["re", "ner"]
+
+
+# ---- one run per directory, movable runs, clean stops, strict JSON ------------------------------------------------
+def _cli(*args, cwd=None, **kw):
+    exe = Path(sys.executable).parent / "compressor"
+    return subprocess.Popen([str(exe), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _load_recipe(tmp_path: Path, model: Path, name: str = "load.yaml") -> Path:
+    """A recipe whose only stage loads a finished model (fast: no training, no latency)."""
+    recipe = tmp_path / name
+    recipe.write_text(f"""\
+name: loaded
+data_root: {PIPE}
+model: {{max_length: 32}}
+tasks:
+  - {{name: sst, plugin: classification, format: label_text, labels: ['0', '1'], data: {{dev: sst.dev.txt}}}}
+stages:
+  - {{kind: load, path: {model}, evaluate: false}}
+report: {{latency: false}}
+""")
+    return recipe
+
+
+def test_state_json_paths_are_relative_and_a_moved_run_resumes_from_anywhere(finished_run, tmp_path, monkeypatch):
+    recipe, out = finished_run
+    text = (out / "state.json").read_text()
+    state = json.loads(text)
+    assert str(out) not in text and state["completed"][0]["model_dir"] == "stages/00-teacher/model"
+    moved = tmp_path / "elsewhere" / "moved-run"
+    import shutil
+
+    shutil.copytree(out, moved)
+    before = json.loads((moved / "report.json").read_text())["rows"]
+    monkeypatch.chdir(tmp_path)  # another working directory, a relative --out
+    result = invoke("run", recipe, "--out", Path("elsewhere") / "moved-run", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "done earlier, skipped" in result.output
+    assert json.loads((moved / "report.json").read_text())["rows"] == before
+    from compressor.pipeline import read_state
+
+    assert Path(read_state(moved)["completed"][0]["model_dir"]) == moved / "stages/00-teacher/model"
+
+
+def test_a_second_run_into_a_locked_directory_fails_at_once_naming_the_holder(finished_run, tmp_path):
+    from compressor.fsutil import DirLock
+
+    model = finished_run[1] / "stages/00-teacher/model"
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = DirLock(out).acquire()
+    try:
+        result = invoke("run", _load_recipe(tmp_path, model), "--out", out)
+        assert result.exit_code == 2 and f"in use by process {os.getpid()}" in result.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's lock only
+    finally:
+        holder.release()
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over(finished_run, tmp_path):
+    model = finished_run[1] / "stages/00-teacher/model"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead.pid}\n")  # what a kill -9 leaves: the file, no flock
+    result = invoke("run", _load_recipe(tmp_path, model), "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"took over the lock of process {dead.pid}" in result.output
+    assert not (out / ".lock").exists() and (out / "report.json").is_file()
+
+
+def test_two_concurrent_runs_into_one_directory_one_proceeds_one_is_refused(finished_run, tmp_path):
+    model = finished_run[1] / "stages/00-teacher/model"
+    recipe = _load_recipe(tmp_path, model)
+    out = tmp_path / "out"
+    procs = [_cli("run", recipe, "--out", out) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert refused.startswith("error: ") and refused.count("\n") == 1
+    assert "in use by process" in refused or "pass --resume" in refused  # refused while running, or after it
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["teacher"]  # nothing lost
+    assert not (out / ".lock").exists()
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tiny_model_path, tmp_path):
+    import signal
+    import time
+
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(recipe_text(tiny_model_path, epochs=50, baselines=False))
+    out = tmp_path / "out"
+    proc = _cli("run", recipe, "--out", out)
+    deadline = time.time() + 240
+    while not list(out.glob("stages/.*partial")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(out.glob("stages/.*partial")), "the train stage never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert not out.exists()  # no .00-teacher.partial, no recipe.yaml, no lock
+
+
+def test_state_and_report_are_strict_json_without_nan(tmp_path):
+    from compressor.fsutil import dumps_strict
+    from compressor.pipeline import read_state, write_state
+    from compressor.report.rows import Reporter
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite {c} in JSON"))
+
+    write_state(tmp_path, {"recipe": "x", "completed": [{"name": "t", "outputs": {
+        "loss": float("nan"), "hist": [1.0, float("inf")], "model": str(tmp_path / "stages/00-t/model")}}]})
+    state = strict((tmp_path / "state.json").read_text())
+    assert state["completed"][0]["outputs"] == {"loss": None, "hist": [1.0, None], "model": "stages/00-t/model"}
+    assert read_state(tmp_path)["completed"][0]["outputs"]["model"] == str(tmp_path / "stages/00-t/model")
+    reporter = Reporter("x")
+    reporter.add({"model": "teacher", "stage": "t", "task": "sst", "split": "dev", "metric": "accuracy",
+                  "value": float("nan"), "params": 1, "size_bytes": 1, "latency_ms_p50": None})
+    reporter.write(tmp_path)
+    assert strict((tmp_path / "report.json").read_text())["rows"][0]["value"] is None
+    assert strict(dumps_strict({"a": float("-inf")})) == {"a": None}
+
+
+def test_a_model_a_stage_writes_with_nan_weights_is_not_recorded_complete(finished_run, tmp_path, monkeypatch):
+    """The check runs after every stage whatever the stage evaluated: a stage that saves a NaN model fails."""
+    from safetensors.torch import load_file, save_file
+
+    import compressor.stages.load as load_stage
+    from compressor.stages import StageResult
+
+    model = finished_run[1] / "stages/00-teacher/model"
+
+    def nan_stage(ctx):
+        import shutil
+
+        dst = ctx.out_dir / "model"
+        shutil.copytree(model, dst)
+        state = load_file(str(dst / "model.safetensors"))
+        next(v for v in state.values() if v.is_floating_point())[0] = float("nan")
+        save_file(state, str(dst / "model.safetensors"))
+        return StageResult(model_dir=ctx.final_dir / "model")
+
+    monkeypatch.setattr(load_stage, "run", nan_stage)
+    out = tmp_path / "out"
+    result = invoke("run", _load_recipe(tmp_path, model), "--out", out)
+    assert result.exit_code == 2 and "NaN" in result.stderr and not out.exists()
+
+
+def test_validate_builds_tasks_and_checks_the_chain_and_data(tiny_model_path, tmp_path):
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text(recipe_text(tiny_model_path, epochs=1))
+    result = invoke("validate", recipe)
+    assert result.exit_code == 0 and "6 data file(s) read" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe_text(tiny_model_path, epochs=1).replace("report:", "  - {kind: bundle, source: nope}\nreport:"))
+    result = invoke("validate", bad)
+    assert result.exit_code == 2 and "stages[1].source" in result.stderr and "'nope'" in result.stderr
