@@ -434,3 +434,18 @@ def test_validate_builds_tasks_and_checks_the_chain_and_data(tiny_model_path, tm
     bad.write_text(recipe_text(tiny_model_path, epochs=1).replace("report:", "  - {kind: bundle, source: nope}\nreport:"))
     result = invoke("validate", bad)
     assert result.exit_code == 2 and "stages[1].source" in result.stderr and "'nope'" in result.stderr
+
+
+def test_same_recipe_and_seed_give_the_same_report_rows_in_separate_processes(tiny_model_path, tmp_path):
+    """Seeded before anything random is built: two runs of one recipe (two processes) give identical metrics."""
+    recipe = tmp_path / "seeded.yaml"
+    recipe.write_text(recipe_text(tiny_model_path, epochs=1, baselines=False).replace(
+        "report: {latency_runs: 2, latency_warmup: 1, latency_seq_len: 32}", "report: {latency: false}"))
+    procs = [_cli("run", recipe, "--out", tmp_path / f"out{i}") for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    keys = ("model", "stage", "task", "split", "metric", "value", "metrics", "params", "size_bytes")
+    rows = [sorted((tuple(json.dumps(r[k], sort_keys=True) for k in keys)
+                    for r in json.loads((tmp_path / f"out{i}" / "report.json").read_text())["rows"]))
+            for i in range(2)]
+    assert rows[0] and rows[0] == rows[1]
