@@ -36,8 +36,7 @@ def make_sampler(kind: str, seed: int) -> Any:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True,
-                                      warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
 
 
 def open_study(path: Path, fingerprint: dict[str, Any], sampler: str, seed: int) -> Any:
