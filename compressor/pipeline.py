@@ -31,7 +31,7 @@ from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import LOCK_NAME, DirLock, absolute_paths, atomic_write_text, dumps_strict, relative_paths
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
-from compressor.stages import STAGE_RUNNERS, StageContext, StageResult
+from compressor.stages import STAGE_PREFLIGHT, STAGE_RUNNERS, StageContext, StageResult
 
 STATE = "state.json"
 
@@ -53,6 +53,9 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     recipe = load_recipe(recipe_path)
     check_tasks(recipe, recipe_path)  # plugin typos and options name the recipe file and field
     check_stage_chain(recipe, recipe_path)  # a stage without its input fails now, not after training
+    for i, stage in enumerate(recipe.stages):  # e.g. a search space against the loaded model's architecture
+        if stage.kind in STAGE_PREFLIGHT:
+            _load(STAGE_PREFLIGHT[stage.kind], f"stage '{stage.kind}' preflight")(recipe, i)
     run_dir = Path(os.path.abspath(out if out else Path("runs") / recipe.name))
     _check_out(run_dir)
 
@@ -251,11 +254,17 @@ def check_checkpoints(checkpoint_dir: Path | None, stage: str) -> None:
             elif f.suffix == ".json":
                 json.loads(f.read_text(encoding="utf-8"))
             elif f.suffix in (".pt", ".bin"):
+                import warnings
+
                 import torch
 
-                torch.load(f, weights_only=True, map_location="cpu")
+                with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file
+                    warnings.simplefilter("ignore")
+                    torch.load(f, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - every reader has its own error types
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            if "Weights only load failed" in first:
+                first = "it holds objects other than tensors; refused, unpickling it could run code"
             raise CompressorError(f"{f}: unreadable checkpoint of stage '{stage}' ({first[:200]}); remove "
                                   f"{checkpoint_dir} to restart the stage from scratch") from None
 

@@ -194,6 +194,7 @@ def test_space_without_candidate_and_task_without_dev_exit_2(tmp_path, teacher):
     recipe = search_recipe(tmp_path, teacher, "space: {head_ratio: [0.9]}")
     result = invoke("run", recipe, "--out", tmp_path / "out")
     assert result.exit_code == 2 and "space.head_ratio" in result.stderr and "no candidate" in result.stderr
+    assert not (tmp_path / "out").exists()  # checked against the loaded teacher before anything is written
     model_dir, tasks = teacher
     no_dev = search_recipe(tmp_path, (model_dir, tasks.replace("dev: sst.dev.txt, ", "")), "retention: 0.9")
     result = invoke("run", no_dev, "--out", tmp_path / "out2")

@@ -43,6 +43,8 @@ STAGE_GIVES: dict[str, set[str]] = {
     "prune_vocab": {"model"}, "export": {"export", "graph"}, "quantize": {"graph"}, "bundle": set(),
     "search": {"model"},
 }
+#: stage kind -> "module:function(recipe, index)" run before anything is written (checks that need a model on disk)
+STAGE_PREFLIGHT: dict[str, str] = {"search": "compressor.stages.search:preflight"}
 #: stage kind -> the kinds its ``source`` field may name
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {"quantize": ("export",), "bundle": ("export", "quantize")}
 
