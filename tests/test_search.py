@@ -223,3 +223,45 @@ def test_compress_shortcut_writes_and_runs_the_recipe(tmp_path, teacher):
     report = json.loads((out / "report.json").read_text())
     assert [s["kind"] for s in report["stages"]] == ["load", "search", "export", "quantize", "bundle"]
     assert len(report["outputs"]["search"]["trials"]) == 2
+
+
+def test_a_trial_left_running_by_sigkill_is_retried_once_and_finished_ones_never(tmp_path):
+    """The study level of resume, without training: a trial that never finished (SIGKILL leaves it RUNNING) is
+    failed and its setting enqueued on reopening; finished settings are not proposed for training again."""
+    from compressor.model.architecture import LayerArch
+    from compressor.recipe import SearchBudget, SearchSpace
+    from compressor.search.candidate import Measured
+    from compressor.search.space import Space
+    from compressor.search.study import SearchLoop, open_study
+
+    space = Space(SearchSpace(layers=[1, 2], head_ratio=[0.0, 0.5], ffn_ratio=[0.0], int8=["none"]),
+                  [LayerArch(4, 8, 64), LayerArch(4, 8, 64)], "stages[1].space")
+    assert space.size == 4
+    calls = []
+
+    def evaluate(number, knobs):
+        calls.append(knobs)
+        return Measured({"a": 1.0}, {"a": 1.0}, float(knobs.layers), 1.0, 100 * knobs.layers, 10, 5)
+
+    def loop(study, trials):
+        return SearchLoop(study, space, evaluate, lambda m: (m.latency_ms, 0.0), lambda m: {"retention": m.retention},
+                          lambda e: {}, SearchBudget(trials=trials), log=lambda line: None)
+
+    db = tmp_path / "study.db"
+    study = open_study(db, {"x": 1}, "tpe", 0)
+    loop(study, 2).run()
+    assert len(calls) == 2
+    killed = study.ask(space.distributions())  # a trial in flight when the process died: stays RUNNING
+    killed_knobs = space.knobs(killed.params)
+    del study
+    study = open_study(db, {"x": 1}, "tpe", 0)
+    stats = loop(study, 4).run()
+    assert stats["trained_total"] == 4 and len(calls) == 4
+    assert len(set(calls)) == 4  # every setting trained exactly once
+    if killed_knobs not in calls[:2]:
+        assert calls[2] == killed_knobs  # the interrupted setting is retried first
+    # the space is exhausted: a bigger budget trains nothing more
+    assert loop(open_study(db, {"x": 1}, "tpe", 0), 10).run()["stopped_by"] == "space exhausted"
+    assert len(calls) == 4
+    with pytest.raises(Exception, match="another space"):
+        open_study(db, {"x": 2}, "tpe", 0)
