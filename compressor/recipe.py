@@ -73,8 +73,25 @@ class TaskSpec(Strict):
 
 # ---- stages -----------------------------------------------------------------------------------------------
 class Sampling(Strict):
-    strategy: Literal["proportional", "temperature", "round_robin"] = "temperature"
+    """How the steps of an epoch are shared among the tasks.
+
+    ``passes`` (default): task t takes exactly ``passes[t]`` (default 1.0) passes over its training batches per
+    epoch, interleaved at random, so a small task can be given several passes while a large one takes one.
+    ``proportional`` / ``temperature`` (size^(1/tau)) / ``round_robin`` draw the task of each step at random.
+    """
+
+    strategy: Literal["passes", "proportional", "temperature", "round_robin"] = "passes"
     tau: float = Field(2.0, gt=0)
+    passes: dict[str, float] = Field(
+        {}, description="task -> passes over its training batches per epoch (strategy 'passes'; default 1.0)")
+
+    @field_validator("passes")
+    @classmethod
+    def _positive_passes(cls, passes: dict[str, float]) -> dict[str, float]:
+        for task, n in passes.items():
+            if not n > 0:
+                raise ValueError(f"passes of task '{task}' must be > 0 (got {n})")
+        return passes
 
 
 class LossWeighting(Strict):
@@ -97,7 +114,8 @@ class TrainStage(Strict):
     batch_size: int = Field(16, gt=0)
     eval_batch_size: int = Field(64, gt=0)
     lr: float = Field(5e-5, gt=0)
-    head_lr: float | None = Field(None, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the task heads (new, randomly initialised "
+                           "layers learn far slower at the encoder's rate)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -380,6 +398,7 @@ class BundleStage(Strict):
     source: str | None = Field(None, description="quantize or export stage whose graph to ship; default: the latest")
     check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
 
+
 SearchRatio = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -487,6 +506,17 @@ class Recipe(Strict):
     def _unique_stages(cls, stages: list[Any]) -> list[Any]:
         _unique([s.name for s in stages], "stage")
         return stages
+
+    @model_validator(mode="after")
+    def _budgets_name_tasks(self) -> Recipe:
+        names = [t.name for t in self.tasks]
+        for stage in self.stages:
+            sampling = getattr(stage, "sampling", None)
+            for task in getattr(sampling, "passes", {}) or {}:
+                if task not in names:
+                    raise ValueError(f"stage '{stage.name}': sampling.passes names task '{task}', which the recipe "
+                                     f"does not have (tasks: {', '.join(names)})")
+        return self
 
     @model_validator(mode="after")
     def _search_stages_fit_tasks(self) -> Recipe:

@@ -280,6 +280,48 @@ def test_head_pools_spans_and_handles_zero_pairs():
     assert head(h, mask, re_spans=torch.zeros(2, 0, 4, dtype=torch.long))["logits"].shape == (2, 0, 6)
 
 
+def test_max_pool_takes_the_elementwise_max_of_each_span_and_zeros_when_empty():
+    import torch
+
+    from compressor_plugins.relation.head import max_pool
+
+    h = torch.tensor([[[1.0, -5.0], [3.0, -2.0], [-1.0, -9.0]]])  # [1, 3, 2]
+    out = max_pool(h, torch.tensor([[0, 1, 2]]), torch.tensor([[2, 3, 2]]))
+    assert torch.equal(out[0, 0], torch.tensor([3.0, -2.0]))  # tokens 0..1
+    assert torch.equal(out[0, 1], torch.tensor([3.0, -2.0]))  # tokens 1..2
+    assert torch.equal(out[0, 2], torch.zeros(2))  # empty span
+
+
+def test_sigmoid_head_decodes_by_threshold_and_its_loss_falls():
+    import math
+
+    import torch
+
+    from compressor_plugins.relation.head import PairHead
+
+    torch.manual_seed(0)
+    head = PairHead(8, 3, dropout=0.0, classifier="sigmoid", threshold=0.4)
+    h = torch.randn(2, 6, 8)
+    spans = torch.tensor([[[1, 2, 3, 4], [3, 4, 1, 2]], [[0, 1, 4, 6], [0, 0, 0, 0]]])
+    logits = head(h, torch.ones(2, 6, dtype=torch.long), re_spans=spans)["logits"]
+    assert logits.shape == (2, 2, 3)
+    # column 0 is the threshold's logit, so argmax = the best type above the threshold, else no_relation
+    assert torch.allclose(logits[..., 0], torch.full((2, 2), math.log(0.4 / 0.6)))
+    rel = build_task("relation", "relation", ["A", "B"], {"classifier": "sigmoid"})
+    labels = torch.tensor([[1, 0], [2, -100]])
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = rel.loss(head(h, None, re_spans=spans), {"re_labels": labels})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0]
+    pred = head(h, None, re_spans=spans)["logits"].argmax(-1)
+    assert pred[0].tolist() == [1, 0] and int(pred[1, 0]) == 2
+
+
 def test_onnx_export_matches_torch_with_any_number_of_pairs(tmp_path, tokenizer):
     import warnings
 

@@ -26,8 +26,8 @@ class DataStore:
             task.bind(self.tasks)
         self._examples: dict[tuple[str, str], list[Any]] = {}
         self._full_sizes: dict[tuple[str, str], int] = {}
-        self._encoded: dict[tuple[str, str, int, bool, int], Encoded] = {}
-        self._tokenizers: dict[int, Any] = {}
+        self._encoded: dict[tuple[str, str, str, bool, int], Encoded] = {}
+        self._tokenizers: dict[int, tuple[Any, str]] = {}
 
     def path(self, task: str, split: str) -> Path | None:
         entry = self.recipe.task(task).data.get(split)
@@ -68,12 +68,25 @@ class DataStore:
                 task.labels = list(task.fit_labels(self.examples(name, "train")))
 
     def encoded(self, task: str, split: str, tokenizer: Any, max_length: int, train: bool = False) -> Encoded:
-        key = (task, split, id(tokenizer), train, max_length)
+        """The task's encoding of a split, cached by the tokenizer's content: two loads of the same tokenizer
+        (the teacher's and each twin's) share one encoding; a pruned vocabulary gets its own."""
+        key = (task, split, self._fingerprint(tokenizer), train, max_length)
         if key not in self._encoded:
             encoded = self.tasks[task].encode(self.examples(task, split), tokenizer, max_length, train)
             self._encoded[key] = encoded
-            self._tokenizers[id(tokenizer)] = tokenizer  # keeps the id from being reused by another tokenizer
         return self._encoded[key]
+
+    def _fingerprint(self, tokenizer: Any) -> str:
+        entry = self._tokenizers.get(id(tokenizer))
+        if entry is None or entry[0] is not tokenizer:
+            import hashlib
+
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+            extra = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'padding_side', '')}:{len(tokenizer)}"
+            entry = (tokenizer, hashlib.sha256((extra + text).encode()).hexdigest())
+            self._tokenizers[id(tokenizer)] = entry  # holds the tokenizer, so its id is not reused
+        return entry[1]
 
     def sizes(self) -> dict[str, dict[str, dict[str, int]]]:
         """task -> split -> {"used": n, "available": m, "truncated": t} for every split read so far."""

@@ -30,7 +30,8 @@ def run(ctx: StageContext) -> StageResult:
     shares: dict[str, int] = {}
     for label, subdir, task_names in jobs:
         job_cfg = cfg
-        if label != cfg.name and cfg.baseline_steps == "task_share":
+        if label != cfg.name and cfg.baseline_steps == "task_share" and cfg.sampling.strategy != "passes":
+            # (under 'passes' every task already takes the same steps per epoch in the twin as in the teacher)
             # the multi-task job ran first: its tokenizer's encodings are cached, so counting features is free
             shares = shares or _task_steps(ctx, cfg, list(tasks), tokenizer)
             job_cfg = cfg.model_copy(update={"steps_per_epoch": sum(shares[t] for t in task_names)})
@@ -44,6 +45,7 @@ def run(ctx: StageContext) -> StageResult:
                                           model_dir=saved, report=recipe.report))
         summary = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_dev": result.best_score,
                    "wall_s": round(result.wall_s, 1), "device": result.device, "mixed_precision": result.mixed_precision,
+                   "optimizer_steps": result.optimizer_steps, "examples_per_s": result.examples_per_s,
                    "history": result.history}
         outputs["training"][label] = summary
         if label != cfg.name:
@@ -87,6 +89,10 @@ def _train_one(ctx: StageContext, cfg: TrainStage, label: str, subdir: str,
         model, tokenizer, manifest = load_model(done)
         result = TrainResult(**manifest["train_result"])
         return result, model, tokenizer
+    # seeded before anything random is built (the heads' initial weights), so a recipe and seed give one result
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.seed)
     # each model gets its own plugin instances (same labels and options) so heads never alias
     tasks = {t: build_task(ctx.data.tasks[t].plugin_name or "", t, ctx.data.tasks[t].labels,
                            ctx.data.tasks[t].options.model_dump()) for t in task_names}

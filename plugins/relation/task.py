@@ -6,7 +6,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +39,10 @@ class RelationOptions(BaseModel):
         True, description="only classify pairs, and predict relations, whose argument types the training data has")
     allowed_pairs: dict[str, list[tuple[str, str]]] | None = Field(
         None, description="relation -> allowed [head type, tail type]; learned from the training data when unset")
+    classifier: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid", description="sigmoid: one binary logit per relation type and a threshold (SpERT); softmax: one "
+        "class per relation type plus no_relation")
+    threshold: float = Field(0.4, gt=0, lt=1, description="sigmoid: least probability of a predicted relation")
     dropout: float = Field(0.1, ge=0, lt=1)
     width: int | None = Field(None, gt=0, description="hidden width of the pair MLP; default the encoder's")
     seed: int = Field(0, description="seed of negative sampling")
@@ -201,7 +205,9 @@ class RelationTask(TaskPlugin):
 
         if not self.labels:
             raise RecipeError(f"task '{self.name}': cannot build a head without labels")
-        return PairHead(hidden_size, len(self.classes), self.options.dropout, self.options.width)
+        o = self.options
+        return PairHead(hidden_size, len(self.classes), o.dropout, o.width, classifier=o.classifier,
+                        threshold=o.threshold)
 
     def onnx_inputs(self) -> list[OnnxInput]:
         return [OnnxInput("re_spans", "int64", {0: "batch", 1: "pairs"}, example_shape=(3, 4))]
@@ -212,7 +218,14 @@ class RelationTask(TaskPlugin):
         logits, labels = outputs["logits"], batch["re_labels"]
         if not bool((labels != IGNORE).any()):
             return logits.sum() * 0.0  # no pair in the batch: a zero loss that keeps the graph
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        if self.options.classifier == "softmax":
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        # sigmoid: a binary decision per relation type (column 0 is the constant threshold logit); the loss sums
+        # over types and averages over real pairs, as SpERT's
+        mask = labels != IGNORE
+        targets = F.one_hot(labels.clamp(min=0), logits.shape[-1])[..., 1:].float()
+        per_pair = F.binary_cross_entropy_with_logits(logits[..., 1:].float(), targets, reduction="none").sum(-1)
+        return per_pair[mask].mean()
 
     def distill_targets(
         self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
