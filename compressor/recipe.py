@@ -35,10 +35,28 @@ class ModelSpec(Strict):
 
 
 class SplitFile(Strict):
-    """A split given with its own reader format (e.g. the same SQuAD file read as ``squad-train``/``squad-dev``)."""
+    """A split given with its own reader format (e.g. the same SQuAD file read as ``squad-train``/``squad-dev``)
+    and/or its own text encoding (``latin-1``, ``cp1252``...; default: the task's ``encoding``, else UTF-8)."""
 
     path: str
     format: str | None = None
+    encoding: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        return _known_codec(v)
+
+
+def _known_codec(v: str | None) -> str | None:
+    if v is not None:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{v}' (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    return v
 
 
 class Splits(Strict):
@@ -66,9 +84,30 @@ class TaskSpec(Strict):
     plugin: str
     data: Splits
     format: str | None = None
+    encoding: str | None = Field(None, description="text encoding of every split without its own (default utf-8)")
     labels: list[str] | None = None
     limit: Limits = Limits()
+    dev_from_train: float | None = Field(
+        None, gt=0, lt=1, description="no dev file: hold out this share of the training file (seeded) as the dev "
+        "split; the rest is the training split")
     options: dict[str, Any] = {}
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        return _known_codec(v)
+
+    @model_validator(mode="after")
+    def _one_dev_source(self) -> TaskSpec:
+        if self.dev_from_train is not None and self.data.dev is not None:
+            raise ValueError("give data.dev or dev_from_train, not both")
+        if self.dev_from_train is not None and self.data.train is None:
+            raise ValueError("dev_from_train needs data.train")
+        return self
+
+    def has_dev(self) -> bool:
+        """A dev file, or a dev split held out of train (``dev_from_train``)."""
+        return self.data.dev is not None or self.dev_from_train is not None
 
 
 # ---- stages -----------------------------------------------------------------------------------------------
@@ -530,7 +569,7 @@ class Recipe(Strict):
                 if unknown or missing:
                     raise ValueError(f"stages[{i}].retention: " + (f"unknown task(s) {unknown}" if unknown else
                                      f"no floor for task(s) {missing}") + f" (tasks: {', '.join(names)})")
-            no_dev = [(j, t.name) for j, t in enumerate(self.tasks) if t.data.dev is None]
+            no_dev = [(j, t.name) for j, t in enumerate(self.tasks) if not t.has_dev()]
             if no_dev:
                 j, name = no_dev[0]
                 raise ValueError(f"tasks[{j}].data.dev: task '{name}' has no dev split; search stage "
@@ -581,8 +620,13 @@ def load_recipe(path: Path | str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+        errors = exc.errors()
+        # a split given as {path, ...}: report what is wrong in the mapping, not that it is not a plain string
+        err = next((e for e in errors if "SplitFile" in e["loc"]), errors[0]) if errors[0]["loc"][-1:] == ("str",) \
+            else errors[0]
+        raw_loc = list(err["loc"])
+        loc = [p for k, p in enumerate(raw_loc) if not (
+            p == "SplitFile" or (isinstance(p, str) and p in _UNION_TAGS and raw_loc[k - 2 : k - 1] == ["stages"]))]
         line = _line_of(node, loc)
         dotted = _dotted(loc) or "<recipe>"
         got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"

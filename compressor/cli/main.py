@@ -72,6 +72,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")],
     data_root: DataRoot = None,
+    data: Annotated[bool, typer.Option("--data", help="Read every split of every task whole: formats, encodings, "
+                                       "dev/test labels against the training split's label schema, a dev split "
+                                       "for every task; every problem on its own line.")] = False,
 ) -> None:
     """Check recipes without running them: YAML and fields, every task built through its plugin (options
     against the plugin's schema), the stage chain (each stage's input made by an earlier stage, every `source`
@@ -79,6 +82,10 @@ def validate(
     from compressor.checks import check_recipe, default_data_root
     from compressor.recipe import load_recipe
 
+    if data:
+        from compressor.cli.validate_data import validate_recipes_data
+
+        raise typer.Exit(validate_recipes_data(recipes, data_root))
     for path in recipes:
         recipe = load_recipe(path)
         root = default_data_root(recipe, data_root)

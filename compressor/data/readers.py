@@ -6,13 +6,22 @@ the CoNLL04 joint entity/relation JSON (validated spans, shared by the NER and r
 
 from __future__ import annotations
 
+import codecs
+import contextvars
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compressor.errors import DataError
+
+#: the text encoding of data files when a reader is not given one: ``utf-8`` (a BOM is dropped), or what
+#: :func:`text_encoding` set for the file being read (``DataStore`` sets a split's ``encoding:`` this way, so every
+#: reader built on this module honours it without a change to the plugin's ``read(path, format)``)
+DEFAULT_ENCODING = "utf-8"
+_ENCODING: contextvars.ContextVar[str | None] = contextvars.ContextVar("compressor_data_encoding", default=None)
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,54 @@ class Location:
         return self.path
 
 
-def read_text(path: Path) -> str:
-    """The whole file as UTF-8 text; a missing or undecodable file is a ``DataError``."""
+@contextmanager
+def text_encoding(encoding: str | None) -> Iterator[None]:
+    """Read data files in ``encoding`` inside this block (``None``: UTF-8); readers given an explicit
+    ``encoding`` argument use that instead."""
+    token = _ENCODING.set(encoding)
+    try:
+        yield
+    finally:
+        _ENCODING.reset(token)
+
+
+def current_encoding() -> str:
+    """The encoding a reader uses when it is given none: the one :func:`text_encoding` set, else UTF-8."""
+    return _ENCODING.get() or DEFAULT_ENCODING
+
+
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name; ``ValueError`` for an encoding Python does not know."""
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding '{encoding}' (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+
+
+def decode_error(path: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> DataError:
+    """A ``DataError`` naming the file, the line and the byte offset where ``raw`` stops being ``encoding``
+    text, and suggesting the split's ``encoding:`` option."""
+    line = raw[: exc.start].count(b"\n") + 1
+    name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+    bad = raw[exc.start : exc.start + 4].hex(" ")
+    return DataError(path, f"not valid {name} (byte {exc.start}: {bad}); if the file is in another encoding, say so "
+                           f"with 'encoding:' on the split, e.g. {{path: {Path(path).name}, encoding: latin-1}}",
+                     line=line)
+
+
+def decode_bytes(path: Path, raw: bytes, encoding: str | None = None) -> str:
+    """``raw`` decoded as ``encoding`` (default: :func:`current_encoding`); a UTF-8 BOM is dropped."""
+    encoding = encoding or current_encoding()
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, raw, exc, encoding) from None
+
+
+def read_text(path: Path, encoding: str | None = None) -> str:
+    """The whole file as text in ``encoding`` (default: :func:`current_encoding`, UTF-8 unless a split says
+    otherwise); a missing or undecodable file is a ``DataError`` naming the byte offset."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -44,23 +99,19 @@ def read_text(path: Path) -> str:
         raise DataError(path, "file not found") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror or exc}") from exc
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(path, f"not valid UTF-8 (byte {exc.start})", line=line) from None
+    return decode_bytes(path, raw, encoding)
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+def iter_lines(path: Path, encoding: str | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, line without its newline)`` for every line, numbered from 1."""
-    for n, line in enumerate(read_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_text(path, encoding).splitlines(), start=1):
         yield n, line
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, encoding: str | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line; each line must hold one JSON object."""
     out = []
-    for n, line in iter_lines(path):
+    for n, line in iter_lines(path, encoding):
         if not line.strip():
             continue
         try:
@@ -73,10 +124,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, encoding: str | None = None) -> Any:
     """One JSON document."""
     try:
-        return json.loads(read_text(path))
+        return json.loads(read_text(path, encoding))
     except json.JSONDecodeError as exc:
         raise DataError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
 
@@ -87,14 +138,14 @@ class ConllRow:
     columns: list[str]
 
 
-def read_conll_blocks(path: Path, docstart: str = "-DOCSTART-") -> list[list[ConllRow]]:
+def read_conll_blocks(path: Path, docstart: str = "-DOCSTART-", encoding: str | None = None) -> list[list[ConllRow]]:
     """Sentences of a CoNLL column file: whitespace-separated columns, blank lines between sentences.
 
     Lines whose first column is ``docstart`` are skipped (they also end a sentence).
     """
     blocks: list[list[ConllRow]] = []
     current: list[ConllRow] = []
-    for n, line in iter_lines(path):
+    for n, line in iter_lines(path, encoding):
         columns = line.split()
         if not columns or columns[0] == docstart:
             if current:
@@ -107,7 +158,7 @@ def read_conll_blocks(path: Path, docstart: str = "-DOCSTART-") -> list[list[Con
     return blocks
 
 
-def read_conll04(path: Path) -> list[dict[str, Any]]:
+def read_conll04(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
     """Records of a CoNLL04-style JSON array, validated.
 
     Each element must be ``{"tokens": [str], "entities": [[start, end, type]], "relations": [[h_start, h_end,
@@ -121,7 +172,7 @@ def read_conll04(path: Path) -> list[dict[str, Any]]:
     Raises:
         DataError: naming the file and the record index of the first malformed record.
     """
-    data = read_json(path)
+    data = read_json(path, encoding)
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON array of records, got {type(data).__name__}")
     return [_conll04_record(path, i, rec) for i, rec in enumerate(data)]

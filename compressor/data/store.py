@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from pathlib import Path
 from typing import Any
 
+from compressor.data.readers import decode_error, text_encoding
 from compressor.errors import DataError
 from compressor.recipe import Recipe
 from compressor.tasks import Encoded, TaskPlugin, build_task
@@ -13,8 +15,42 @@ from compressor.tasks import Encoded, TaskPlugin, build_task
 SPLITS = ("train", "dev", "test")
 
 
+def read_split(task: TaskPlugin, path: Path, fmt: str | None, encoding: str | None = None) -> list[Any]:
+    """``task.read(path, fmt)`` with the split's text encoding.
+
+    The encoding reaches the plugin two ways, so a plugin written before ``encoding:`` existed keeps working:
+    every reader of :mod:`compressor.data.readers` (which the built-in plugins use) decodes in it while the call
+    runs, and a plugin whose ``read`` takes an ``encoding`` keyword (or ``**kwargs``) is also given it. Text a
+    plugin decodes itself and that is not valid in its codec becomes a ``DataError`` naming the file, the line
+    and the byte offset.
+    """
+    kwargs = {"encoding": encoding} if encoding is not None and _takes_encoding(task.read) else {}
+    with text_encoding(encoding):
+        try:
+            return task.read(path, fmt, **kwargs)
+        except UnicodeDecodeError as exc:
+            try:
+                raw = Path(path).read_bytes()
+            except OSError:
+                raw = b""
+            raise decode_error(Path(path), raw, exc, exc.encoding or encoding or "utf-8") from None
+
+
+def _takes_encoding(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "encoding" and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class DataStore:
-    """Reads each split lazily, applies the recipe's ``limit`` (seeded subsample) and caches encodings."""
+    """Reads each split lazily, applies the recipe's ``limit`` (seeded subsample) and caches encodings.
+
+    A split is read in its ``encoding`` (the split's, else the task's, else UTF-8). A task with
+    ``dev_from_train`` and no dev file gets a seeded hold-out of its training file as the dev split, and the
+    rest as the training split. Labels are fitted on the whole training file, never on a ``limit`` subsample.
+    """
 
     def __init__(self, recipe: Recipe, data_root: Path):
         self.recipe = recipe
@@ -25,12 +61,17 @@ class DataStore:
         for task in self.tasks.values():
             task.bind(self.tasks)
         self._examples: dict[tuple[str, str], list[Any]] = {}
+        self._files: dict[tuple[str, str], list[Any]] = {}  # whole files, kept until their splits are subsampled
         self._full_sizes: dict[tuple[str, str], int] = {}
         self._encoded: dict[tuple[str, str, str, bool, int], Encoded] = {}
         self._tokenizers: dict[int, tuple[Any, str]] = {}
 
     def path(self, task: str, split: str) -> Path | None:
-        entry = self.recipe.task(task).data.get(split)
+        """The file a split is read from (a dev split held out of train: the training file); None: no split."""
+        spec = self.recipe.task(task)
+        entry = spec.data.get(split)
+        if entry is None and split == "dev" and spec.dev_from_train is not None:
+            entry = spec.data.get("train")
         if entry is None:
             return None
         p = Path(entry.path).expanduser()
@@ -39,19 +80,66 @@ class DataStore:
     def has(self, task: str, split: str) -> bool:
         return self.path(task, split) is not None
 
+    def format(self, task: str, split: str) -> str | None:
+        """The reader format of a split: its own, else the task's."""
+        spec = self.recipe.task(task)
+        entry = spec.data.get(self._file_split(task, split))
+        return (entry.format if entry is not None else None) or spec.format
+
+    def encoding(self, task: str, split: str) -> str | None:
+        """The text encoding of a split: its own, else the task's; None means UTF-8."""
+        spec = self.recipe.task(task)
+        entry = spec.data.get(self._file_split(task, split))
+        return (entry.encoding if entry is not None else None) or spec.encoding
+
+    def held_out(self, task: str) -> bool:
+        """Whether the task's dev split is a hold-out of its training file (``dev_from_train``)."""
+        spec = self.recipe.task(task)
+        return spec.data.dev is None and spec.dev_from_train is not None
+
+    def _file_split(self, task: str, split: str) -> str:
+        return "train" if split == "dev" and self.held_out(task) else split
+
+    def read_file(self, task: str, split: str) -> list[Any]:
+        """Every example of the file behind a split, in its format and encoding (no limit, no hold-out)."""
+        path = self.path(task, split)
+        if path is None:
+            raise DataError(f"recipe task '{task}'", f"no '{split}' file given (tasks[].data.{split})")
+        if not path.is_file():
+            raise DataError(path, f"data file for task '{task}' split '{self._file_split(task, split)}' not found")
+        key = (task, f"file:{self._file_split(task, split)}")
+        if key in self._files:
+            return self._files[key]
+        examples = read_split(self.tasks[task], path, self.format(task, split), self.encoding(task, split))
+        if not examples:
+            raise DataError(path, f"split '{self._file_split(task, split)}' of task '{task}' is empty")
+        self._files[key] = examples
+        return examples
+
+    def full(self, task: str, split: str) -> list[Any]:
+        """Every example of a split before ``limit`` (the training split without its dev hold-out)."""
+        examples = self.read_file(task, split)
+        if not self.held_out(task) or split not in ("train", "dev"):
+            return examples
+        train_idx, dev_idx = self._holdout(task, len(examples))
+        return [examples[i] for i in (dev_idx if split == "dev" else train_idx)]
+
+    def _holdout(self, task: str, n: int) -> tuple[list[int], list[int]]:
+        share = self.recipe.task(task).dev_from_train
+        n_dev = max(1, round(share * n))
+        if n_dev >= n:
+            raise DataError(self.path(task, "train"), f"task '{task}': dev_from_train={share} of {n} example(s) "
+                            "leaves no training example; give a dev file or a larger training file")
+        rng = random.Random(f"{self.recipe.seed}:{task}:dev_from_train")
+        dev = sorted(rng.sample(range(n), n_dev))
+        chosen = set(dev)
+        return [i for i in range(n) if i not in chosen], dev
+
     def examples(self, task: str, split: str) -> list[Any]:
         key = (task, split)
         if key not in self._examples:
-            path = self.path(task, split)
-            if path is None:
-                raise DataError(f"recipe task '{task}'", f"no '{split}' file given (tasks[].data.{split})")
-            if not path.is_file():
-                raise DataError(path, f"data file for task '{task}' split '{split}' not found")
             spec = self.recipe.task(task)
-            fmt = spec.data.get(split).format or spec.format
-            examples = self.tasks[task].read(path, fmt)
-            if not examples:
-                raise DataError(path, f"split '{split}' of task '{task}' is empty")
+            examples = self.full(task, split)
             self._full_sizes[key] = len(examples)
             limit = getattr(spec.limit, split)
             if limit is not None and limit < len(examples):
@@ -59,13 +147,22 @@ class DataStore:
                 keep = sorted(rng.sample(range(len(examples)), limit))
                 examples = [examples[i] for i in keep]
             self._examples[key] = examples
+            self._drop_file(task, split)
         return self._examples[key]
 
+    def _drop_file(self, task: str, split: str) -> None:
+        """Forget a whole file once every split read from it has its examples (a limit keeps a subsample)."""
+        users = ("train", "dev") if self.held_out(task) and split in ("train", "dev") else (split,)
+        if all((task, s) in self._examples for s in users):
+            self._files.pop((task, f"file:{self._file_split(task, split)}"), None)
+
     def fit_labels(self) -> None:
-        """Give every task without a label schema the one its training data implies."""
+        """Give every task without a label schema the one its training data implies: fitted on the whole
+        training file (a dev split held out of it included), not on the recipe's ``limit`` subsample."""
         for name, task in self.tasks.items():
             if not task.labels:
-                task.labels = list(task.fit_labels(self.examples(name, "train")))
+                task.labels = list(task.fit_labels(self.read_file(name, "train")))
+                self._drop_file(name, "train")
 
     def encoded(self, task: str, split: str, tokenizer: Any, max_length: int, train: bool = False) -> Encoded:
         """The task's encoding of a split, cached by the tokenizer's content: two loads of the same tokenizer

@@ -26,22 +26,24 @@ def detect_format(path: Path) -> str:
     return {".jsonl": "jsonl", ".tsv": "tsv"}.get(Path(path).suffix.lower(), "label_text")
 
 
-def read_classification(path: Path, format: str | None = None) -> list[TextExample]:
-    """Read a classification file in ``format`` (``None``: from the extension, see :func:`detect_format`)."""
+def read_classification(path: Path, format: str | None = None, encoding: str | None = None) -> list[TextExample]:
+    """Read a classification file in ``format`` (``None``: from the extension, see :func:`detect_format`).
+
+    ``encoding``: the file's text encoding (``None``: the split's, set by ``DataStore``; UTF-8 by default)."""
     fmt = format or detect_format(path)
     if fmt == "label_text":
-        return read_label_text(path)
+        return read_label_text(path, encoding)
     if fmt == "tsv":
-        return read_tsv(path)
+        return read_tsv(path, encoding)
     if fmt == "jsonl":
-        return read_text_jsonl(path)
+        return read_text_jsonl(path, encoding)
     raise DataError(path, f"unknown classification format '{fmt}'; expected one of {', '.join(FORMATS)}")
 
 
-def read_label_text(path: Path) -> list[TextExample]:
+def read_label_text(path: Path, encoding: str | None = None) -> list[TextExample]:
     """``<label> <text>`` per line (the SST-2 ``stsa.binary.*`` files); blank lines are skipped."""
     examples = []
-    for n, line in iter_lines(path):
+    for n, line in iter_lines(path, encoding):
         if not line.strip():
             continue
         label, sep, text = line.partition(" ")
@@ -51,10 +53,10 @@ def read_label_text(path: Path) -> list[TextExample]:
     return examples
 
 
-def read_tsv(path: Path) -> list[TextExample]:
+def read_tsv(path: Path, encoding: str | None = None) -> list[TextExample]:
     """``label<TAB>text[<TAB>text_pair]`` per line; blank lines are skipped."""
     examples = []
-    for n, line in iter_lines(path):
+    for n, line in iter_lines(path, encoding):
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -68,10 +70,10 @@ def read_tsv(path: Path) -> list[TextExample]:
     return examples
 
 
-def read_text_jsonl(path: Path) -> list[TextExample]:
+def read_text_jsonl(path: Path, encoding: str | None = None) -> list[TextExample]:
     """``{"text": str, "text_pair"?: str, "label": str | int}`` per line."""
     examples = []
-    for n, obj in read_jsonl(path):
+    for n, obj in read_jsonl(path, encoding):
         loc = Location(str(path), line=n)
         text, pair, label = obj.get("text"), obj.get("text_pair"), obj.get("label")
         if not isinstance(text, str) or not text.strip():

@@ -35,22 +35,24 @@ def detect_format(path: Path) -> str:
     return {".json": "conll04", ".jsonl": "jsonl"}.get(suffix, "conll")
 
 
-def read_ner(path: Path, format: str | None = None) -> list[NerExample]:
-    """Read an NER file in ``format`` (``None``: from the extension, see :func:`detect_format`)."""
+def read_ner(path: Path, format: str | None = None, encoding: str | None = None) -> list[NerExample]:
+    """Read an NER file in ``format`` (``None``: from the extension, see :func:`detect_format`).
+
+    ``encoding``: the file's text encoding (``None``: the split's, set by ``DataStore``; UTF-8 by default)."""
     fmt = format or detect_format(path)
     if fmt == "conll":
-        return read_conll(path)
+        return read_conll(path, encoding)
     if fmt == "jsonl":
-        return read_ner_jsonl(path)
+        return read_ner_jsonl(path, encoding)
     if fmt == "conll04":
-        return read_ner_conll04(path)
+        return read_ner_conll04(path, encoding)
     raise DataError(path, f"unknown NER format '{fmt}'; expected one of {', '.join(FORMATS)}")
 
 
-def read_conll(path: Path) -> list[NerExample]:
+def read_conll(path: Path, encoding: str | None = None) -> list[NerExample]:
     """CoNLL columns: the token first, the tag last; IOB1 tags are converted to IOB2."""
     examples = []
-    for block in read_conll_blocks(path):
+    for block in read_conll_blocks(path, encoding=encoding):
         tokens, tags = [], []
         for row in block:
             if len(row.columns) < 2:
@@ -63,10 +65,10 @@ def read_conll(path: Path) -> list[NerExample]:
     return examples
 
 
-def read_ner_jsonl(path: Path) -> list[NerExample]:
+def read_ner_jsonl(path: Path, encoding: str | None = None) -> list[NerExample]:
     """One object per line: ``{"tokens": [...], "tags": [...]}`` or ``{"tokens": [...], "entities": [...]}``."""
     examples = []
-    for n, obj in read_jsonl(path):
+    for n, obj in read_jsonl(path, encoding):
         loc = Location(str(path), line=n)
         tokens = obj.get("tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
@@ -91,14 +93,14 @@ def read_ner_jsonl(path: Path) -> list[NerExample]:
     return examples
 
 
-def read_ner_conll04(path: Path) -> list[NerExample]:
+def read_ner_conll04(path: Path, encoding: str | None = None) -> list[NerExample]:
     """The CoNLL04 JSON array (``tokens``, ``entities``, ``relations``); tags come from the entities."""
     return [
         NerExample(
             rec["tokens"], spans_to_bio(rec["entities"], len(rec["tokens"])), rec["entities"],
             Location(str(path), record=rec["index"]), rec["relations"],
         )
-        for rec in read_conll04(path)
+        for rec in read_conll04(path, encoding)
     ]
 
 

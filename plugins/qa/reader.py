@@ -65,14 +65,16 @@ def resolve_format(path: Path, fmt: str | None) -> str:
     return fmt
 
 
-def read_qa(path: Path, fmt: str | None = None, dev_articles: int = 5) -> list[QaExample]:
-    """Read one split of QA data (see the module docstring for formats and error policy)."""
+def read_qa(path: Path, fmt: str | None = None, dev_articles: int = 5, encoding: str | None = None) -> list[QaExample]:
+    """Read one split of QA data (see the module docstring for formats and error policy).
+
+    ``encoding``: the file's text encoding (``None``: the split's, set by ``DataStore``; UTF-8 by default)."""
     path = Path(path)
     fmt = resolve_format(path, fmt)
     if fmt == "jsonl":
-        examples = [_jsonl_record(path, line, obj) for line, obj in read_jsonl(path)]
+        examples = [_jsonl_record(path, line, obj) for line, obj in read_jsonl(path, encoding)]
     else:
-        examples = _read_squad(path, fmt, dev_articles)
+        examples = _read_squad(path, fmt, dev_articles, encoding)
     seen: dict[str, str] = {}
     for ex in examples:
         if ex.id in seen:
@@ -81,8 +83,8 @@ def read_qa(path: Path, fmt: str | None = None, dev_articles: int = 5) -> list[Q
     return examples
 
 
-def _read_squad(path: Path, fmt: str, dev_articles: int) -> list[QaExample]:
-    doc = read_json(path)
+def _read_squad(path: Path, fmt: str, dev_articles: int, encoding: str | None = None) -> list[QaExample]:
+    doc = read_json(path, encoding)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(path, "expected a SQuAD v1.1 object with a 'data' list of articles")
     articles = doc["data"]

@@ -34,8 +34,9 @@ class ReExample:
         return self.entities[self.entity_index(start, end)][2]
 
 
-def read_relations(path: Path, format: str | None = None) -> list[ReExample]:
-    """Read a CoNLL04 file (``format`` ``conll04``, or ``None`` for a ``.json`` file).
+def read_relations(path: Path, format: str | None = None, encoding: str | None = None) -> list[ReExample]:
+    """Read a CoNLL04 file (``format`` ``conll04``, or ``None`` for a ``.json`` file) in ``encoding`` (``None``:
+    the split's, set by ``DataStore``; UTF-8 by default).
 
     Errors (``DataError`` naming the file and the record index): what ``read_conll04`` rejects (malformed
     records, spans outside the sentence, overlapping entities, a relation argument that is not an entity of its
@@ -47,7 +48,7 @@ def read_relations(path: Path, format: str | None = None) -> list[ReExample]:
         raise DataError(path, f"unknown relation-extraction format '{format or path.suffix}'; expected one of "
                               f"{', '.join(FORMATS)} (a .json file is read as conll04)")
     examples = []
-    for rec in read_conll04(path):
+    for rec in read_conll04(path, encoding):
         loc = Location(str(path), record=rec["index"])
         seen: set[tuple] = set()
         for j, rel in enumerate(rec["relations"]):
