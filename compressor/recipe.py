@@ -292,6 +292,25 @@ class PruneRecovery(Strict):
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
 
 
+class RecoveryStop(Strict):
+    """Recover after each pruning step until every task's dev metric is back within ``tolerance`` of the
+    pre-pruning model's (checked every ``eval_every`` steps), or the budget (``max_steps`` / ``max_epochs``) is
+    spent; then the best checked weights are kept."""
+
+    tolerance: float = Field(0.01, gt=0, lt=1, description="largest relative drop of a task's dev metric vs the "
+                             "model before this stage")
+    eval_every: int = Field(200, gt=0, description="distillation steps between dev checks")
+    max_steps: int | None = Field(None, gt=0, description="budget per pruning step, in distillation steps")
+    max_epochs: float | None = Field(None, gt=0, description="budget per pruning step, in passes over every "
+                                     "task's training batches (the smaller budget wins when both are given)")
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> RecoveryStop:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("give a budget: max_steps and/or max_epochs")
+        return self
+
+
 class PruneStage(Strict):
     """Structured pruning of the shared encoder: attention heads, FFN neurons and whole layers.
 
@@ -315,6 +334,8 @@ class PruneStage(Strict):
     drop_num_layers: int = Field(0, ge=0, description="remove this many more layers, least important first")
     steps: int = Field(1, gt=0, description="reach the ratios over this many pruning steps")
     recovery_steps: int = Field(0, ge=0, description="distillation steps after each pruning step")
+    recovery_until: RecoveryStop | None = Field(None, description="instead of a fixed recovery_steps: recover until "
+                                                "the dev metric is back, within a budget")
     recovery: PruneRecovery = PruneRecovery()
     importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
@@ -329,6 +350,8 @@ class PruneStage(Strict):
                              "or drop_num_layers")
         if self.scope == "global" and self.layer_ratios:
             raise ValueError("layer_ratios needs scope 'per_layer'")
+        if self.recovery_steps and self.recovery_until is not None:
+            raise ValueError("give recovery_steps (a fixed budget) or recovery_until (a stop rule), not both")
         if self.heads and (self.head_ratio or any(r.head_ratio for r in self.layer_ratios.values())):
             raise ValueError("give either explicit heads or a head ratio, not both")
         negative = [i for i in [*self.drop_layers, *self.heads, *self.layer_ratios,
@@ -574,6 +597,18 @@ class Recipe(Strict):
                 j, name = no_dev[0]
                 raise ValueError(f"tasks[{j}].data.dev: task '{name}' has no dev split; search stage "
                                  f"'{stage.name}' scores every task on dev")
+        return self
+
+    @model_validator(mode="after")
+    def _recovery_stop_needs_dev(self) -> Recipe:
+        for i, stage in enumerate(self.stages):
+            if getattr(stage, "recovery_until", None) is None:
+                continue
+            no_dev = [(j, t.name) for j, t in enumerate(self.tasks) if not t.has_dev()]
+            if no_dev:
+                j, name = no_dev[0]
+                raise ValueError(f"tasks[{j}].data.dev: task '{name}' has no dev split; stage '{stage.name}' "
+                                 "recovers until every task's dev metric is back (recovery_until)")
         return self
 
     def task(self, name: str) -> TaskSpec:

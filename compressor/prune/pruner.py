@@ -29,7 +29,7 @@ class StepReport:
     not_removed: dict[str, int] = field(default_factory=dict)  # global scope: units the 1-per-layer floor kept
     layers: list[int] = field(default_factory=list)  # original indices of the layers left, in order
     architecture: list[dict[str, int]] = field(default_factory=list)
-    recovery: dict[str, float] | None = None
+    recovery: dict[str, Any] | None = None  # the recovery callback's result (loss parts, dev checks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +60,7 @@ class StructuredPruner:
         self._validate()
 
     # ---- public ---------------------------------------------------------------------------------------------
-    def run(self, recover: Callable[[int], dict[str, float] | None] | None = None) -> list[StepReport]:
+    def run(self, recover: Callable[[int], dict[str, Any] | None] | None = None) -> list[StepReport]:
         """All ``cfg.steps`` steps, calling ``recover(step)`` after each (when given)."""
         reports = []
         for step in range(1, self.cfg.steps + 1):

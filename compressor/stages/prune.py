@@ -2,7 +2,10 @@
 
 Input is the latest model (``ctx.model_dir``); the pruned model is saved with its new per-layer architecture
 in the manifest, so ``load_model`` rebuilds it exactly. Recovery distils from the run's teacher (or from the
-model as it was before this stage) for ``recovery_steps`` steps after every pruning step.
+model as it was before this stage) after every pruning step: a fixed ``recovery_steps``, or with
+``recovery_until`` until every task's dev metric is back within a tolerance of the model's before this stage
+(checked every ``eval_every`` steps; at most ``max_steps`` / ``max_epochs``; the best checked weights kept).
+Hidden states and attention relations are distilled through the layer map (kept teacher layers).
 """
 
 from __future__ import annotations
@@ -31,22 +34,38 @@ def run(ctx: StageContext) -> StageResult:
     seed = cfg.seed if cfg.seed is not None else recipe.seed
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_model(ctx.model_dir, device)
+    model, tokenizer, manifest = load_model(ctx.model_dir, device)
     max_length = recipe.model.max_length
     before = model.num_parameters()
     arch_before = read_architecture(model.encoder)
 
+    recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
+    dev_tasks = [t for t in model.tasks if ctx.data.has(t, "dev")]
+    if cfg.recovery_until is not None and len(dev_tasks) < len(model.tasks):
+        missing = next(t for t in model.tasks if t not in dev_tasks)
+        raise RecipeError(f"prune stage '{cfg.name}': recovery_until needs a dev split of every task; "
+                          f"task '{missing}' has none")
     needs_data = cfg.importance == "taylor" or cfg.drop_num_layers > 0
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
+    # the teacher layer each input layer stands for: the input model's own layers, or the layers a distill stage
+    # kept from the run's teacher (so hidden-state / attention KD compares matching depths)
+    distilled = (manifest.get("distilled_by") or {}).get("teacher_layers")
+    base_map = (list(range(len(arch_before))) if same_stack
+                else [int(i) for i in distilled] if distilled and len(distilled) == len(arch_before) else None)
+    reference = None
+    if cfg.recovery_until is not None:
+        from compressor.stages.distill import _dev_metrics
+
+        reference = _dev_metrics(ctx, model, tokenizer, dev_tasks, cfg.eval_batch_size)
     pruner = StructuredPruner(model, cfg, batches)
 
-    def recover(step: int) -> dict[str, float] | None:
-        if not cfg.recovery_steps or teacher is None:
+    def recover(step: int) -> dict[str, Any] | None:
+        if not recovers or teacher is None:
             return None
-        kept = pruner.layer_ids if same_stack else None
-        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step)
+        kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
+        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step, reference)
 
     reports = pruner.run(recover)
     model.eval()
@@ -70,14 +89,22 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.recovery_steps:
         notes.append(f"{cfg.name}: {cfg.recovery_steps} distillation step(s) after each pruning step, "
                      f"teacher = {teacher_name}")
+    if cfg.recovery_until is not None and reference is not None:
+        ru = cfg.recovery_until
+        notes.append(f"{cfg.name}: recovery after each pruning step until every task's dev metric is within "
+                     f"{ru.tolerance:.1%} of the input model's ({_fmt(reference)}), checked every {ru.eval_every} "
+                     f"steps, budget {reports[0].recovery['budget'] if reports and reports[0].recovery else '?'} "
+                     f"steps; teacher = {teacher_name}")
+        for r in reports:
+            notes.append(f"{cfg.name}: step {r.step}: {_recovery_line(r.recovery)}")
     short = {k: sum(r.not_removed.get(k, 0) for r in reports) for k in ("heads", "ffn")}
     if any(short.values()):
         notes.append(f"{cfg.name}: global scope kept one unit per layer, so {short} fewer were removed than asked")
     outputs: dict[str, Any] = {
         "parameters_before": before, "parameters_after": after,
         "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
-        "layers_kept": pruner.layer_ids, "teacher": teacher_name if cfg.recovery_steps else None,
-        "steps": [r.to_dict() for r in reports],
+        "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
+        "steps": [r.to_dict() for r in reports], "dev_before": reference,
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
@@ -86,7 +113,7 @@ def _teacher(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel,
              device: torch.device) -> tuple[MultiTaskModel | None, str, bool]:
     """(teacher, its name, whether its layers are the input model's): the run's teacher, or a frozen copy of the
     unpruned input model (also when the input *is* the teacher, i.e. pruning right after training)."""
-    if not cfg.recovery_steps:
+    if not (cfg.recovery_steps or cfg.recovery_until is not None):
         return None, "none", False
     input_is_teacher = ctx.teacher_dir is not None and ctx.teacher_dir == ctx.model_dir
     if cfg.recovery.teacher == "teacher" and ctx.teacher_dir is not None and not input_is_teacher:
@@ -96,11 +123,20 @@ def _teacher(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel,
 
 
 def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any,
-             kept: list[int] | None, seed: int) -> dict[str, float]:
-    """``recovery_steps`` distillation steps; ``kept`` maps student layers to the teacher's (same stack)."""
+             kept: list[int] | None, seed: int, reference: dict[str, float] | None = None) -> dict[str, Any]:
+    """Distillation after one pruning step; ``kept`` maps student layers to the teacher's.
+
+    Without ``cfg.recovery_until``: ``recovery_steps`` steps; returns the mean loss parts. With it: dev checks
+    every ``eval_every`` steps (and one before the first step) against ``reference``, the dev metrics of the model
+    before this stage; stops at the first check where every task is within the tolerance or when the budget is
+    spent, and keeps the weights of the best check (highest worst-task retention). Returns the mean loss parts
+    plus ``steps``, ``budget``, ``reached``, ``retention`` / ``dev`` (of the kept weights), ``kept_at`` and
+    ``checks`` (every check: steps, dev, retention).
+    """
     from compressor.distill.losses import KDConfig
-    from compressor.distill.trainer import TaskBatches, distill_steps
+    from compressor.distill.trainer import Distiller, TaskBatches
     from compressor.model.student import default_layer_map
+    from compressor.stages.distill import _dev_metrics, _retention
 
     rc = cfg.recovery
     batches = TaskBatches.from_store(ctx.data, list(model.tasks), tokenizer, ctx.recipe.model.max_length,
@@ -108,8 +144,71 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(teacher.encoder)), kept)
     kd = KDConfig(alpha=rc.alpha, temperature=rc.temperature, logits=rc.weights.logits, hidden=rc.weights.hidden,
                   attention=rc.weights.attention)
-    parts = distill_steps(model, teacher, batches, cfg.recovery_steps, kd, layer_map=layer_map, lr=rc.lr,
+    ru = cfg.recovery_until
+    if ru is None:
+        budget = cfg.recovery_steps
+    else:
+        limits = [ru.max_steps] if ru.max_steps else []
+        if ru.max_epochs:
+            limits.append(max(1, round(ru.max_epochs * batches.steps_per_epoch())))
+        budget = min(limits)
+    distiller = Distiller(model, teacher, batches, kd, total_steps=budget, layer_map=layer_map, lr=rc.lr,
                           weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
                           mixed_precision=rc.mixed_precision != "no")
+    if ru is None:
+        parts = distiller.run(budget)
+        model.eval()
+        return parts
+
+    assert reference is not None
+    tasks = list(reference)
+
+    def check() -> dict[str, Any]:
+        dev = _dev_metrics(ctx, model, tokenizer, tasks, cfg.eval_batch_size)
+        retention = {t: _retention(dev[t], reference[t], model.tasks[t].metric.higher_is_better) for t in tasks}
+        return {"steps": distiller.steps_done, "dev": dev, "retention": retention}
+
+    def score(c: dict[str, Any]) -> tuple[float, float]:
+        r = list(c["retention"].values())
+        return min(r), sum(r) / len(r)
+
+    floor = 1.0 - ru.tolerance
+    checks = [check()]
+    best, best_state = checks[0], _state(model)
+    sums: dict[str, float] = {}
+    while score(checks[-1])[0] < floor - 1e-12 and distiller.steps_done < budget:
+        n = min(ru.eval_every, budget - distiller.steps_done)
+        means = distiller.run(n)
+        sums = {k: sums.get(k, 0.0) + v * n for k, v in means.items()}
+        checks.append(check())
+        if score(checks[-1]) > score(best):
+            best, best_state = checks[-1], _state(model)
+    if best is not checks[-1]:
+        model.load_state_dict(best_state)
     model.eval()
-    return parts
+    done = distiller.steps_done
+    parts = {k: v / done for k, v in sums.items()} if done else {}
+    return {**parts, "steps": done, "budget": budget, "tolerance": ru.tolerance,
+            "reached": score(best)[0] >= floor - 1e-12, "kept_at": best["steps"], "dev": best["dev"],
+            "retention": best["retention"], "checks": checks}
+
+
+def _state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{t} {v:.4f}" for t, v in values.items())
+
+
+def _recovery_line(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "no recovery"
+    first = rec["checks"][0]["retention"]
+    head = f"dev retention right after pruning {_fmt(first)}; "
+    if rec["steps"] == 0:
+        return head + "already within the tolerance, no recovery steps"
+    tail = (f"back within {rec['tolerance']:.1%} after {rec['steps']} of {rec['budget']} step(s)" if rec["reached"]
+            else f"NOT back within {rec['tolerance']:.1%} after the whole budget ({rec['steps']} steps); kept the "
+                 f"best check (step {rec['kept_at']}, worst task {min(rec['retention'].values()):.4f})")
+    return head + f"{tail}: {_fmt(rec['retention'])}"
