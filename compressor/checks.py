@@ -78,6 +78,8 @@ def check_stage_chain(recipe: Recipe, path: Path) -> None:
         need = STAGE_NEEDS.get(stage.kind)
         if stage.kind == "distill" and getattr(stage.student, "from_previous", False):
             need = "teacher"  # and the previous model, which every teacher stage also gives
+        if stage.kind == "add_task" and getattr(stage, "path", None):
+            need = None  # it brings its own model directory
         if need is not None and need not in given:
             makers = sorted(k for k, gives in STAGE_GIVES.items() if need in gives)
             raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "

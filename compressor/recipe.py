@@ -461,6 +461,41 @@ class BundleStage(Strict):
     check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
 
 
+class AddTaskStage(Strict):
+    """Teach a finished (compressed) model one more task: a new head trained on the frozen shared encoder.
+
+    Every existing task's outputs stay bit-identical (checked before the stage succeeds); later export, quantize
+    and bundle stages ship the model with the new output.
+    """
+
+    kind: Literal["add_task"]
+    name: str = Field("add_task", pattern=NAME)
+    task: str = Field(description="the recipe task to add (tasks[].name); the model must not have it yet")
+    source: str | None = Field(None, description="earlier stage whose model to extend (a model stage, or an "
+                               "export / quantize / bundle stage: the model its graph came from); default: the "
+                               "latest model")
+    path: str | None = Field(None, description="instead of source: a model directory from another run (relative "
+                             "to the cwd), e.g. a finished student")
+    compare_to: str | None = Field(None, description="model directory holding the same task trained in (relative to "
+                                   "the cwd); default: the run's teacher when it has the task")
+    epochs: int = Field(3, gt=0)
+    steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the new head")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="epochs without a better dev metric")
+    seed: int | None = Field(None, description="default: the recipe's seed")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> AddTaskStage:
+        if self.source is not None and self.path is not None:
+            raise ValueError("give source (an earlier stage) or path (a model directory), not both")
+        return self
+
+
 SearchRatio = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -536,7 +571,7 @@ class SearchStage(Strict):
         return {t: self.retention[t] if isinstance(self.retention, dict) else self.retention for t in tasks}
 
 Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage, BundleStage,
-                        SearchStage],
+                        SearchStage, AddTaskStage],
                   Field(discriminator="kind")]
 
 
@@ -611,6 +646,15 @@ class Recipe(Strict):
                                  "recovers until every task's dev metric is back (recovery_until)")
         return self
 
+    @model_validator(mode="after")
+    def _added_tasks_exist(self) -> Recipe:
+        names = [t.name for t in self.tasks]
+        for i, stage in enumerate(self.stages):
+            if stage.kind == "add_task" and stage.task not in names:
+                raise ValueError(f"stages[{i}].task: stage '{stage.name}' adds task '{stage.task}', which the recipe "
+                                 f"does not have (tasks: {', '.join(names)})")
+        return self
+
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
             if t.name == name:
@@ -674,7 +718,8 @@ def load_recipe(path: Path | str) -> Recipe:
         raise RecipeError(f"{path}:{line}: {dotted}: {msg}{got}") from exc
 
 
-_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle", "search"}  # discriminator values pydantic inserts into error locations
+_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle", "search",
+               "add_task"}  # discriminator values pydantic inserts into error locations
 
 
 def _dotted(loc: list[Any]) -> str:

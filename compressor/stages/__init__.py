@@ -28,6 +28,7 @@ STAGE_RUNNERS: dict[str, str] = {
     "quantize": "compressor.stages.quantize:run",
     "bundle": "compressor.stages.bundle:run",
     "search": "compressor.stages.search:run",
+    "add_task": "compressor.stages.add_task:run",
 }
 
 #: stage kind -> what it needs from an earlier stage (None: nothing). ``compressor validate`` and the pipeline
@@ -36,17 +37,22 @@ STAGE_RUNNERS: dict[str, str] = {
 STAGE_NEEDS: dict[str, str | None] = {
     "train": None, "load": None, "distill": "teacher", "prune": "model", "prune_vocab": "model", "export": "model",
     "quantize": "export", "bundle": "graph", "search": "teacher",
+    "add_task": "model",  # none with `path` (a model directory from another run)
 }
 #: stage kind -> what it gives later stages
 STAGE_GIVES: dict[str, set[str]] = {
     "train": {"teacher", "model"}, "load": {"teacher", "model"}, "distill": {"model"}, "prune": {"model"},
     "prune_vocab": {"model"}, "export": {"export", "graph"}, "quantize": {"graph"}, "bundle": set(),
-    "search": {"model"},
+    "search": {"model"}, "add_task": {"model"},
 }
 #: stage kind -> "module:function(recipe, index)" run before anything is written (checks that need a model on disk)
 STAGE_PREFLIGHT: dict[str, str] = {"search": "compressor.stages.search:preflight"}
 #: stage kind -> the kinds its ``source`` field may name
-STAGE_SOURCES: dict[str, tuple[str, ...]] = {"quantize": ("export",), "bundle": ("export", "quantize")}
+STAGE_SOURCES: dict[str, tuple[str, ...]] = {
+    "quantize": ("export",), "bundle": ("export", "quantize"),
+    "add_task": ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task", "export", "quantize",
+                 "bundle"),
+}
 
 
 @dataclass

@@ -13,7 +13,8 @@ from compressor.stages import StageContext, StageResult
 def run(ctx: StageContext) -> StageResult:
     path = Path(ctx.stage.path).expanduser().resolve()
     manifest = read_manifest(path)
-    missing = sorted(set(ctx.data.tasks) - {t["name"] for t in manifest["tasks"]})
+    added_later = {s.task for s in ctx.recipe.stages[ctx.index + 1 :] if s.kind == "add_task"}
+    missing = sorted(set(ctx.data.tasks) - {t["name"] for t in manifest["tasks"]} - added_later)
     if missing:
         raise RecipeError(f"stages[{ctx.index}].path: model {path} has no head for task(s) {missing}")
     if ctx.stage.evaluate:
