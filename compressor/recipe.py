@@ -264,6 +264,9 @@ class DistillStage(Strict):
         None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
         "teacher dev metric, every task); null: run every epoch")
     keep_best: bool = Field(True, description="end with the weights of the epoch with the best mean dev retention")
+    single_task_students: bool = Field(
+        False, description="also distil one student per task (same architecture, same teacher, the steps the "
+        "multi-head student spent on that task), saved as single-<task>/ for row (d) of `compressor benchmark`")
 
 
 class PruneLayerRatios(Strict):

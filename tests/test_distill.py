@@ -338,3 +338,60 @@ def test_distill_stage_measures_dev_retention_per_epoch_and_keeps_the_best(store
     dev = {r["task"]: r["value"] for r in ctx.reporter.rows if r["split"] == "dev"}
     assert dev == pytest.approx(history[best - 1]["dev"])
     assert any("mean dev retention per epoch" in n and f"kept epoch {best}" in n for n in result.notes)
+
+
+def test_single_task_students_share_the_architecture_and_the_per_task_budget(store, tokenizer, tmp_path):
+    from compressor.model.architecture import read_architecture
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {
+        "student": {"from_teacher": {"layers": 2, "heads": 2, "ffn": 32}}, "epochs": 2, "steps_per_epoch": 6,
+        "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "single_task_students": True,
+        "sampling": {"strategy": "proportional"}, "weights": {"logits": 1.0, "hidden": 1.0, "attention": 1.0},
+    }, teacher_dir=teacher_dir)
+    result = run(ctx)
+    out = result.outputs
+    multi, _, _ = load_model(ctx.out_dir / "model")
+    assert sum(out["task_steps"].values()) == out["steps_done"] == 12
+    assert set(out["single_task_students"]) == {"ner", "sst"}
+    for task in ("ner", "sst"):
+        assert out["single_task_students"][task] == str(tmp_path / "final" / f"single-{task}")
+        single, _, manifest = load_model(ctx.out_dir / f"single-{task}")
+        assert list(single.tasks) == [task] and list(single.heads) == [task]
+        assert manifest["distilled_by"]["single_task"] == task
+        assert read_architecture(single.encoder) == read_architecture(multi.encoder)  # same encoder shape
+        assert single.heads[task].state_dict().keys() == multi.heads[task].state_dict().keys()
+        training = out["single_task_training"][task]
+        # the same per-task budget: the steps the multi-head student spent on this task, all on this task
+        assert training["steps"] == training["steps_done"] == out["task_steps"][task] > 0
+        assert training["task_steps"] == {task: out["task_steps"][task]}
+        assert training["epochs"] and set(training["epochs"][-1]["retention"]) == {task}
+    # each single-task student is scored on its own task only, beside the multi-head student's rows
+    rows = {(r["model"], r["task"], r["split"]) for r in ctx.reporter.rows}
+    assert {("distill:single:ner", "ner", "test"), ("distill:single:sst", "sst", "test")} <= rows
+    assert not any(m == "distill:single:ner" and t == "sst" for m, t, _ in rows)
+    assert any("single-task student of ner" in n and "saved as single-ner/" in n for n in result.notes)
+
+
+def test_a_narrower_student_from_config_distils_through_projections_in_the_stage(store, tokenizer, tmp_path):
+    """hidden 16 against the teacher's 32, 2 heads against 4: projected hidden-state KD and MiniLM relations."""
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {
+        "student": {"from_config": {"hidden_size": 16, "num_layers": 2, "heads": 2, "ffn": 32}}, "epochs": 3,
+        "steps_per_epoch": 10, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "alpha": 0.0,
+        "weights": {"logits": 1.0, "hidden": 1.0, "attention": 1.0},
+    }, teacher_dir=teacher_dir)
+    result = run(ctx)
+    student, _, manifest = load_model(ctx.out_dir / "model")
+    assert student.config.hidden_size == 16 and manifest["architecture"]["layers"][0]["heads"] == 2
+    assert student.encoder.get_input_embeddings().weight.shape == (len(tokenizer), 16)
+    assert not any("projection" in k for k in student.state_dict())  # projections train but are not saved
+    first, last = result.outputs["loss_first"], result.outputs["loss_last"]
+    for part in ("kd_hidden", "kd_attention", "loss"):
+        assert 0 < last[part] < first[part], (part, first[part], last[part])
+    assert result.outputs["layer_map"] == {"0": 1, "1": 3}

@@ -15,8 +15,6 @@ from compressor.stages import StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
-    from compressor.distill.losses import KDConfig
-    from compressor.distill.trainer import Distiller, TaskBatches
     from compressor.model.student import check_layer_map, default_layer_map
     from compressor.report.evaluate import evaluate_rows
 
@@ -38,12 +36,105 @@ def run(ctx: StageContext) -> StageResult:
         raise RecipeError(f"stage '{cfg.name}': {exc}") from exc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
-    max_length = recipe.model.max_length
     tasks = list(student.tasks)
-    batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, max_length, cfg.batch_size,
+    teacher_dev = _dev_metrics(ctx, teacher, tokenizer, [t for t in tasks if ctx.data.has(t, "dev")],
+                               cfg.eval_batch_size)
+    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, mixed, seed)
+    history, best, total = run_["history"], run_["best"], run_["total"]
+
+    saved = ctx.out_dir / "model"
+    save_model(student, tokenizer, saved, recipe.model.max_length,
+               extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map}})
+    teacher.to("cpu")
+    ctx.reporter.extend(evaluate_rows(student, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
+                                      report=recipe.report, batch_size=cfg.eval_batch_size))
+
+    params_s, params_t = student.num_parameters(), teacher.num_parameters()
+    fmt = ", ".join(f"{k}={v:.4f}" for k, v in run_["loss_last"].items())
+    notes = [
+        f"{cfg.name}: student = {origin}; {n_s} layers, {params_s:,} parameters "
+        f"({params_s / params_t:.1%} of the teacher's {params_t:,})",
+        f"{cfg.name}: {total} steps on {device.type}{' (bf16)' if mixed else ''}; layer map {layer_map}; "
+        f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
+        f"attention={cfg.weights.attention}",
+        f"{cfg.name}: mean loss parts over the last {run_['last_n']} steps: {fmt}",
+    ]
+    if best is not None:
+        notes.append(_retention_note(cfg, cfg.name, run_))
+    outputs: dict[str, Any] = {
+        "model_dir": str(ctx.final_dir / "model"),
+        "teacher_layers": kept,
+        "layer_map": {str(k): v for k, v in layer_map.items()},
+        "steps": total,
+        "params": params_s,
+        "teacher_params": params_t,
+        "loss_first": run_["loss_first"],
+        "loss_last": run_["loss_last"],
+        "epochs": history,
+        "best_epoch": best[1] if best is not None else None,
+        "stopped_early": run_["stopped_early"],
+        "steps_done": run_["steps_done"],
+        "task_steps": run_["task_steps"],
+        "device": device.type,
+        "mixed_precision": "bf16" if mixed else "no",
+    }
+    if cfg.single_task_students:
+        outputs["single_task_students"], outputs["single_task_training"] = {}, {}
+        if len(tasks) == 1:
+            notes.append(f"{cfg.name}: single_task_students skipped: the student has one task, so it is its own "
+                         "single-task student")
+        for t in tasks if len(tasks) > 1 else []:
+            names = _with_required(student, t)
+            single, _, _ = _build_student(ctx, teacher, seed)
+            _keep_tasks(single, names)
+            # the same per-task budget: the steps the multi-head student spent on these tasks (and epochs of the
+            # same share of its epoch, so dev checks and early stopping work alike)
+            steps = sum(run_["task_steps"].get(n, 0) for n in names)
+            share = steps / max(run_["steps_done"], 1)
+            per_epoch = max(1, round(run_["steps_per_epoch"] * share))
+            if steps < 1:
+                notes.append(f"{cfg.name}: single-task student of {t} skipped: the multi-head student took no "
+                             f"step on {', '.join(names)}")
+                continue
+            s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
+                             {n: v for n, v in teacher_dev.items() if n in names}, device, mixed, seed,
+                             total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}")
+            subdir = f"single-{t}"
+            s_saved = ctx.out_dir / subdir
+            save_model(single, tokenizer, s_saved, recipe.model.max_length,
+                       extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
+                                               "single_task": t}})
+            ctx.reporter.extend(evaluate_rows(single, tokenizer, ctx.data, label=f"{cfg.name}:single:{t}",
+                                              stage=cfg.name, tasks=[t], model_dir=s_saved, report=recipe.report,
+                                              batch_size=cfg.eval_batch_size))
+            outputs["single_task_students"][t] = str(ctx.final_dir / subdir)
+            outputs["single_task_training"][t] = {
+                "tasks": names, "steps": steps, "steps_done": s_run["steps_done"], "task_steps": s_run["task_steps"],
+                "params": single.num_parameters(), "best_epoch": s_run["best"][1] if s_run["best"] else None,
+                "epochs": s_run["history"]}
+            notes.append(f"{cfg.name}: single-task student of {t}"
+                         + (f" (with {', '.join(names[1:])}, which it requires)" if len(names) > 1 else "")
+                         + f": {steps} steps (the multi-head student's steps on {', '.join(names)}), "
+                         f"{single.num_parameters():,} parameters, saved as {subdir}/")
+            if s_run["best"] is not None:
+                notes.append(_retention_note(cfg, f"{cfg.name} single:{t}", s_run))
+    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
+             layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, mixed: bool, seed: int,
+             total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None) -> dict[str, Any]:
+    """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
+    early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
+    the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
+    from compressor.distill.losses import KDConfig
+    from compressor.distill.trainer import Distiller, TaskBatches
+
+    cfg: DistillStage = ctx.stage
+    batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg.batch_size,
                                      cfg.sampling.strategy, cfg.sampling.tau, seed)
-    steps_per_epoch = cfg.steps_per_epoch or batches.steps_per_epoch()
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
+    total = total or cfg.steps or cfg.epochs * steps_per_epoch
     loss_config = KDConfig(alpha=cfg.alpha, temperature=cfg.temperature, logits=cfg.weights.logits,
                            hidden=cfg.weights.hidden, attention=cfg.weights.attention,
                            relation_heads=cfg.relation_heads)
@@ -51,24 +142,28 @@ def run(ctx: StageContext) -> StageResult:
                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                           optimizer=cfg.optimizer, momentum=cfg.momentum, device=device, mixed_precision=mixed)
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
-    dev_tasks = [t for t in tasks if ctx.data.has(t, "dev")]
-    teacher_dev = _dev_metrics(ctx, teacher, tokenizer, dev_tasks, cfg.eval_batch_size)
+    dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     stopped_early = False
+    task_steps: dict[str, int] = {t: 0 for t in tasks}
     # the mean loss parts of the first steps and of the last epoch go into the outputs (the descent)
     first_n = max(1, total // 10) if total > 1 else total
     first: dict[str, float] | None = None
-    with _Progress(cfg.name, total) as progress:
+    with _Progress(label or cfg.name, total) as progress:
+        def on_step(step: int, task: str, parts: dict[str, float]) -> None:
+            task_steps[task] = task_steps.get(task, 0) + 1
+            progress.update(step, task, parts)
+
         while distiller.steps_done < total:
             n = min(steps_per_epoch, total - distiller.steps_done)
             if first is None:
                 k = min(n, first_n)
-                first = distiller.run(k, on_step=progress.update)
-                rest = distiller.run(n - k, on_step=progress.update) if n > k else first
+                first = distiller.run(k, on_step=on_step)
+                rest = distiller.run(n - k, on_step=on_step) if n > k else first
             else:
-                rest = distiller.run(n, on_step=progress.update)
+                rest = distiller.run(n, on_step=on_step)
             entry: dict[str, Any] = {"epoch": len(history) + 1, "steps": distiller.steps_done, "loss": rest}
             if dev_tasks:
                 dev = _dev_metrics(ctx, student, tokenizer, dev_tasks, cfg.eval_batch_size)
@@ -89,47 +184,39 @@ def run(ctx: StageContext) -> StageResult:
     if best_state is not None and best is not None and best[1] != history[-1]["epoch"]:
         student.load_state_dict(best_state)
     student.eval()
+    return {"history": history, "best": best, "stopped_early": stopped_early, "total": total,
+            "steps_per_epoch": steps_per_epoch, "steps_done": distiller.steps_done, "task_steps": task_steps,
+            "loss_first": first, "loss_last": rest, "last_n": last_n}
 
-    saved = ctx.out_dir / "model"
-    save_model(student, tokenizer, saved, max_length,
-               extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map}})
-    teacher.to("cpu")
-    ctx.reporter.extend(evaluate_rows(student, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
-                                      report=recipe.report, batch_size=cfg.eval_batch_size))
 
-    params_s, params_t = student.num_parameters(), teacher.num_parameters()
-    fmt = ", ".join(f"{k}={v:.4f}" for k, v in rest.items())
-    notes = [
-        f"{cfg.name}: student = {origin}; {n_s} layers, {params_s:,} parameters "
-        f"({params_s / params_t:.1%} of the teacher's {params_t:,})",
-        f"{cfg.name}: {total} steps on {device.type}{' (bf16)' if mixed else ''}; layer map {layer_map}; "
-        f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
-        f"attention={cfg.weights.attention}",
-        f"{cfg.name}: mean loss parts over the last {last_n} steps: {fmt}",
-    ]
-    if best is not None:
-        per_epoch = ", ".join(f"{h['epoch']}: {h['mean_retention']:.4f}" for h in history)
-        notes.append(f"{cfg.name}: mean dev retention per epoch (student / teacher) {per_epoch}; "
-                     f"{'kept' if cfg.keep_best else 'best was'} epoch {best[1]}"
-                     + (f"; stopped after epoch {history[-1]['epoch']} ({cfg.early_stopping_patience} epoch(s) "
-                        "without improvement)" if stopped_early else ""))
-    outputs: dict[str, Any] = {
-        "model_dir": str(ctx.final_dir / "model"),
-        "teacher_layers": kept,
-        "layer_map": {str(k): v for k, v in layer_map.items()},
-        "steps": total,
-        "params": params_s,
-        "teacher_params": params_t,
-        "loss_first": first,
-        "loss_last": rest,
-        "epochs": history,
-        "best_epoch": best[1] if best is not None else None,
-        "stopped_early": stopped_early,
-        "steps_done": distiller.steps_done,
-        "device": device.type,
-        "mixed_precision": "bf16" if mixed else "no",
-    }
-    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
+    history, best = run_["history"], run_["best"]
+    per_epoch = ", ".join(f"{h['epoch']}: {h['mean_retention']:.4f}" for h in history)
+    return (f"{label}: mean dev retention per epoch (student / teacher) {per_epoch}; "
+            f"{'kept' if cfg.keep_best else 'best was'} epoch {best[1]}"
+            + (f"; stopped after epoch {history[-1]['epoch']} ({cfg.early_stopping_patience} epoch(s) "
+               "without improvement)" if run_["stopped_early"] else ""))
+
+
+def _with_required(model: MultiTaskModel, task: str) -> list[str]:
+    """``task`` first, then every task it needs (transitively), in the model's order."""
+    need, todo = {task}, [task]
+    while todo:
+        for req in model.tasks[todo.pop()].requires():
+            if req not in need:
+                need.add(req)
+                todo.append(req)
+    return [task] + [t for t in model.tasks if t in need and t != task]
+
+
+def _keep_tasks(model: MultiTaskModel, names: list[str]) -> None:
+    """Drop every task (and head) of ``model`` but ``names``, in place."""
+    for name in list(model.tasks):
+        if name not in names:
+            del model.heads[name]
+            del model.tasks[name]
+    for plugin in model.tasks.values():
+        plugin.bind(model.tasks)
 
 
 def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],
