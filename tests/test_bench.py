@@ -48,7 +48,8 @@ report: {{latency: false}}
 def bench(tmp_path_factory, tiny_model_path):
     tmp = tmp_path_factory.mktemp("bench")
     chain = recipe_text(tiny_model_path, epochs=1, baselines=False).replace("report:", """\
-  - {kind: distill, student: {from_teacher: {layers: 1}}, epochs: 1, batch_size: 8, lr: 3.0e-3}
+  - {kind: distill, student: {from_teacher: {layers: 1}}, epochs: 1, batch_size: 8, lr: 3.0e-3,
+     single_task_students: true}
   - {kind: prune_vocab}
   - {kind: export}
   - {kind: quantize, tolerance: 1.0}
@@ -173,7 +174,10 @@ def test_targets_follow_the_measured_numbers(bench):
     lat_x = b[key("latency_seq_p50_ms", 1)] / e[key("latency_seq_p50_ms", 1)]
     assert targets["latency"]["measured"] == pytest.approx(lat_x) and targets["latency"]["met"] == (lat_x >= 6)
     assert targets["vs_c"]["measured"]["size_x"] == pytest.approx(c["size_bytes"] / e["size_bytes"])
-    assert set(targets) == {"size", "latency", "retention", "vs_c"}
+    assert set(targets) == {"size", "latency", "retention", "vs_c", "vs_d"}
+    d = rows[("d", "sst")]
+    assert targets["vs_d"]["measured"]["size_share"] == pytest.approx(e["size_bytes"] / d["size_bytes"])
+    assert targets["vs_d"]["measured"]["points"]["sst"] == pytest.approx(100 * (e["value"] - d["value"]))
     for t in targets.values():
         assert ("met" if t["met"] else "MISSED") in bench["stdout"]
 
@@ -225,6 +229,14 @@ def test_targets_say_by_how_much_they_are_missed():
     models["e-int8"] = _row("e-int8", "t", 0.885, 90, 1.0)
     targets = {t["id"]: t for t in check_targets(build_rows(models, [1]), [1], 128)}
     assert all(targets[k]["met"] for k in ("size", "latency", "retention", "vs_c"))
+    assert "vs_d" not in targets  # no single-task students, no P3
+    models["d"] = _row("d", "t", 0.895, 200, 3.0)  # four singles: 200 bytes together, 1 point better
+    targets = {t["id"]: t for t in check_targets(build_rows(models, [1]), [1], 128)}
+    assert targets["vs_d"]["met"] is False and targets["vs_d"]["measured"]["size_share"] == pytest.approx(0.45)
+    assert "missed by 0.15x" in targets["vs_d"]["detail"] and "missed by 0.50 points" in targets["vs_d"]["detail"]
+    models["d"] = _row("d", "t", 0.888, 400, 3.0)
+    targets = {t["id"]: t for t in check_targets(build_rows(models, [1]), [1], 128)}
+    assert targets["vs_d"]["met"] is True
 
 
 def test_serving_with_several_models_adds_latencies_and_per_example_times():
@@ -249,3 +261,22 @@ def test_a_single_task_twin_is_for_the_task_nothing_else_requires():
     assert own_task({"ner": ner, "re": rel}) == "re"  # recipe order: entity task first
     assert own_task({"re": rel, "ner": ner}) == "re"  # twin order: own task first
     assert own_task({"ner": ner}) == "ner"
+
+
+def test_without_single_the_runs_own_single_task_students_are_row_d(bench, tmp_path):
+    from compressor.bench.benchmark import run_benchmark
+    from compressor.bench.sources import read_run
+
+    run = bench["runs"]["chain"]
+    src = read_run(run)
+    distill = run / "stages" / "01-distill"
+    assert src.singles == {"ner": distill / "single-ner", "sst": distill / "single-sst"}
+    assert src.singles_stage == "distill"
+    paths = run_benchmark(run, tmp_path / "b", threads=[1], batch=2, runs=1, seq_len=16, samples=2,
+                          log=lambda _: None)
+    data = json.loads(paths["json"].read_text())
+    d = data["models"]["d"]
+    assert [p["source"].split(" ")[0] for p in d["parts"]] == [str(src.singles["ner"]), str(src.singles["sst"])]
+    assert {r["task"] for r in data["rows"] if r["id"] == "d"} == {"ner", "sst"}
+    assert any("single-task students of distill stage 'distill'" in n for n in data["notes"])
+    assert any(t["id"] == "vs_d" for t in data["targets"])

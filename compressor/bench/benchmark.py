@@ -67,10 +67,18 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     eval_threads = max(thread_list)
 
     src = read_run(Path(run_dir))
+    if not singles and src.singles:
+        # row (d) from the run itself: the distill stage's single-task students (single_task_students: true)
+        singles = list(src.singles.values())
     single_srcs = [read_single(Path(p)) for p in singles]
     recipe = load_recipe(src.recipe_path)
     data = DataStore(recipe, resolve_data_root(recipe.data_root, data_root))
     notes: list[str] = []
+    if src.singles and [Path(p) for p in singles] == list(src.singles.values()):
+        notes.append(f"(d) the single-task students of distill stage '{src.singles_stage}' (same architecture as "
+                     "its multi-head student, same teacher, the steps the multi-head student spent on each task); "
+                     "they are not pruned, vocabulary-pruned or quantized, so compare them with e-fp32 of the "
+                     "same chain")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(eval_threads)
     try:

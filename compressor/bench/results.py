@@ -20,6 +20,8 @@ SIZE_TARGET = 10.0  # INT8 student at least 10x smaller on disk than the teacher
 LATENCY_TARGET = 6.0  # at least 6x lower ORT p50 than (b), batch 1, sequence 128, 1 thread
 RETENTION_TARGET = 0.97  # of the teacher's metric, every task
 POINTS_VS_C = 1.0  # no more than 1 point worse than (c) on any task
+SIZE_VS_D = 0.3  # the multi-head student at most 0.3x the single-task students' total size
+POINTS_VS_D = 0.5  # and no more than 0.5 point worse than each single-task student on its own task
 
 
 def ratio_keys(threads: Sequence[int]) -> list[str]:
@@ -147,4 +149,25 @@ def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq
                            "; ".join(parts) + f" (latency at batch 1, sequence {seq_len})"))
     else:
         out.append(_target("vs_c", text, None, None, "not measured: the run has no INT8 student"))
+
+    d = _pick(rows, "d")
+    if d:
+        text = (f"at most {SIZE_VS_D:g}x the total size of the single-task students (d) and at most {POINTS_VS_D:g} "
+                "point worse than each on its own task")
+        if e:
+            share = e[0]["size_bytes"] / d[0]["size_bytes"]
+            d_by = {r["task"]: r for r in d}
+            points = {r["task"]: points_better(r["value"], d_by[r["task"]]["value"], r.get("higher_is_better", True))
+                      for r in e if r["task"] in d_by}
+            ok_size = share <= SIZE_VS_D + 1e-12
+            ok_points = all(p >= -POINTS_VS_D - 1e-9 for p in points.values())
+            parts = [f"size {share:.2f}x of (d) ({e[0]['size_bytes'] / 1e6:.2f} MB vs {d[0]['size_bytes'] / 1e6:.2f} "
+                     "MB)" + ("" if ok_size else f"; missed by {share - SIZE_VS_D:.2f}x")]
+            parts += [f"{t} {p:+.2f} points vs its single-task student"
+                      + ("" if p >= -POINTS_VS_D - 1e-9 else f" (missed by {-p - POINTS_VS_D:.2f} points)")
+                      for t, p in points.items()]
+            out.append(_target("vs_d", text, ok_size and ok_points, {"size_share": share, "points": points},
+                               "; ".join(parts)))
+        else:
+            out.append(_target("vs_d", text, None, None, "not measured: the run has no INT8 student"))
     return out

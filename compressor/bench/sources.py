@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class RunSources:
     export_stage: str | None
     quantize: dict[str, Any] | None  # outputs of the last quantize stage
     quantize_stage: str | None
+    singles: dict[str, Path] = field(default_factory=dict)  # task -> single-task student of a distill stage
+    singles_stage: str | None = None
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -73,8 +75,14 @@ def read_run(run_dir: Path) -> RunSources:
                        ("quantized graph", quantize["onnx"] if quantize else None)):
         if path is not None and not Path(path).exists():
             raise CompressorError(f"{path}: {what} listed in {run_dir / 'state.json'} does not exist")
+    singles_stage, distill = _last(completed, "distill", "single_task_students")
+    singles = {t: Path(p) for t, p in (distill or {}).get("single_task_students", {}).items()}
+    for t, path in singles.items():
+        if not (path / "manifest.json").is_file():
+            raise CompressorError(f"{path}: single-task student of '{t}' listed in {run_dir / 'state.json'} "
+                                  "does not exist")
     return RunSources(run_dir, recipe_path, Path(teacher["model_dir"]), teacher["name"], export, export_stage,
-                      quantize, quantize_stage)
+                      quantize, quantize_stage, singles, singles_stage)
 
 
 @dataclass
