@@ -134,6 +134,10 @@ def test_a_task_without_dev_is_an_error_unless_train_is_split(data):
     assert len(dev) == 10 and len(train) == 30
     assert sorted(ex.source.line for ex in train + dev) == list(range(1, 41))  # disjoint, covering the file
     assert store.has("sst", "dev") and store.path("sst", "dev") == data / "sst.train.txt"
+    limited = DataStore(load_recipe(write_recipe(data, no_dev + "\n    dev_from_train: 0.25\n    limit: {train: 5}")), data)
+    assert len(limited.examples("sst", "train")) == 5 and len(limited.examples("sst", "dev")) == 10
+    # the whole training split, as prune_vocab's full_train reads it: no limit, no dev hold-out
+    assert sorted(ex.source.line for ex in limited.full("sst", "train")) == sorted(ex.source.line for ex in train)
     again = DataStore(load_recipe(recipe), data)
     assert [ex.source.line for ex in again.examples("sst", "dev")] == [ex.source.line for ex in dev]  # seeded
 

@@ -113,7 +113,10 @@ class DataStore:
         examples = read_split(self.tasks[task], path, self.format(task, split), self.encoding(task, split))
         if not examples:
             raise DataError(path, f"split '{self._file_split(task, split)}' of task '{task}' is empty")
-        self._files[key] = examples
+        file_split = self._file_split(task, split)
+        users = ("train", "dev") if self.held_out(task) and file_split == "train" else (file_split,)
+        if not all((task, s) in self._examples for s in users):  # kept only until its splits are subsampled
+            self._files[key] = examples
         return examples
 
     def full(self, task: str, split: str) -> list[Any]:

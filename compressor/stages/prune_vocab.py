@@ -209,11 +209,8 @@ def _features(ctx: StageContext, cfg: PruneVocabStage, task: str, split: str, to
     limit = getattr(spec.limit, split)
     if split != "train" or not cfg.full_train or limit is None:
         return ctx.data.encoded(task, split, tokenizer, max_length, train=split == "train").features
-    path = ctx.data.path(task, split)
-    if path is None or not path.is_file():
-        raise DataError(path, f"data file for task '{task}' split '{split}' not found")
     plugin = ctx.data.tasks[task]
-    examples = plugin.read(path, spec.data.get(split).format or spec.format)
+    examples = ctx.data.full(task, split)  # the whole split in its format and encoding (no dev hold-out)
     return plugin.encode(examples, tokenizer, max_length, True).features
 
 
