@@ -105,24 +105,27 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
             if not file.is_file():
                 raise DataError(file, f"data file not found ({_where(path, ['tasks', i, 'data', split])})")
             fmt = entry.format or spec.format
-            _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'")
+            _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'",
+                       entry.encoding or spec.encoding)
             checked += 1
     return checked
 
 
-def _read_head(task: Any, file: Path, fmt: str | None, what: str) -> None:
+def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None) -> None:
+    from compressor.data.readers import decode_error
+    from compressor.data.store import read_split
+
     if file.stat().st_size <= FULL_READ_BYTES:
-        if not task.read(file, fmt):
+        if not read_split(task, file, fmt, encoding):
             raise DataError(file, f"{what} is empty")
         return
     with open(file, "rb") as fh:
         first = fh.read(1 << 16)
     try:
-        first.decode("utf-8")
+        first.decode(encoding or "utf-8")
     except UnicodeDecodeError as exc:
         if exc.start < len(first) - 4:  # not just a character cut at the end of the sample
-            raise DataError(file, f"not valid UTF-8 (byte {exc.start})",
-                            line=first[: exc.start].count(b"\n") + 1) from None
+            raise decode_error(file, first, exc, encoding or "utf-8") from None
     if first.lstrip()[:1] in (b"[", b"{") and not file.suffix == ".jsonl":
         return  # one JSON document: its first lines do not parse on their own
     lines: list[bytes] = []
@@ -138,7 +141,7 @@ def _read_head(task: Any, file: Path, fmt: str | None, what: str) -> None:
         head = tmp / file.name
         head.write_bytes(b"".join(lines))
         try:
-            task.read(head, fmt)
+            read_split(task, head, fmt, encoding)
         except DataError as exc:  # name the real file, not the sample
             exc.args = (str(exc).replace(str(head), str(file)),)
             exc.path = file

@@ -100,9 +100,13 @@ def test_latin1_file_is_named_with_its_byte_offset_and_the_encoding_option_fixes
     assert lines[0].startswith(f"error: {data / 'sst.train.txt'}:6: not valid UTF-8 (byte {offset}: e9")
     assert "encoding: latin-1" in lines[0]
 
+    quick = runner.invoke(app, ["validate", str(write_recipe(data, SST))])  # the quick check (no --data) too
+    assert quick.exit_code == 2 and "sst.train.txt:6: not valid UTF-8" in quick.stderr
+
     fixed = "data: {train: {path: sst.train.txt, encoding: latin-1}, dev: sst.dev.txt, test: sst.test.txt}"
     result = validate(write_recipe(data, fixed))
     assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["validate", str(write_recipe(data, fixed))]).exit_code == 0
     store = DataStore(load_recipe(write_recipe(data, fixed)), data)
     assert "a caf\u00e9 film , fun" in [ex.text for ex in store.examples("sst", "train")]
     # the task-level encoding applies to every split without its own
