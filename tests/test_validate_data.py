@@ -202,3 +202,20 @@ def test_plugins_with_and_without_the_encoding_keyword(tmp_path):
         read_split(_Plain(), path, None)
     with pytest.raises(DataError, match=r"x\.txt:2: not valid UTF-8 \(byte 5: ef"):
         read_split(_OwnDecoding(), path, None)  # its own UnicodeDecodeError, named with file and offset
+
+
+def test_evaluate_command_reads_a_file_in_the_given_encoding(tmp_path, tokenizer):
+    from compressor.model.io import save_model
+    from compressor.model.multitask import MultiTaskModel
+    from compressor.tasks import build_task
+    from conftest import tiny_bert
+
+    model = MultiTaskModel(tiny_bert(), {"sst": build_task("classification", "sst", ["0", "1"])})
+    save_model(model, tokenizer, tmp_path / "m", 32)
+    (tmp_path / "t.txt").write_bytes("1 a caf\u00e9 film\n0 dull\n".encode("latin-1"))
+    bad = runner.invoke(app, ["evaluate", str(tmp_path / "m"), "--task", "sst", "--data", str(tmp_path / "t.txt")])
+    assert bad.exit_code == 2 and "t.txt:1: not valid UTF-8 (byte 7" in bad.stderr
+    good = runner.invoke(app, ["evaluate", str(tmp_path / "m"), "--task", "sst", "--data", str(tmp_path / "t.txt"),
+                               "--encoding", "latin-1", "--json"])
+    assert good.exit_code == 0, good.output
+    assert '"examples": 2' in good.stdout

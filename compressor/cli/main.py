@@ -117,6 +117,7 @@ def evaluate(
     task: Annotated[str, typer.Option("--task", help="Task name in the model.")],
     data: Annotated[Path, typer.Option("--data", help="Data file of that task.")],
     format: Annotated[Optional[str], typer.Option("--format", help="Reader format (default: from the extension).")] = None,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the file (default utf-8).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     json_out: JsonOut = False,
 ) -> None:
@@ -135,7 +136,15 @@ def evaluate(
     if not data.is_file():
         raise DataError(data, "data file not found")
     plugin = model.tasks[task]
-    examples = plugin.read(data, format)
+    from compressor.data.readers import check_encoding
+    from compressor.data.store import read_split
+
+    if encoding is not None:
+        try:
+            check_encoding(encoding)
+        except ValueError as exc:
+            raise RecipeError(f"--encoding: {exc}") from None
+    examples = read_split(plugin, data, format, encoding)
     if not examples:
         raise DataError(data, "no examples")
     encoded = plugin.encode(examples, tokenizer, manifest["max_length"], False)
