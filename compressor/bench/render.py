@@ -72,7 +72,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                      f"{_f(m.get('integer_matmuls'))} | `{m['source']}` |")
     lines.append("")
     if "d" not in data["models"]:
-        lines += ["Row (d) is absent: no single-task students were given (`--single`).", ""]
+        lines += ["Row (d) is absent: no single-task students were given (`--single`) and the run's distill stage "
+                  "made none (`single_task_students: true`).", ""]
     else:
         head, sep = "| (d) part | format | size (MB) | params |", "|---|---|---|---|"
         for t in threads:
