@@ -39,3 +39,45 @@ def test_batch_stream_covers_every_index_once_per_pass():
     assert stream.batches_per_pass() == 3
     seen = [i for _ in range(3) for i in stream.next()]
     assert sorted(seen) == list(range(10))
+
+
+def test_quota_sampler_gives_each_task_exactly_its_steps_interleaved_and_stops_tasks():
+    from compressor.data.sampling import QuotaSampler
+
+    s = QuotaSampler({"big": 6, "small": 3}, seed=4)
+    epoch = [next(s) for _ in range(s.epoch_steps())]
+    assert sorted(epoch) == ["big"] * 6 + ["small"] * 3
+    assert epoch != sorted(epoch) and epoch != sorted(epoch, reverse=True)  # interleaved, not bunched
+    state = s.state_dict()
+    s.stop("big")
+    assert s.epoch_steps() == 3 and [next(s) for _ in range(3)] == ["small"] * 3
+    again = QuotaSampler({"big": 6, "small": 3}, seed=0)
+    again.load_state_dict(state)
+    assert again.epoch_steps() == 9
+
+
+def test_length_grouped_batches_cover_every_index_once_and_pad_less():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    plain, grouped = BatchStream(1000, 16, seed=1), BatchStream(1000, 16, seed=1, lengths=lengths)
+
+    def padded(stream):
+        batches = [stream.next() for _ in range(stream.batches_per_pass())]
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert all(len(b) == 16 for b in batches[:-1])
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+
+
+def test_passes_budget_must_name_a_task_of_the_recipe():
+    from compressor.recipe import Recipe
+
+    base = {"name": "r", "tasks": [{"name": "ner", "plugin": "ner", "data": {"train": "x"}}]}
+    stage = {"kind": "train", "sampling": {"strategy": "passes", "passes": {"nre": 2}}}
+    with pytest.raises(Exception, match="sampling.passes names task 'nre'"):
+        Recipe.model_validate({**base, "stages": [stage]})
+    with pytest.raises(Exception, match="greater than 0"):
+        Recipe.model_validate({**base, "stages": [{"kind": "train", "head_lr": 0}]})

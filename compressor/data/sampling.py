@@ -86,7 +86,7 @@ class QuotaSampler:
         return self._plan[self._pos - 1]
 
     def state_dict(self) -> dict:
-        return {"rng": self._rng.getstate(), "plan": self._plan, "pos": self._pos, "stopped": self.stopped}
+        return {"rng": self._rng.getstate(), "plan": list(self._plan), "pos": self._pos, "stopped": list(self.stopped)}
 
     def load_state_dict(self, state: dict) -> None:
         rng = state["rng"]
