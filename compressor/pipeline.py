@@ -93,7 +93,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
 
 def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool, resume: bool, data, log) -> Path:
     from compressor.report.machine import describe_machine
-    from compressor.report.measure import describe_threads
+    from compressor.measure import describe_threads
     from compressor.report.rows import Reporter
 
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
@@ -135,7 +135,7 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
 
 def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
     from compressor.report.machine import describe_machine
-    from compressor.report.measure import describe_threads
+    from compressor.measure import describe_threads
 
     done = {s["name"]: s for s in state["completed"]}
     model_dir: Path | None = None
@@ -162,11 +162,14 @@ def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, repo
             resume=resume, checkpoint_dir=run_dir / "checkpoints" / stage.name,
         )
         started = time.perf_counter()
+        kill_hook = _test_kill_hook(stage.name, out_dir, ctx.checkpoint_dir)
         try:
             if resume:
                 check_checkpoints(ctx.checkpoint_dir, stage.name)
             result: StageResult = _load(STAGE_RUNNERS[stage.kind], f"stage '{stage.kind}'")(ctx)
             check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
+            if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
+                kill_hook()
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             reporter.drop_stage(stage.name)
@@ -186,6 +189,40 @@ def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, repo
         }]
         write_state(run_dir, state)
         _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
+
+
+# ---- TEST ONLY: kill -9 inside a stage -----------------------------------------------------------------------
+KILL_ENV = "COMPRESSOR_TEST_KILL_IN_STAGE"
+
+
+def _test_kill_hook(stage: str, out_dir: Path, checkpoint_dir: Path | None):
+    """TEST ONLY (``tests/test_resume_kill.py``): with ``$COMPRESSOR_TEST_KILL_IN_STAGE`` naming this stage, the
+    process SIGKILLs itself (what ``kill -9`` does: no cleanup, no handlers) right after the stage's first write
+    has been moved into place: a file under its output or checkpoint directory whose path has no hidden
+    (temporary) part, e.g. the first epoch checkpoint of a train stage, or the first model a stage saved. If the
+    stage finishes without such a write being seen, it dies before the stage is recorded complete. Returns that
+    last-resort kill, or None when the variable does not name this stage (always, outside tests)."""
+    if os.environ.get(KILL_ENV) != stage:
+        return None
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def written() -> bool:
+        for root in (out_dir, checkpoint_dir):
+            if root is not None and root.is_dir():
+                for p in root.rglob("*"):
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+                        return True
+        return False
+
+    def watch() -> None:
+        while not written():
+            time.sleep(0.005)
+        die()
+
+    threading.Thread(target=watch, daemon=True, name="test-kill-watcher").start()
+    return die
 
 
 # ---- state.json: paths relative to the run directory --------------------------------------------------------

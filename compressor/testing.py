@@ -184,7 +184,7 @@ def _check(c: _Checker, cls: type[TaskPlugin], plugin_name: str, task_name: str,
     import torch
 
     from compressor.model.multitask import MultiTaskModel
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
     from compressor.tasks import build_task
 
     if not data.is_file():

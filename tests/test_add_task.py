@@ -110,7 +110,7 @@ def _ner_batches(tokenizer) -> list[dict[str, np.ndarray]]:
 
 def test_existing_task_outputs_are_bit_identical_in_pytorch(added, models, tokenizer):
     from compressor.model.io import load_model
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     out, report, state = added
     student, _ = models

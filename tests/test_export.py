@@ -197,7 +197,7 @@ def _all_plugins():
 @pytest.mark.parametrize("plugin", _all_plugins())
 def test_every_registered_plugin_exports_with_parity(plugin, tokenizer, tmp_path):
     from compressor.export.onnx_export import export_onnx, graph_spec
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
     from compressor.runtime.session import OrtForward, make_session
 
     torch.set_num_threads(1)

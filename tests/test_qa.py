@@ -170,7 +170,7 @@ def test_head_masks_padding_and_training_lowers_loss(task, tokenizer):
     import torch
 
     from compressor.model.multitask import MultiTaskModel
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     torch.manual_seed(0)
     model = MultiTaskModel(tiny_bert(), {"qa": task})

@@ -138,7 +138,7 @@ def fragile(tmp_path_factory):
     answers are that model's own fp32 predictions: fp32 scores F1 = 1 exactly, so any answer INT8 changes
     counts, and only moving nodes back to fp32 can recover it."""
     from compressor.model.io import load_model
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     root = tmp_path_factory.mktemp("fragile")
     base = make_run([{"kind": "export"}], root / "base", tasks=("qa",), ln_outlier=10.0)

@@ -368,7 +368,7 @@ def test_joint_training_lowers_relation_loss_and_evaluates(tokenizer):
     import torch
 
     from compressor.model.multitask import MultiTaskModel
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     torch.manual_seed(0)
     ner, rel, examples = make_tasks()

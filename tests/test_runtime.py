@@ -33,7 +33,7 @@ def fp32_bundle(run, tmp_path_factory):
 def torch_predictions(run):
     """PyTorch predictions of every task on its dev split, plus the examples."""
     from compressor.model.io import load_model
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     model, tokenizer, _ = load_model(run.model_dir)
     out = {}
@@ -259,7 +259,7 @@ def test_text_pair_classification_matches_pytorch(tokenizer, tmp_path):
     from compressor.export.bundle import write_bundle
     from compressor.export.onnx_export import export_onnx, graph_spec
     from compressor.model.multitask import MultiTaskModel
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
     from compressor.tasks import build_task
 
     entry = PLUGIN_FIXTURES["classification"]

@@ -51,7 +51,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     from compressor.model.io import WEIGHTS, load_model
     from compressor.recipe import load_recipe, resolve_data_root
     from compressor.report.machine import describe_machine
-    from compressor.report.measure import count_parameters
+    from compressor.measure import count_parameters
     from compressor.runtime.spec import GraphSpec
     from compressor.stages.quantize import plugins_from_manifest
 

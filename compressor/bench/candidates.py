@@ -89,7 +89,7 @@ class Candidate:
         if self.model is not None:
             import torch
 
-            from compressor.report.measure import torch_forward
+            from compressor.model.forward import torch_forward
 
             before = torch.get_num_threads()
             torch.set_num_threads(threads)

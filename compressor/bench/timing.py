@@ -11,15 +11,14 @@ Every timing is one ``run(None, feeds)`` (every task's outputs). Keys, with ``T`
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from compressor.runtime.session import build_feeds, latency_inputs, ort_latency_ms
+from compressor.measure import ort_latency_ms, percentiles, time_calls
+from compressor.runtime.session import build_feeds, latency_inputs
 from compressor.runtime.spec import GraphSpec
 
 MODEL_KEYS = ("latency_seq_p50_ms", "latency_seq_p95_ms", "throughput_seq")
@@ -62,18 +61,7 @@ def time_each(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], warmup: in
     """Wall time (ms) of one run per feeds, after ``warmup`` untimed runs of the first ones."""
     for f in list(feeds)[:warmup]:
         runner.run(None, dict(f))
-    times = []
-    for f in feeds:
-        t0 = time.perf_counter()
-        runner.run(None, dict(f))
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
-
-
-def percentiles(times: Sequence[float]) -> dict[str, float]:
-    """Median and p95 the way ``ort_latency_ms`` computes them."""
-    ordered = sorted(times)
-    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+    return [t for f in feeds for t in time_calls(lambda f=f: runner.run(None, dict(f)), runs=1, warmup=0)]
 
 
 def model_timings(runner: Any, spec: GraphSpec, vocab_size: int, threads: int, settings: Settings) -> dict[str, float]:

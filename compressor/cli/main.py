@@ -124,7 +124,7 @@ def evaluate(
     """Score a saved model on one task's data file."""
     from compressor.errors import DataError, RecipeError
     from compressor.model.io import load_model
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     model, tokenizer, manifest = load_model(model_dir)
     if task not in model.tasks:

@@ -21,7 +21,7 @@ from compressor.data.sampling import BatchStream, TaskSampler
 from compressor.distill.losses import PARTS, DistillLoss, KDConfig
 from compressor.errors import DataError
 from compressor.model.multitask import MultiTaskModel
-from compressor.report.measure import autocast
+from compressor.model.forward import autocast
 
 Batch = Mapping[str, torch.Tensor]
 

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from compressor.runtime.session import (
-    OrtForward, build_feeds, latency_inputs, make_session, ort_latency_ms,
-)
+from compressor.measure import ort_latency_ms
+from compressor.runtime.session import OrtForward, build_feeds, latency_inputs, make_session
 from compressor.runtime.spec import GraphSpec
 from compressor.tasks import TaskPlugin
 

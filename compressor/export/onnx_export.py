@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.model.multitask import MultiTaskModel
-from compressor.report.measure import count_parameters, task_parameters
+from compressor.measure import count_parameters, task_parameters
 from compressor.runtime.spec import ExtraInput, GraphSpec, TaskGraph
 from compressor.tasks import BASE_INPUTS
 
@@ -104,7 +104,7 @@ class ExportWrapper(nn.Module):
 
 def sample_inputs(model: MultiTaskModel, spec: GraphSpec, batch: int = 2, seq_len: int = 16) -> dict[str, torch.Tensor]:
     """Trace inputs: real vocabulary ids, a padded second row (so masking is traced), extra-input dummies."""
-    from compressor.report.measure import dummy_inputs
+    from compressor.measure import dummy_inputs
 
     inputs: dict[str, torch.Tensor] = {}
     for name, task in spec.tasks.items():

@@ -11,7 +11,8 @@ import torch
 from compressor.data.store import DataStore
 from compressor.model.io import weights_size
 from compressor.model.multitask import MultiTaskModel
-from compressor.report.measure import count_parameters, latency_ms, task_parameters, torch_forward
+from compressor.model.forward import torch_forward
+from compressor.measure import count_parameters, task_parameters, torch_latency_ms
 from compressor.recipe import ReportSpec
 
 
@@ -65,7 +66,7 @@ def _cpu_latency(model: MultiTaskModel, task: str, report: ReportSpec) -> dict[s
         torch.set_num_threads(report.threads)
     try:
         model.to("cpu")
-        return latency_ms(model, task, report.latency_seq_len, report.latency_runs, report.latency_warmup)
+        return torch_latency_ms(model, task, report.latency_seq_len, report.latency_runs, report.latency_warmup)
     finally:
         model.to(device)
         torch.set_num_threads(threads)

@@ -5,8 +5,6 @@ Torch-free: onnxruntime, numpy and the standard library only.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,28 +92,10 @@ class OrtForward:
 
 
 def latency_inputs(spec: GraphSpec, vocab_size: int, seq_len: int, batch: int = 1) -> dict[str, np.ndarray]:
-    """Full-length inputs (no padding) for a latency run, with real token ids from the vocabulary."""
-    rng = np.random.default_rng(0)
-    low = 1000 if vocab_size > 2000 else 1
-    batch_np = {
-        "input_ids": rng.integers(low, vocab_size, (batch, seq_len), dtype=np.int64),
-        "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
-        "token_type_ids": np.zeros((batch, seq_len), dtype=np.int64),
-    }
-    return build_feeds(spec, batch_np, active=[])
+    """Feeds of :func:`compressor.measure.dummy_tokens` for a latency run, placeholders for extra inputs."""
+    from compressor.measure import dummy_tokens
 
-
-def ort_latency_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median and p95 wall time (ms) of one ``session.run`` of every output."""
-    feeds = dict(feeds)
-    times = []
-    for i in range(warmup + runs):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return {"p50": statistics.median(times), "p95": times[min(len(times) - 1, int(0.95 * len(times)))]}
+    return build_feeds(spec, dummy_tokens(vocab_size, seq_len, batch), active=[])
 
 
 def session_threads(session: Any) -> int | None:

@@ -153,7 +153,7 @@ class CandidateBuilder:
 
     def torch_dev(self, model: MultiTaskModel, tokenizer: Any) -> dict[str, float]:
         """Every task's primary dev metric with PyTorch."""
-        from compressor.report.measure import torch_forward
+        from compressor.model.forward import torch_forward
 
         forward = torch_forward(model)
         model.eval()
@@ -214,7 +214,8 @@ class CandidateBuilder:
     def _score(self, graph: Path, spec: Any, model: MultiTaskModel, tokenizer: Any) -> tuple[dict[str, float],
                                                                                             dict[str, float]]:
         from compressor.export.evaluate import evaluate_split
-        from compressor.runtime.session import OrtForward, latency_inputs, make_session, ort_latency_ms
+        from compressor.measure import ort_latency_ms
+        from compressor.runtime.session import OrtForward, latency_inputs, make_session
 
         forward = OrtForward(make_session(graph, self.eval_threads), spec)
         metrics = evaluate_split(forward, model.tasks, self.data, tokenizer, self.max_length, "dev", self.tasks,

@@ -162,7 +162,7 @@ def train_head(model: Any, tokenizer: Any, data: Any, cfg: AddTaskStage, max_len
     the model ends with the head of the best dev epoch (the last epoch without a dev split). Per-epoch history."""
     import torch
 
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     task = cfg.task
     plugin = model.tasks[task]

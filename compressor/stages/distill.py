@@ -222,7 +222,7 @@ def _keep_tasks(model: MultiTaskModel, names: list[str]) -> None:
 def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],
                  batch_size: int) -> dict[str, float]:
     """Primary dev metric of every task in ``tasks`` (model left in eval mode)."""
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     model.eval()
     forward = torch_forward(model)

@@ -171,7 +171,7 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
 
 
 def _dev_metrics(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, tasks: list[str]) -> dict[str, float]:
-    from compressor.report.measure import torch_forward
+    from compressor.model.forward import torch_forward
 
     model.eval()
     forward = torch_forward(model)

@@ -237,7 +237,8 @@ def _choose_mode(results: dict[str, dict[str, Any]], spec: Any, threads: int, re
     """The mode to keep when both were tried: among those within every tolerance the one with the lower ORT p50
     latency (batch 1, the report's sequence length); when neither is within tolerance, the one with fewer failing
     tasks, then the smaller worst excess. Returns (mode, what was measured per mode)."""
-    from compressor.runtime.session import latency_inputs, make_session, ort_latency_ms
+    from compressor.measure import ort_latency_ms
+    from compressor.runtime.session import latency_inputs, make_session
 
     feeds = latency_inputs(spec, int(spec.metadata.get("vocab_size", 30522)), report.latency_seq_len)
     compared: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from compressor.fsutil import atomic_dir, atomic_write_text
 from compressor.model.architecture import encoder_layers
 from compressor.model.multitask import MultiTaskModel
 from compressor.recipe import TrainStage
-from compressor.report.measure import torch_forward
+from compressor.model.forward import torch_forward
 from compressor.train.weighting import LossWeighter
 
 CHECKPOINT = "last"

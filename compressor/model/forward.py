@@ -1,0 +1,32 @@
+"""Running a multi-task model: the autocast rule and a numpy ``Forward`` for task evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from compressor.model.multitask import MultiTaskModel
+from compressor.tasks import Forward
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; nothing on CPU (evaluation stays fp32 and exact there)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def torch_forward(model: MultiTaskModel, device: torch.device | str | None = None) -> Forward:
+    """A ``Forward`` over a PyTorch model: numpy batch in, float32 numpy outputs out."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def forward(task: str, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+        with torch.no_grad(), autocast(device):
+            out = model.forward_batch(task, tensors).outputs
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    return forward
