@@ -578,7 +578,22 @@ Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVo
                   Field(discriminator="kind")]
 
 
+class Targets(Strict):
+    """The product's targets, written once: the benchmark and ``publish`` check them and say by how much they
+    are missed. Ratios are teacher / student (larger is better) unless named otherwise."""
+
+    retention: float = Field(0.97, gt=0, le=1, description="least student metric / teacher metric, every task")
+    size_x: float = Field(10.0, gt=0, description="INT8 student at least this many times smaller on disk")
+    latency_x: float = Field(6.0, gt=0, description="INT8 student's ORT p50 this many times lower (1 thread)")
+    points_vs_c: float = Field(1.0, ge=0, description="most metric points below optimum's INT8 teacher, any task")
+    size_vs_d: float = Field(0.3, gt=0, description="most size of the multi-head student / the single-task ones")
+    points_vs_d: float = Field(0.5, ge=0, description="most points below each single-task student on its task")
+    student_params_ratio: float = Field(0.25, gt=0, description="most student / teacher parameters (PyTorch)")
+    student_speedup: float = Field(3.0, gt=0, description="least PyTorch speed-up of the student, every task")
+
+
 class ReportSpec(Strict):
+    targets: Targets = Targets()
     latency: bool = True
     latency_seq_len: int = Field(128, gt=0)
     latency_runs: int = Field(30, gt=0)

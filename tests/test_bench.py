@@ -280,3 +280,15 @@ def test_without_single_the_runs_own_single_task_students_are_row_d(bench, tmp_p
     assert {r["task"] for r in data["rows"] if r["id"] == "d"} == {"ner", "sst"}
     assert any("single-task students of distill stage 'distill'" in n for n in data["notes"])
     assert any(t["id"] == "vs_d" for t in data["targets"])
+
+
+def test_targets_come_from_the_recipe():
+    from compressor.recipe import Targets
+
+    models = {"a": _row("a", "t", 0.90, 1000, 10.0), "b": _row("b", "t", 0.90, 1000, 8.0),
+              "c": _row("c", "t", 0.89, 250, 4.0), "e-int8": _row("e-int8", "t", 0.86, 200, 2.0)}
+    rows = build_rows(models, [1])
+    lenient = Targets(size_x=4.0, latency_x=3.0, retention=0.95, points_vs_c=3.0)
+    targets = {t["id"]: t for t in check_targets(rows, [1], 128, lenient)}
+    assert all(targets[k]["met"] for k in ("size", "latency", "retention", "vs_c"))
+    assert targets["size"]["target"].startswith(">= 4x") and "95%" in targets["retention"]["target"]

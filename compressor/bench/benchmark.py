@@ -193,7 +193,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         torch.set_num_threads(torch_threads)
 
     rows = build_rows(models, thread_list)
-    targets = check_targets(rows, thread_list, seq_len)
+    targets = check_targets(rows, thread_list, seq_len, recipe.report.targets)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"latency_plot": Path(f"{out}-metric-vs-latency.png"), "size_plot": Path(f"{out}-metric-vs-size.png"),

@@ -14,14 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from compressor.bench.timing import MODEL_KEYS, TASK_KEYS, key
+from compressor.recipe import Targets
 
 ORDER = ("a", "b", "c", "d", "e-fp32", "e-int8")
-SIZE_TARGET = 10.0  # INT8 student at least 10x smaller on disk than the teacher's fp32 weights
-LATENCY_TARGET = 6.0  # at least 6x lower ORT p50 than (b), batch 1, sequence 128, 1 thread
-RETENTION_TARGET = 0.97  # of the teacher's metric, every task
-POINTS_VS_C = 1.0  # no more than 1 point worse than (c) on any task
-SIZE_VS_D = 0.3  # the multi-head student at most 0.3x the single-task students' total size
-POINTS_VS_D = 0.5  # and no more than 0.5 point worse than each single-task student on its own task
 
 
 def ratio_keys(threads: Sequence[int]) -> list[str]:
@@ -83,67 +78,69 @@ def _target(tid: str, text: str, met: bool | None, measured: Any, detail: str) -
     return {"id": tid, "target": text, "met": met, "measured": measured, "detail": detail}
 
 
-def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq_len: int) -> list[dict[str, Any]]:
-    """The issue's four targets for the INT8 student (e-int8), from the measured rows.
+def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq_len: int,
+                  targets: Targets | None = None) -> list[dict[str, Any]]:
+    """The targets (the recipe's ``report.targets``) for the INT8 student (e-int8), from the measured rows.
 
     ``met`` is None when a needed row or measurement is absent (``detail`` says which).
     """
+    tg = targets or Targets()
     a, b, c, e = (_pick(rows, m) for m in ("a", "b", "c", "e-int8"))
     seq_note = "" if seq_len == 128 else f" (measured at sequence {seq_len}, not 128)"
     out = []
 
-    text = f">= {SIZE_TARGET:g}x smaller on disk than the teacher's fp32 weights"
+    text = f">= {tg.size_x:g}x smaller on disk than the teacher's fp32 weights"
     if a and e:
         x = a[0]["size_bytes"] / e[0]["size_bytes"]
         detail = (f"{x:.2f}x ({a[0]['size_bytes'] / 1e6:.2f} MB -> {e[0]['size_bytes'] / 1e6:.2f} MB)"
-                  + ("" if x >= SIZE_TARGET else f"; missed by {SIZE_TARGET - x:.2f}x "
-                     f"({100 * (1 - x / SIZE_TARGET):.1f}% short)"))
-        out.append(_target("size", text, x >= SIZE_TARGET, x, detail))
+                  + ("" if x >= tg.size_x else f"; missed by {tg.size_x - x:.2f}x "
+                     f"({100 * (1 - x / tg.size_x):.1f}% short)"))
+        out.append(_target("size", text, x >= tg.size_x, x, detail))
     else:
         out.append(_target("size", text, None, None, "not measured: the run has no INT8 student (quantize stage)"))
 
-    text = f">= {LATENCY_TARGET:g}x lower ONNX Runtime p50 latency than (b) at batch 1, sequence 128, 1 thread"
+    text = f">= {tg.latency_x:g}x lower ONNX Runtime p50 latency than (b) at batch 1, sequence 128, 1 thread"
     k1 = key("latency_seq_p50_ms", 1)
     if 1 not in threads:
         out.append(_target("latency", text, None, None, "not measured: 1 thread is not among --threads"))
     elif b and e:
         x = b[0][k1] / e[0][k1]
         detail = (f"{x:.2f}x ({b[0][k1]:.2f} ms -> {e[0][k1]:.2f} ms){seq_note}"
-                  + ("" if x >= LATENCY_TARGET else f"; missed by {LATENCY_TARGET - x:.2f}x "
-                     f"({100 * (1 - x / LATENCY_TARGET):.1f}% short)"))
-        out.append(_target("latency", text, x >= LATENCY_TARGET, x, detail))
+                  + ("" if x >= tg.latency_x else f"; missed by {tg.latency_x - x:.2f}x "
+                     f"({100 * (1 - x / tg.latency_x):.1f}% short)"))
+        out.append(_target("latency", text, x >= tg.latency_x, x, detail))
     else:
         out.append(_target("latency", text, None, None, "not measured: the run has no INT8 student"))
 
-    text = f">= {100 * RETENTION_TARGET:g}% of the teacher's metric on every task"
+    text = f">= {100 * tg.retention:g}% of the teacher's metric on every task"
     if a and e:
         per = {r["task"]: r["retention"] for r in e}
         worst = min(per, key=lambda t: per[t] if per[t] is not None else float("-inf"))
-        met = all(v is not None and v >= RETENTION_TARGET - 1e-12 for v in per.values())
+        met = all(v is not None and v >= tg.retention - 1e-12 for v in per.values())
         parts = ", ".join(f"{t} {100 * v:.1f}%" if v is not None else f"{t} undefined (teacher metric 0)"
                           for t, v in per.items())
         detail = parts + ("" if met else "; missed on " + ", ".join(
-            f"{t} by {100 * (RETENTION_TARGET - v):.1f} points of retention" if v is not None else t
-            for t, v in per.items() if v is None or v < RETENTION_TARGET - 1e-12))
+            f"{t} by {100 * (tg.retention - v):.1f} points of retention" if v is not None else t
+            for t, v in per.items() if v is None or v < tg.retention - 1e-12))
         out.append(_target("retention", text, met, per[worst], detail))
     else:
         out.append(_target("retention", text, None, None, "not measured: the run has no INT8 student"))
 
-    text = (f"smaller and faster than (c) (optimum dynamic INT8 teacher) and at most {POINTS_VS_C:g} point worse "
+    text = (f"smaller and faster than (c) (optimum dynamic INT8 teacher) and at most {tg.points_vs_c:g} point worse "
             "on any task")
     if c and e:
         size_x = c[0]["size_bytes"] / e[0]["size_bytes"]
         speed = {t: c[0][key("latency_seq_p50_ms", t)] / e[0][key("latency_seq_p50_ms", t)] for t in threads}
         points = {r["task"]: r["points_vs_c"] for r in e}
         ok_size, ok_speed = size_x > 1.0, all(x > 1.0 for x in speed.values())
-        ok_points = all(p >= -POINTS_VS_C - 1e-9 for p in points.values())
+        ok_points = all(p >= -tg.points_vs_c - 1e-9 for p in points.values())
         parts = [f"size {size_x:.2f}x smaller" if ok_size else f"size: missed, {1 / size_x:.2f}x larger than (c)"]
         for t, x in speed.items():
             parts.append(f"{t} thread(s): {x:.2f}x faster" if x > 1.0 else f"{t} thread(s): missed, "
                          f"{1 / x:.2f}x slower than (c)")
         for t, p in points.items():
-            parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -POINTS_VS_C - 1e-9
-                                                          else f" (missed by {-p - POINTS_VS_C:.2f} points)"))
+            parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -tg.points_vs_c - 1e-9
+                                                          else f" (missed by {-p - tg.points_vs_c:.2f} points)"))
         out.append(_target("vs_c", text, ok_size and ok_speed and ok_points,
                            {"size_x": size_x, "speed_x": {str(t): x for t, x in speed.items()}, "points": points},
                            "; ".join(parts) + f" (latency at batch 1, sequence {seq_len})"))
@@ -152,19 +149,19 @@ def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq
 
     d = _pick(rows, "d")
     if d:
-        text = (f"at most {SIZE_VS_D:g}x the total size of the single-task students (d) and at most {POINTS_VS_D:g} "
+        text = (f"at most {tg.size_vs_d:g}x the total size of the single-task students (d) and at most {tg.points_vs_d:g} "
                 "point worse than each on its own task")
         if e:
             share = e[0]["size_bytes"] / d[0]["size_bytes"]
             d_by = {r["task"]: r for r in d}
             points = {r["task"]: points_better(r["value"], d_by[r["task"]]["value"], r.get("higher_is_better", True))
                       for r in e if r["task"] in d_by}
-            ok_size = share <= SIZE_VS_D + 1e-12
-            ok_points = all(p >= -POINTS_VS_D - 1e-9 for p in points.values())
+            ok_size = share <= tg.size_vs_d + 1e-12
+            ok_points = all(p >= -tg.points_vs_d - 1e-9 for p in points.values())
             parts = [f"size {share:.2f}x of (d) ({e[0]['size_bytes'] / 1e6:.2f} MB vs {d[0]['size_bytes'] / 1e6:.2f} "
-                     "MB)" + ("" if ok_size else f"; missed by {share - SIZE_VS_D:.2f}x")]
+                     "MB)" + ("" if ok_size else f"; missed by {share - tg.size_vs_d:.2f}x")]
             parts += [f"{t} {p:+.2f} points vs its single-task student"
-                      + ("" if p >= -POINTS_VS_D - 1e-9 else f" (missed by {-p - POINTS_VS_D:.2f} points)")
+                      + ("" if p >= -tg.points_vs_d - 1e-9 else f" (missed by {-p - tg.points_vs_d:.2f} points)")
                       for t, p in points.items()]
             out.append(_target("vs_d", text, ok_size and ok_points, {"size_share": share, "points": points},
                                "; ".join(parts)))

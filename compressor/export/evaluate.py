@@ -39,6 +39,7 @@ def onnx_rows(path: Path, spec: GraphSpec, plugins: Mapping[str, TaskPlugin], da
               extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (task, split) of the graph at ``path`` (metrics, params, size on disk, ORT latency)."""
     from compressor.export.onnx_export import onnx_param_count
+    from compressor.report.rows import make_row
 
     path = Path(path)
     session = make_session(path, threads)
@@ -53,15 +54,11 @@ def onnx_rows(path: Path, spec: GraphSpec, plugins: Mapping[str, TaskPlugin], da
     for split in splits:
         for name, metrics in evaluate_split(forward, plugins, data, tokenizer, spec.max_length, split,
                                             batch_size=batch_size).items():
-            metric = plugins[name].metric.name
-            rows.append({
-                "model": label, "stage": stage, "task": name, "split": split, "metric": metric,
-                "value": metrics[metric], "metrics": metrics, "params": params,
-                "task_params": spec.metadata.get("task_params", {}).get(name), "size_bytes": size,
-                "latency_ms_p50": lat["p50"] if lat else None, "latency_ms_p95": lat["p95"] if lat else None,
-                "format": fmt, "threads": threads, "latency_batch": 1,
-                "latency_seq_len": report.latency_seq_len if lat else None, **(extra or {}),
-            })
+            rows.append(make_row(
+                label, stage, name, split, plugins[name].metric.name, metrics, params=params,
+                task_params=spec.metadata.get("task_params", {}).get(name), size_bytes=size, latency=lat, fmt=fmt,
+                threads=threads, latency_batch=1, latency_seq_len=report.latency_seq_len if lat else None,
+                **(extra or {})))
     return rows
 
 

@@ -14,6 +14,7 @@ from compressor.model.multitask import MultiTaskModel
 from compressor.model.forward import torch_forward
 from compressor.measure import count_parameters, task_parameters, torch_latency_ms
 from compressor.recipe import ReportSpec
+from compressor.report.rows import make_row
 
 
 def evaluate_rows(
@@ -47,14 +48,9 @@ def evaluate_rows(
             encoded = data.encoded(name, split, tokenizer, max_length)
             model.eval()
             metrics, _ = plugin.evaluate(forward, encoded, data.examples(name, split), batch_size)
-            rows.append({
-                "model": label, "stage": stage, "task": name, "split": split,
-                "metric": plugin.metric.name, "value": float(metrics[plugin.metric.name]),
-                "metrics": {k: float(v) for k, v in metrics.items()},
-                "params": params, "task_params": task_parameters(model, name), "size_bytes": size,
-                "latency_ms_p50": lat["p50"] if lat else None, "latency_ms_p95": lat["p95"] if lat else None,
-                "format": "pytorch",
-            })
+            rows.append(make_row(label, stage, name, split, plugin.metric.name, metrics, params=params,
+                                 task_params=task_parameters(model, name), size_bytes=size, latency=lat,
+                                 fmt="pytorch"))
     return rows
 
 

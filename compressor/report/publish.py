@@ -9,6 +9,7 @@ from typing import Any
 
 from compressor.errors import CompressorError
 from compressor.fsutil import atomic_write_text
+from compressor.recipe import Targets, load_recipe
 from compressor.report.rows import fmt_value, render_markdown
 
 
@@ -30,7 +31,7 @@ def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[s
         data["run_dir"] = str(run_dir)
         data["comparison"] = compare_multi_single(data)
         data["compression"] = compression_table(data)
-        data["targets"] = student_targets(data)
+        data["targets"] = student_targets(data, _run_targets(Path(run_dir)))
         sections.append(data)
     md, js = Path(f"{to}.md"), Path(f"{to}.json")
     title = title or "Benchmark: " + ", ".join(d["recipe"] for d in sections)
@@ -93,8 +94,17 @@ def compression_table(data: dict[str, Any], split: str = "test") -> list[dict[st
     return out
 
 
-def student_targets(data: dict[str, Any]) -> dict[str, Any] | None:
+def _run_targets(run_dir: Path) -> Targets:
+    """The targets of the run's recipe (``report.targets``); the defaults when its recipe.yaml is unreadable."""
+    try:
+        return load_recipe(run_dir / "recipe.yaml").report.targets
+    except CompressorError:
+        return Targets()
+
+
+def student_targets(data: dict[str, Any], targets: Targets | None = None) -> dict[str, Any] | None:
     """The distillation/pruning targets, checked on the last PyTorch model of the run (before quantization)."""
+    tg = targets or Targets()
     comp = [c for c in data.get("compression", []) if c["format"] == "pytorch"]
     stages = [s["name"] for s in data.get("stages", [])]
     if len(stages) < 2 or not comp:
@@ -105,11 +115,12 @@ def student_targets(data: dict[str, Any]) -> dict[str, Any] | None:
     slowest = min(rows, key=lambda c: c["speedup"] or 0.0)
     return {
         "student": last["stage"],
-        "params_ratio": last["params_ratio"], "params_target": 0.25, "params_met": last["params_ratio"] <= 0.25,
-        "min_speedup": slowest["speedup"], "speedup_target": 3.0,
-        "speedup_met": bool(slowest["speedup"] and slowest["speedup"] >= 3.0),
-        "min_retention": worst["retention"], "min_retention_task": worst["task"], "retention_target": 0.97,
-        "retention_met": all(c["retention"] is not None and c["retention"] >= 0.97 for c in rows),
+        "params_ratio": last["params_ratio"], "params_target": tg.student_params_ratio,
+        "params_met": last["params_ratio"] <= tg.student_params_ratio,
+        "min_speedup": slowest["speedup"], "speedup_target": tg.student_speedup,
+        "speedup_met": bool(slowest["speedup"] and slowest["speedup"] >= tg.student_speedup),
+        "min_retention": worst["retention"], "min_retention_task": worst["task"], "retention_target": tg.retention,
+        "retention_met": all(c["retention"] is not None and c["retention"] >= tg.retention for c in rows),
     }
 
 
@@ -147,12 +158,14 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
     t = data.get("targets")
     if t:
         lines += [f"### Targets for the student before quantization (`{t['student']}`)", "",
-                  f"- parameters at most 1/4 of the teacher's: {_r(t['params_ratio'])} of the teacher -> "
-                  f"{'met' if t['params_met'] else 'missed by ' + _r(t['params_ratio'] - 0.25) + ' of the teacher'}",
-                  f"- at least 3x lower PyTorch CPU latency (batch 1, seq {data.get('latency_seq_len', 128)}): lowest "
-                  f"speed-up over tasks {_r(t['min_speedup'], 2)}x -> {'met' if t['speedup_met'] else 'missed'}",
-                  f"- at least 97% of the teacher's metric on every task: lowest retention {_r(t['min_retention'])} "
-                  f"({t['min_retention_task']}) -> {'met' if t['retention_met'] else 'missed'}", ""]
+                  f"- parameters at most {_r(t['params_target'])} of the teacher's: {_r(t['params_ratio'])} of the "
+                  f"teacher -> {'met' if t['params_met'] else 'missed by ' + _r(t['params_ratio'] - t['params_target'])}",
+                  f"- at least {t['speedup_target']:g}x lower PyTorch CPU latency (batch 1, seq "
+                  f"{data.get('latency_seq_len', 128)}): lowest speed-up over tasks {_r(t['min_speedup'], 2)}x -> "
+                  f"{'met' if t['speedup_met'] else 'missed'}",
+                  f"- at least {100 * t['retention_target']:g}% of the teacher's metric on every task: lowest "
+                  f"retention {_r(t['min_retention'])} ({t['min_retention_task']}) -> "
+                  f"{'met' if t['retention_met'] else 'missed'}", ""]
     body = render_markdown(data)
     # the generic report without its title, one heading level down
     lines += ["#" + line if line.startswith("## ") else line for line in body.split("\n", 2)[2].splitlines()]

@@ -23,12 +23,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from compressor.fsutil import atomic_write_text, dumps_strict
 
 ROW_KEYS = ("model", "stage", "task", "split", "metric", "value", "params", "size_bytes", "latency_ms_p50")
+
+
+def make_row(label: str, stage: str, task: str, split: str, metric: str, metrics: Mapping[str, float], *,
+             params: int | None, task_params: int | None, size_bytes: int | None,
+             latency: Mapping[str, float] | None, fmt: str, **extra: Any) -> dict[str, Any]:
+    """One report row (the schema above), for PyTorch and ONNX evaluations alike; ``extra`` keys are added."""
+    return {
+        "model": label, "stage": stage, "task": task, "split": split,
+        "metric": metric, "value": float(metrics[metric]), "metrics": {k: float(v) for k, v in metrics.items()},
+        "params": params, "task_params": task_params, "size_bytes": size_bytes,
+        "latency_ms_p50": latency["p50"] if latency else None, "latency_ms_p95": latency["p95"] if latency else None,
+        "format": fmt, **extra,
+    }
 
 
 class Reporter:
