@@ -110,6 +110,8 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
             state = read_state(run_dir)
             if (run_dir / "report.json").is_file():
                 reporter.load(run_dir / "report.json")
+                # the split sizes earlier processes read (a resume that skips stages reads fewer splits itself)
+                reporter.meta["data"] = json.loads((run_dir / "report.json").read_text()).get("data") or {}
         copied = not (run_dir / "recipe.yaml").exists()
         if copied:
             shutil.copyfile(recipe_path, run_dir / "recipe.yaml")
@@ -355,7 +357,7 @@ def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state, describe
         "threads": recipe.report.threads or describe_threads()["torch_threads"],
         "latency_seq_len": recipe.report.latency_seq_len,
         "model": recipe.model.model_dump(),
-        "data": data.sizes(),
+        "data": _merge_sizes((reporter.meta or {}).get("data") or {}, data.sizes()),
         "limits": {t.name: t.limit.model_dump(exclude_none=True) for t in recipe.tasks if t.limit.model_dump(exclude_none=True)},
         "stages": [{k: s[k] for k in ("name", "kind", "wall_s", "notes")} for s in state["completed"]],
         "outputs": relative_paths({s["name"]: s["outputs"] for s in state["completed"]}, run_dir),
@@ -363,3 +365,14 @@ def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state, describe
     notes = [f"task '{t}' subsampled: {lim}" for t, lim in reporter.meta["limits"].items()]
     reporter.notes = sorted(set(n for n in reporter.notes if not n.startswith("task '")) | set(notes))
     reporter.write(run_dir)
+
+
+def _merge_sizes(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """task -> split -> sizes: what this process read over what an earlier process of the same run recorded, so a
+    resumed run reports every split the uninterrupted run does (with its truncation counts)."""
+    out = {task: {split: dict(v) for split, v in splits.items() if isinstance(v, dict)}
+           for task, splits in (earlier.items() if isinstance(earlier, dict) else ()) if isinstance(splits, dict)}
+    for task, splits in now.items():
+        for split, sizes in splits.items():
+            out.setdefault(task, {}).setdefault(split, {}).update(sizes)
+    return out

@@ -202,6 +202,10 @@ def prune_tokenizer(tokenizer: Any, kept: Sequence[int]) -> Any:
         added["id"] = _remap(added["id"], old_to_new, added["content"])
     if data.get("post_processor"):
         data["post_processor"] = _remap_processor(data["post_processor"], old_to_new)
+    # the backend's truncation is call-time state (set by the last call with truncation=True, reset per call by
+    # transformers and by the runtime), not part of the vocabulary: without this the saved tokenizer.json differed
+    # with what the process had tokenised before (a resumed run vs an uninterrupted one)
+    data["truncation"] = None
     if data.get("padding"):
         data["padding"]["pad_id"] = _remap(data["padding"]["pad_id"], old_to_new, data["padding"].get("pad_token"))
 
