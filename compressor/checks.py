@@ -59,13 +59,14 @@ def check_tasks(recipe: Recipe, path: Path) -> dict[str, Any]:
 def check_stage_chain(recipe: Recipe, path: Path) -> None:
     """Every stage's input is produced by an earlier stage; every ``source`` names an earlier stage that can be
     one. The error names the stage."""
-    from compressor.stages import STAGE_GIVES, STAGE_NEEDS, STAGE_SOURCES
+    from compressor.stages import STAGE_KINDS
 
     given: set[str] = set()
     earlier: list[Any] = []
     for i, stage in enumerate(recipe.stages):
         source = getattr(stage, "source", None)
-        kinds = STAGE_SOURCES.get(stage.kind, ())
+        spec = STAGE_KINDS.get(stage.kind)
+        kinds = spec.sources
         if source is not None:
             match = [s for s in earlier if s.name == source]
             if not match:
@@ -75,17 +76,17 @@ def check_stage_chain(recipe: Recipe, path: Path) -> None:
             if kinds and match[0].kind not in kinds:
                 raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
                                   f"'{source}' is a {match[0].kind} stage; expected {' or '.join(kinds)}")
-        need = STAGE_NEEDS.get(stage.kind)
+        need = spec.needs
         if stage.kind == "distill" and getattr(stage.student, "from_previous", False):
             need = "teacher"  # and the previous model, which every teacher stage also gives
         if stage.kind == "add_task" and getattr(stage, "path", None):
             need = None  # it brings its own model directory
         if need is not None and need not in given:
-            makers = sorted(k for k, gives in STAGE_GIVES.items() if need in gives)
+            makers = sorted(k for k in STAGE_KINDS if need in STAGE_KINDS.get(k).gives)
             raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
                               f"{_NEED_WORDS.get(need, need)} from an earlier stage (of kind {', '.join(makers)}); "
                               f"none comes before it")
-        given |= STAGE_GIVES.get(stage.kind, {"model"})  # a kind without an entry is assumed to give a model
+        given |= spec.gives
         earlier.append(stage)
 
 

@@ -31,7 +31,7 @@ from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import LOCK_NAME, DirLock, absolute_paths, atomic_write_text, dumps_strict, relative_paths
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
-from compressor.stages import STAGE_PREFLIGHT, STAGE_RUNNERS, StageContext, StageResult
+from compressor.stages import STAGE_KINDS, StageContext, StageResult
 
 STATE = "state.json"
 
@@ -54,8 +54,9 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     check_tasks(recipe, recipe_path)  # plugin typos and options name the recipe file and field
     check_stage_chain(recipe, recipe_path)  # a stage without its input fails now, not after training
     for i, stage in enumerate(recipe.stages):  # e.g. a search space against the loaded model's architecture
-        if stage.kind in STAGE_PREFLIGHT:
-            _load(STAGE_PREFLIGHT[stage.kind], f"stage '{stage.kind}' preflight")(recipe, i)
+        preflight = STAGE_KINDS.get(stage.kind).preflight
+        if preflight:
+            _load(preflight, f"stage '{stage.kind}' preflight")(recipe, i)
     run_dir = Path(os.path.abspath(out if out else Path("runs") / recipe.name))
     _check_out(run_dir)
 
@@ -168,7 +169,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, repo
         try:
             if resume:
                 check_checkpoints(ctx.checkpoint_dir, stage.name)
-            result: StageResult = _load(STAGE_RUNNERS[stage.kind], f"stage '{stage.kind}'")(ctx)
+            result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
             check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
             if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
                 kill_hook()

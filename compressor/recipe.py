@@ -5,7 +5,7 @@ Errors name the YAML path, the line and what was expected::
     recipes/x.yaml:14: stages[0].epochs: Input should be greater than 0 (got -1)
 
 Each stage kind has a config model here with ``kind: Literal[...]``; ``Stage`` is the union discriminated on
-``kind``. A new stage adds its config class to ``Stage`` and its runner to ``compressor.stages.STAGE_RUNNERS``.
+``kind``. A new stage adds its config class to ``Stage`` and its kind to ``compressor.stages.STAGE_KINDS``.
 """
 
 from __future__ import annotations

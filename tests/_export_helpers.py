@@ -100,11 +100,11 @@ class Run:
                             outputs=self.outputs)
 
     def run_stage(self, index: int) -> Any:
-        from compressor.stages import STAGE_RUNNERS
+        from compressor.stages import STAGE_KINDS
         from compressor.registry import _load
 
         stage = self.recipe.stages[index]
-        result = _load(STAGE_RUNNERS[stage.kind], stage.kind)(self.context(index))
+        result = _load(STAGE_KINDS.get(stage.kind).runner, stage.kind)(self.context(index))
         self.outputs[stage.name] = result.outputs
         self.results[stage.name] = result
         return result

@@ -12,47 +12,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compressor.registry import Registry
+
 if TYPE_CHECKING:
     from compressor.data.store import DataStore
     from compressor.recipe import Recipe
     from compressor.report.rows import Reporter
 
-#: stage kind -> "module:function"; loaded only when a stage of that kind runs.
-STAGE_RUNNERS: dict[str, str] = {
-    "train": "compressor.stages.train:run",
-    "load": "compressor.stages.load:run",
-    "distill": "compressor.stages.distill:run",
-    "prune": "compressor.stages.prune:run",
-    "prune_vocab": "compressor.stages.prune_vocab:run",
-    "export": "compressor.stages.export:run",
-    "quantize": "compressor.stages.quantize:run",
-    "bundle": "compressor.stages.bundle:run",
-    "search": "compressor.stages.search:run",
-    "add_task": "compressor.stages.add_task:run",
-}
+@dataclass(frozen=True)
+class StageKind:
+    """What the pipeline and ``compressor validate`` know of a stage kind.
 
-#: stage kind -> what it needs from an earlier stage (None: nothing). ``compressor validate`` and the pipeline
-#: check the chain before any work: "teacher" (a train/load model), "model" (any model), "export" (an ONNX
-#: export), "graph" (an exported or quantized graph)
-STAGE_NEEDS: dict[str, str | None] = {
-    "train": None, "load": None, "distill": "teacher", "prune": "model", "prune_vocab": "model", "export": "model",
-    "quantize": "export", "bundle": "graph", "search": "teacher",
-    "add_task": "model",  # none with `path` (a model directory from another run)
-}
-#: stage kind -> what it gives later stages
-STAGE_GIVES: dict[str, set[str]] = {
-    "train": {"teacher", "model"}, "load": {"teacher", "model"}, "distill": {"model"}, "prune": {"model"},
-    "prune_vocab": {"model"}, "export": {"export", "graph"}, "quantize": {"graph"}, "bundle": set(),
-    "search": {"model"}, "add_task": {"model"},
-}
-#: stage kind -> "module:function(recipe, index)" run before anything is written (checks that need a model on disk)
-STAGE_PREFLIGHT: dict[str, str] = {"search": "compressor.stages.search:preflight"}
-#: stage kind -> the kinds its ``source`` field may name
-STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "quantize": ("export",), "bundle": ("export", "quantize"),
-    "add_task": ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task", "export", "quantize",
-                 "bundle"),
-}
+    ``needs``: what it takes from an earlier stage, checked before any work (None: nothing; "teacher": a train or
+    load model; "model": any model; "export": an ONNX export; "graph": an exported or quantized graph).
+    ``gives``: what it hands to later stages. ``sources``: the kinds its ``source`` field may name.
+    ``preflight``: ``"module:function(recipe, index)"`` run before anything is written (checks that need a model
+    on disk). ``runner`` is loaded only when a stage of the kind runs.
+    """
+
+    runner: str
+    needs: str | None = "model"
+    gives: frozenset[str] = frozenset({"model"})
+    sources: tuple[str, ...] = ()
+    preflight: str | None = None
+
+
+_MODEL_SOURCES = ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task", "export", "quantize",
+                  "bundle")
+
+#: every stage kind, registered once (a new kind: its config class in ``compressor.recipe.Stage`` and an entry here)
+STAGE_KINDS: Registry[StageKind] = Registry("stage kind")
+for _kind, _spec in {
+    "train": StageKind("compressor.stages.train:run", needs=None, gives=frozenset({"teacher", "model"})),
+    "load": StageKind("compressor.stages.load:run", needs=None, gives=frozenset({"teacher", "model"})),
+    "distill": StageKind("compressor.stages.distill:run", needs="teacher"),
+    "prune": StageKind("compressor.stages.prune:run"),
+    "prune_vocab": StageKind("compressor.stages.prune_vocab:run"),
+    "export": StageKind("compressor.stages.export:run", gives=frozenset({"export", "graph"})),
+    "quantize": StageKind("compressor.stages.quantize:run", needs="export", gives=frozenset({"graph"}),
+                          sources=("export",)),
+    "bundle": StageKind("compressor.stages.bundle:run", needs="graph", gives=frozenset(),
+                        sources=("export", "quantize")),
+    "search": StageKind("compressor.stages.search:run", needs="teacher",
+                        preflight="compressor.stages.search:preflight"),
+    # needs no earlier model when given a `path` (a model directory from another run)
+    "add_task": StageKind("compressor.stages.add_task:run", sources=_MODEL_SOURCES),
+}.items():
+    STAGE_KINDS.register(_kind, _spec, source="compressor.stages")
 
 
 @dataclass
