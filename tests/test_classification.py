@@ -8,8 +8,8 @@ import torch
 from conftest import FIXTURES, tiny_bert
 
 from compressor.errors import DataError, RecipeError
-from compressor.model.multitask import MultiTaskModel
 from compressor.model.forward import torch_forward
+from compressor.model.multitask import MultiTaskModel
 from compressor.runtime.decoding import classify, softmax
 from compressor.tasks import build_task
 from compressor_plugins.classification import ClassificationTask, TextExample, accuracy, macro_f1

@@ -11,8 +11,8 @@ import torch
 from conftest import FIXTURES, tiny_bert
 
 from compressor.errors import DataError, RecipeError
-from compressor.model.multitask import MultiTaskModel
 from compressor.model.forward import torch_forward
+from compressor.model.multitask import MultiTaskModel
 from compressor.runtime.decoding import (
     bio_decode, bio_tags, bio_to_spans, first_subtoken_word_tags, repair_iob, spans_to_bio,
 )

@@ -20,8 +20,8 @@ from torch import nn
 from compressor.data.sampling import BatchStream, TaskSampler
 from compressor.distill.losses import PARTS, DistillLoss, KDConfig
 from compressor.errors import DataError
-from compressor.model.multitask import MultiTaskModel
 from compressor.model.forward import autocast
+from compressor.model.multitask import MultiTaskModel
 
 Batch = Mapping[str, torch.Tensor]
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.model.multitask import MultiTaskModel
 from compressor.measure import count_parameters, task_parameters
+from compressor.model.multitask import MultiTaskModel
 from compressor.runtime.spec import ExtraInput, GraphSpec, TaskGraph
 from compressor.tasks import BASE_INPUTS
 

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from compressor.data.store import DataStore
+from compressor.measure import count_parameters, task_parameters, torch_latency_ms
+from compressor.model.forward import torch_forward
 from compressor.model.io import weights_size
 from compressor.model.multitask import MultiTaskModel
-from compressor.model.forward import torch_forward
-from compressor.measure import count_parameters, task_parameters, torch_latency_ms
 from compressor.recipe import ReportSpec
 from compressor.report.rows import make_row
 

@@ -25,13 +25,13 @@ from torch import nn
 
 from compressor.console import say
 from compressor.data.sampling import BatchStream, QuotaSampler, TaskSampler
-from compressor.errors import DataError, TrainingError
 from compressor.data.store import DataStore
+from compressor.errors import DataError, TrainingError
 from compressor.fsutil import atomic_dir, atomic_write_text
 from compressor.model.architecture import encoder_layers
-from compressor.model.multitask import MultiTaskModel
-from compressor.recipe import TrainStage
 from compressor.model.forward import torch_forward
+from compressor.model.multitask import MultiTaskModel
+from compressor.train.options import TrainOptions
 from compressor.train.weighting import LossWeighter
 
 CHECKPOINT = "last"
@@ -74,7 +74,7 @@ def train_model(
     model: MultiTaskModel,
     tokenizer: Any,
     data: DataStore,
-    cfg: TrainStage,
+    cfg: TrainOptions,
     *,
     seed: int,
     checkpoint_dir: Path | None = None,
@@ -102,7 +102,7 @@ def train_model(
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
-        raise TrainingError(f"stage '{cfg.name}': batch_size {cfg.batch_size} does not divide among {world} "
+        raise TrainingError(f"[{label}] batch_size {cfg.batch_size} does not divide among {world} "
                             f"processes; use a multiple of {world}")
     tasks = list(model.tasks)
     max_length = data.recipe.model.max_length
@@ -220,20 +220,20 @@ def train_model(
     )
 
 
-def make_sampler(cfg: TrainStage, sizes: Mapping[str, int], seed: int) -> TaskSampler | QuotaSampler:
+def make_sampler(cfg: TrainOptions, sizes: Mapping[str, int], seed: int) -> TaskSampler | QuotaSampler:
     """The task sampler of ``cfg.sampling`` over tasks with ``sizes`` training features."""
     if cfg.sampling.strategy == "passes":
         return QuotaSampler(task_quotas(cfg, sizes), seed=seed)
     return TaskSampler(sizes, cfg.sampling.strategy, cfg.sampling.tau, seed=seed)
 
 
-def task_quotas(cfg: TrainStage, sizes: Mapping[str, int]) -> dict[str, int]:
+def task_quotas(cfg: TrainOptions, sizes: Mapping[str, int]) -> dict[str, int]:
     """Steps per epoch of each task under strategy ``passes``: passes x batches of its training data."""
     passes = cfg.sampling.passes
     return {t: max(1, round(passes.get(t, 1.0) * -(-n // cfg.batch_size))) for t, n in sizes.items()}
 
 
-def epoch_steps(cfg: TrainStage, sizes: Mapping[str, int]) -> int:
+def epoch_steps(cfg: TrainOptions, sizes: Mapping[str, int]) -> int:
     """Optimizer steps of one epoch (before any task stops early)."""
     if cfg.steps_per_epoch:
         return cfg.steps_per_epoch
@@ -302,7 +302,7 @@ class _Step(nn.Module):
         return loss, self.weighter.weighted(task, loss)
 
 
-def _configure(model: MultiTaskModel, cfg: TrainStage) -> None:
+def _configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
     if cfg.dropout is not None:
         for m in model.modules():
             if isinstance(m, nn.Dropout):
@@ -319,7 +319,7 @@ def _configure(model: MultiTaskModel, cfg: TrainStage) -> None:
                 p.requires_grad_(False)
 
 
-def _optimizer(model: MultiTaskModel, weighter: LossWeighter, cfg: TrainStage) -> torch.optim.Optimizer:
+def _optimizer(model: MultiTaskModel, weighter: LossWeighter, cfg: TrainOptions) -> torch.optim.Optimizer:
     decay, no_decay, head_decay, head_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

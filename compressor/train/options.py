@@ -1,0 +1,72 @@
+"""Options of the training engine: what :func:`compressor.train.loop.train_model` takes.
+
+Pydantic models without torch; the recipe's ``train`` stage extends :class:`TrainOptions` with what only the
+stage needs (its name, the single-task twins), so the engine never depends on the recipe's schema.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Options):
+    """How the steps of an epoch are shared among the tasks.
+
+    ``passes`` (default): task t takes exactly ``passes[t]`` (default 1.0) passes over its training batches per
+    epoch, interleaved at random, so a small task can be given several passes while a large one takes one.
+    ``proportional`` / ``temperature`` (size^(1/tau)) / ``round_robin`` draw the task of each step at random.
+    """
+
+    strategy: Literal["passes", "proportional", "temperature", "round_robin"] = "passes"
+    tau: float = Field(2.0, gt=0)
+    passes: dict[str, float] = Field(
+        {}, description="task -> passes over its training batches per epoch (strategy 'passes'; default 1.0)")
+
+    @field_validator("passes")
+    @classmethod
+    def _positive_passes(cls, passes: dict[str, float]) -> dict[str, float]:
+        for task, n in passes.items():
+            if not n > 0:
+                raise ValueError(f"passes of task '{task}' must be > 0 (got {n})")
+        return passes
+
+
+class LossWeighting(_Options):
+    strategy: Literal["uniform", "fixed", "uncertainty"] = "uniform"
+    weights: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _fixed_needs_weights(self) -> LossWeighting:
+        if self.strategy == "fixed" and not self.weights:
+            raise ValueError("strategy 'fixed' needs 'weights' (task name -> weight)")
+        return self
+
+
+class TrainOptions(_Options):
+    """How a model is trained (the joint multi-task loop)."""
+
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the task heads (new, randomly initialised "
+                           "layers learn far slower at the encoder's rate)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    freeze_embeddings: bool = False
+    freeze_layers: int = Field(0, ge=0)
+    sampling: Sampling = Sampling()
+    loss_weighting: LossWeighting = LossWeighting()
+    early_stopping_patience: int | None = Field(None, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
