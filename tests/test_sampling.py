@@ -81,3 +81,14 @@ def test_passes_budget_must_name_a_task_of_the_recipe():
         Recipe.model_validate({**base, "stages": [stage]})
     with pytest.raises(Exception, match="greater than 0"):
         Recipe.model_validate({**base, "stages": [{"kind": "train", "head_lr": 0}]})
+
+
+def test_passes_quotas_follow_the_budget_and_steps_per_epoch_keeps_the_shares():
+    from compressor.recipe import TrainStage
+    from compressor.train.loop import epoch_steps, task_quotas
+
+    sizes = {"small": 100, "big": 800}  # 7 and 50 batches of 16
+    cfg = TrainStage.model_validate({"kind": "train", "sampling": {"passes": {"small": 3}}})
+    assert task_quotas(cfg, sizes) == {"small": 21, "big": 50} and epoch_steps(cfg, sizes) == 71
+    capped = cfg.model_copy(update={"steps_per_epoch": 142})
+    assert task_quotas(capped, sizes) == {"small": 42, "big": 100} and epoch_steps(capped, sizes) == 142

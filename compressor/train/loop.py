@@ -228,17 +228,20 @@ def make_sampler(cfg: TrainOptions, sizes: Mapping[str, int], seed: int) -> Task
 
 
 def task_quotas(cfg: TrainOptions, sizes: Mapping[str, int]) -> dict[str, int]:
-    """Steps per epoch of each task under strategy ``passes``: passes x batches of its training data."""
+    """Steps per epoch of each task under strategy ``passes``: passes x batches of its training data, scaled to
+    ``cfg.steps_per_epoch`` in all when that is set (the tasks keep their shares)."""
     passes = cfg.sampling.passes
-    return {t: max(1, round(passes.get(t, 1.0) * -(-n // cfg.batch_size))) for t, n in sizes.items()}
+    quotas = {t: passes.get(t, 1.0) * -(-n // cfg.batch_size) for t, n in sizes.items()}
+    scale = cfg.steps_per_epoch / sum(quotas.values()) if cfg.steps_per_epoch else 1.0
+    return {t: max(1, round(q * scale)) for t, q in quotas.items()}
 
 
 def epoch_steps(cfg: TrainOptions, sizes: Mapping[str, int]) -> int:
     """Optimizer steps of one epoch (before any task stops early)."""
-    if cfg.steps_per_epoch:
-        return cfg.steps_per_epoch
     if cfg.sampling.strategy == "passes":
         return sum(task_quotas(cfg, sizes).values())
+    if cfg.steps_per_epoch:
+        return cfg.steps_per_epoch
     return sum(-(-n // cfg.batch_size) for n in sizes.values())
 
 
