@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,3 +31,21 @@ def torch_forward(model: MultiTaskModel, device: torch.device | str | None = Non
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     return forward
+
+
+def dev_metrics(model: MultiTaskModel, tokenizer: Any, data: Any, tasks: Sequence[str], max_length: int,
+                batch_size: int = 64) -> dict[str, float]:
+    """Primary dev metric of every task in ``tasks`` that has a dev split (``data``: a ``DataStore``); the model is
+    left in eval mode."""
+    model.eval()
+    forward = torch_forward(model)
+    out: dict[str, float] = {}
+    for name in tasks:
+        if not data.has(name, "dev"):
+            continue
+        plugin = model.tasks[name]
+        encoded = data.encoded(name, "dev", tokenizer, max_length)
+        with torch.no_grad():
+            metrics, _ = plugin.evaluate(forward, encoded, data.examples(name, "dev"), batch_size)
+        out[name] = float(metrics[plugin.metric.name])
+    return out

@@ -221,18 +221,9 @@ def _keep_tasks(model: MultiTaskModel, names: list[str]) -> None:
 
 def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],
                  batch_size: int) -> dict[str, float]:
-    """Primary dev metric of every task in ``tasks`` (model left in eval mode)."""
-    from compressor.model.forward import torch_forward
+    from compressor.model.forward import dev_metrics
 
-    model.eval()
-    forward = torch_forward(model)
-    out = {}
-    for t in tasks:
-        plugin = model.tasks[t]
-        encoded = ctx.data.encoded(t, "dev", tokenizer, ctx.recipe.model.max_length)
-        metrics, _ = plugin.evaluate(forward, encoded, ctx.data.examples(t, "dev"), batch_size)
-        out[t] = float(metrics[plugin.metric.name])
-    return out
+    return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, batch_size)
 
 
 def _retention(student: float, teacher: float, higher_is_better: bool = True) -> float:

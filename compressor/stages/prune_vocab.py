@@ -171,18 +171,9 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
 
 
 def _dev_metrics(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, tasks: list[str]) -> dict[str, float]:
-    from compressor.model.forward import torch_forward
+    from compressor.model.forward import dev_metrics
 
-    model.eval()
-    forward = torch_forward(model)
-    out = {}
-    for t in tasks:
-        plugin = model.tasks[t]
-        encoded = ctx.data.encoded(t, "dev", tokenizer, ctx.recipe.model.max_length)
-        with torch.no_grad():
-            metrics, _ = plugin.evaluate(forward, encoded, ctx.data.examples(t, "dev"), cfg.eval_batch_size)
-        out[t] = float(metrics[plugin.metric.name])
-    return out
+    return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
 
 
 def _changed_share(ctx: StageContext, tasks: list[str], split: str, tokenizer: Any, max_length: int,

@@ -29,7 +29,7 @@ from compressor.data.store import DataStore
 from compressor.errors import DataError, TrainingError
 from compressor.fsutil import atomic_dir, atomic_write_text
 from compressor.model.architecture import encoder_layers
-from compressor.model.forward import torch_forward
+from compressor.model.forward import dev_metrics
 from compressor.model.multitask import MultiTaskModel
 from compressor.train.options import TrainOptions
 from compressor.train.weighting import LossWeighter
@@ -54,15 +54,7 @@ class TrainResult:
 def dev_score(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: list[str], max_length: int,
               batch_size: int) -> tuple[float | None, dict[str, float]]:
     """Mean primary dev metric over ``tasks`` (sign-flipped for lower-is-better metrics); None without dev data."""
-    forward = torch_forward(model)
-    model.eval()
-    per_task: dict[str, float] = {}
-    for name in tasks:
-        if not data.has(name, "dev"):
-            continue
-        plugin = model.tasks[name]
-        metrics, _ = plugin.evaluate(forward, data.encoded(name, "dev", tokenizer, max_length), data.examples(name, "dev"), batch_size)
-        per_task[name] = float(metrics[plugin.metric.name])
+    per_task = dev_metrics(model, tokenizer, data, tasks, max_length, batch_size)
     model.train()
     if not per_task:
         return None, per_task
