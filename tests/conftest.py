@@ -38,5 +38,16 @@ def tiny_bert(vocab_size: int = 30522, layers: int = 2, heads: int = 4, hidden: 
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared; restores the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_encoder():
     return tiny_bert()

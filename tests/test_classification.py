@@ -17,13 +17,7 @@ from compressor_plugins.classification import ClassificationTask, TextExample, a
 CLS = FIXTURES / "classification"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 def make_task(labels=None, **options) -> ClassificationTask:

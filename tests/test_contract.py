@@ -9,7 +9,6 @@ when it has none (its own test suite runs the same kit on its own fixture).
 from __future__ import annotations
 
 import pytest
-import torch
 from plugin_fixtures import PLUGIN_FIXTURES
 
 from compressor.errors import RegistryError
@@ -21,13 +20,7 @@ from compressor_plugins.ner import NerTask
 BUILTIN = ("ner", "classification", "relation", "qa")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 @pytest.mark.parametrize("plugin", TASKS.names())

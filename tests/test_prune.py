@@ -29,12 +29,7 @@ def plugin():
     TASKS.unregister(PLUGIN)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 def make_model(layers: int = 2, vocab: int = 100, seed: int = 0, tasks=("a", "b")) -> MultiTaskModel:

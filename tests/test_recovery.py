@@ -28,12 +28,7 @@ def plugin():
     TASKS.unregister(PLUGIN)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 def sentences(n: int, seed: int) -> list[str]:

@@ -262,16 +262,12 @@ def test_evaluate_needs_bind(tokenizer):
 
 
 # ---- head, ONNX, training ---------------------------------------------------------------------------------
-def test_head_pools_spans_and_handles_zero_pairs():
+def test_head_gives_finite_logits_for_any_pairs_and_handles_zero_pairs():
     import torch
 
-    from compressor_plugins.relation.head import PairHead, mean_pool
+    from compressor_plugins.relation.head import PairHead
 
     h = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    start, end = torch.tensor([[1, 2], [0, 4]]), torch.tensor([[3, 2], [1, 5]])
-    pooled = mean_pool(h, start, end)
-    assert torch.equal(pooled[0, 0], h[0, 1:3].mean(0)) and torch.equal(pooled[0, 1], torch.zeros(3))
-    assert torch.equal(pooled[1, 0], h[1, 0]) and torch.equal(pooled[1, 1], h[1, 4])
 
     head = PairHead(3, 6, dropout=0.0).eval()
     mask = torch.ones(2, 5, dtype=torch.long)

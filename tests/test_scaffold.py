@@ -12,7 +12,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from compressor.cli.main import app
@@ -23,12 +22,7 @@ from compressor.testing import check_plugin
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,12 +19,7 @@ SST_DATA = FIXTURES / "classification" / "sst_tiny.txt"
 FAST = {"runtime": False, "save_load": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
 
 
 def fails(cls, data, message: str, tokenizer, **kwargs) -> str:

@@ -10,18 +10,6 @@ from torch import nn
 MAX_WIDTH = 32  # span widths (sub-tokens) at or above this share the last width embedding
 
 
-def mean_pool(hidden: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden[b, start:end]`` for every ``[batch, pairs]`` span; zeros for an empty span.
-
-    A ``[batch, pairs, seq]`` mask times ``hidden`` (one batched matmul), so memory grows with pairs x seq, not
-    pairs x seq x hidden as a max-pool would; no Python loop over data-dependent sizes, so it exports to ONNX.
-    """
-    pos = torch.arange(hidden.shape[1], device=hidden.device)
-    mask = ((pos >= start.unsqueeze(-1)) & (pos < end.unsqueeze(-1))).to(hidden.dtype)
-    total = torch.bmm(mask, hidden)
-    return total / mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
-
-
 def max_pool(hidden: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """Element-wise max of ``hidden[b, start:end]`` for every ``[batch, pairs]`` span; zeros for an empty span
     (SpERT's span and context pooling). Memory is batch x pairs x seq x hidden for the masked tensor."""
