@@ -208,7 +208,9 @@ class DistillStage(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     sampling: Sampling = Sampling()
     seed: int | None = Field(None, description="default: the recipe's seed")
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
+        "bf16 support, losses compared in fp32); no = fp32")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
         "teacher dev metric, every task); null: run every epoch")
@@ -241,7 +243,9 @@ class PruneRecovery(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     sampling: Sampling = Sampling()
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
+        "bf16 support, losses compared in fp32); no = fp32")
 
 
 class RecoveryStop(Strict):

@@ -20,7 +20,7 @@ from torch import nn
 from compressor.data.sampling import BatchStream, TaskSampler
 from compressor.distill.losses import PARTS, DistillLoss, KDConfig
 from compressor.errors import DataError
-from compressor.model.forward import autocast
+from compressor.model.forward import autocast, use_bf16
 from compressor.model.multitask import MultiTaskModel
 
 Batch = Mapping[str, torch.Tensor]
@@ -90,7 +90,7 @@ class Distiller:
         grad_clip: max global gradient norm; ``None`` = no clipping.
         optimizer: ``adamw`` or ``sgd`` (with ``momentum``).
         device: default: where the student is.
-        mixed_precision: bf16 autocast on CUDA (no effect on the CPU).
+        mixed_precision: ``auto`` (bf16 autocast on CUDA only), ``bf16`` (on the CPU too) or ``no``.
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel,
@@ -98,7 +98,7 @@ class Distiller:
                  layer_map: Mapping[int, int] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.0, grad_clip: float | None = 1.0,
                  optimizer: Literal["adamw", "sgd"] = "adamw", momentum: float = 0.9,
-                 device: torch.device | str | None = None, mixed_precision: bool = True):
+                 device: torch.device | str | None = None, mixed_precision: str = "auto"):
         from transformers import get_linear_schedule_with_warmup
 
         if total_steps < 1:
@@ -109,7 +109,7 @@ class Distiller:
         self.batches = batches
         self.loss = DistillLoss(student, teacher, loss_config, layer_map).to(self.device)
         self.grad_clip = grad_clip
-        self.mixed_precision = mixed_precision
+        self.mixed_precision = use_bf16(mixed_precision, self.device)
         self.total_steps = total_steps
         groups = _param_groups([self.student, self.loss], weight_decay)
         if optimizer == "adamw":
@@ -131,7 +131,7 @@ class Distiller:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.student.train()
         self.loss.train()
-        with autocast(self.device, self.mixed_precision):
+        with autocast(self.device, self.mixed_precision, cpu=True):
             parts = self.loss(self.student, self.teacher, task, batch)
         loss = parts["loss"]
         if not torch.isfinite(loss):

@@ -13,10 +13,15 @@ from compressor.model.multitask import MultiTaskModel
 from compressor.tasks import Forward
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; nothing on CPU (evaluation stays fp32 and exact there)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """The recipes' ``mixed_precision`` rule: ``bf16`` on any device, ``auto`` on CUDA only, ``no`` never."""
+    return setting == "bf16" or (setting == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, enabled: bool = True, *, cpu: bool = False):
+    """bf16 autocast on CUDA; on the CPU only when ``cpu`` (a training choice: evaluation stays fp32 and exact)."""
+    if enabled and (device.type == "cuda" or cpu):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

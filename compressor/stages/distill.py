@@ -9,6 +9,7 @@ import torch
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
 from compressor.model.io import load_model, save_model
+from compressor.model.forward import use_bf16
 from compressor.model.multitask import MultiTaskModel
 from compressor.recipe import DistillStage
 from compressor.stages import StageContext, StageResult
@@ -35,7 +36,7 @@ def run(ctx: StageContext) -> StageResult:
     except RecipeError as exc:
         raise RecipeError(f"stage '{cfg.name}': {exc}") from exc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mixed = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
+    mixed = use_bf16(cfg.mixed_precision, device)
     tasks = list(student.tasks)
     teacher_dev = _dev_metrics(ctx, teacher, tokenizer, [t for t in tasks if ctx.data.has(t, "dev")],
                                cfg.eval_batch_size)
@@ -140,7 +141,7 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
                            relation_heads=cfg.relation_heads)
     distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device, mixed_precision=mixed)
+                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device, mixed_precision="bf16" if mixed else "no")
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []

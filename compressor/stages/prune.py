@@ -154,7 +154,7 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
         budget = min(limits)
     distiller = Distiller(model, teacher, batches, kd, total_steps=budget, layer_map=layer_map, lr=rc.lr,
                           weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
-                          mixed_precision=rc.mixed_precision != "no")
+                          mixed_precision=rc.mixed_precision)
     if ru is None:
         parts = distiller.run(budget)
         model.eval()
