@@ -1,0 +1,84 @@
+"""Stages that ship a model: export (one ONNX graph), quantize (INT8, accuracy-aware) and bundle."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from compressor.recipe._base import NAME, Strict
+
+
+class ExportStage(Strict):
+    """Export the latest model to ONE ONNX graph (every task's head), checked against PyTorch output by output."""
+
+    kind: Literal["export"]
+    name: str = Field("export", pattern=NAME)
+    opset: int = Field(17, ge=14, le=21)
+    optimize: bool = Field(True, description="ONNX Runtime transformer fusions (checked; basic optimisation if "
+                                             "the fused graph fails parity)")
+    parity_batches: int = Field(3, gt=0, description="batches per task (dev, then test features) for the parity check")
+    parity_batch_size: int = Field(8, gt=0)
+    rtol: float = Field(1e-3, ge=0, description="relative tolerance of the parity check, added to each output's atol")
+    evaluate: bool = Field(True, description="score every task with ONNX Runtime and add 'onnx' report rows")
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class QuantCalibration(Strict):
+    """Static quantization: activation ranges from task batches."""
+
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    split: Literal["train", "dev", "test"] = Field("train", description="falls back to dev/test for a task without it")
+    samples: int = Field(64, gt=0, description="features per task (spread over the split)")
+    batch_size: int = Field(8, gt=0)
+    percentile: float = Field(99.999, gt=0, le=100)
+    num_bins: int | None = Field(None, gt=0, description="histogram bins; default 2048 (percentile), 128 (entropy)")
+
+
+class QuantizeStage(Strict):
+    """INT8 quantization of the export stage's graph, accuracy-aware: sensitive nodes fall back to fp32."""
+
+    kind: Literal["quantize"]
+    name: str = Field("quantize", pattern=NAME)
+    source: str | None = Field(None, description="export stage to quantize; default: the latest one")
+    mode: Literal["dynamic", "static", "auto"] = Field(
+        "dynamic", description="auto: quantize both ways and keep the faster graph among those within tolerance")
+    target: Literal["avx512_vnni", "avx2", "arm64"] = Field("avx512_vnni", description="optimum AutoQuantizationConfig preset")
+    per_channel: bool = False
+    reduce_range: bool = Field(False, description="7-bit weights (avx2 only; avoids VPMADDUBSW saturation)")
+    op_types: list[str] | None = Field(None, description="op types to quantize; default dynamic: MatMul, Attention, "
+                                       "Gather, EmbedLayerNormalization; static: MatMul, Gather")
+    exclude_op_types: list[str] = Field([], description="op types kept in fp32, e.g. [Gather, LayerNormalization]")
+    exclude_nodes: list[str] = Field([], description="node-name patterns kept in fp32 (fnmatch), e.g. '*/layer.0/*'")
+    quantize_heads: bool = Field(False, description="also quantize the task heads (tiny; they write the logits)")
+    embedding: Literal["per_row", "per_tensor", "fp32"] = Field(
+        "per_row", description="embedding tables: INT8 with one scale per row, dequantized after the lookup "
+        "(per_row); ORT's per-tensor Gather quantization (per_tensor); or left fp32")
+    calibration: QuantCalibration = QuantCalibration()
+    tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
+    tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
+    eval_split: Literal["dev", "test"] = Field("dev", description="split the accuracy check uses (falls back to the other)")
+    max_iterations: int = Field(4, ge=0, description="fallback rounds after the first attempt")
+    fallback_step: int = Field(2, gt=0, description="nodes moved to fp32 in the first fallback round; doubles each round")
+    sensitivity_batches: int = Field(4, gt=0, description="calibration batches per task used to rank node sensitivity")
+    on_failure: Literal["warn", "error"] = Field("warn", description="when no attempt meets every tolerance: keep the "
+                                                 "best attempt and report it, or fail the stage")
+    eval_batch_size: int = Field(64, gt=0)
+
+    @field_validator("tolerances")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if t < 0}
+        if bad:
+            raise ValueError(f"tolerances must be >= 0 (got {bad})")
+        return v
+
+
+class BundleStage(Strict):
+    """Write the edge bundle: the final graph, tokenizer.json and tasks.json, for ``compressor.runtime``."""
+
+    kind: Literal["bundle"]
+    name: str = Field("bundle", pattern=NAME)
+    source: str | None = Field(None, description="quantize or export stage whose graph to ship; default: the latest")
+    check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
+

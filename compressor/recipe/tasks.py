@@ -1,0 +1,82 @@
+"""The model and the tasks of a recipe: encoder, splits (paths, formats, encodings), limits, dev hold-out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from compressor.recipe._base import NAME, Strict, known_codec
+
+
+class ModelSpec(Strict):
+    encoder: str = Field("offline-default", description="HF name or local path; 'offline-default' = all-MiniLM-L6-v2")
+    max_length: int = Field(128, ge=8, le=4096)
+    trust_remote_code: bool = False
+
+
+class SplitFile(Strict):
+    """A split given with its own reader format (e.g. the same SQuAD file read as ``squad-train``/``squad-dev``)
+    and/or its own text encoding (``latin-1``, ``cp1252``...; default: the task's ``encoding``, else UTF-8)."""
+
+    path: str
+    format: str | None = None
+    encoding: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        return known_codec(v)
+
+
+
+class Splits(Strict):
+    """Paths relative to the data root (or absolute); a plain string or ``{path, format}``."""
+
+    train: str | SplitFile | None = None
+    dev: str | SplitFile | None = None
+    test: str | SplitFile | None = None
+
+    def get(self, split: str) -> SplitFile | None:
+        value = getattr(self, split)
+        return SplitFile(path=value) if isinstance(value, str) else value
+
+
+class Limits(Strict):
+    """Subsample a split to its first N examples (after a seeded shuffle); reports say so."""
+
+    train: int | None = Field(None, gt=0)
+    dev: int | None = Field(None, gt=0)
+    test: int | None = Field(None, gt=0)
+
+
+class TaskSpec(Strict):
+    name: str = Field(pattern=NAME)
+    plugin: str
+    data: Splits
+    format: str | None = None
+    encoding: str | None = Field(None, description="text encoding of every split without its own (default utf-8)")
+    labels: list[str] | None = None
+    limit: Limits = Limits()
+    dev_from_train: float | None = Field(
+        None, gt=0, lt=1, description="no dev file: hold out this share of the training file (seeded) as the dev "
+        "split; the rest is the training split")
+    options: dict[str, Any] = {}
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        return known_codec(v)
+
+    @model_validator(mode="after")
+    def _one_dev_source(self) -> TaskSpec:
+        if self.dev_from_train is not None and self.data.dev is not None:
+            raise ValueError("give data.dev or dev_from_train, not both")
+        if self.dev_from_train is not None and self.data.train is None:
+            raise ValueError("dev_from_train needs data.train")
+        return self
+
+    def has_dev(self) -> bool:
+        """A dev file, or a dev split held out of train (``dev_from_train``)."""
+        return self.data.dev is not None or self.dev_from_train is not None
+

@@ -1,0 +1,155 @@
+"""Stages that train a model: train, load, distill (and its student), add_task."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from compressor.recipe._base import NAME, Strict
+from compressor.train.options import Sampling, TrainOptions
+
+
+class TrainStage(TrainOptions):
+    """Joint training of the multi-task teacher (and, with ``baselines``, one single-task model per task)."""
+
+    kind: Literal["train"]
+    name: str = Field("teacher", pattern=NAME)
+    baselines: bool = False
+    baseline_steps: Literal["task_share", "epochs"] = Field(
+        "task_share", description="task_share: each single-task twin takes as many steps per epoch as the "
+        "multi-task sampler gives its task (same exposure to its data); epochs: one pass over its data per epoch")
+
+
+class StudentFromTeacher(Strict):
+    """Copy the teacher, keeping some layers (0-based), and optionally fewer heads / FFN neurons per layer."""
+
+    layers: Literal["every_other"] | int | list[int] = Field(
+        "every_other", description="'every_other' (1, 3, 5...), N evenly spaced layers (top kept), or 0-based indices"
+    )
+    heads: int | None = Field(None, gt=0, description="attention heads kept per layer (largest weight norm)")
+    ffn: int | None = Field(None, gt=0, description="FFN neurons kept per layer (largest weight norm)")
+
+
+class StudentFromConfig(Strict):
+    """A fresh, randomly initialised BERT with the teacher's vocabulary and tasks."""
+
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    ffn: int | None = Field(None, gt=0, description="default: 4 * hidden_size")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> StudentFromConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        return self
+
+
+class StudentSpec(Strict):
+    """Exactly one of ``from_teacher``, ``from_config``, ``from_previous: true`` (the latest model, e.g. pruned)."""
+
+    from_teacher: StudentFromTeacher | None = None
+    from_config: StudentFromConfig | None = None
+    from_previous: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentSpec:
+        given = [k for k in ("from_teacher", "from_config") if getattr(self, k) is not None]
+        given += ["from_previous"] if self.from_previous else []
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from_teacher, from_config, from_previous (got {given or 'none'})")
+        return self
+
+
+class DistillWeights(Strict):
+    """Weights of the distillation terms (their sum is scaled by ``1 - alpha``)."""
+
+    logits: float = Field(1.0, ge=0)
+    hidden: float = Field(0.0, ge=0)
+    attention: float = Field(0.0, ge=0)
+
+
+class LoadStage(Strict):
+    """Start from a model directory written earlier (e.g. a teacher trained by another run).
+
+    The first ``load`` or ``train`` stage of a recipe provides the teacher that later stages compare against.
+    """
+
+    kind: Literal["load"]
+    name: str = Field("teacher", pattern=NAME)
+    path: str = Field(description="model directory (manifest.json + model.safetensors), relative to the cwd")
+    evaluate: bool = True
+
+
+class DistillStage(Strict):
+    """Distil the teacher (the first train stage's model) into a smaller student on all tasks at once."""
+
+    kind: Literal["distill"]
+    name: str = Field("distill", pattern=NAME)
+    student: StudentSpec = StudentSpec(from_teacher=StudentFromTeacher())
+    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (0-based); default uniform")
+    alpha: float = Field(0.5, ge=0, le=1, description="task-loss weight; 1 - alpha weighs distillation")
+    temperature: float = Field(2.0, gt=0)
+    weights: DistillWeights = DistillWeights()
+    relation_heads: int | None = Field(None, gt=0, description="MiniLM relation heads where head counts differ")
+    epochs: int = Field(3, gt=0)
+    steps: int | None = Field(None, gt=0, description="total steps; overrides epochs * steps_per_epoch")
+    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    sampling: Sampling = Sampling()
+    seed: int | None = Field(None, description="default: the recipe's seed")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
+        "bf16 support, losses compared in fp32); no = fp32")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
+        "teacher dev metric, every task); null: run every epoch")
+    keep_best: bool = Field(True, description="end with the weights of the epoch with the best mean dev retention")
+    single_task_students: bool = Field(
+        False, description="also distil one student per task (same architecture, same teacher, the steps the "
+        "multi-head student spent on that task), saved as single-<task>/ for row (d) of `compressor benchmark`")
+
+
+
+class AddTaskStage(Strict):
+    """Teach a finished (compressed) model one more task: a new head trained on the frozen shared encoder.
+
+    Every existing task's outputs stay bit-identical (checked before the stage succeeds); later export, quantize
+    and bundle stages ship the model with the new output.
+    """
+
+    kind: Literal["add_task"]
+    name: str = Field("add_task", pattern=NAME)
+    task: str = Field(description="the recipe task to add (tasks[].name); the model must not have it yet")
+    source: str | None = Field(None, description="earlier stage whose model to extend (a model stage, or an "
+                               "export / quantize / bundle stage: the model its graph came from); default: the "
+                               "latest model")
+    path: str | None = Field(None, description="instead of source: a model directory from another run (relative "
+                             "to the cwd), e.g. a finished student")
+    compare_to: str | None = Field(None, description="model directory holding the same task trained in (relative to "
+                                   "the cwd); default: the run's teacher when it has the task")
+    epochs: int = Field(3, gt=0)
+    steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the new head")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="epochs without a better dev metric")
+    seed: int | None = Field(None, description="default: the recipe's seed")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> AddTaskStage:
+        if self.source is not None and self.path is not None:
+            raise ValueError("give source (an earlier stage) or path (a model directory), not both")
+        return self
+
