@@ -32,7 +32,7 @@ def main(out: Path, model_path: str, data_root: str) -> None:
         "stages": [{"kind": "train", "name": "teacher", "epochs": 2, "batch_size": 4, "lr": 1e-3,
                     "warmup_ratio": 0.2, "sampling": {"strategy": "passes", "passes": {"ner": 2}}}],
     })
-    data = DataStore(recipe, Path(data_root))
+    data = DataStore(recipe.data_options(), Path(data_root))
     data.fit_labels()
     encoder, tokenizer = load_pretrained(model_path)
     torch.manual_seed(recipe.seed)

@@ -100,5 +100,5 @@ def stage_context(tmp: Path, stage: dict, model_dir: Path | None, teacher_dir: P
     out = tmp / "stage.tmp"
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(recipe=recipe, stage=recipe.stages[0], index=0, run_dir=tmp, out_dir=out,
-                        final_dir=tmp / "stage", data=DataStore(recipe, FIXTURES), reporter=Reporter("prune_test"),
+                        final_dir=tmp / "stage", data=DataStore(recipe.data_options(), FIXTURES), reporter=Reporter("prune_test"),
                         model_dir=model_dir, teacher_dir=teacher_dir)

@@ -110,7 +110,13 @@ def test_pick_relation_heads():
 # ---- the loop -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tokenizer) -> DataStore:
-    recipe = Recipe.model_validate({
+    data = DataStore(tiny_recipe().data_options(), PIPE)
+    data.fit_labels()
+    return data
+
+
+def tiny_recipe() -> Recipe:
+    return Recipe.model_validate({
         "name": "tiny", "seed": 3, "data_root": str(PIPE), "model": {"max_length": 32},
         "tasks": [
             {"name": "ner", "plugin": "ner", "format": "conll",
@@ -121,9 +127,6 @@ def store(tokenizer) -> DataStore:
         "stages": [{"kind": "train"}, {"kind": "distill", "steps": 4}],
         "report": {"latency": False},
     })
-    data = DataStore(recipe, PIPE)
-    data.fit_labels()
-    return data
 
 
 def fixed_batches(store: DataStore, tokenizer, n: int = 8):
@@ -244,7 +247,7 @@ def make_ctx(store: DataStore, tmp_path, stage: dict, teacher_dir=None, model_di
     out = tmp_path / "partial"
     out.mkdir(parents=True)
     return StageContext(
-        recipe=store.recipe, stage=cfg, index=1, run_dir=tmp_path, out_dir=out, final_dir=tmp_path / "final",
+        recipe=tiny_recipe(), stage=cfg, index=1, run_dir=tmp_path, out_dir=out, final_dir=tmp_path / "final",
         data=store, reporter=Reporter("tiny"), model_dir=model_dir or teacher_dir, teacher_dir=teacher_dir,
         outputs=outputs or {},
     )

@@ -65,7 +65,7 @@ def context(tmp, root, stage: dict, model_dir):
     out = tmp / "stage.tmp"
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(recipe=r, stage=r.stages[0], index=0, run_dir=tmp, out_dir=out, final_dir=tmp / "stage",
-                        data=DataStore(r, root), reporter=Reporter("recovery_test"), model_dir=model_dir,
+                        data=DataStore(r.data_options(), root), reporter=Reporter("recovery_test"), model_dir=model_dir,
                         teacher_dir=None)
 
 

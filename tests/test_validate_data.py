@@ -107,10 +107,10 @@ def test_latin1_file_is_named_with_its_byte_offset_and_the_encoding_option_fixes
     result = validate(write_recipe(data, fixed))
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["validate", str(write_recipe(data, fixed))]).exit_code == 0
-    store = DataStore(load_recipe(write_recipe(data, fixed)), data)
+    store = DataStore(load_recipe(write_recipe(data, fixed)).data_options(), data)
     assert "a caf\u00e9 film , fun" in [ex.text for ex in store.examples("sst", "train")]
     # the task-level encoding applies to every split without its own
-    store = DataStore(load_recipe(write_recipe(data, SST + "\n    encoding: latin-1")), data)
+    store = DataStore(load_recipe(write_recipe(data, SST + "\n    encoding: latin-1")).data_options(), data)
     assert len(store.examples("sst", "train")) == 41
 
 
@@ -133,16 +133,16 @@ def test_a_task_without_dev_is_an_error_unless_train_is_split(data):
     recipe = write_recipe(data, no_dev + "\n    dev_from_train: 0.25")
     result = validate(recipe)
     assert result.exit_code == 0, result.output
-    store = DataStore(load_recipe(recipe), data)
+    store = DataStore(load_recipe(recipe).data_options(), data)
     train, dev = store.examples("sst", "train"), store.examples("sst", "dev")
     assert len(dev) == 10 and len(train) == 30
     assert sorted(ex.source.line for ex in train + dev) == list(range(1, 41))  # disjoint, covering the file
     assert store.has("sst", "dev") and store.path("sst", "dev") == data / "sst.train.txt"
-    limited = DataStore(load_recipe(write_recipe(data, no_dev + "\n    dev_from_train: 0.25\n    limit: {train: 5}")), data)
+    limited = DataStore(load_recipe(write_recipe(data, no_dev + "\n    dev_from_train: 0.25\n    limit: {train: 5}")).data_options(), data)
     assert len(limited.examples("sst", "train")) == 5 and len(limited.examples("sst", "dev")) == 10
     # the whole training split, as prune_vocab's full_train reads it: no limit, no dev hold-out
     assert sorted(ex.source.line for ex in limited.full("sst", "train")) == sorted(ex.source.line for ex in train)
-    again = DataStore(load_recipe(recipe), data)
+    again = DataStore(load_recipe(recipe).data_options(), data)
     assert [ex.source.line for ex in again.examples("sst", "dev")] == [ex.source.line for ex in dev]  # seeded
 
 
@@ -156,7 +156,7 @@ def test_labels_are_fitted_on_the_whole_training_file_despite_limit(data):
     (data / "sst.train.txt").write_text("\n".join(rare) + "\n")
     (data / "sst.dev.txt").write_text("2 neutral\n1 fun\n")
     recipe = load_recipe(write_recipe(data, SST + "\n    limit: {train: 3}"))
-    store = DataStore(recipe, data)
+    store = DataStore(recipe.data_options(), data)
     store.fit_labels()
     assert store.tasks["sst"].labels == ["0", "1", "2"]
     train = store.examples("sst", "train")

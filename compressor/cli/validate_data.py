@@ -23,7 +23,7 @@ def validate_recipes_data(recipes: list[Path], data_root: Path | None) -> int:
             raise RecipeError(f"{path}: --data needs a data root: set data_root in the recipe, pass --data-root, "
                               "or set $COMPRESSOR_DATA_ROOT")
         summary = check_recipe(recipe, path, None)
-        check = validate_data(recipe, path, root)
+        check = validate_data(recipe.data_options(), path, root)
         for message in check.errors:
             typer.echo(f"error: {message}", err=True)
         if check.errors:

@@ -1,4 +1,4 @@
-"""Examples and features of every task and split of a recipe, read once from the data root."""
+"""Examples and features of every task and split, read once from the data root."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from compressor.data.options import DataOptions
 from compressor.data.readers import decode_error, text_encoding
 from compressor.errors import DataError
-from compressor.recipe import Recipe
 from compressor.tasks import Encoded, TaskPlugin, build_task
 
 SPLITS = ("train", "dev", "test")
@@ -45,18 +45,21 @@ def _takes_encoding(fn: Any) -> bool:
 
 
 class DataStore:
-    """Reads each split lazily, applies the recipe's ``limit`` (seeded subsample) and caches encodings.
+    """Reads each split lazily, applies the task's ``limit`` (seeded subsample) and caches encodings.
 
     A split is read in its ``encoding`` (the split's, else the task's, else UTF-8). A task with
     ``dev_from_train`` and no dev file gets a seeded hold-out of its training file as the dev split, and the
     rest as the training split. Labels are fitted on the whole training file, never on a ``limit`` subsample.
     """
 
-    def __init__(self, recipe: Recipe, data_root: Path):
-        self.recipe = recipe
+    def __init__(self, options: DataOptions, data_root: Path):
+        if not isinstance(options, DataOptions):  # a Recipe, from a caller not yet moved to DataOptions
+            options = options.data_options()
+        self.options = options
+        self.max_length = options.max_length
         self.root = Path(data_root)
         self.tasks: dict[str, TaskPlugin] = {
-            t.name: build_task(t.plugin, t.name, t.labels, t.options) for t in recipe.tasks
+            t.name: build_task(t.plugin, t.name, t.labels, t.options) for t in options.tasks
         }
         for task in self.tasks.values():
             task.bind(self.tasks)
@@ -68,10 +71,10 @@ class DataStore:
 
     def path(self, task: str, split: str) -> Path | None:
         """The file a split is read from (a dev split held out of train: the training file); None: no split."""
-        spec = self.recipe.task(task)
-        entry = spec.data.get(split)
+        spec = self.options.task(task)
+        entry = spec.source(split)
         if entry is None and split == "dev" and spec.dev_from_train is not None:
-            entry = spec.data.get("train")
+            entry = spec.source("train")
         if entry is None:
             return None
         p = Path(entry.path).expanduser()
@@ -82,20 +85,20 @@ class DataStore:
 
     def format(self, task: str, split: str) -> str | None:
         """The reader format of a split: its own, else the task's."""
-        spec = self.recipe.task(task)
-        entry = spec.data.get(self._file_split(task, split))
+        spec = self.options.task(task)
+        entry = spec.source(self._file_split(task, split))
         return (entry.format if entry is not None else None) or spec.format
 
     def encoding(self, task: str, split: str) -> str | None:
         """The text encoding of a split: its own, else the task's; None means UTF-8."""
-        spec = self.recipe.task(task)
-        entry = spec.data.get(self._file_split(task, split))
+        spec = self.options.task(task)
+        entry = spec.source(self._file_split(task, split))
         return (entry.encoding if entry is not None else None) or spec.encoding
 
     def held_out(self, task: str) -> bool:
         """Whether the task's dev split is a hold-out of its training file (``dev_from_train``)."""
-        spec = self.recipe.task(task)
-        return spec.data.dev is None and spec.dev_from_train is not None
+        spec = self.options.task(task)
+        return spec.source("dev") is None and spec.dev_from_train is not None
 
     def _file_split(self, task: str, split: str) -> str:
         return "train" if split == "dev" and self.held_out(task) else split
@@ -128,12 +131,12 @@ class DataStore:
         return [examples[i] for i in (dev_idx if split == "dev" else train_idx)]
 
     def _holdout(self, task: str, n: int) -> tuple[list[int], list[int]]:
-        share = self.recipe.task(task).dev_from_train
+        share = self.options.task(task).dev_from_train
         n_dev = max(1, round(share * n))
         if n_dev >= n:
             raise DataError(self.path(task, "train"), f"task '{task}': dev_from_train={share} of {n} example(s) "
                             "leaves no training example; give a dev file or a larger training file")
-        rng = random.Random(f"{self.recipe.seed}:{task}:dev_from_train")
+        rng = random.Random(f"{self.options.seed}:{task}:dev_from_train")
         dev = sorted(rng.sample(range(n), n_dev))
         chosen = set(dev)
         return [i for i in range(n) if i not in chosen], dev
@@ -141,12 +144,12 @@ class DataStore:
     def examples(self, task: str, split: str) -> list[Any]:
         key = (task, split)
         if key not in self._examples:
-            spec = self.recipe.task(task)
+            spec = self.options.task(task)
             examples = self.full(task, split)
             self._full_sizes[key] = len(examples)
-            limit = getattr(spec.limit, split)
+            limit = spec.limits.get(split)
             if limit is not None and limit < len(examples):
-                rng = random.Random(f"{self.recipe.seed}:{task}:{split}")
+                rng = random.Random(f"{self.options.seed}:{task}:{split}")
                 keep = sorted(rng.sample(range(len(examples)), limit))
                 examples = [examples[i] for i in keep]
             self._examples[key] = examples
@@ -161,7 +164,7 @@ class DataStore:
 
     def fit_labels(self) -> None:
         """Give every task without a label schema the one its training data implies: fitted on the whole
-        training file (a dev split held out of it included), not on the recipe's ``limit`` subsample."""
+        training file (a dev split held out of it included), not on the ``limit`` subsample."""
         for name, task in self.tasks.items():
             if not task.labels:
                 task.labels = list(task.fit_labels(self.read_file(name, "train")))

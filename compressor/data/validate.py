@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import DataError
-from compressor.recipe import Recipe
+from compressor.data.options import DataOptions
 
 SPLITS = ("train", "dev", "test")
 #: label errors listed per file before the rest are counted on one line
@@ -40,14 +40,17 @@ class DataCheck:
         return not self.errors
 
 
-def validate_data(recipe: Recipe, recipe_path: Path, data_root: Path) -> DataCheck:
-    """Read every split of every task of ``recipe`` whole and check formats, encodings, labels and dev splits."""
+def validate_data(options: DataOptions, recipe_path: Path, data_root: Path) -> DataCheck:
+    """Read every split of every task whole and check formats, encodings, labels and dev splits.
+
+    ``options``: the recipe's ``data_options()``; ``recipe_path`` names the file in every message.
+    """
     from compressor.checks import _where
     from compressor.data.store import DataStore
 
-    store = DataStore(recipe, data_root)
+    store = DataStore(options, data_root)
     check = DataCheck()
-    for i, spec in enumerate(recipe.tasks):
+    for i, spec in enumerate(store.options.tasks):
         name = spec.name
         task = store.tasks[name]
         read: dict[str, list[Any]] = {}

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from compressor.data.options import DataOptions, SplitSource, TaskData
 from compressor.errors import RecipeError
 from compressor.recipe._base import NAME, Strict
 from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage
@@ -118,6 +119,22 @@ class Recipe(Strict):
             if t.name == name:
                 return t
         raise RecipeError(f"recipe '{self.name}': no task '{name}'")
+
+    def data_options(self) -> DataOptions:
+        """What the data layer (``DataStore``, ``validate_data``) needs of this recipe: the one translation."""
+        return DataOptions(tasks=tuple(_task_data(t) for t in self.tasks), seed=self.seed,
+                           max_length=self.model.max_length, recipe=self.name)
+
+
+def _task_data(spec: TaskSpec) -> TaskData:
+    splits = {}
+    for split in ("train", "dev", "test"):
+        entry = spec.data.get(split)
+        if entry is not None:
+            splits[split] = SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+    return TaskData(name=spec.name, plugin=spec.plugin, splits=splits, format=spec.format, encoding=spec.encoding,
+                    labels=spec.labels, limits=spec.limit.model_dump(), dev_from_train=spec.dev_from_train,
+                    options=spec.options)
 
 
 def _unique(names: list[str], what: str) -> None:

@@ -32,7 +32,7 @@ def evaluate_rows(
 ) -> list[dict[str, Any]]:
     """One row per (task, split) with the task's primary metric, size, parameters and CPU latency."""
     report = report or ReportSpec()
-    max_length = data.recipe.model.max_length
+    max_length = data.max_length
     forward = torch_forward(model)
     params = count_parameters(model)
     size = weights_size(model_dir) if model_dir is not None else None

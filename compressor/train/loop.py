@@ -97,7 +97,7 @@ def train_model(
         raise TrainingError(f"[{label}] batch_size {cfg.batch_size} does not divide among {world} "
                             f"processes; use a multiple of {world}")
     tasks = list(model.tasks)
-    max_length = data.recipe.model.max_length
+    max_length = data.max_length
     features = {t: data.encoded(t, "train", tokenizer, max_length, train=True).features for t in tasks}
     for t, f in features.items():
         if not f:

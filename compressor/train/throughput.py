@@ -36,7 +36,7 @@ def main() -> None:
     if args.mixed_precision:
         update["mixed_precision"] = args.mixed_precision
     stage = stage.model_copy(update=update)
-    data = DataStore(recipe, Path(args.data_root))
+    data = DataStore(recipe.data_options(), Path(args.data_root))
     data.fit_labels()
     encoder, tokenizer = load_pretrained(recipe.model.encoder)
     torch.manual_seed(recipe.seed)
