@@ -190,9 +190,14 @@ def load_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
+def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def check_finite(state: Mapping[str, torch.Tensor], source: Path) -> None:
     """Raise ``ModelDirError`` when a floating-point tensor holds NaN or infinity."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite(state)
     if bad:
         raise ModelDirError(f"{source}: {len(bad)} of {len(state)} tensor(s) hold NaN or infinite values, e.g. "
                             f"{bad[0]} (training diverged? try a lower learning rate)")

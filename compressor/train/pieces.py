@@ -1,0 +1,105 @@
+"""The parts the training loop is assembled from: the DDP step module, freezing and dropout, the optimizer's
+parameter groups, the schedule and the progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from compressor.errors import TrainingError
+from compressor.model.architecture import encoder_layers
+from compressor.model.multitask import MultiTaskModel
+from compressor.train.options import TrainOptions
+from compressor.train.weighting import LossWeighter
+
+
+class StepModule(nn.Module):
+    """Model + loss weighter as one module, so DDP syncs the learned task weights with the model."""
+
+    def __init__(self, model: MultiTaskModel, weighter: LossWeighter):
+        super().__init__()
+        self.model = model
+        self.weighter = weighter
+
+    def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_batch(task, batch)
+        loss = self.model.tasks[task].loss(out.outputs, batch)
+        return loss, self.weighter.weighted(task, loss)
+
+
+def configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
+    if cfg.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
+    if cfg.freeze_embeddings:
+        for p in model.encoder.embeddings.parameters():
+            p.requires_grad_(False)
+    if cfg.freeze_layers:
+        layers = encoder_layers(model.encoder)
+        if cfg.freeze_layers > len(layers):
+            raise TrainingError(f"freeze_layers={cfg.freeze_layers} but the encoder has {len(layers)} layers")
+        for layer in layers[: cfg.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+def build_optimizer(model: MultiTaskModel, weighter: LossWeighter, cfg: TrainOptions) -> torch.optim.Optimizer:
+    decay, no_decay, head_decay, head_no_decay = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+        if name.startswith("heads."):
+            (head_no_decay if plain else head_decay).append(p)
+        else:
+            (no_decay if plain else decay).append(p)
+    head_lr = cfg.head_lr
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"params": head_decay, "weight_decay": cfg.weight_decay, "lr": head_lr},
+        {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr},
+    ]
+    if len(weighter.log_vars):
+        # log-variances need a larger step than the encoder to move within a few epochs
+        groups.append({"params": list(weighter.parameters()), "weight_decay": 0.0, "lr": max(cfg.lr, 1e-2)})
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def fmt(d: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in d.items()) or "-"
+
+
+class ProgressBar:
+    """A rich progress bar with a ``losses`` field, shown on the main process only."""
+
+    def __init__(self, accelerator, description: str, total: int):
+        self.accelerator, self.description, self.total = accelerator, description, total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.accelerator.is_main_process:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[losses]}"), transient=True)
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task(self.description, total=self.total, losses="")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
