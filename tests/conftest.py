@@ -51,3 +51,16 @@ def one_thread():
 @pytest.fixture
 def tiny_encoder():
     return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def tiny_cls_plugin():
+    """Registers ``TinyCls`` (tests/_prune_helpers.py), the pruning tests' one-sentence classifier, for one
+    test module; its name."""
+    from _prune_helpers import PLUGIN, TinyCls
+
+    from compressor.tasks import TASKS, register_task
+
+    register_task(PLUGIN)(TinyCls)
+    yield PLUGIN
+    TASKS.unregister(PLUGIN)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _prune_helpers import PLUGIN, TinyCls, stage_context
+from _prune_helpers import PLUGIN, stage_context
 from compressor.errors import RecipeError
 from compressor.model.architecture import read_architecture
 from compressor.model.io import load_model, save_model
@@ -16,20 +16,13 @@ from compressor.prune import select
 from compressor.prune.groups import check_architecture, remove_heads
 from compressor.prune.pruner import StructuredPruner
 from compressor.recipe import PruneStage, load_recipe
-from compressor.tasks import TASKS, build_task, register_task
+from compressor.tasks import build_task
 from conftest import tiny_bert
 
 HIDDEN, HEADS, HEAD_SIZE, FFN = 32, 4, 8, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def plugin():
-    register_task(PLUGIN)(TinyCls)
-    yield
-    TASKS.unregister(PLUGIN)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_cls_plugin")  # conftest: tiny models, shared cores
 
 
 def make_model(layers: int = 2, vocab: int = 100, seed: int = 0, tasks=("a", "b")) -> MultiTaskModel:

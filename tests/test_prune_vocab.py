@@ -6,24 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _prune_helpers import FIXTURES, PLUGIN, TinyCls, stage_context
+from _prune_helpers import FIXTURES, PLUGIN, stage_context
 from compressor.errors import DataError, RecipeError
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel
 from compressor.prune.vocab import changed_tokens, prune_embeddings, prune_tokenizer, remap, select_vocab
-from compressor.tasks import TASKS, build_task, register_task
+from compressor.tasks import build_task
 from conftest import tiny_bert
+
+pytestmark = pytest.mark.usefixtures("tiny_cls_plugin")  # conftest
 
 TRAIN = ["John Smith works for Acme Corp. in Boston.", "The film was surprisingly good, wasn't it?"]
 # every word here occurs in TRAIN, in a new order
 IN_VOCAB = ["the film works in boston, wasn't it?", "john smith was surprisingly good."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def plugin():
-    register_task(PLUGIN)(TinyCls)
-    yield
-    TASKS.unregister(PLUGIN)
 
 
 def make_model(tokenizer, tasks=("a",)) -> MultiTaskModel:

@@ -9,13 +9,15 @@ import statistics
 import pytest
 import torch
 
-from _prune_helpers import PLUGIN, TinyCls
+from _prune_helpers import PLUGIN
 from compressor.errors import DataError, RecipeError
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel
 from compressor.prune.vocab import english_words, rank_vocab
-from compressor.tasks import TASKS, build_task, register_task
+from compressor.tasks import build_task
 from conftest import tiny_bert
+
+pytestmark = pytest.mark.usefixtures("tiny_cls_plugin")  # conftest
 
 COMMON = ["the", "film", "was", "good", "bad", "plot", "actors", "great", "dull", "story", "service", "fast",
           "slow", "staff", "and", "very"]
@@ -29,13 +31,6 @@ def _sentences(n: int, seed: int) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(COMMON) for _ in range(rng.randint(4, 9))) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def plugin():
-    register_task(PLUGIN)(TinyCls)
-    yield
-    TASKS.unregister(PLUGIN)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from _prune_helpers import PLUGIN, TinyCls
+from _prune_helpers import PLUGIN
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel
-from compressor.tasks import TASKS, build_task, register_task
+from compressor.tasks import build_task
 from conftest import tiny_bert
 
 POS = ["good", "great", "fine", "nice", "happy"]
@@ -21,14 +21,7 @@ FILLER = ["the", "a", "film", "was", "and", "it", "plot", "cast", "story", "day"
 TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def plugin():
-    register_task(PLUGIN)(TinyCls)
-    yield
-    TASKS.unregister(PLUGIN)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, shared cores
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_cls_plugin")  # conftest: tiny models, shared cores
 
 
 def sentences(n: int, seed: int) -> list[str]:
