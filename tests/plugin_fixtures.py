@@ -29,9 +29,10 @@ from typing import Any
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
 
-#: The third-party test distribution (``compressor-toy-task``, registers ``toy``) and its own data files.
-TOY_PACKAGE_DIR = TESTS / "third_party_plugin"
-TOY_DATA_DIR = TOY_PACKAGE_DIR / "compressor_toy_task" / "data"  # train.tsv, dev.tsv: label<TAB>text
+#: The third-party test distribution, ``compressor-toy``: written by ``compressor tasks new toy --kind sequence``
+#: (the scaffold's templates, not a hand-kept copy of them) with its data replaced by these files (JSON lines
+#: ``{"text", "label"}``: does the sentence contain a digit, ``yes`` / ``no``).
+TOY_DATA_DIR = FIXTURES / "toy"  # train.jsonl, dev.jsonl
 
 #: CoNLL04-style sentences with entities and relations (a relation plugin can read the same file).
 NER: dict[str, Any] = {"path": FIXTURES / "ner" / "conll04_tiny.json", "format": None, "options": {}, "labels": None}
@@ -40,7 +41,7 @@ PLUGIN_FIXTURES: dict[str, dict[str, Any]] = {
     "ner": NER,
     "classification": {"path": FIXTURES / "classification" / "pairs.tsv", "format": "tsv",
                        "options": {"text_pair": True, "pooling": "mean"}, "labels": None},
-    "toy": {"path": TOY_DATA_DIR / "train.tsv", "format": None, "options": {}, "labels": None},
+    "toy": {"path": TOY_DATA_DIR / "train.jsonl", "format": None, "options": {}, "labels": None},
     "qa": {"path": FIXTURES / "qa_squad.json", "format": None, "options": {"doc_stride": 16}, "labels": None,
            "max_length": 48},
     "relation": {"path": FIXTURES / "re_conll04_tiny.json", "format": None, "options": {"entity_task": "ner"},
@@ -50,9 +51,13 @@ PLUGIN_FIXTURES: dict[str, dict[str, Any]] = {
 
 
 def install_toy(target: Path) -> Path:
-    """pip-install ``compressor-toy-task`` into ``target/site`` (from a copy, so no build files land in tests/)."""
-    source = target / "src"
-    shutil.copytree(TOY_PACKAGE_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    """Scaffold ``compressor-toy`` (plugin ``toy``, kind ``sequence``) into ``target/src`` with the toy data, and
+    pip-install it into ``target/site``."""
+    from compressor.scaffold import scaffold
+
+    source = scaffold("toy", "sequence", target / "src")
+    for data in TOY_DATA_DIR.glob("*.jsonl"):
+        shutil.copy2(data, source / "compressor_toy" / "data" / data.name)
     site = target / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
@@ -60,7 +65,7 @@ def install_toy(target: Path) -> Path:
         capture_output=True, text=True, timeout=300,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"pip install of {TOY_PACKAGE_DIR} failed:\n{proc.stdout}{proc.stderr}")
+        raise RuntimeError(f"pip install of {source} failed:\n{proc.stdout}{proc.stderr}")
     return site
 
 

@@ -1,8 +1,8 @@
 """A plugin from another distribution registers through the entry-point group and passes the contract.
 
-``tests/third_party_plugin`` is a separate installable distribution, ``compressor-toy-task``, registering the task
-``toy``. It is installed into a temporary directory (never into the project's environment) and used from
-subprocesses whose ``PYTHONPATH`` points there. ``install_toy``, ``env_with`` and ``TOY_DATA_DIR`` (in
+The third-party distribution, ``compressor-toy`` registering the task ``toy``, is what ``compressor tasks new toy
+--kind sequence`` writes, with the toy data of ``tests/fixtures/toy``. It is installed into a temporary directory
+(never into the project's environment) and used from subprocesses whose ``PYTHONPATH`` points there. ``install_toy``, ``env_with`` and ``TOY_DATA_DIR`` (in
 tests/plugin_fixtures.py) let other tests (e.g. a CLI recipe run) install and use it the same way.
 """
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def toy_site(tmp_path_factory) -> Path:
-    """A directory holding the installed ``compressor-toy-task``; put it on PYTHONPATH of a subprocess."""
+    """A directory holding the installed ``compressor-toy``; put it on PYTHONPATH of a subprocess."""
     return install_toy(tmp_path_factory.mktemp("toy"))
 
 
@@ -43,9 +43,9 @@ def test_installed_toy_registers_through_entry_points(toy_site):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "toy" in info["names"] and {"ner", "classification"} <= set(info["names"])
-    assert info["source"] == "compressor-toy-task"
-    assert info["module"] == "compressor_toy_task"
-    assert Path(toy_site, "compressor_toy_task", "data", "train.tsv").is_file()  # package data is installed
+    assert info["source"] == "compressor-toy"
+    assert info["module"] == "compressor_toy.task"
+    assert Path(toy_site, "compressor_toy", "data", "train.jsonl").is_file()  # package data is installed
 
 
 def test_installed_toy_passes_the_contract(toy_site):
@@ -60,10 +60,10 @@ def test_installed_toy_passes_the_contract(toy_site):
 
 
 def test_toy_data_is_recipe_friendly():
-    lines = (TOY_DATA_DIR / "train.tsv").read_text().splitlines()
-    assert len(lines) == 48 and all(line.split("\t")[0] in ("yes", "no") for line in lines)
-    assert any(ch.isdigit() for ch in lines[0]) == (lines[0].split("\t")[0] == "yes")
-    assert (TOY_DATA_DIR / "dev.tsv").is_file()
+    records = [json.loads(line) for line in (TOY_DATA_DIR / "train.jsonl").read_text().splitlines()]
+    assert len(records) == 48 and all(r["label"] in ("yes", "no") for r in records)
+    assert all(any(ch.isdigit() for ch in r["text"]) == (r["label"] == "yes") for r in records)
+    assert (TOY_DATA_DIR / "dev.jsonl").is_file()
 
 
 def test_third_party_task_trains_and_evaluates_through_the_cli(tmp_path):
@@ -87,7 +87,7 @@ name: toy-run
 data_root: {TOY_DATA_DIR}
 model: {{encoder: {model_dir}, max_length: 32}}
 tasks:
-  - {{name: digits, plugin: toy, data: {{train: train.tsv, dev: dev.tsv, test: dev.tsv}}}}
+  - {{name: digits, plugin: toy, data: {{train: train.jsonl, dev: dev.jsonl, test: dev.jsonl}}}}
 stages:
   - {{kind: train, epochs: 3, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0.0}}
 report: {{latency_runs: 2, latency_warmup: 1, latency_seq_len: 16}}
