@@ -147,6 +147,33 @@ class $Class(TaskPlugin):
         return {"decoder": "$name", "labels": list(self.labels)}
 '''
 
+#: the methods of a plugin with one label per example (``sequence`` and ``span-pair``), from build_head to
+#: onnx_outputs
+ONE_LABEL_METHODS = '''    def build_head(self, hidden_size: int) -> Any:
+        from $module.head import Head
+
+        return Head(hidden_size, len(self.labels), self.options.dropout)
+
+    def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(outputs["logits"].float(), batch["labels"])
+
+    def distill_targets(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, DistillTarget]:
+        return {"logits": DistillTarget(outputs["logits"])}
+
+    def decode(self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+               features: Sequence[dict[str, Any]]) -> list[str]:
+        return [self.labels[int(i)] for i in np.asarray(outputs["logits"]).argmax(axis=-1)]
+
+    def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+        correct = sum(p == ex.label for p, ex in zip(predictions, examples))
+        return {"accuracy": correct / len(examples) if examples else 0.0}
+
+    def onnx_outputs(self) -> list[OnnxOutput]:
+        return [OnnxOutput("logits", {0: "batch"})]
+'''
+
 SEQUENCE_TASK = TASK_HEADER + '''
 
 @dataclass
@@ -199,30 +226,7 @@ class $Class(TaskPlugin):
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return batch
 
-    def build_head(self, hidden_size: int) -> Any:
-        from $module.head import Head
-
-        return Head(hidden_size, len(self.labels), self.options.dropout)
-
-    def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> Any:
-        import torch.nn.functional as F
-
-        return F.cross_entropy(outputs["logits"].float(), batch["labels"])
-
-    def distill_targets(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, DistillTarget]:
-        return {"logits": DistillTarget(outputs["logits"])}
-
-    def decode(self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
-               features: Sequence[dict[str, Any]]) -> list[str]:
-        return [self.labels[int(i)] for i in np.asarray(outputs["logits"]).argmax(axis=-1)]
-
-    def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
-        correct = sum(p == ex.label for p, ex in zip(predictions, examples))
-        return {"accuracy": correct / len(examples) if examples else 0.0}
-
-    def onnx_outputs(self) -> list[OnnxOutput]:
-        return [OnnxOutput("logits", {0: "batch"})]
-
+''' + ONE_LABEL_METHODS + '''
     def export_spec(self) -> dict[str, Any]:
         return {"decoder": "$name", "labels": list(self.labels)}
 '''

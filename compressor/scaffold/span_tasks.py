@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.scaffold.label_tasks import TASK_HEADER
+from compressor.scaffold.label_tasks import ONE_LABEL_METHODS, TASK_HEADER
 
 SPAN_TASK = TASK_HEADER + '''
 
@@ -177,30 +177,7 @@ class $Class(TaskPlugin):
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return batch
 
-    def build_head(self, hidden_size: int) -> Any:
-        from $module.head import Head
-
-        return Head(hidden_size, len(self.labels), self.options.dropout)
-
-    def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> Any:
-        import torch.nn.functional as F
-
-        return F.cross_entropy(outputs["logits"].float(), batch["labels"])
-
-    def distill_targets(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, DistillTarget]:
-        return {"logits": DistillTarget(outputs["logits"])}
-
-    def decode(self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
-               features: Sequence[dict[str, Any]]) -> list[str]:
-        return [self.labels[int(i)] for i in np.asarray(outputs["logits"]).argmax(axis=-1)]
-
-    def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
-        correct = sum(p == ex.label for p, ex in zip(predictions, examples))
-        return {"accuracy": correct / len(examples) if examples else 0.0}
-
-    def onnx_outputs(self) -> list[OnnxOutput]:
-        return [OnnxOutput("logits", {0: "batch"})]
-
+''' + ONE_LABEL_METHODS + '''
     def onnx_inputs(self) -> list[OnnxInput]:
         # [batch, 4]: head start, head end, tail start, tail end (sub-token positions, ends exclusive)
         return [OnnxInput("pair_spans", "int64", {0: "batch"}, example_shape=(4,))]
