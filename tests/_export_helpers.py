@@ -72,7 +72,7 @@ def save_tiny_model(recipe: Any, data: Any, directory: Path, ln_outlier: float =
 def data_store(recipe: Any) -> Any:
     from compressor.data.store import DataStore
 
-    data = DataStore(recipe, PIPE)
+    data = DataStore(recipe.data_options(), PIPE)
     data.fit_labels()
     return data
 

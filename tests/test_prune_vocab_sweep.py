@@ -82,7 +82,7 @@ def _context(root, stage: dict, limit: int | None = None):
         shutil.rmtree(out.parent)
     out.mkdir(parents=True)
     return StageContext(recipe=recipe, stage=recipe.stages[0], index=0, run_dir=out.parent, out_dir=out,
-                        final_dir=out.parent / "stage", data=DataStore(recipe, root), reporter=Reporter("vocab"),
+                        final_dir=out.parent / "stage", data=DataStore(recipe.data_options(), root), reporter=Reporter("vocab"),
                         model_dir=root / "model")
 
 

@@ -59,3 +59,24 @@ def test_data_root_precedence(tmp_path, monkeypatch):
     assert resolve_data_root(str(tmp_path / "recipe"), tmp_path / "cli") == tmp_path / "cli"
     assert resolve_data_root(str(tmp_path / "recipe")) == tmp_path / "recipe"
     assert resolve_data_root(None) == tmp_path / "env"
+
+
+def test_data_options_carry_what_the_data_layer_needs(tmp_path):
+    """``Recipe.data_options()``: the one translation from a recipe to the data layer's own options."""
+    from compressor.data.options import SplitSource
+
+    text = GOOD.replace("name: r\n", "name: r\nseed: 7\nmodel: {max_length: 64}\n").replace(
+        "    data: {train: a.txt}",
+        "    data: {train: a.txt, test: {path: t.csv, format: tsv, encoding: latin-1}}\n"
+        "    format: label_text\n    encoding: cp1252\n    dev_from_train: 0.2\n    limit: {train: 5}\n"
+        "    labels: [neg, pos]\n    options: {pooling: mean}")
+    opts = load_recipe(write(tmp_path, text)).data_options()
+    assert (opts.seed, opts.max_length, opts.recipe) == (7, 64, "r")
+    task = opts.task("sst2")
+    assert task.splits == {"train": SplitSource("a.txt"), "test": SplitSource("t.csv", "tsv", "latin-1")}
+    assert (task.plugin, task.format, task.encoding, task.dev_from_train) == ("classification", "label_text",
+                                                                               "cp1252", 0.2)
+    assert task.limits == {"train": 5, "dev": None, "test": None}
+    assert task.labels == ["neg", "pos"] and task.options == {"pooling": "mean"}
+    with pytest.raises(RecipeError, match="recipe 'r': no task 'nope'"):
+        opts.task("nope")
