@@ -1,17 +1,8 @@
 """Recipe -> ordered stages -> run directory -> report, with resume.
 
-Run directory::
-
-    <run>/recipe.yaml            the recipe as run
-    <run>/state.json             completed stages, their outputs and models (what --resume reads)
-    <run>/stages/NN-<name>/      each completed stage's artefacts (written under a temporary name first)
-    <run>/checkpoints/<name>/    in-stage checkpoints (epochs), removed when the stage completes
-    <run>/report.json, report.md
-    <run>/.lock                  the pid of the run holding the directory (flock; stale after a crash, taken over)
-
-Paths inside the run directory are stored in ``state.json`` relative to it, so a run resumes from any working
-directory and the directory can be moved. Before a stage is recorded complete, every model it wrote is loaded
-and checked (weights against the manifest, finite values, tokenizer).
+The run directory's layout and ``state.json`` belong to :class:`compressor.rundir.RunDir`; ``<run>/.lock`` holds
+the pid of the run holding the directory (flock; stale after a crash, taken over). Before a stage is recorded
+complete, every model it wrote is loaded and checked (weights against the manifest, finite values, tokenizer).
 """
 
 from __future__ import annotations
@@ -28,15 +19,11 @@ from typing import Any
 
 from compressor.console import say
 from compressor.errors import CompressorError, RecipeError
-from compressor.fsutil import LOCK_NAME, DirLock, absolute_paths, atomic_write_text, dumps_strict, relative_paths
+from compressor.fsutil import LOCK_NAME, DirLock, relative_paths
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
+from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord
 from compressor.stages import STAGE_KINDS, StageContext, StageResult
-
-STATE = "state.json"
-
-
-TEACHER_KINDS = ("train", "load")  # the first stage of these kinds provides the teacher
 
 
 def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False, data_root: Path | None = None,
@@ -93,105 +80,107 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
 
 
 def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool, resume: bool, data, log) -> Path:
-    from compressor.report.machine import describe_machine
-    from compressor.measure import describe_threads
     from compressor.report.rows import Reporter
 
+    run = RunDir(run_dir)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     if entries and not resume:
         raise RecipeError(f"{run_dir}: run directory is not empty; pass --resume to continue it or --out for a new one")
     fresh = not entries  # nothing of ours was there: a failure before the first stage completes removes it all
-    state_path = run_dir / STATE
     train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
     copied = False
     try:
-        if resume and state_path.is_file():
-            state = read_state(run_dir)
-            if (run_dir / "report.json").is_file():
-                reporter.load(run_dir / "report.json")
+        if resume and run.state_path.is_file():
+            state = run.read_state()
+            if run.report_json.is_file():
+                reporter.load(run.report_json)
                 # the split sizes earlier processes read (a resume that skips stages reads fewer splits itself)
-                reporter.meta["data"] = json.loads((run_dir / "report.json").read_text()).get("data") or {}
-        copied = not (run_dir / "recipe.yaml").exists()
+                reporter.meta["data"] = json.loads(run.report_json.read_text()).get("data") or {}
+        copied = not run.recipe_path.exists()
         if copied:
-            shutil.copyfile(recipe_path, run_dir / "recipe.yaml")
-        _run_stages(recipe, run_dir, state, data, reporter, resume, log)
+            shutil.copyfile(recipe_path, run.recipe_path)
+        _run_stages(recipe, run, state, data, reporter, resume, log)
     except BaseException:
-        if fresh and not state["completed"]:  # nothing finished: leave nothing behind
-            if not existed:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            else:
-                for p in run_dir.iterdir():
-                    if p.name != LOCK_NAME:
-                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
-        elif not state["completed"]:  # a resume that completed nothing: take back what this attempt added
-            if copied:
-                (run_dir / "recipe.yaml").unlink(missing_ok=True)
-            for sub in (run_dir / "stages", run_dir / "checkpoints"):
-                if sub.is_dir() and not any(sub.iterdir()):
-                    sub.rmdir()
+        if not state["completed"]:
+            _take_back(run, fresh, existed, copied)
         raise
-    _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
+    _write_report(reporter, run_dir, recipe, data, state)
     return run_dir
 
 
-def _run_stages(recipe: Recipe, run_dir: Path, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
-    from compressor.report.machine import describe_machine
-    from compressor.measure import describe_threads
+def _take_back(run: RunDir, fresh: bool, existed: bool, copied: bool) -> None:
+    """A run that completed no stage leaves nothing behind: a fresh run removes all it wrote, a resume what this
+    attempt added."""
+    if fresh:
+        if not existed:
+            shutil.rmtree(run.path, ignore_errors=True)
+            return
+        for p in run.path.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
+    if copied:
+        run.recipe_path.unlink(missing_ok=True)
+    for sub in (run.path / "stages", run.path / "checkpoints"):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
 
+
+def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
     done = {s["name"]: s for s in state["completed"]}
     model_dir: Path | None = None
     teacher_dir: Path | None = None
     outputs: dict[str, dict[str, Any]] = {}
     for index, stage in enumerate(recipe.stages):
-        final_dir = run_dir / "stages" / f"{index:02d}-{stage.name}"
-        if stage.name in done and final_dir.is_dir():
-            rec = done[stage.name]
-            outputs[stage.name] = rec["outputs"]
-            if rec.get("model_dir"):
-                model_dir = Path(rec["model_dir"])
-                if stage.kind in TEACHER_KINDS and teacher_dir is None:
-                    teacher_dir = model_dir
+        if stage.name in done and run.stage_dir(index, stage.name).is_dir():
+            record = StageRecord.from_json(done[stage.name])
             log(f"stage {stage.name}: done earlier, skipped")
-            continue
-        log(f"stage {stage.name} ({stage.kind})")
-        out_dir = run_dir / "stages" / f".{index:02d}-{stage.name}.partial"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        ctx = StageContext(
-            recipe=recipe, stage=stage, index=index, run_dir=run_dir, out_dir=out_dir, final_dir=final_dir,
-            data=data, reporter=reporter, model_dir=model_dir, teacher_dir=teacher_dir, outputs=outputs,
-            resume=resume, checkpoint_dir=run_dir / "checkpoints" / stage.name,
-        )
-        started = time.perf_counter()
-        kill_hook = _test_kill_hook(stage.name, out_dir, ctx.checkpoint_dir)
-        try:
-            if resume:
-                check_checkpoints(ctx.checkpoint_dir, stage.name)
-            result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
-            check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
-            if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
-                kill_hook()
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            reporter.drop_stage(stage.name)
-            raise
-        shutil.rmtree(final_dir, ignore_errors=True)
-        out_dir.rename(final_dir)
-        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
-        if result.model_dir is not None:
-            model_dir = result.model_dir
+        else:
+            log(f"stage {stage.name} ({stage.kind})")
+            ctx = StageContext(
+                recipe=recipe, stage=stage, index=index, run_dir=run.path, out_dir=run.partial_dir(index, stage.name),
+                final_dir=run.stage_dir(index, stage.name), data=data, reporter=reporter, model_dir=model_dir,
+                teacher_dir=teacher_dir, outputs=outputs, resume=resume, checkpoint_dir=run.checkpoint_dir(stage.name),
+            )
+            entry = _run_stage(ctx)
+            record = StageRecord.from_json(entry)
+            state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [entry]
+            run.write_state(state)
+            _write_report(reporter, run.path, recipe, data, state)
+        outputs[stage.name] = record.outputs
+        if record.model_dir is not None:
+            model_dir = record.model_dir
             if stage.kind in TEACHER_KINDS and teacher_dir is None:
                 teacher_dir = model_dir
-        outputs[stage.name] = result.outputs
-        state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [{
-            "name": stage.name, "kind": stage.kind, "outputs": result.outputs,
+
+
+def _run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Run one stage into its partial directory, check its models, move it into place; its ``state.json``
+    record."""
+    stage, out_dir, final_dir = ctx.stage, ctx.out_dir, ctx.final_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    kill_hook = _test_kill_hook(stage.name, out_dir, ctx.checkpoint_dir)
+    try:
+        if ctx.resume:
+            check_checkpoints(ctx.checkpoint_dir, stage.name)
+        result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
+        check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
+        if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
+            kill_hook()
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        ctx.reporter.drop_stage(stage.name)
+        raise
+    shutil.rmtree(final_dir, ignore_errors=True)
+    out_dir.rename(final_dir)
+    shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+    return {"name": stage.name, "kind": stage.kind, "outputs": result.outputs,
             "model_dir": str(result.model_dir) if result.model_dir else None,
-            "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes,
-        }]
-        write_state(run_dir, state)
-        _write_report(reporter, run_dir, recipe, data, state, describe_machine, describe_threads)
+            "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes}
 
 
 # ---- TEST ONLY: kill -9 inside a stage -----------------------------------------------------------------------
@@ -228,25 +217,15 @@ def _test_kill_hook(stage: str, out_dir: Path, checkpoint_dir: Path | None):
     return die
 
 
-# ---- state.json: paths relative to the run directory --------------------------------------------------------
+# ---- state.json (kept here for callers of the pipeline's earlier API) -------------------------------------
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    """``state.json`` with every path inside the run directory stored relative to it, strict JSON (no NaN)."""
-    atomic_write_text(Path(run_dir) / STATE, dumps_strict(relative_paths(state, run_dir)))
+    """``state.json`` of a run: see :meth:`RunDir.write_state`."""
+    RunDir(run_dir).write_state(state)
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    """``state.json`` of a run with its paths made absolute again (wherever the run directory now is)."""
-    run_dir = Path(os.path.abspath(run_dir))
-    path = run_dir / STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: unreadable run state ({exc}); remove it to start the run afresh") from None
-    if not isinstance(state, dict) or not isinstance(state.get("completed"), list) or not all(
-            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("outputs", {}), dict)
-            for s in state["completed"]):
-        raise RecipeError(f"{path}: field 'completed' must be a list of stage records")
-    return absolute_paths(state, run_dir)
+    """``state.json`` of a run with its paths made absolute: see :meth:`RunDir.read_state`."""
+    return RunDir(run_dir).read_state()
 
 
 # ---- checks -----------------------------------------------------------------------------------------------
@@ -352,7 +331,10 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state, describe_machine, describe_threads) -> None:
+def _write_report(reporter, run_dir: Path, recipe: Recipe, data, state) -> None:
+    from compressor.measure import describe_threads
+    from compressor.report.machine import describe_machine
+
     reporter.meta = {
         "machine": describe_machine(),
         "threads": recipe.report.threads or describe_threads()["torch_threads"],

@@ -158,28 +158,18 @@ def parity_batches(plugins: Mapping[str, TaskPlugin], inputs: Mapping[str, TaskI
 
 def export_checked(model: Any, spec: GraphSpec, batches: Sequence[tuple[str, dict[str, np.ndarray]]],
                    workdir: Path, threads: int) -> tuple[Path, list[str]]:
-    """Export ``model`` to ONNX, check parity with PyTorch, optimise as the export stage does (fusions checked
-    too); returns the graph to use and notes. Raises ``ParityError`` when the raw export disagrees."""
-    from compressor.export.onnx_export import export_onnx
-    from compressor.export.optimize import optimize_checked
-    from compressor.export.parity import check_parity
+    """Export ``model`` to ONNX through the export stage's path (parity with PyTorch, checked fusions); returns
+    the graph to use and notes. Raises ``ParityError`` when the raw export disagrees."""
+    from compressor.stages.export import export_checked as export_stage_path
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    raw = export_onnx(model, workdir / "model.onnx", spec)
-    cache: dict = {}
-    parity = check_parity(raw, model, spec, batches, threads=threads, cache=cache)
-    parity.raise_for_failures("exported graph")
-    worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
-    notes = [f"parity with PyTorch: max |diff| {worst.max_abs:.2g} ({worst.output})"]
-    result = optimize_checked(raw, workdir / "model.opt.onnx", lambda p: check_parity(
-        p, model, spec, batches, threads=threads, cache=cache))
-    notes += result.notes
-    if result.path is None:
+    checked = export_stage_path(model, spec, batches, workdir, threads)
+    worst = max(checked.parity.outputs.values(), key=lambda o: o.max_abs)
+    notes = [f"parity with PyTorch: max |diff| {worst.max_abs:.2g} ({worst.output})", *checked.optimized.notes]
+    if checked.optimized_path is None:
         notes.append("no optimised graph passed parity: the raw export is measured")
-        return raw, notes
-    fused = ", ".join(f"{k}={v}" for k, v in result.fused.items()) or "none"
-    notes.append(f"optimised: {result.level} (fused: {fused}), parity checked")
-    return result.path, notes
+    else:
+        notes.append(f"optimised: {checked.optimized.level} (fused: {checked.fused}), parity checked")
+    return checked.graph, notes
 
 
 def user_int8_options(target: str) -> Any:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compressor.measure import ort_latency_ms, percentiles, time_calls
 from compressor.runtime.session import build_feeds, latency_inputs
 from compressor.runtime.spec import GraphSpec
+
+if TYPE_CHECKING:
+    from compressor.bench.candidates import Candidate, TaskInputs
 
 MODEL_KEYS = ("latency_seq_p50_ms", "latency_seq_p95_ms", "throughput_seq")
 TASK_KEYS = ("latency_real_p50_ms", "latency_real_p95_ms", "throughput_real")
@@ -105,3 +108,48 @@ def combine(parts: Sequence[Mapping[str, float | None]]) -> dict[str, float | No
         else:
             out[k] = float(sum(values))  # type: ignore[arg-type]
     return out
+
+
+# ---- one candidate, every measurement; the single-task models together -----------------------------------
+def measure_candidate(cand: Candidate, inputs: dict[str, TaskInputs], settings: Settings, eval_threads: int) -> dict[str, Any]:
+    """Metrics on the candidate's scored tasks (default: every task of ``inputs`` it has) and timings at every
+    thread count: dummy-input ones, and real-input ones on every task of ``inputs``."""
+    scored = [t for t in (cand.scored or inputs) if t in cand.plugins and t in inputs]
+    tasks: dict[str, dict[str, Any]] = {}
+    for t in scored:
+        metrics = cand.evaluate(t, inputs[t], eval_threads)
+        metric = cand.plugins[t].metric
+        tasks[t] = {"split": inputs[t].split, "metric": metric.name, "higher_is_better": metric.higher_is_better,
+                    "value": metrics[metric.name], "metrics": metrics}
+    timings: dict[str, Any] = {}
+    real: dict[str, dict[str, Any]] = {t: {} for t in inputs}
+    for threads in settings.threads:
+        with cand.runner(threads) as runner:
+            timings.update(model_timings(runner, cand.spec, cand.vocab_size, threads, settings))
+            for t, ti in inputs.items():
+                real[t].update(real_timings(runner, cand.spec, cand.vocab_size, t, ti.ones, ti.batches, threads,
+                                            settings))
+    for t, ti in inputs.items():
+        if t in tasks:
+            tasks[t].update({"real_n": len(ti.ones), "real_mean_length": ti.mean_length, "timings": real[t]})
+    return {"label": cand.label, "format": cand.format, "size_bytes": cand.size_bytes, "params": cand.params,
+            "integer_matmuls": cand.integer_matmuls, "source": cand.source or str(cand.path), "notes": cand.notes,
+            "timings": timings, "tasks": tasks, "real_timings": real,
+            "real_inputs": {t: {"n": len(ti.ones), "mean_length": ti.mean_length} for t, ti in inputs.items()}}
+
+
+def combine_singles(cands: Sequence[Candidate], parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Row (d): the single-task models together (sizes, parameters and latencies summed)."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for t, entry in part["tasks"].items():
+            tasks[t] = {**entry, "timings": combine([p["real_timings"][t] for p in parts])}
+    ints = [c.integer_matmuls for c in cands]
+    return {
+        "label": f"{len(cands)} single-task student(s)", "format": "+".join(dict.fromkeys(c.format for c in cands)),
+        "size_bytes": sum(p["size_bytes"] for p in parts), "params": sum(p["params"] for p in parts),
+        "integer_matmuls": None if any(i is None for i in ints) else sum(ints),  # type: ignore[arg-type]
+        "source": ", ".join(p["source"] for p in parts), "notes": [],
+        "timings": combine([p["timings"] for p in parts]), "tasks": tasks,
+        "parts": [{k: p[k] for k in ("label", "format", "size_bytes", "params", "source", "timings")} for p in parts],
+    }

@@ -11,6 +11,7 @@ from compressor.errors import CompressorError
 from compressor.fsutil import atomic_write_text
 from compressor.recipe import Targets, load_recipe
 from compressor.report.rows import fmt_value, render_markdown
+from compressor.rundir import RunDir
 
 
 def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[str] | None = None,
@@ -21,7 +22,7 @@ def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[s
     """
     sections = []
     for run_dir in run_dirs:
-        report_path = Path(run_dir) / "report.json"
+        report_path = RunDir(run_dir).report_json
         if not report_path.is_file():
             raise CompressorError(f"{run_dir}: no report.json (has the run finished a stage?)")
         data = json.loads(report_path.read_text())
@@ -97,7 +98,7 @@ def compression_table(data: dict[str, Any], split: str = "test") -> list[dict[st
 def _run_targets(run_dir: Path) -> Targets:
     """The targets of the run's recipe (``report.targets``); the defaults when its recipe.yaml is unreadable."""
     try:
-        return load_recipe(run_dir / "recipe.yaml").report.targets
+        return load_recipe(RunDir(run_dir).recipe_path).report.targets
     except CompressorError:
         return Targets()
 

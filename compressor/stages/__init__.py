@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from compressor.registry import Registry
 
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from compressor.data.store import DataStore
     from compressor.recipe import Recipe
     from compressor.report.rows import Reporter
+
+A = TypeVar("A")
+
 
 @dataclass(frozen=True)
 class StageKind:
@@ -76,6 +79,16 @@ class StageContext:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier stage name -> its StageResult.outputs
     resume: bool = False
     checkpoint_dir: Path | None = None  # survives failures; for in-stage resume (epoch checkpoints)
+
+    def latest(self, cls: type[A], source: str | None = None) -> tuple[str, A]:
+        """``(stage name, artefact)``: the artefact of type ``cls`` (:mod:`compressor.rundir`, e.g. ``OnnxGraph``)
+        of the earlier stage ``source``, or of the latest earlier stage that left one; a ``RecipeError`` naming
+        this stage when there is none."""
+        from compressor.rundir import StageRecord, latest
+
+        earlier = self.recipe.stages[: self.index]
+        records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}) for s in earlier]
+        return latest(records, cls, source, consumer=self.stage.name)
 
 
 @dataclass

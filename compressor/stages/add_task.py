@@ -139,20 +139,22 @@ def base_model_dir(ctx: StageContext, cfg: AddTaskStage) -> Path:
 
 
 def _model_of(ctx: StageContext, name: str) -> Path:
+    from compressor.rundir import Bundle, Graph, ModelDir, RunDir, StageRecord
+
     stage = next((s for s in ctx.recipe.stages[: ctx.index] if s.name == name), None)
     if stage is None:
         raise RecipeError(f"stage '{ctx.stage.name}': source '{name}' is not an earlier stage")
-    out = ctx.outputs.get(name) or {}
-    if stage.kind in ("export", "quantize") and out.get("model_dir"):
-        return Path(out["model_dir"])
-    if stage.kind == "bundle" and out.get("source_stage"):
-        return _model_of(ctx, out["source_stage"])
-    from compressor.pipeline import read_state
-
-    record = next((s for s in read_state(ctx.run_dir)["completed"] if s["name"] == name), None)
-    if record is None or not record.get("model_dir"):
+    here = StageRecord(name, stage.kind, ctx.outputs.get(name) or {})
+    graph, bundle = here.get(Graph), here.get(Bundle)
+    if graph is not None:
+        return graph.model_dir
+    if bundle is not None and bundle.source_stage:
+        return _model_of(ctx, bundle.source_stage)
+    record = next((r for r in RunDir(ctx.run_dir).records() if r.name == name), None)
+    model = record.get(ModelDir) if record is not None else None
+    if model is None:
         raise RecipeError(f"stage '{ctx.stage.name}': source stage '{name}' ({stage.kind}) left no model")
-    return Path(record["model_dir"])
+    return model.path
 
 
 # ---- training the head ----------------------------------------------------------------------------------------

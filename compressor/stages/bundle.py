@@ -6,11 +6,9 @@ torch-free runtime and run once per task as a check before the stage succeeds.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from compressor.recipe import BundleStage
+from compressor.rundir import Graph
 from compressor.stages import StageContext, StageResult
-from compressor.stages.export import latest_stage_output
 
 _CHECK_TEXT = "Anna Schmidt works for Acme Corp in Oslo ."
 _CHECK_QUESTION = "Where does Anna Schmidt work ?"
@@ -24,14 +22,13 @@ def run(ctx: StageContext) -> StageResult:
     from compressor.runtime.spec import GraphSpec
 
     cfg: BundleStage = ctx.stage
-    source_name, source = latest_stage_output(ctx, ("export", "quantize"), cfg.source, "onnx",
-                                              "an export (or quantize) stage")
-    spec = GraphSpec.read(Path(source["graph"]))
-    model_dir = Path(source["model_dir"])
+    source_name, source = ctx.latest(Graph, cfg.source)
+    spec = GraphSpec.read(source.spec)
+    model_dir = source.model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     quantized = "quantization" in spec.metadata
-    directory = write_bundle(ctx.out_dir / "bundle", Path(source["onnx"]), spec, model_dir / "tokenizer.json",
+    directory = write_bundle(ctx.out_dir / "bundle", source.onnx, spec, model_dir / "tokenizer.json",
                              pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"})
 
     notes = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ def run(ctx: StageContext) -> StageResult:
     import torch
 
     from compressor.export.evaluate import onnx_rows
-    from compressor.export.onnx_export import export_onnx, graph_spec
-    from compressor.export.optimize import describe, optimize_checked
-    from compressor.export.parity import check_parity, real_batches
+    from compressor.export.onnx_export import graph_spec
+    from compressor.export.optimize import describe
+    from compressor.export.parity import real_batches
     from compressor.model.io import load_model
 
     cfg: ExportStage = ctx.stage
@@ -40,29 +41,21 @@ def run(ctx: StageContext) -> StageResult:
 
     batches = real_batches(model, tokenizer, ctx.data, max_length, cfg.parity_batches, cfg.parity_batch_size)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".export-") as tmp_str:
-        tmp = Path(tmp_str)
-        raw = export_onnx(model, tmp / "model.onnx", spec, opset=cfg.opset)
-        torch_cache: dict = {}  # PyTorch outputs per batch, shared by the checks of every candidate graph
-        parity = check_parity(raw, model, spec, batches, rtol=cfg.rtol, threads=threads, cache=torch_cache)
-        parity.raise_for_failures("exported graph")
+        checked = export_checked(model, spec, batches, Path(tmp_str), threads, opset=cfg.opset, rtol=cfg.rtol,
+                                 optimize=cfg.optimize)
+        parity, optimized = checked.parity, checked.optimized_path
         parity_json: dict[str, Any] = {"model.onnx": parity.to_json()}
-
-        optimized = None
         opt_info: dict[str, Any] = {"level": None, "fused": {}, "notes": ["disabled by the recipe"]}
-        if cfg.optimize:
-            result = optimize_checked(raw, tmp / "model.opt.onnx", lambda p: check_parity(
-                p, model, spec, batches, rtol=cfg.rtol, threads=threads, cache=torch_cache))
-            opt_info = describe(result)
-            notes += result.notes
-            if result.path is not None:
-                optimized = result.path
-                parity_json["model.opt.onnx"] = result.parity.to_json() if result.parity else {}
-                fused = ", ".join(f"{k}={v}" for k, v in result.fused.items()) or "none"
-                notes.append(f"optimised graph: {result.level} (fused: {fused})")
+        if checked.optimized is not None:
+            opt_info = describe(checked.optimized)
+            notes += checked.optimized.notes
+        if optimized is not None:
+            parity_json["model.opt.onnx"] = checked.optimized.parity.to_json() if checked.optimized.parity else {}
+            notes.append(f"optimised graph: {checked.optimized.level} (fused: {checked.fused})")
         spec.metadata["optimization"] = opt_info
 
         # verified: move into the stage directory
-        os.replace(raw, ctx.out_dir / "model.onnx")
+        os.replace(checked.raw, ctx.out_dir / "model.onnx")
         if optimized is not None:
             os.replace(optimized, ctx.out_dir / "model.opt.onnx")
     final_name = "model.opt.onnx" if optimized is not None else "model.onnx"
@@ -91,18 +84,45 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, notes=notes)
 
 
-def latest_stage_output(ctx: StageContext, kinds: tuple[str, ...], name: str | None, key: str,
-                        what: str) -> tuple[str, dict[str, Any]]:
-    """The outputs of stage ``name`` (or the latest earlier stage of one of ``kinds``) that have ``key``."""
-    earlier = [s for s in ctx.recipe.stages[: ctx.index] if s.kind in kinds]
-    if name is not None:
-        match = [s for s in earlier if s.name == name]
-        if not match:
-            raise RecipeError(f"stage '{ctx.stage.name}': source '{name}' is not an earlier stage of kind "
-                              f"{' or '.join(kinds)} (earlier: {[s.name for s in earlier] or 'none'})")
-        earlier = match
-    for stage in reversed(earlier):
-        out = ctx.outputs.get(stage.name)
-        if out and out.get(key):
-            return stage.name, out
-    raise RecipeError(f"stage '{ctx.stage.name}': needs {what} before it (a stage of kind {' or '.join(kinds)})")
+@dataclass
+class CheckedExport:
+    """A model's ONNX export that passed parity with PyTorch, and its checked optimisation (if asked for)."""
+
+    raw: Path
+    parity: Any  # compressor.export.parity.ParityReport of the raw export
+    optimized: Any = None  # compressor.export.optimize's result; None when optimisation was not asked for
+
+    @property
+    def optimized_path(self) -> Path | None:
+        return self.optimized.path if self.optimized is not None else None
+
+    @property
+    def graph(self) -> Path:
+        """The graph to use: the optimised one when one passed parity, else the raw export."""
+        return self.optimized_path or self.raw
+
+    @property
+    def fused(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.optimized.fused.items()) or "none"
+
+
+def export_checked(model: Any, spec: Any, batches: Any, workdir: Path, threads: int, opset: int | None = None,
+                   rtol: float | None = None, optimize: bool = True) -> CheckedExport:
+    """Export ``model`` to ``workdir/model.onnx``, check it against PyTorch on ``batches`` (``ParityError`` when it
+    disagrees) and, with ``optimize``, fuse it into ``workdir/model.opt.onnx``, kept only when it passes parity
+    too. The one export path of the export stage and the benchmark."""
+    from compressor.export.onnx_export import export_onnx
+    from compressor.export.optimize import optimize_checked
+    from compressor.export.parity import check_parity
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    raw = export_onnx(model, workdir / "model.onnx", spec, **({"opset": opset} if opset is not None else {}))
+    tol = {"rtol": rtol} if rtol is not None else {}
+    cache: dict = {}  # PyTorch outputs per batch, shared by the checks of every candidate graph
+
+    def check(path: Path) -> Any:
+        return check_parity(path, model, spec, batches, threads=threads, cache=cache, **tol)
+
+    parity = check(raw)
+    parity.raise_for_failures("exported graph")
+    return CheckedExport(raw, parity, optimize_checked(raw, workdir / "model.opt.onnx", check) if optimize else None)

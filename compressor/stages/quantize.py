@@ -15,8 +15,8 @@ from typing import Any
 from compressor.errors import ModelDirError, RecipeError
 from compressor.fsutil import atomic_write_text
 from compressor.recipe import QuantizeStage
+from compressor.rundir import OnnxGraph
 from compressor.stages import StageContext, StageResult
-from compressor.stages.export import latest_stage_output
 
 
 def plugins_from_manifest(model_dir: Path) -> dict[str, Any]:
@@ -49,12 +49,12 @@ def run(ctx: StageContext) -> StageResult:
     from compressor.runtime.spec import GraphSpec
 
     cfg: QuantizeStage = ctx.stage
-    source_name, export = latest_stage_output(ctx, ("export",), cfg.source, "onnx", "an export stage")
-    spec = GraphSpec.read(Path(export["graph"]))
+    source_name, export = ctx.latest(OnnxGraph, cfg.source)
+    spec = GraphSpec.read(export.spec)
     unknown = sorted(set(cfg.tolerances) - set(spec.tasks))
     if unknown:
         raise RecipeError(f"stage '{cfg.name}': tolerances name unknown task(s) {unknown}; tasks: {list(spec.tasks)}")
-    model_dir = Path(export["model_dir"])
+    model_dir = export.model_dir
     plugins = plugins_from_manifest(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     threads = ctx.recipe.report.threads or torch.get_num_threads()
@@ -92,11 +92,11 @@ def run(ctx: StageContext) -> StageResult:
         """One mode, accuracy-aware, into ``out``."""
         options = options_for(mode)
         # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
-        source = export_source = Path(export["onnx"] if mode == "dynamic" else export["raw"])
+        source = export_source = export.onnx if mode == "dynamic" else export.raw
         notes: list[str] = []
         if options.per_row_embeddings() and _has_op(source, "EmbedLayerNormalization"):
             # the fused embedding op hides the word-embedding lookup: fuse again without it (checked)
-            source, line = _unfused_embedding_source(Path(export["raw"]), source, tmp / "rows" / "model.onnx",
+            source, line = _unfused_embedding_source(export.raw, source, tmp / "rows" / "model.onnx",
                                                      spec, sensitivity, threads)
             notes.append(line)
         reference = evaluate(source)
