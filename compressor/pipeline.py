@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import LOCK_NAME, DirLock, relative_paths
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
-from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord
+from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord, teacher
 from compressor.stages import STAGE_KINDS, StageContext, StageResult
 
 
@@ -130,30 +131,26 @@ def _take_back(run: RunDir, fresh: bool, existed: bool, copied: bool) -> None:
 
 def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
     done = {s["name"]: s for s in state["completed"]}
-    model_dir: Path | None = None
-    teacher_dir: Path | None = None
-    outputs: dict[str, dict[str, Any]] = {}
+    records: list[StageRecord] = []  # this recipe's stages so far, done earlier or now
     for index, stage in enumerate(recipe.stages):
         if stage.name in done and run.stage_dir(index, stage.name).is_dir():
-            record = StageRecord.from_json(done[stage.name])
+            entry = done[stage.name]
             log(f"stage {stage.name}: done earlier, skipped")
         else:
             log(f"stage {stage.name} ({stage.kind})")
+            model = next((r.model_dir for r in reversed(records) if r.model_dir is not None), None)
+            first = teacher(records)
             ctx = StageContext(
                 recipe=recipe, stage=stage, index=index, run_dir=run.path, out_dir=run.partial_dir(index, stage.name),
-                final_dir=run.stage_dir(index, stage.name), data=data, reporter=reporter, model_dir=model_dir,
-                teacher_dir=teacher_dir, outputs=outputs, resume=resume, checkpoint_dir=run.checkpoint_dir(stage.name),
+                final_dir=run.stage_dir(index, stage.name), data=data, reporter=reporter, model_dir=model,
+                teacher_dir=first.model_dir if first else None, outputs={r.name: r.outputs for r in records},
+                resume=resume, checkpoint_dir=run.checkpoint_dir(stage.name),
             )
             entry = _run_stage(ctx)
-            record = StageRecord.from_json(entry)
             state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [entry]
             run.write_state(state)
             _write_report(reporter, run.path, recipe, data, state)
-        outputs[stage.name] = record.outputs
-        if record.model_dir is not None:
-            model_dir = record.model_dir
-            if stage.kind in TEACHER_KINDS and teacher_dir is None:
-                teacher_dir = model_dir
+        records.append(replace(StageRecord.from_json(entry), kind=stage.kind))
 
 
 def _run_stage(ctx: StageContext) -> dict[str, Any]:
@@ -215,17 +212,6 @@ def _test_kill_hook(stage: str, out_dir: Path, checkpoint_dir: Path | None):
 
     threading.Thread(target=watch, daemon=True, name="test-kill-watcher").start()
     return die
-
-
-# ---- state.json (kept here for callers of the pipeline's earlier API) -------------------------------------
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    """``state.json`` of a run: see :meth:`RunDir.write_state`."""
-    RunDir(run_dir).write_state(state)
-
-
-def read_state(run_dir: Path) -> dict[str, Any]:
-    """``state.json`` of a run with its paths made absolute: see :meth:`RunDir.read_state`."""
-    return RunDir(run_dir).read_state()
 
 
 # ---- checks -----------------------------------------------------------------------------------------------

@@ -312,9 +312,9 @@ def test_state_json_paths_are_relative_and_a_moved_run_resumes_from_anywhere(fin
     assert result.exit_code == 0, result.output
     assert "done earlier, skipped" in result.output
     assert json.loads((moved / "report.json").read_text())["rows"] == before
-    from compressor.pipeline import read_state
+    from compressor.rundir import RunDir
 
-    assert Path(read_state(moved)["completed"][0]["model_dir"]) == moved / "stages/00-teacher/model"
+    assert Path(RunDir(moved).read_state()["completed"][0]["model_dir"]) == moved / "stages/00-teacher/model"
 
 
 def test_a_second_run_into_a_locked_directory_fails_at_once_naming_the_holder(finished_run, tmp_path):
@@ -381,17 +381,17 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model_path, tmp_path):
 
 def test_state_and_report_are_strict_json_without_nan(tmp_path):
     from compressor.fsutil import dumps_strict
-    from compressor.pipeline import read_state, write_state
     from compressor.report.rows import Reporter
+    from compressor.rundir import RunDir
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite {c} in JSON"))
 
-    write_state(tmp_path, {"recipe": "x", "completed": [{"name": "t", "outputs": {
+    RunDir(tmp_path).write_state({"recipe": "x", "completed": [{"name": "t", "outputs": {
         "loss": float("nan"), "hist": [1.0, float("inf")], "model": str(tmp_path / "stages/00-t/model")}}]})
     state = strict((tmp_path / "state.json").read_text())
     assert state["completed"][0]["outputs"] == {"loss": None, "hist": [1.0, None], "model": "stages/00-t/model"}
-    assert read_state(tmp_path)["completed"][0]["outputs"]["model"] == str(tmp_path / "stages/00-t/model")
+    assert RunDir(tmp_path).read_state()["completed"][0]["outputs"]["model"] == str(tmp_path / "stages/00-t/model")
     reporter = Reporter("x")
     reporter.add({"model": "teacher", "stage": "t", "task": "sst", "split": "dev", "metric": "accuracy",
                   "value": float("nan"), "params": 1, "size_bytes": 1, "latency_ms_p50": None})
