@@ -69,6 +69,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
             cands = _teacher_candidates(bench, src) + _student_candidates(bench, src)
             single_cands, covered = _single_candidates(bench, single_srcs, list(bench.inputs["teacher"]))
             models = _measure_all(bench, cands, single_cands, covered)
+            bench.footprint = _footprint(bench, src, cands)
     finally:
         torch.set_num_threads(torch_threads)
     return _write(bench, src, recipe, cands + single_cands, bool(single_cands), models, Path(out), cores)
@@ -86,6 +87,7 @@ class _Bench:
     work: Path = Path(".")
     inputs: dict[str, dict[str, TaskInputs]] = field(default_factory=dict)  # encoding group -> task -> inputs
     notes: list[str] = field(default_factory=list)
+    footprint: dict[str, dict[str, Any]] = field(default_factory=dict)  # model key -> edge footprint
 
 
 def _teacher_candidates(bench: _Bench, src: Any) -> list[Candidate]:
@@ -228,6 +230,21 @@ def _measure_all(bench: _Bench, cands: list[Candidate], single_cands: list[Candi
     return models
 
 
+def _footprint(bench: _Bench, src: Any, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+    """Resident memory of a torch-free process serving (b) and e-int8 as bundles: load + 100 predictions."""
+    from compressor.bench.footprint import measure_footprints, requests_from
+
+    dirs = {"b": src.teacher_dir, "e-int8": src.quantize.model_dir if src.quantize is not None else None}
+    graphs = {c.key: (c.path, c.spec, dirs[c.key] / "tokenizer.json", c.tokenizer.pad_token_id or 0)
+              for c in cands if dirs.get(c.key) is not None}
+    requests = requests_from(bench.data, list(bench.inputs["teacher"]))
+    if not requests:
+        bench.notes.append("edge footprint not measured: no test (or dev) example has a text to send")
+        return {}
+    bench.log(f"benchmark: edge footprint of {', '.join(graphs)} (torch-free child process per bundle)")
+    return measure_footprints(graphs, requests, bench.work / "footprint", threads=1)
+
+
 def _write(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], has_singles: bool,
            models: dict[str, dict[str, Any]], out: Path, cores: int) -> dict[str, Path]:
     """Rows, targets, plots, and the report as Markdown and JSON."""
@@ -263,6 +280,7 @@ def _write(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], has_sin
         "models": {m: {k: v for k, v in models[m].items() if k not in INTERNAL}
                    for m in ("a", "b", "c", "d", "e-fp32", "e-int8") if m in models},
         "targets": targets,
+        "footprint": bench.footprint,
         "rows": rows,
         "notes": _notes(bench, cands, has_singles),
         "plots": {"metric vs latency": str(paths["latency_plot"]), "metric vs size": str(paths["size_plot"])},

@@ -92,6 +92,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         lines.append(f"- **{state}**: {t['target']}: {t['detail']}")
     lines.append("")
 
+    lines += _footprint_lines(data.get("footprint") or {})
     lines += ["## Quality (test split)", "",
               "| task | model | metric | value | retention vs (a) | points vs (a) | points vs (c) |",
               "|---|---|---|---|---|---|---|"]
@@ -183,3 +184,20 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _footprint_lines(fp: dict[str, Any]) -> list[str]:
+    if not fp:
+        return []
+    lines = ["## Edge footprint (torch-free process: `Bundle.load` + 100 predictions, 1 thread)", "",
+             "| model | RSS after imports (MiB) | after load | after predictions | peak (MiB) | load s | predict s | "
+             "torch imported |", "|---|---|---|---|---|---|---|---|"]
+    for mid, f in fp.items():
+        lines.append(f"| {mid} | {f['rss_after_import_mib']:.1f} | {f['rss_after_load_mib']:.1f} | "
+                     f"{f['rss_after_predictions_mib']:.1f} | {f['peak_rss_mib']:.1f} | {f['load_s']:.2f} | "
+                     f"{f['predict_s']:.2f} | {'yes' if f['heavy_modules'] else 'no'} |")
+    if "b" in fp and "e-int8" in fp:
+        lines.append(f"\nPeak resident memory: e-int8 {fp['e-int8']['peak_rss_mib']:.1f} MiB vs (b) "
+                     f"{fp['b']['peak_rss_mib']:.1f} MiB ({fp['b']['peak_rss_mib'] / fp['e-int8']['peak_rss_mib']:.2f}x "
+                     "less).")
+    return lines + [""]

@@ -126,18 +126,19 @@ def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq
     else:
         out.append(_target("retention", text, None, None, "not measured: the run has no INT8 student"))
 
-    text = (f"smaller and faster than (c) (optimum dynamic INT8 teacher) and at most {tg.points_vs_c:g} point worse "
-            "on any task")
+    text = (f">= {tg.size_vs_c:g}x smaller and >= {tg.latency_vs_c:g}x faster than (c) (optimum dynamic INT8 "
+            f"teacher) and at most {tg.points_vs_c:g} point worse on any task")
     if c and e:
         size_x = c[0]["size_bytes"] / e[0]["size_bytes"]
         speed = {t: c[0][key("latency_seq_p50_ms", t)] / e[0][key("latency_seq_p50_ms", t)] for t in threads}
         points = {r["task"]: r["points_vs_c"] for r in e}
-        ok_size, ok_speed = size_x > 1.0, all(x > 1.0 for x in speed.values())
+        ok_size = size_x >= tg.size_vs_c - 1e-12
+        ok_speed = all(x >= tg.latency_vs_c - 1e-12 for x in speed.values())
         ok_points = all(p >= -tg.points_vs_c - 1e-9 for p in points.values())
-        parts = [f"size {size_x:.2f}x smaller" if ok_size else f"size: missed, {1 / size_x:.2f}x larger than (c)"]
+        parts = [f"size {size_x:.2f}x smaller" + ("" if ok_size else f" (missed by {tg.size_vs_c - size_x:.2f}x)")]
         for t, x in speed.items():
-            parts.append(f"{t} thread(s): {x:.2f}x faster" if x > 1.0 else f"{t} thread(s): missed, "
-                         f"{1 / x:.2f}x slower than (c)")
+            parts.append(f"{t} thread(s): {x:.2f}x faster" + ("" if x >= tg.latency_vs_c - 1e-12
+                                                             else f" (missed by {tg.latency_vs_c - x:.2f}x)"))
         for t, p in points.items():
             parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -tg.points_vs_c - 1e-9
                                                           else f" (missed by {-p - tg.points_vs_c:.2f} points)"))

@@ -27,6 +27,8 @@ class Targets(Strict):
     size_x: float = Field(10.0, gt=0, description="INT8 student at least this many times smaller on disk")
     latency_x: float = Field(6.0, gt=0, description="INT8 student's ORT p50 this many times lower (1 thread)")
     points_vs_c: float = Field(1.0, ge=0, description="most metric points below optimum's INT8 teacher, any task")
+    size_vs_c: float = Field(2.5, gt=0, description="INT8 student at least this many times smaller than (c)")
+    latency_vs_c: float = Field(2.5, gt=0, description="INT8 student's ORT p50 this many times lower than (c)'s")
     size_vs_d: float = Field(0.3, gt=0, description="most size of the multi-head student / the single-task ones")
     points_vs_d: float = Field(0.5, ge=0, description="most points below each single-task student on its task")
     student_params_ratio: float = Field(0.25, gt=0, description="most student / teacher parameters (PyTorch)")
