@@ -206,6 +206,15 @@ class RunDir:
         return [StageRecord.from_json(s) for s in self.read_state()["completed"]]
 
     @classmethod
+    def enclosing(cls, path: Path | str) -> RunDir | None:
+        """The run directory that holds ``path`` (a stage's model directory, say): the nearest parent with a
+        ``state.json``; None when there is none."""
+        for parent in Path(os.path.abspath(path)).parents:
+            if (parent / STATE).is_file():
+                return cls(parent)
+        return None
+
+    @classmethod
     def finished(cls, path: Path | str) -> RunDir:
         """A run written by ``compressor run``, for the readers of finished runs (benchmark, publish): a
         ``CompressorError`` naming what is missing when ``path`` is not one."""

@@ -121,7 +121,7 @@ def test_user_int8_of_the_teacher_is_real_integer_arithmetic(tmp_path, tiny_mode
     run = bench["runs"]["chain"]
     model, tok, manifest = load_model(run / "stages" / "00-teacher" / "model")
     spec = graph_spec(model, manifest["max_length"])
-    data = DataStore(load_recipe(run / "recipe.yaml"), PIPE)
+    data = DataStore(load_recipe(run / "recipe.yaml").data_options(), PIPE)
     inputs = task_inputs(model.tasks, data, tok, spec.max_length, samples=4, batch=2)
     fp32, notes = export_checked(model, spec, parity_batches(model.tasks, inputs), tmp_path / "b", threads=1)
     assert fp32.is_file() and any("parity" in n for n in notes)

@@ -192,7 +192,7 @@ def test_in_stage_resume_continues_from_the_epoch_checkpoint(tmp_path, tiny_mode
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(recipe_text(tiny_model_path, epochs=2, baselines=False))
     recipe = load_recipe(recipe_path)
-    data = DataStore(recipe, PIPE)
+    data = DataStore(recipe.data_options(), PIPE)
     data.fit_labels()
     cfg = recipe.stages[0]
     logs = []

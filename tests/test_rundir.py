@@ -92,3 +92,13 @@ def test_a_directory_that_is_not_a_run_is_one_clear_error(tmp_path):
         RunDir.finished(tmp_path)
     with pytest.raises(RecipeError, match="unreadable run state"):
         RunDir(tmp_path).read_state()
+
+
+def test_the_run_enclosing_a_stage_model_directory(tmp_path):
+    run = RunDir(tmp_path / "r")
+    model = run.stage_dir(0, "teacher") / "model"
+    model.mkdir(parents=True)
+    assert RunDir.enclosing(model) is None  # no state.json yet: not a run
+    run.write_state({"completed": []})
+    assert RunDir.enclosing(model).path == run.path
+    assert RunDir.enclosing(tmp_path) is None

@@ -55,7 +55,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     single_srcs = [read_single(Path(p)) for p in singles]
     recipe = load_recipe(src.recipe_path)
     bench = _Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list), cpu_target(),
-                   DataStore(recipe, resolve_data_root(recipe.data_root, data_root)), log or say)
+                   DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root)), log or say)
     if src.singles and [Path(p) for p in singles] == list(src.singles.values()):
         bench.notes.append(f"(d) the single-task students of distill stage '{src.singles_stage}' (same architecture "
                            "as its multi-head student, same teacher, the steps the multi-head student spent on each "

@@ -131,20 +131,19 @@ def _apply_set(search: dict[str, Any], item: str) -> None:
 
 def _run_recipe_of(teacher_dir: Path) -> Path:
     from compressor.errors import RecipeError
+    from compressor.rundir import RunDir
 
-    for parent in teacher_dir.parents:
-        if (parent / "recipe.yaml").is_file() and (parent / "state.json").is_file():
-            return parent / "recipe.yaml"
+    run = RunDir.enclosing(teacher_dir)
+    if run is not None and run.recipe_path.is_file():
+        return run.recipe_path
     raise RecipeError(f"{teacher_dir}: not inside a run directory (no recipe.yaml + state.json above it); "
                       "pass --tasks-from RECIPE to name the tasks and data")
 
 
 def _run_name(teacher_dir: Path) -> str:
-    for parent in teacher_dir.parents:
-        if (parent / "state.json").is_file():
-            name = parent.name
-            break
-    else:
-        name = teacher_dir.name
+    from compressor.rundir import RunDir
+
+    run = RunDir.enclosing(teacher_dir)
+    name = run.path.name if run is not None else teacher_dir.name
     name = re.sub(r"[^A-Za-z0-9_\-]", "-", name).lstrip("-0123456789") or "teacher"
     return name

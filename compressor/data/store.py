@@ -53,8 +53,9 @@ class DataStore:
     """
 
     def __init__(self, options: DataOptions, data_root: Path):
-        if not isinstance(options, DataOptions):  # a Recipe, from a caller not yet moved to DataOptions
-            options = options.data_options()
+        if not isinstance(options, DataOptions):
+            raise TypeError(f"DataStore takes DataOptions (a recipe gives them: recipe.data_options()), "
+                            f"got {type(options).__name__}")
         self.options = options
         self.max_length = options.max_length
         self.root = Path(data_root)
