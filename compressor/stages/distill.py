@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     tasks = list(student.tasks)
     teacher_dev = _dev_metrics(ctx, teacher, tokenizer, [t for t in tasks if ctx.data.has(t, "dev")],
                                cfg.eval_batch_size)
-    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, mixed, seed)
+    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed)
     history, best, total = run_["history"], run_["best"], run_["total"]
 
     saved = ctx.out_dir / "model"
@@ -98,7 +98,7 @@ def run(ctx: StageContext) -> StageResult:
                              f"step on {', '.join(names)}")
                 continue
             s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
-                             {n: v for n, v in teacher_dev.items() if n in names}, device, mixed, seed,
+                             {n: v for n, v in teacher_dev.items() if n in names}, device, seed,
                              total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}")
             subdir = f"single-{t}"
             s_saved = ctx.out_dir / subdir
@@ -123,7 +123,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
-             layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, mixed: bool, seed: int,
+             layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, seed: int,
              total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None) -> dict[str, Any]:
     """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
     early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
@@ -141,7 +141,8 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
                            relation_heads=cfg.relation_heads)
     distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device, mixed_precision="bf16" if mixed else "no")
+                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device,
+                          mixed_precision=cfg.mixed_precision)
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []
