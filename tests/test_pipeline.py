@@ -366,7 +366,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model_path, tmp_path):
     import time
 
     recipe = tmp_path / "long.yaml"
-    recipe.write_text(recipe_text(tiny_model_path, epochs=50, baselines=False))
+    recipe.write_text(recipe_text(tiny_model_path, epochs=100_000, baselines=False))  # outlives any machine
     out = tmp_path / "out"
     proc = _cli("run", recipe, "--out", out)
     deadline = time.time() + 240
