@@ -11,7 +11,8 @@ Layout (owned here; the pipeline writes it, ``compressor benchmark`` and ``compr
 Paths inside the run directory are stored in ``state.json`` relative to it, so a run resumes from any working
 directory and the directory can be moved. A stage records its outputs as JSON; :func:`artefacts` reads them back
 as typed artefacts (:class:`ModelDir`, :class:`OnnxGraph`, :class:`Int8Graph`, :class:`Bundle`,
-:class:`SingleTaskStudents`), and :func:`latest` finds the one a later stage (or the benchmark) asks for by type.
+:class:`SingleTaskStudents`, :class:`TeacherReference`), and :func:`latest` finds the one a later stage (or the
+benchmark) asks for by type.
 ``state.json`` itself keeps the format earlier runs wrote, so they still load, resume and benchmark.
 """
 
@@ -90,7 +91,23 @@ class SingleTaskStudents:
     WHAT: ClassVar[str] = "a distill stage with single_task_students"
 
 
-Artefact = ModelDir | Graph | Bundle | SingleTaskStudents
+@dataclass(frozen=True)
+class TeacherReference:
+    """A reference stage's graphs of the teacher: (b) its checked ONNX export and (c) optimum's dynamic INT8."""
+
+    onnx: Path
+    spec: Path
+    int8: Path
+    model_dir: Path
+    int8_matmuls: int | None = None
+    target: str | None = None
+    onnx_notes: tuple[str, ...] = ()
+    int8_notes: tuple[str, ...] = ()
+    KINDS: ClassVar[tuple[str, ...]] = ("reference",)
+    WHAT: ClassVar[str] = "a reference stage"
+
+
+Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TeacherReference
 A = TypeVar("A")
 
 
@@ -121,6 +138,10 @@ class StageRecord:
                                    tuple(out.get("fallback_nodes") or ())))
         elif self.kind == "bundle" and out.get("bundle"):
             found.append(Bundle(Path(out["bundle"]), out.get("source_stage")))
+        elif self.kind == "reference" and out.get("onnx"):
+            found.append(TeacherReference(Path(out["onnx"]), Path(out["graph"]), Path(out["int8"]),
+                                          Path(out["model_dir"]), out.get("int8_matmuls"), out.get("target"),
+                                          tuple(out.get("onnx_notes") or ()), tuple(out.get("int8_notes") or ())))
         elif self.kind == "distill" and out.get("single_task_students"):
             found.append(SingleTaskStudents({t: Path(p) for t, p in out["single_task_students"].items()}))
         return found

@@ -340,6 +340,7 @@ _CHAIN_CASES = [
     ("prune-first", "  - {kind: prune, head_ratio: 0.5}\n", "stage 'prune' (prune) needs a model"),
     ("prune-vocab-first", "  - {kind: prune_vocab}\n", "stage 'prune_vocab' (prune_vocab) needs a model"),
     ("export-first", "  - {kind: export}\n", "stage 'export' (export) needs a model"),
+    ("reference-first", "  - {kind: reference}\n", "stage 'reference' (reference) needs a teacher"),
     ("quantize-before-export", "  - {kind: train, epochs: 1}\n  - {kind: quantize}\n  - {kind: export}\n",
      "stage 'quantize' (quantize) needs"),
 ]

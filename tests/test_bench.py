@@ -111,7 +111,7 @@ def test_quantized_rows_hold_integer_matmuls_and_shrink(bench):
 
 
 def test_user_int8_of_the_teacher_is_real_integer_arithmetic(tmp_path, tiny_model_path, bench):
-    from compressor.bench.candidates import export_checked, parity_batches, quantize_user, task_inputs
+    from compressor.bench.candidates import export_checked, parity_batches, task_inputs
     from compressor.data.store import DataStore
     from compressor.export.onnx_export import graph_spec
     from compressor.export.quantize import integer_matmuls, integer_op_counts
@@ -125,7 +125,9 @@ def test_user_int8_of_the_teacher_is_real_integer_arithmetic(tmp_path, tiny_mode
     inputs = task_inputs(model.tasks, data, tok, spec.max_length, samples=4, batch=2)
     fp32, notes = export_checked(model, spec, parity_batches(model.tasks, inputs), tmp_path / "b", threads=1)
     assert fp32.is_file() and any("parity" in n for n in notes)
-    int8, n, _ = quantize_user(fp32, tmp_path / "c", "avx2")
+    from compressor.export.reference import optimum_int8
+
+    int8, n, _ = optimum_int8(fp32, tmp_path / "c", "avx2")
     counts = integer_op_counts(int8)
     assert n == integer_matmuls(counts) > 0 and counts.get("DynamicQuantizeLinear", 0) > 0
     assert n == bench["data"]["models"]["c"]["integer_matmuls"]  # the benchmark's (c) is this graph
@@ -310,6 +312,46 @@ def test_without_single_the_runs_own_single_task_students_are_row_d(bench, tmp_p
     assert {r["task"] for r in data["rows"] if r["id"] == "d"} == {"ner", "sst"}
     assert any("single-task students of distill stage 'distill'" in n for n in data["notes"])
     assert any(t["id"] == "vs_d" for t in data["targets"])
+
+
+def test_a_reference_stage_writes_b_and_c_into_the_run_and_the_benchmark_measures_those(tmp_path,
+                                                                                         tiny_model_path):
+    from compressor.bench.benchmark import run_benchmark
+    from compressor.export.quantize import integer_matmuls, integer_op_counts
+
+    recipe = tmp_path / "ref.yaml"
+    recipe.write_text(recipe_text(tiny_model_path, epochs=1, baselines=False).replace("report:", """\
+  - {kind: reference, target: avx2}
+  - {kind: distill, student: {from_teacher: {layers: 1}}, epochs: 1, batch_size: 8, lr: 3.0e-3}
+  - {kind: export}
+report:"""))
+    run = run_recipe(recipe, out=tmp_path / "run", log=lambda _: None)
+    stage = run / "stages" / "01-reference"
+    assert sorted(p.name for p in stage.iterdir()) == ["graph.json", "teacher.int8.onnx", "teacher.onnx"]
+    n_int = integer_matmuls(integer_op_counts(stage / "teacher.int8.onnx"))
+    assert n_int > 0 and (stage / "teacher.int8.onnx").stat().st_size < (stage / "teacher.onnx").stat().st_size / 2
+    report = json.loads((run / "report.json").read_text())
+    rows = {(r["model"], r["task"], r["split"]): r for r in report["rows"]}
+    for task in ("ner", "sst"):
+        for split in ("dev", "test"):
+            assert rows[("reference", task, split)]["format"] == "onnx"
+            assert rows[("reference-int8", task, split)]["format"] == "onnx-int8"
+            # the fp32 export scores like the PyTorch teacher it came from
+            assert rows[("reference", task, split)]["value"] == pytest.approx(rows[("teacher", task, split)]["value"],
+                                                                            abs=1e-9)
+    state = json.loads((run / "state.json").read_text())
+    ref_record = next(s for s in state["completed"] if s["name"] == "reference")
+    assert ref_record.get("model_dir") is None  # the reference stage hands no model on
+    paths = run_benchmark(run, tmp_path / "b", threads=[1], batch=2, runs=1, seq_len=16, samples=4,
+                          log=lambda _: None)
+    data = json.loads(paths["json"].read_text())
+    assert str(stage / "teacher.onnx") in data["models"]["b"]["source"]
+    assert str(stage / "teacher.int8.onnx") in data["models"]["c"]["source"]
+    assert data["models"]["c"]["integer_matmuls"] == n_int and data["settings"]["quantization_target"] == "avx2"
+    bench_rows = {(r["id"], r["task"]): r for r in data["rows"]}
+    for task in ("ner", "sst"):  # the same graphs on the same test data: the same metric
+        for mid, model in (("b", "reference"), ("c", "reference-int8")):
+            assert bench_rows[(mid, task)]["value"] == pytest.approx(rows[(model, task, "test")]["value"], abs=1e-9)
 
 
 def test_targets_come_from_the_recipe():

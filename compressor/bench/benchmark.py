@@ -36,9 +36,10 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     """
     import torch
 
-    from compressor.bench.sources import cpu_target, physical_cores, read_run, read_single
+    from compressor.bench.sources import physical_cores, read_run, read_single
     from compressor.console import say
     from compressor.data.store import DataStore
+    from compressor.export.reference import cpu_target
     from compressor.recipe import load_recipe, resolve_data_root
 
     for name, value in (("batch", batch), ("runs", runs), ("seq_len", seq_len), ("samples", samples)):
@@ -54,7 +55,8 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         singles = list(src.singles.values())
     single_srcs = [read_single(Path(p)) for p in singles]
     recipe = load_recipe(src.recipe_path)
-    bench = _Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list), cpu_target(),
+    bench = _Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list),
+                   src.reference.target if src.reference and src.reference.target else cpu_target(),
                    DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root)), log or say)
     if src.singles and [Path(p) for p in singles] == list(src.singles.values()):
         bench.notes.append(f"(d) the single-task students of distill stage '{src.singles_stage}' (same architecture "
@@ -91,9 +93,11 @@ class _Bench:
 
 
 def _teacher_candidates(bench: _Bench, src: Any) -> list[Candidate]:
-    """(a) the teacher in PyTorch, (b) its checked ONNX export, (c) optimum dynamic INT8 of (b)."""
-    from compressor.bench.candidates import export_checked, parity_batches, quantize_user, task_inputs
+    """(a) the teacher in PyTorch, (b) its checked ONNX export, (c) optimum dynamic INT8 of (b): the run's
+    reference stage's graphs, or built here (temporary) through the same module for a run without one."""
+    from compressor.bench.candidates import parity_batches, task_inputs
     from compressor.export.onnx_export import graph_spec, onnx_param_count
+    from compressor.export.reference import build_reference_graphs
     from compressor.measure import count_parameters
     from compressor.model.io import WEIGHTS, load_model
 
@@ -109,18 +113,26 @@ def _teacher_candidates(bench: _Bench, src: Any) -> list[Candidate]:
     bench.inputs["teacher"] = task_inputs(teacher.tasks, bench.data, t_tok, max_length, st.samples, st.batch)
     cands = [Candidate("a", "teacher fp32, PyTorch", "pytorch", src.teacher_dir / WEIGHTS, spec_t,
                        dict(teacher.tasks), t_tok, count_parameters(teacher), "teacher", model=teacher)]
-    log("benchmark: (b) exporting the teacher to ONNX (parity checked)")
-    b_path, b_notes = export_checked(teacher, spec_t, parity_batches(teacher.tasks, bench.inputs["teacher"]),
-                                     bench.work / "b", bench.eval_threads)
+    ref = src.reference
+    if ref is not None:
+        b_path, c_path, c_int = ref.onnx, ref.int8, ref.int8_matmuls
+        b_notes, c_notes = list(ref.onnx_notes), list(ref.int8_notes)
+        b_src, c_src = (f"{b_path} (reference stage '{src.reference_stage}')",
+                        f"{c_path} (reference stage '{src.reference_stage}')")
+    else:
+        log(f"benchmark: (b) exporting the teacher to ONNX (parity checked), (c) optimum dynamic INT8 of it "
+            f"({bench.target}); the run has no reference stage")
+        built = build_reference_graphs(teacher, spec_t, parity_batches(teacher.tasks, bench.inputs["teacher"]),
+                                       bench.work / "reference", bench.eval_threads, bench.target)
+        b_path, c_path, c_int, b_notes, c_notes = (built.onnx, built.int8, built.int8_matmuls, built.onnx_notes,
+                                                   built.int8_notes)
+        b_src = f"export of {src.teacher_dir} (the run has no reference stage: temporary, removed after measuring)"
+        c_src = "quantization of (b) (temporary, removed after measuring)"
     cands.append(Candidate("b", "teacher fp32, ONNX Runtime", "onnx", b_path, spec_t, dict(teacher.tasks),
-                           t_tok, onnx_param_count(b_path), "teacher", notes=b_notes,
-                           source=f"export of {src.teacher_dir} (temporary, removed after measuring)"))
-    log(f"benchmark: (c) optimum dynamic INT8 of the teacher ({bench.target})")
-    c_path, c_int, c_notes = quantize_user(b_path, bench.work / "c", bench.target)
+                           t_tok, onnx_param_count(b_path), "teacher", notes=b_notes, source=b_src))
     cands.append(Candidate("c", "teacher, optimum dynamic INT8", "onnx-int8", c_path, spec_t,
                            dict(teacher.tasks), t_tok, onnx_param_count(c_path), "teacher",
-                           integer_matmuls=c_int, notes=c_notes,
-                           source="quantization of (b) (temporary, removed after measuring)"))
+                           integer_matmuls=c_int, notes=c_notes, source=c_src))
     return cands
 
 

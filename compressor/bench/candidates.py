@@ -158,42 +158,10 @@ def parity_batches(plugins: Mapping[str, TaskPlugin], inputs: Mapping[str, TaskI
 
 def export_checked(model: Any, spec: GraphSpec, batches: Sequence[tuple[str, dict[str, np.ndarray]]],
                    workdir: Path, threads: int) -> tuple[Path, list[str]]:
-    """Export ``model`` to ONNX through the export stage's path (parity with PyTorch, checked fusions); returns
-    the graph to use and notes. Raises ``ParityError`` when the raw export disagrees."""
-    from compressor.stages.export import export_checked as export_stage_path
+    """Export ``model`` to ONNX through the one checked export path (parity with PyTorch, checked fusions);
+    returns the graph to use and notes. Raises ``ParityError`` when the raw export disagrees."""
+    from compressor.export.checked import export_checked as checked_export
+    from compressor.export.reference import export_notes
 
-    checked = export_stage_path(model, spec, batches, workdir, threads)
-    worst = max(checked.parity.outputs.values(), key=lambda o: o.max_abs)
-    notes = [f"parity with PyTorch: max |diff| {worst.max_abs:.2g} ({worst.output})", *checked.optimized.notes]
-    if checked.optimized_path is None:
-        notes.append("no optimised graph passed parity: the raw export is measured")
-    else:
-        notes.append(f"optimised: {checked.optimized.level} (fused: {checked.fused}), parity checked")
-    return checked.graph, notes
-
-
-def user_int8_options(target: str) -> Any:
-    """What a user gets from ``AutoQuantizationConfig.<target>(is_static=False, per_channel=False)`` with
-    ``ORTQuantizer``: optimum's default dynamic operators, every node (heads included)."""
-    from optimum.onnxruntime.configuration import ORT_DEFAULT_OPS_DYNAMIC_QUANTIZATION
-
-    from compressor.export.quantize import QuantOptions
-
-    return QuantOptions(mode="dynamic", target=target, per_channel=False,  # type: ignore[arg-type]
-                        op_types=list(ORT_DEFAULT_OPS_DYNAMIC_QUANTIZATION), quantize_heads=True)
-
-
-def quantize_user(src: Path, workdir: Path, target: str) -> tuple[Path, int, list[str]]:
-    """optimum dynamic INT8 of ``src`` (no accuracy loop); returns the graph, its integer MatMuls and notes."""
-    from compressor.export.quantize import (
-        QuantizationError, integer_matmuls, integer_op_counts, prepare_source, quantize_graph,
-    )
-
-    options = user_int8_options(target)
-    prepared = prepare_source(src, workdir / "src" / "model.onnx")
-    out = quantize_graph(prepared, workdir / "model.int8.onnx", options)
-    n = integer_matmuls(integer_op_counts(out))
-    if n == 0:
-        raise QuantizationError(f"{src}: optimum dynamic quantization produced no integer MatMul")
-    return out, n, [f"optimum ORTQuantizer, AutoQuantizationConfig.{target}(is_static=False, per_channel=False), "
-                    f"operators {options.ops()}; {n} integer MatMul(s)"]
+    checked = checked_export(model, spec, batches, workdir, threads)
+    return checked.graph, export_notes(checked)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor.errors import CompressorError, ModelDirError
-from compressor.rundir import Int8Graph, OnnxGraph, RunDir, SingleTaskStudents, StageRecord, teacher
+from compressor.rundir import (Int8Graph, OnnxGraph, RunDir, SingleTaskStudents, StageRecord, TeacherReference,
+                               teacher)
 
 
 @dataclass
@@ -24,6 +25,8 @@ class RunSources:
     quantize_stage: str | None
     singles: dict[str, Path] = field(default_factory=dict)  # task -> single-task student of a distill stage
     singles_stage: str | None = None
+    reference: TeacherReference | None = None  # a reference stage's (b) and (c) of the teacher
+    reference_stage: str | None = None
 
 
 def _last(records: list[StageRecord], cls: type) -> tuple[str | None, object | None]:
@@ -48,8 +51,11 @@ def read_run(run_dir: Path) -> RunSources:
                               "student (add export and quantize stages to the recipe)")
     if not run.recipe_path.is_file():
         raise CompressorError(f"{run_dir / 'recipe.yaml'}: not found (the run directory lacks the recipe it ran)")
+    reference_stage, reference = _last(records, TeacherReference)
     for what, path in (("teacher model", first.model_dir), ("export graph", export.onnx),
-                       ("quantized graph", quantize.onnx if quantize else None)):
+                       ("quantized graph", quantize.onnx if quantize else None),
+                       ("reference graph", reference.onnx if reference else None),
+                       ("reference INT8 graph", reference.int8 if reference else None)):
         if path is not None and not Path(path).exists():
             raise CompressorError(f"{path}: {what} listed in {run_dir / 'state.json'} does not exist")
     singles_stage, students = _last(records, SingleTaskStudents)
@@ -59,7 +65,7 @@ def read_run(run_dir: Path) -> RunSources:
             raise CompressorError(f"{path}: single-task student of '{t}' listed in {run_dir / 'state.json'} "
                                   "does not exist")
     return RunSources(run_dir, run_dir / "recipe.yaml", first.model_dir, first.name, export, export_stage,
-                      quantize, quantize_stage, singles, singles_stage)
+                      quantize, quantize_stage, singles, singles_stage, reference, reference_stage)
 
 
 @dataclass
@@ -91,22 +97,6 @@ def read_single(path: Path) -> SingleSource:
             raise ModelDirError(f"{path}: the run has no completed stage with a model")
         return SingleSource(path, None, None, model_stage.model_dir, model_stage.name)
     raise ModelDirError(f"{path}: neither a model directory (manifest.json) nor a run directory (state.json)")
-
-
-def cpu_target() -> str:
-    """optimum's ``AutoQuantizationConfig`` preset for this CPU: avx512_vnni, avx2 or arm64."""
-    import platform
-
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "arm64"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "avx512_vnni" if "avx512_vnni" in line.split() else "avx2"
-    except OSError:
-        pass
-    return "avx2"
 
 
 def physical_cores() -> int:

@@ -6,11 +6,12 @@ Errors name the YAML path, the line and what was expected::
 
 Each stage kind has a config model with ``kind: Literal[...]`` (``train_stages``, ``prune_stages``,
 ``export_stages``); ``Stage`` (``schema``) is the union discriminated on ``kind``. A new stage adds its config
-class to ``Stage``, its kind to ``loader._UNION_TAGS`` and to ``compressor.stages.STAGE_KINDS``.
+class to ``Stage`` and its kind to ``compressor.stages.STAGE_KINDS``.
 """
 
 from compressor.recipe._base import NAME, Strict
-from compressor.recipe.export_stages import BundleStage, ExportStage, QuantCalibration, QuantizeStage
+from compressor.recipe.export_stages import (BundleStage, ExportStage, QuantCalibration, QuantizeStage,
+                                             ReferenceStage)
 from compressor.recipe.loader import DATA_ROOT_ENV, _line_of, load_recipe, resolve_data_root
 from compressor.recipe.prune_stages import (PruneLayerRatios, PruneRecovery, PruneStage, PruneVocabStage,
                                             RecoveryStop, SearchBudget, SearchRatio, SearchSpace, SearchStage)
@@ -25,6 +26,6 @@ __all__ = [
     "TrainStage", "StudentFromTeacher", "StudentFromConfig", "StudentSpec", "DistillWeights", "LoadStage",
     "DistillStage", "AddTaskStage", "PruneLayerRatios", "PruneRecovery", "RecoveryStop", "PruneStage",
     "PruneVocabStage", "SearchRatio", "SearchBudget", "SearchSpace", "SearchStage", "ExportStage",
-    "QuantCalibration", "QuantizeStage", "BundleStage", "Stage", "Targets", "ReportSpec", "Recipe",
+    "QuantCalibration", "QuantizeStage", "BundleStage", "ReferenceStage", "Stage", "Targets", "ReportSpec", "Recipe",
     "load_recipe", "resolve_data_root", "_line_of", "LossWeighting", "Sampling", "TrainOptions",
 ]

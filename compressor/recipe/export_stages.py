@@ -1,4 +1,5 @@
-"""Stages that ship a model: export (one ONNX graph), quantize (INT8, accuracy-aware) and bundle."""
+"""Stages that ship a model: export (one ONNX graph), quantize (INT8, accuracy-aware) and bundle; and the
+reference graphs of the teacher (its export and optimum's INT8 of it) that the student is measured against."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ class ExportStage(Strict):
     parity_batch_size: int = Field(8, gt=0)
     rtol: float = Field(1e-3, ge=0, description="relative tolerance of the parity check, added to each output's atol")
     evaluate: bool = Field(True, description="score every task with ONNX Runtime and add 'onnx' report rows")
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class ReferenceStage(Strict):
+    """The teacher as a user gets it without compressor: (b) its checked ONNX export and (c) optimum's dynamic INT8
+    of that (``AutoQuantizationConfig.<cpu>(is_static=False, per_channel=False)``, every node, no accuracy loop).
+    ``compressor benchmark`` measures both beside the student."""
+
+    kind: Literal["reference"]
+    name: str = Field("reference", pattern=NAME)
+    target: Literal["auto", "avx512_vnni", "avx2", "arm64"] = Field(
+        "auto", description="optimum's quantization preset; auto: this CPU's (avx512_vnni when it has VNNI, else "
+        "avx2; arm64 on ARM)")
+    parity_batches: int = Field(3, gt=0, description="batches per task for the export's parity check")
+    parity_batch_size: int = Field(8, gt=0)
+    evaluate: bool = Field(True, description="score every task on both graphs with ONNX Runtime ('reference' "
+                           "report rows beside the student's)")
     eval_batch_size: int = Field(64, gt=0)
 
 

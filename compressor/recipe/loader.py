@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
 from compressor.errors import RecipeError
-from compressor.recipe.schema import Recipe
+from compressor.recipe.schema import Recipe, Stage
 
 DATA_ROOT_ENV = "COMPRESSOR_DATA_ROOT"
 
@@ -62,8 +62,8 @@ def load_recipe(path: Path | str) -> Recipe:
         raise RecipeError(f"{path}:{line}: {dotted}: {msg}{got}") from exc
 
 
-_UNION_TAGS = {"train", "load", "distill", "prune", "prune_vocab", "export", "quantize", "bundle", "search",
-               "add_task"}  # discriminator values pydantic inserts into error locations
+#: discriminator values pydantic inserts into error locations: every stage config's ``kind``
+_UNION_TAGS = {get_args(cls.model_fields["kind"].annotation)[0] for cls in get_args(get_args(Stage)[0])}
 
 
 def _dotted(loc: list[Any]) -> str:

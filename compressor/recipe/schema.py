@@ -9,13 +9,13 @@ from pydantic import Field, field_validator, model_validator
 from compressor.data.options import DataOptions, SplitSource, TaskData
 from compressor.errors import RecipeError
 from compressor.recipe._base import NAME, Strict
-from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage
+from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage, ReferenceStage
 from compressor.recipe.prune_stages import PruneStage, PruneVocabStage, SearchStage
 from compressor.recipe.tasks import ModelSpec, TaskSpec
 from compressor.recipe.train_stages import AddTaskStage, DistillStage, LoadStage, TrainStage
 
-Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage, BundleStage,
-                        SearchStage, AddTaskStage],
+Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage,
+                        BundleStage, ReferenceStage, SearchStage, AddTaskStage],
                   Field(discriminator="kind")]
 
 

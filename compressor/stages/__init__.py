@@ -56,6 +56,8 @@ for _kind, _spec in {
                           sources=("export",)),
     "bundle": StageKind("compressor.stages.bundle:run", needs="graph", gives=frozenset(),
                         sources=("export", "quantize")),
+    # the teacher's ONNX export and optimum's INT8 of it (benchmark rows b, c); hands no model on
+    "reference": StageKind("compressor.stages.reference:run", needs="teacher", gives=frozenset()),
     "search": StageKind("compressor.stages.search:run", needs="teacher",
                         preflight="compressor.stages.search:preflight"),
     # needs no earlier model when given a `path` (a model directory from another run)
