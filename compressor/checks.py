@@ -86,6 +86,9 @@ def check_stage_chain(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
                               f"{_NEED_WORDS.get(need, need)} from an earlier stage (of kind {', '.join(makers)}); "
                               f"none comes before it")
+        if getattr(stage, "mode", None) == "search" and not any(s.kind == "search" for s in earlier):
+            raise RecipeError(f"{_where(path, ['stages', i, 'mode'])}: stage '{stage.name}': mode 'search' takes "
+                              "the INT8 mode a search stage chose; no search stage comes before it")
         given |= spec.gives
         earlier.append(stage)
 

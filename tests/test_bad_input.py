@@ -341,6 +341,8 @@ _CHAIN_CASES = [
     ("prune-vocab-first", "  - {kind: prune_vocab}\n", "stage 'prune_vocab' (prune_vocab) needs a model"),
     ("export-first", "  - {kind: export}\n", "stage 'export' (export) needs a model"),
     ("reference-first", "  - {kind: reference}\n", "stage 'reference' (reference) needs a teacher"),
+    ("quantize-mode-search-without-search", "  - {kind: train, epochs: 1}\n  - {kind: export}\n"
+     "  - {kind: quantize, mode: search}\n", "stages[2].mode: stage 'quantize': mode 'search' takes the INT8 mode"),
     ("quantize-before-export", "  - {kind: train, epochs: 1}\n  - {kind: quantize}\n  - {kind: export}\n",
      "stage 'quantize' (quantize) needs"),
 ]

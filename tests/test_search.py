@@ -223,6 +223,10 @@ def test_compress_shortcut_writes_and_runs_the_recipe(tmp_path, teacher):
     report = json.loads((out / "report.json").read_text())
     assert [s["kind"] for s in report["stages"]] == ["load", "search", "export", "quantize", "bundle"]
     assert len(report["outputs"]["search"]["trials"]) == 2
+    assert "mode: search" in written  # the quantize stage takes the INT8 mode the trials were measured with
+    quantization = json.loads(next((out / "stages").glob("*-quantize")).joinpath("quantization.json").read_text())
+    assert quantization["requested_mode"] == "search"
+    assert quantization["mode"] == report["outputs"]["search"]["int8"] == "dynamic"
 
 
 def test_a_trial_left_running_by_sigkill_is_retried_once_and_finished_ones_never(tmp_path):

@@ -26,7 +26,8 @@ def compress(
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/compress-<teacher run>).")] = None,
     tasks_from: Annotated[Optional[Path], typer.Option("--tasks-from", help="Recipe whose tasks and data to use "
                                                        "(default: the recipe of the run that wrote the teacher).")] = None,
-    int8: Annotated[str, typer.Option("--int8", help="INT8 mode of the trials and the quantize stage: dynamic or static.")] = "dynamic",
+    int8: Annotated[str, typer.Option("--int8", help="INT8 mode of the trials: dynamic or static (the quantize stage takes the mode the search chose; "
+                                                "--set space.int8=[dynamic,static] tries both).")] = "dynamic",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Another search-stage field, KEY=YAML "
                                                       "(e.g. recovery_steps=80, space.layers=[3,4]); repeatable.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
@@ -90,7 +91,7 @@ def build_recipe(teacher_dir: Path, retention: float, objective: str, budget: in
         "model": base.model.model_dump(), "tasks": tasks,
         "stages": [{"kind": "load", "name": "teacher", "path": str(teacher_dir)}, search,
                    {"kind": "export", "name": "export"},
-                   {"kind": "quantize", "name": "quantize", "mode": int8},
+                   {"kind": "quantize", "name": "quantize", "mode": "search"},
                    {"kind": "bundle", "name": "bundle"}],
         "report": base.report.model_dump(exclude_defaults=True),
     }

@@ -59,8 +59,9 @@ class QuantizeStage(Strict):
     kind: Literal["quantize"]
     name: str = Field("quantize", pattern=NAME)
     source: str | None = Field(None, description="export stage to quantize; default: the latest one")
-    mode: Literal["dynamic", "static", "auto"] = Field(
-        "dynamic", description="auto: quantize both ways and keep the faster graph among those within tolerance")
+    mode: Literal["dynamic", "static", "auto", "search"] = Field(
+        "dynamic", description="auto: quantize both ways and keep the faster graph among those within tolerance; "
+        "search: the INT8 mode the latest earlier search stage chose (what its trials were measured with)")
     target: Literal["avx512_vnni", "avx2", "arm64"] = Field("avx512_vnni", description="optimum AutoQuantizationConfig preset")
     per_channel: bool = False
     reduce_range: bool = Field(False, description="7-bit weights (avx2 only; avoids VPMADDUBSW saturation)")

@@ -37,6 +37,20 @@ def plugins_from_manifest(model_dir: Path) -> dict[str, Any]:
     return tasks
 
 
+def searched_mode(ctx: StageContext) -> str:
+    """The INT8 mode (dynamic / static) the latest earlier search stage chose; a ``RecipeError`` when there is
+    none or it chose the fp32 graph."""
+    cfg: QuantizeStage = ctx.stage
+    search = next((s for s in reversed(ctx.recipe.stages[: ctx.index]) if s.kind == "search"), None)
+    if search is None:
+        raise RecipeError(f"stage '{cfg.name}': mode 'search' needs a search stage before it")
+    chosen = (ctx.outputs.get(search.name) or {}).get("int8")
+    if chosen not in ("dynamic", "static"):
+        raise RecipeError(f"stage '{cfg.name}': search stage '{search.name}' chose INT8 mode {chosen!r} (the fp32 "
+                          "graph): drop this quantize stage, or give mode dynamic or static")
+    return chosen
+
+
 def run(ctx: StageContext) -> StageResult:
     import torch
     from transformers import AutoTokenizer
@@ -114,7 +128,8 @@ def run(ctx: StageContext) -> StageResult:
     compared: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quantize-") as tmp_str:
         tmp = Path(tmp_str)
-        modes = ["dynamic", "static"] if cfg.mode == "auto" else [cfg.mode]
+        requested = searched_mode(ctx) if cfg.mode == "search" else cfg.mode
+        modes = ["dynamic", "static"] if requested == "auto" else [requested]
         results = {}
         for mode in modes:
             (tmp / mode).mkdir()
@@ -128,6 +143,8 @@ def run(ctx: StageContext) -> StageResult:
         picked["outcome"].path = ctx.out_dir / "model.int8.onnx"
     outcome, options, source_notes = picked["outcome"], picked["options"], picked["notes"]
     export_source, tolerances, mode = picked["source"], picked["tolerances"], chosen
+    if cfg.mode == "search":
+        source_notes = [f"mode {mode}: the INT8 mode the search's trials were measured with", *source_notes]
 
     final = outcome.final
     n_int = integer_matmuls(final.integer_ops)

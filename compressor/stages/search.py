@@ -194,7 +194,7 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
     ]
     notes += [f"{cfg.name}: {n}" for n in space.notes]
     later = [s for s in ctx.recipe.stages[ctx.index + 1:] if s.kind == "quantize"]
-    if later and knobs.int8 != "none" and later[0].mode != knobs.int8:
+    if later and knobs.int8 != "none" and later[0].mode not in (knobs.int8, "search"):
         notes.append(f"{cfg.name}: WARNING: trials measured INT8 {knobs.int8}; stage '{later[0].name}' quantizes "
                      f"with mode {later[0].mode}")
     table_md = _write_evidence(ctx.out_dir, rows, tasks, floors, chosen["trial"], cfg, stats, space, markdown_table,
