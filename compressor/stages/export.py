@@ -21,11 +21,11 @@ from compressor.stages import StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Export the latest model as one ONNX graph (parity-checked, optimised), write its contract, evaluate it."""
     import torch
 
     from compressor.export.evaluate import onnx_rows
     from compressor.export.onnx_export import graph_spec
-    from compressor.export.optimize import describe
     from compressor.export.parity import real_batches
     from compressor.model.io import load_model
 
@@ -40,6 +40,43 @@ def run(ctx: StageContext) -> StageResult:
     notes: list[str] = []
 
     batches = real_batches(model, tokenizer, ctx.data, max_length, cfg.parity_batches, cfg.parity_batch_size)
+    parity, parity_json, opt_info, optimized = _export_graphs(ctx, model, spec, batches, threads, notes)
+    final_name = "model.opt.onnx" if optimized else "model.onnx"
+    spec.metadata["graph_file"] = final_name
+    spec.write(ctx.out_dir / "graph.json")
+    atomic_write_text(ctx.out_dir / "parity.json", json.dumps(parity_json, indent=2))
+    worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
+    notes.insert(0, f"exported {len(spec.output_names)} output(s) of {len(spec.tasks)} task(s) in one graph; "
+                    f"parity max |diff| {worst.max_abs:.2g} ({worst.output})")
+
+    if cfg.evaluate:
+        ctx.reporter.extend(onnx_rows(
+            ctx.out_dir / final_name, spec, model.tasks, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
+            fmt="onnx", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
+        ))
+    outputs = {
+        "onnx": str(ctx.final_dir / final_name),
+        "raw": str(ctx.final_dir / "model.onnx"),
+        "optimized": str(ctx.final_dir / "model.opt.onnx") if optimized else None,
+        "graph": str(ctx.final_dir / "graph.json"),
+        "model_dir": str(ctx.model_dir),
+        "optimization": opt_info,
+        "outputs": spec.output_names,
+        "inputs": spec.input_names,
+    }
+    return StageResult(outputs=outputs, notes=notes)
+
+
+def _export_graphs(ctx: StageContext, model: Any, spec: Any, batches: Any, threads: int,
+                   notes: list[str]) -> tuple[Any, dict[str, Any], dict[str, Any], bool]:
+    """Export and optimise in a temporary directory, move the graphs that passed parity into ``ctx.out_dir``.
+
+    Records the optimisation in ``spec.metadata`` and appends its notes to ``notes``; returns (the raw graph's
+    parity, ``parity.json``'s content, the optimisation info, whether ``model.opt.onnx`` was kept).
+    """
+    from compressor.export.optimize import describe
+
+    cfg: ExportStage = ctx.stage
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".export-") as tmp_str:
         checked = export_checked(model, spec, batches, Path(tmp_str), threads, opset=cfg.opset, rtol=cfg.rtol,
                                  optimize=cfg.optimize)
@@ -58,27 +95,4 @@ def run(ctx: StageContext) -> StageResult:
         os.replace(checked.raw, ctx.out_dir / "model.onnx")
         if optimized is not None:
             os.replace(optimized, ctx.out_dir / "model.opt.onnx")
-    final_name = "model.opt.onnx" if optimized is not None else "model.onnx"
-    spec.metadata["graph_file"] = final_name
-    spec.write(ctx.out_dir / "graph.json")
-    atomic_write_text(ctx.out_dir / "parity.json", json.dumps(parity_json, indent=2))
-    worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
-    notes.insert(0, f"exported {len(spec.output_names)} output(s) of {len(spec.tasks)} task(s) in one graph; "
-                    f"parity max |diff| {worst.max_abs:.2g} ({worst.output})")
-
-    if cfg.evaluate:
-        ctx.reporter.extend(onnx_rows(
-            ctx.out_dir / final_name, spec, model.tasks, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
-            fmt="onnx", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
-        ))
-    outputs = {
-        "onnx": str(ctx.final_dir / final_name),
-        "raw": str(ctx.final_dir / "model.onnx"),
-        "optimized": str(ctx.final_dir / "model.opt.onnx") if optimized is not None else None,
-        "graph": str(ctx.final_dir / "graph.json"),
-        "model_dir": str(ctx.model_dir),
-        "optimization": opt_info,
-        "outputs": spec.output_names,
-        "inputs": spec.input_names,
-    }
-    return StageResult(outputs=outputs, notes=notes)
+    return parity, parity_json, opt_info, optimized is not None

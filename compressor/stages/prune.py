@@ -27,6 +27,7 @@ from compressor.stages import StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Prune the latest model in ``steps`` steps (recovering by distillation after each), save and report it."""
     cfg: PruneStage = ctx.stage
     if ctx.model_dir is None:
         raise RecipeError("prune stage needs a model: put a train or distill stage before it")
@@ -40,20 +41,12 @@ def run(ctx: StageContext) -> StageResult:
     arch_before = read_architecture(model.encoder)
 
     recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
-    dev_tasks = [t for t in model.tasks if ctx.data.has(t, "dev")]
-    if cfg.recovery_until is not None and len(dev_tasks) < len(model.tasks):
-        missing = next(t for t in model.tasks if t not in dev_tasks)
-        raise RecipeError(f"prune stage '{cfg.name}': recovery_until needs a dev split of every task; "
-                          f"task '{missing}' has none")
+    dev_tasks = _dev_tasks(ctx, cfg, model)
     needs_data = cfg.importance == "taylor" or cfg.drop_num_layers > 0
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
-    # the teacher layer each input layer stands for: the input model's own layers, or the layers a distill stage
-    # kept from the run's teacher (so hidden-state / attention KD compares matching depths)
-    distilled = (manifest.get("distilled_by") or {}).get("teacher_layers")
-    base_map = (list(range(len(arch_before))) if same_stack
-                else [int(i) for i in distilled] if distilled and len(distilled) == len(arch_before) else None)
+    base_map = _base_map(manifest, len(arch_before), same_stack)
     reference = None
     if cfg.recovery_until is not None:
         from compressor.stages.distill import _dev_metrics
@@ -62,6 +55,7 @@ def run(ctx: StageContext) -> StageResult:
     pruner = StructuredPruner(model, cfg, batches)
 
     def recover(step: int) -> dict[str, Any] | None:
+        """Distillation after pruning step ``step`` (None without recovery or teacher)."""
         if not recovers or teacher is None:
             return None
         kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
@@ -79,10 +73,41 @@ def run(ctx: StageContext) -> StageResult:
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
+    notes = _notes(cfg, before, after, arch_before, arch, pruner.layer_ids, teacher_name, reference, reports)
+    outputs: dict[str, Any] = {
+        "parameters_before": before, "parameters_after": after,
+        "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
+        "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
+        "steps": [r.to_dict() for r in reports], "dev_before": reference,
+    }
+    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _dev_tasks(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel) -> list[str]:
+    """The tasks with a dev split; with ``recovery_until`` every task must have one."""
+    dev_tasks = [t for t in model.tasks if ctx.data.has(t, "dev")]
+    if cfg.recovery_until is not None and len(dev_tasks) < len(model.tasks):
+        missing = next(t for t in model.tasks if t not in dev_tasks)
+        raise RecipeError(f"prune stage '{cfg.name}': recovery_until needs a dev split of every task; "
+                          f"task '{missing}' has none")
+    return dev_tasks
+
+
+def _base_map(manifest: dict[str, Any], n_layers: int, same_stack: bool) -> list[int] | None:
+    """The teacher layer each input layer stands for: the input model's own layers, or the layers a distill stage
+    kept from the run's teacher (so hidden-state / attention KD compares matching depths); None when unknown."""
+    distilled = (manifest.get("distilled_by") or {}).get("teacher_layers")
+    return (list(range(n_layers)) if same_stack
+            else [int(i) for i in distilled] if distilled and len(distilled) == n_layers else None)
+
+
+def _notes(cfg: PruneStage, before: int, after: int, arch_before: list[Any], arch: list[Any], layers_kept: list[int],
+           teacher_name: str, reference: dict[str, float] | None, reports: list[Any]) -> list[str]:
+    """The stage's notes: sizes and architecture before / after, recovery per step, units global scope kept."""
     notes = [
         f"{cfg.name}: parameters {before:,} -> {after:,} ({100 * (before - after) / before:.1f}% fewer), "
         f"{cfg.importance} importance, {cfg.scope} scope, {cfg.steps} step(s)",
-        f"{cfg.name}: layers kept {pruner.layer_ids} of {len(arch_before)}; heads per layer "
+        f"{cfg.name}: layers kept {layers_kept} of {len(arch_before)}; heads per layer "
         f"{[a.heads for a in arch]} (was {[a.heads for a in arch_before]}); FFN per layer {[a.ffn for a in arch]} "
         f"(was {[a.ffn for a in arch_before]})",
     ]
@@ -100,13 +125,7 @@ def run(ctx: StageContext) -> StageResult:
     short = {k: sum(r.not_removed.get(k, 0) for r in reports) for k in ("heads", "ffn")}
     if any(short.values()):
         notes.append(f"{cfg.name}: global scope kept one unit per layer, so {short} fewer were removed than asked")
-    outputs: dict[str, Any] = {
-        "parameters_before": before, "parameters_after": after,
-        "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
-        "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
-        "steps": [r.to_dict() for r in reports], "dev_before": reference,
-    }
-    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+    return notes
 
 
 def _teacher(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel,
@@ -136,7 +155,6 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     from compressor.distill.losses import KDConfig
     from compressor.distill.trainer import Distiller, TaskBatches
     from compressor.model.student import default_layer_map
-    from compressor.stages.distill import _dev_metrics, _retention
 
     rc = cfg.recovery
     batches = TaskBatches.from_store(ctx.data, list(model.tasks), tokenizer, ctx.recipe.model.max_length,
@@ -144,23 +162,36 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(teacher.encoder)), kept)
     kd = KDConfig(alpha=rc.alpha, temperature=rc.temperature, logits=rc.weights.logits, hidden=rc.weights.hidden,
                   attention=rc.weights.attention)
-    ru = cfg.recovery_until
-    if ru is None:
-        budget = cfg.recovery_steps
-    else:
-        limits = [ru.max_steps] if ru.max_steps else []
-        if ru.max_epochs:
-            limits.append(max(1, round(ru.max_epochs * batches.steps_per_epoch())))
-        budget = min(limits)
+    budget = _recovery_budget(cfg, batches)
     distiller = Distiller(model, teacher, batches, kd, total_steps=budget, layer_map=layer_map, lr=rc.lr,
                           weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
                           mixed_precision=rc.mixed_precision)
-    if ru is None:
+    if cfg.recovery_until is None:
         parts = distiller.run(budget)
         model.eval()
         return parts
-
     assert reference is not None
+    return _recover_until(ctx, cfg, model, tokenizer, distiller, budget, reference)
+
+
+def _recovery_budget(cfg: PruneStage, batches: Any) -> int:
+    """Distillation steps per pruning step: ``recovery_steps``, or ``recovery_until``'s max_steps / max_epochs."""
+    ru = cfg.recovery_until
+    if ru is None:
+        return cfg.recovery_steps
+    limits = [ru.max_steps] if ru.max_steps else []
+    if ru.max_epochs:
+        limits.append(max(1, round(ru.max_epochs * batches.steps_per_epoch())))
+    return min(limits)
+
+
+def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, distiller: Any,
+                   budget: int, reference: dict[str, float]) -> dict[str, Any]:
+    """Distil in ``eval_every``-step runs until every task is within the tolerance of ``reference`` or the
+    budget is spent; loads the best check's weights. Returns what :func:`_recover` documents."""
+    from compressor.stages.distill import _dev_metrics, _retention
+
+    ru = cfg.recovery_until
     tasks = list(reference)
 
     def check() -> dict[str, Any]:
@@ -194,14 +225,17 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
 
 
 def _state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _fmt(values: dict[str, float]) -> str:
+    """``task value`` pairs, comma-separated."""
     return ", ".join(f"{t} {v:.4f}" for t, v in values.items())
 
 
 def _recovery_line(rec: dict[str, Any] | None) -> str:
+    """One pruning step's recovery (``recovery_until``) in words."""
     if not rec:
         return "no recovery"
     first = rec["checks"][0]["retention"]

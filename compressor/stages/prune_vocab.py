@@ -36,6 +36,7 @@ DEFAULT_SIZES = (8000, 12000, 16000, 20000)
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Rank candidate tokens, size the vocabulary on dev, shrink the embeddings and tokenizer, save and report."""
     cfg: PruneVocabStage = ctx.stage
     if ctx.model_dir is None:
         raise RecipeError("prune_vocab stage needs a model: put a train or distill stage before it")
@@ -52,22 +53,7 @@ def run(ctx: StageContext) -> StageResult:
                           f"({len(tokenizer):,} tokens)")
 
     splits = ("train", "dev", "test") if cfg.keep_eval_splits else ("train",)
-    sources: dict[str, list[list[int]]] = {}
-    for t in tasks:
-        for s in splits:
-            if ctx.data.has(t, s):
-                sources[f"{s}:{t}"] = [f["input_ids"] for f in _features(ctx, cfg, t, s, tokenizer, max_length)]
-    if corpus:
-        sources["corpus"] = tokenizer(corpus, add_special_tokens=False)["input_ids"]
-    weighted = {"english": english_words(tokenizer, cfg.english_words)} if cfg.english_words else {}
-    candidates = rank_vocab(tokenizer, sources, weighted=weighted, extra_tokens=cfg.extra_tokens,
-                            keep_chars=cfg.keep_chars, min_count=cfg.min_count)
-    if cfg.sizes:
-        try:
-            candidates.kept(min(cfg.sizes))
-        except RecipeError as exc:
-            raise RecipeError(f"{field}: {exc}") from exc
-
+    candidates = _candidates(ctx, cfg, tokenizer, tasks, splits, corpus)
     sweep, chosen, sweep_notes = _size_sweep(ctx, cfg, model, tokenizer, candidates)
     kept = candidates.kept(chosen)
 
@@ -90,6 +76,45 @@ def run(ctx: StageContext) -> StageResult:
     notes = [
         f"{cfg.name}: vocabulary {before_vocab:,} -> {len(kept):,} tokens; parameters {before_params:,} -> "
         f"{after_params:,} ({100 * (before_params - after_params) / before_params:.1f}% fewer)",
+        *_source_notes(cfg, candidates, sweep_notes, changed, overall),
+    ]
+    outputs: dict[str, Any] = {
+        "vocab_size_before": before_vocab, "vocab_size_after": len(kept),
+        "parameters_before": before_params, "parameters_after": after_params,
+        "kept_sources": candidates.sources, "candidates": candidates.max_size,
+        "test_tokens_changed": overall, "test_tokens_changed_per_task": changed,
+        "splits_used": list(splits), "full_train": cfg.full_train, "english_words": cfg.english_words,
+        "tolerance": cfg.tolerance, "sweep": sweep, "chosen_size": len(kept),
+    }
+    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _candidates(ctx: StageContext, cfg: PruneVocabStage, tokenizer: Any, tasks: list[str], splits: tuple[str, ...],
+                corpus: list[str]) -> VocabCandidates:
+    """Rank the candidate tokens from the tasks' ``splits``, the corpus and English words (checked against sizes)."""
+    max_length = ctx.recipe.model.max_length
+    sources: dict[str, list[list[int]]] = {}
+    for t in tasks:
+        for s in splits:
+            if ctx.data.has(t, s):
+                sources[f"{s}:{t}"] = [f["input_ids"] for f in _features(ctx, cfg, t, s, tokenizer, max_length)]
+    if corpus:
+        sources["corpus"] = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    weighted = {"english": english_words(tokenizer, cfg.english_words)} if cfg.english_words else {}
+    candidates = rank_vocab(tokenizer, sources, weighted=weighted, extra_tokens=cfg.extra_tokens,
+                            keep_chars=cfg.keep_chars, min_count=cfg.min_count)
+    if cfg.sizes:
+        try:
+            candidates.kept(min(cfg.sizes))
+        except RecipeError as exc:
+            raise RecipeError(f"stage '{cfg.name}': {exc}") from exc
+    return candidates
+
+
+def _source_notes(cfg: PruneVocabStage, candidates: VocabCandidates, sweep_notes: list[str],
+                  changed: dict[str, float], overall: float | None) -> list[str]:
+    """The notes after the headline: the candidates' sources, the size sweep, the share of changed test tokens."""
+    notes = [
         f"{cfg.name}: {candidates.max_size:,} candidate tokens ({len(candidates.required):,} always kept), from "
         f"{', '.join(f'{k} {v:,}' for k, v in candidates.sources.items())} (sources overlap); "
         f"training text: {'whole training files' if cfg.full_train else 'the recipe subsample'}",
@@ -101,15 +126,7 @@ def run(ctx: StageContext) -> StageResult:
                      f"(split differently or [UNK]): {per_task}")
     else:
         notes.append(f"{cfg.name}: no test split, so the share of changed test tokens is not measured")
-    outputs: dict[str, Any] = {
-        "vocab_size_before": before_vocab, "vocab_size_after": len(kept),
-        "parameters_before": before_params, "parameters_after": after_params,
-        "kept_sources": candidates.sources, "candidates": candidates.max_size,
-        "test_tokens_changed": overall, "test_tokens_changed_per_task": changed,
-        "splits_used": list(splits), "full_train": cfg.full_train, "english_words": cfg.english_words,
-        "tolerance": cfg.tolerance, "sweep": sweep, "chosen_size": len(kept),
-    }
-    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+    return notes
 
 
 # ---- sizing by measurement ---------------------------------------------------------------------------------
@@ -171,6 +188,7 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
 
 
 def _dev_metrics(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, tasks: list[str]) -> dict[str, float]:
+    """Every task's dev metric of ``model`` with ``tokenizer``."""
     from compressor.model.forward import dev_metrics
 
     return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
