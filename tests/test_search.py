@@ -81,6 +81,9 @@ def test_search_returns_a_candidate_that_holds_the_floor(tmp_path, teacher):
     assert chosen["latency_ms"] == min(t["latency_ms"] for t in passing)
     for t in trials:  # every trial is measured: per-task dev metric and retention, latency, size
         assert set(t["retention"]) == {"ner", "sst"} and t["latency_ms"] > 0 and t["size_bytes"] > 0
+    # the first trial is the source as it is (every layer, nothing cut), not recovered: the reference point
+    assert trials[0]["knobs"]["layers"] == 2 and set(trials[0]["knobs"]["head_ratios"]) == {0.0}
+    assert trials[0]["params"] == max(t["params"] for t in trials)
     stage_dir = out / "stages" / "01-search"
     assert (stage_dir / "pareto.png").stat().st_size > 1000
     table = (stage_dir / "trials.md").read_text()

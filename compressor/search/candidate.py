@@ -102,13 +102,14 @@ class CandidateBuilder:
     def recover(self, model: MultiTaskModel, kept: list[int], steps: int, seed: int,
                 floors: Mapping[str, float] | None = None) -> dict[str, float]:
         """``steps`` distillation steps from the teacher; with ``floors`` and an early-stop margin, checks the dev
-        retention half way and raises :class:`EarlyStopped` when the worst task is more than the margin below."""
+        retention half way and raises :class:`EarlyStopped` when the worst task is more than the margin below.
+        An uncut candidate (as many parameters as the source) is not recovered."""
         from compressor.distill.losses import KDConfig
         from compressor.distill.trainer import Distiller, TaskBatches
         from compressor.model.student import default_layer_map
 
-        if steps <= 0:
-            return {}
+        if steps <= 0 or model.num_parameters() == self.source.num_parameters():
+            return {}  # nothing was cut: the source as it is (recovery would only move it by optimiser noise)
         rc = self.stage.recovery
         batches = TaskBatches.from_store(self.data, self.tasks, self.tokenizer, self.max_length, rc.batch_size,
                                          rc.sampling.strategy, rc.sampling.tau, seed)

@@ -133,6 +133,19 @@ class Space:
         """Number of distinct parameter settings."""
         return math.prod(len(d.choices) for d in self.distributions().values())
 
+    def uncut_params(self) -> dict[str, Any] | None:
+        """The setting that keeps the source as it is (every layer, no head, FFN or vocabulary cut; the first INT8
+        mode), or None when the space does not hold it. The search measures it first: the reference point."""
+        dist = self.distributions()
+        params: dict[str, Any] = {}
+        for name, d in dist.items():
+            want = (len(self.arch) if name == "layers" else 0.0 if "ratio" in name
+                    else None if name == "vocab_min_count" else d.choices[0])
+            if want not in d.choices:
+                return None
+            params[name] = want
+        return params
+
     def random_params(self, seen: set[tuple], seed: int) -> dict[str, Any] | None:
         """A seeded parameter setting not in ``seen`` (keys from :func:`params_key`), or None when none is left."""
         dist = self.distributions()

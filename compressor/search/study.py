@@ -104,6 +104,9 @@ class SearchLoop:
         started = time.monotonic()
         new = 0
         stop = "budget"
+        uncut = self.space.uncut_params()
+        if uncut is not None and not self.study.get_trials(deepcopy=False):
+            self.study.enqueue_trial(uncut)  # a fresh study measures the source as it is first
         while True:
             done = self.trained()
             if self.budget.trials is not None and len(done) >= self.budget.trials:
