@@ -21,6 +21,9 @@ from typing import Any
 from compressor.console import say
 from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import LOCK_NAME, DirLock, relative_paths
+from compressor.pipeline_checks import check_checkpoints, check_stage_models  # noqa: F401  (public here too)
+from compressor.pipeline_checks import check_fitted_labels as _check_fitted_labels
+from compressor.pipeline_checks import check_out as _check_out
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
 from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord, teacher
@@ -212,84 +215,6 @@ def _test_kill_hook(stage: str, out_dir: Path, checkpoint_dir: Path | None):
 
     threading.Thread(target=watch, daemon=True, name="test-kill-watcher").start()
     return die
-
-
-# ---- checks -----------------------------------------------------------------------------------------------
-def _check_out(run_dir: Path) -> None:
-    """``--out`` must be a directory or a path that can become one."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RecipeError(f"{run_dir}: --out is an existing file, not a directory")
-    for parent in run_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RecipeError(f"{run_dir}: --out lies below {parent}, which is a file")
-            break
-
-
-def check_stage_models(result: StageResult, out_dir: Path, final_dir: Path) -> None:
-    """Load every model a stage wrote (and the one it names) and check it: weights against the manifest, finite
-    values, tokenizer. Paths under ``final_dir`` are read from ``out_dir``, where they still are."""
-    from compressor.model.io import MANIFEST, check_model_dir
-
-    dirs = {p.parent for p in out_dir.rglob(MANIFEST)}
-    if result.model_dir is not None:
-        named = Path(result.model_dir)
-        try:
-            named = out_dir / named.relative_to(final_dir)
-        except ValueError:
-            pass
-        dirs.add(named)
-    for d in sorted(dirs):
-        check_model_dir(d)
-
-
-def check_checkpoints(checkpoint_dir: Path | None, stage: str) -> None:
-    """Before a stage resumes: every file of its checkpoint folder is readable (safetensors, JSON, torch
-    tensors-only pickles), so a corrupt or crafted file is a one-line error naming it, not a traceback."""
-    if checkpoint_dir is None or not checkpoint_dir.is_dir():
-        return
-    for f in sorted(checkpoint_dir.rglob("*")):
-        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(checkpoint_dir).parts):
-            continue
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                load_file(str(f))
-            elif f.suffix == ".json":
-                json.loads(f.read_text(encoding="utf-8"))
-            elif f.suffix in (".pt", ".bin"):
-                import warnings
-
-                import torch
-
-                with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file
-                    warnings.simplefilter("ignore")
-                    torch.load(f, weights_only=True, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - every reader has its own error types
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            if "Weights only load failed" in first:
-                first = "it holds objects other than tensors; refused, unpickling it could run code"
-            raise CompressorError(f"{f}: unreadable checkpoint of stage '{stage}' ({first[:200]}); remove "
-                                  f"{checkpoint_dir} to restart the stage from scratch") from None
-
-
-def _check_fitted_labels(data, fitted: list[str]) -> None:
-    """A label schema fitted from the training split must cover the dev and test labels; otherwise the
-    training file is the one to blame (too small or incomplete), not the first evaluation file that shows it."""
-    from compressor.errors import DataError
-
-    for name in fitted:
-        task = data.tasks[name]
-        for split in ("dev", "test"):
-            if not data.has(name, split):
-                continue
-            extra = sorted(set(task.fit_labels(data.examples(name, split))) - set(task.labels))
-            if extra:
-                n = len(data.examples(name, "train"))
-                raise DataError(data.path(name, "train"), f"task '{name}': the training split ({n} example(s)) "
-                                f"has only the labels {task.labels}, but the {split} split ({data.path(name, split)}) "
-                                f"also has {extra}; use a complete training file or give tasks[].labels")
 
 
 def _is_main_rank() -> bool:

@@ -44,9 +44,29 @@ def model_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
+    """The benchmark report as Markdown, from the data written to ``<out>.json``."""
     s = data["settings"]
     threads = s["threads"]
     rows = data["rows"]
+    lines = _settings_lines(data)
+    lines += _model_lines(data["models"], threads)
+    lines += _target_lines(data["targets"])
+    lines += _footprint_lines(data.get("footprint") or {})
+    lines += _quality_lines(rows)
+    lines += _speed_lines(rows, s, threads)
+    lines += _real_lines(rows, s, threads)
+    plots = data.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({Path(p).name})" for name, p in plots.items()] + [""]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _settings_lines(data: Mapping[str, Any]) -> list[str]:
+    """The title, the machine and the measurement settings."""
+    s = data["settings"]
+    threads = s["threads"]
     machine = data["machine"]
     lines = [f"# {data['title']}", "",
              f"Measured by `compressor benchmark {data['run']}` on {data['created']}: one command, one process, "
@@ -64,14 +84,18 @@ def render_markdown(data: Mapping[str, Any]) -> str:
               "pass over the same real test inputs)",
               "- every timing answers one request for every task (the encoder once, then every head); size = the "
               "weights file on disk (model.safetensors or the .onnx graph; tokenizer files excluded)", ""]
+    return lines
 
-    lines += ["## Models", "", "| id | model | format | size (MB) | params | integer MatMuls | source |",
-              "|---|---|---|---|---|---|---|"]
-    for mid, m in data["models"].items():
+
+def _model_lines(models: Mapping[str, Any], threads: Sequence[int]) -> list[str]:
+    """The models table, and the parts of row (d) (or why it is absent)."""
+    lines = ["## Models", "", "| id | model | format | size (MB) | params | integer MatMuls | source |",
+             "|---|---|---|---|---|---|---|"]
+    for mid, m in models.items():
         lines.append(f"| {mid} | {m['label']} | {m['format']} | {m['size_bytes'] / 1e6:.2f} | {m['params']:,} | "
                      f"{_f(m.get('integer_matmuls'))} | `{m['source']}` |")
     lines.append("")
-    if "d" not in data["models"]:
+    if "d" not in models:
         lines += ["Row (d) is absent: no single-task students were given (`--single`) and the run's distill stage "
                   "made none (`single_task_students: true`).", ""]
     else:
@@ -80,22 +104,29 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             head += f" latency {t} thr |"
             sep += "---|"
         lines += ["Row (d) serves every task with these models together (sums below):", "", head, sep]
-        for p in data["models"]["d"].get("parts", []):
+        for p in models["d"].get("parts", []):
             lines.append(f"| {p['label']} | {p['format']} | {p['size_bytes'] / 1e6:.2f} | {p['params']:,} |" + "".join(
                 f" {_lat(p['timings'][key('latency_seq_p50_ms', t)], p['timings'][key('latency_seq_p95_ms', t)])} |"
                 for t in threads))
         lines.append("")
+    return lines
 
-    lines += ["## Targets (INT8 student e-int8)", ""]
-    for t in data["targets"]:
+
+def _target_lines(targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The targets section: met, MISSED or not measured, with the detail."""
+    lines = ["## Targets (INT8 student e-int8)", ""]
+    for t in targets:
         state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         lines.append(f"- **{state}**: {t['target']}: {t['detail']}")
     lines.append("")
+    return lines
 
-    lines += _footprint_lines(data.get("footprint") or {})
-    lines += ["## Quality (test split)", "",
-              "| task | model | metric | value | retention vs (a) | points vs (a) | points vs (c) |",
-              "|---|---|---|---|---|---|---|"]
+
+def _quality_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The quality table: one line per task and model."""
+    lines = ["## Quality (test split)", "",
+             "| task | model | metric | value | retention vs (a) | points vs (a) | points vs (c) |",
+             "|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
         for r in (r for r in rows if r["task"] == task):
             ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
@@ -104,9 +135,13 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             lines.append(f"| {task} | {r['id']} | {r['metric']} ({r['split']}) | {r['value']:.4f} | {ret} | {pa} | "
                          f"{pc} |")
     lines.append("")
+    return lines
 
-    lines += [f"## Size and speed (batch 1 latency on {s['seq_len']} tokens, p50 / p95 ms; throughput at batch "
-              f"{s['batch']})", ""]
+
+def _speed_lines(rows: Sequence[Mapping[str, Any]], s: Mapping[str, Any], threads: Sequence[int]) -> list[str]:
+    """The size and speed table on dummy inputs: one line per model."""
+    lines = [f"## Size and speed (batch 1 latency on {s['seq_len']} tokens, p50 / p95 ms; throughput at batch "
+             f"{s['batch']})", ""]
     head = "| model | size (MB) | vs (a) | vs (c) | params |"
     sep = "|---|---|---|---|---|"
     for t in threads:
@@ -124,9 +159,13 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                      f"{_f(1 / sc if sc else None)}x | {_f(r[key('throughput_seq', t)], 1)} |")
         lines.append(line)
     lines.append("")
+    return lines
 
-    lines += [f"## Real test inputs (batch 1 latency p50 / p95 ms over each task's first {s['samples']} test "
-              f"inputs; throughput at batch {s['batch']})", ""]
+
+def _real_lines(rows: Sequence[Mapping[str, Any]], s: Mapping[str, Any], threads: Sequence[int]) -> list[str]:
+    """The real-test-input table: one line per task and model."""
+    lines = [f"## Real test inputs (batch 1 latency p50 / p95 ms over each task's first {s['samples']} test "
+             f"inputs; throughput at batch {s['batch']})", ""]
     head = "| task | model | inputs | mean tokens |"
     sep = "|---|---|---|---|"
     for t in threads:
@@ -142,13 +181,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                      f"{_f(r[key('throughput_real', t)], 1)} |")
         lines.append(line)
     lines.append("")
-
-    plots = data.get("plots") or {}
-    if plots:
-        lines += ["## Plots", ""] + [f"![{name}]({Path(p).name})" for name, p in plots.items()] + [""]
-    if data.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path, scale: float = 1.0) -> Path:

@@ -87,31 +87,45 @@ def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq
     tg = targets or Targets()
     a, b, c, e = (_pick(rows, m) for m in ("a", "b", "c", "e-int8"))
     seq_note = "" if seq_len == 128 else f" (measured at sequence {seq_len}, not 128)"
-    out = []
+    out = [_size_target(tg, a, e), _latency_target(tg, b, e, threads, seq_note), _retention_target(tg, a, e),
+           _vs_c_target(tg, c, e, threads, seq_len)]
+    d = _pick(rows, "d")
+    if d:
+        out.append(_vs_d_target(tg, d, e))
+    return out
 
+
+def _size_target(tg: Targets, a: Sequence[Mapping[str, Any]], e: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Size on disk of e-int8 against (a)."""
     text = f">= {tg.size_x:g}x smaller on disk than the teacher's fp32 weights"
     if a and e:
         x = a[0]["size_bytes"] / e[0]["size_bytes"]
         detail = (f"{x:.2f}x ({a[0]['size_bytes'] / 1e6:.2f} MB -> {e[0]['size_bytes'] / 1e6:.2f} MB)"
                   + ("" if x >= tg.size_x else f"; missed by {tg.size_x - x:.2f}x "
                      f"({100 * (1 - x / tg.size_x):.1f}% short)"))
-        out.append(_target("size", text, x >= tg.size_x, x, detail))
-    else:
-        out.append(_target("size", text, None, None, "not measured: the run has no INT8 student (quantize stage)"))
+        return _target("size", text, x >= tg.size_x, x, detail)
+    return _target("size", text, None, None, "not measured: the run has no INT8 student (quantize stage)")
 
+
+def _latency_target(tg: Targets, b: Sequence[Mapping[str, Any]], e: Sequence[Mapping[str, Any]],
+                    threads: Sequence[int], seq_note: str) -> dict[str, Any]:
+    """Batch-1, 1-thread p50 latency of e-int8 against (b)."""
     text = f">= {tg.latency_x:g}x lower ONNX Runtime p50 latency than (b) at batch 1, sequence 128, 1 thread"
     k1 = key("latency_seq_p50_ms", 1)
     if 1 not in threads:
-        out.append(_target("latency", text, None, None, "not measured: 1 thread is not among --threads"))
-    elif b and e:
+        return _target("latency", text, None, None, "not measured: 1 thread is not among --threads")
+    if b and e:
         x = b[0][k1] / e[0][k1]
         detail = (f"{x:.2f}x ({b[0][k1]:.2f} ms -> {e[0][k1]:.2f} ms){seq_note}"
                   + ("" if x >= tg.latency_x else f"; missed by {tg.latency_x - x:.2f}x "
                      f"({100 * (1 - x / tg.latency_x):.1f}% short)"))
-        out.append(_target("latency", text, x >= tg.latency_x, x, detail))
-    else:
-        out.append(_target("latency", text, None, None, "not measured: the run has no INT8 student"))
+        return _target("latency", text, x >= tg.latency_x, x, detail)
+    return _target("latency", text, None, None, "not measured: the run has no INT8 student")
 
+
+def _retention_target(tg: Targets, a: Sequence[Mapping[str, Any]],
+                      e: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Metric retention of e-int8 against (a), on every task."""
     text = f">= {100 * tg.retention:g}% of the teacher's metric on every task"
     if a and e:
         per = {r["task"]: r["retention"] for r in e}
@@ -122,50 +136,50 @@ def check_targets(rows: Sequence[Mapping[str, Any]], threads: Sequence[int], seq
         detail = parts + ("" if met else "; missed on " + ", ".join(
             f"{t} by {100 * (tg.retention - v):.1f} points of retention" if v is not None else t
             for t, v in per.items() if v is None or v < tg.retention - 1e-12))
-        out.append(_target("retention", text, met, per[worst], detail))
-    else:
-        out.append(_target("retention", text, None, None, "not measured: the run has no INT8 student"))
+        return _target("retention", text, met, per[worst], detail)
+    return _target("retention", text, None, None, "not measured: the run has no INT8 student")
 
+
+def _vs_c_target(tg: Targets, c: Sequence[Mapping[str, Any]], e: Sequence[Mapping[str, Any]],
+                 threads: Sequence[int], seq_len: int) -> dict[str, Any]:
+    """Size, speed and metric of e-int8 against (c), optimum's dynamic INT8 teacher."""
     text = (f">= {tg.size_vs_c:g}x smaller and >= {tg.latency_vs_c:g}x faster than (c) (optimum dynamic INT8 "
             f"teacher) and at most {tg.points_vs_c:g} point worse on any task")
-    if c and e:
-        size_x = c[0]["size_bytes"] / e[0]["size_bytes"]
-        speed = {t: c[0][key("latency_seq_p50_ms", t)] / e[0][key("latency_seq_p50_ms", t)] for t in threads}
-        points = {r["task"]: r["points_vs_c"] for r in e}
-        ok_size = size_x >= tg.size_vs_c - 1e-12
-        ok_speed = all(x >= tg.latency_vs_c - 1e-12 for x in speed.values())
-        ok_points = all(p >= -tg.points_vs_c - 1e-9 for p in points.values())
-        parts = [f"size {size_x:.2f}x smaller" + ("" if ok_size else f" (missed by {tg.size_vs_c - size_x:.2f}x)")]
-        for t, x in speed.items():
-            parts.append(f"{t} thread(s): {x:.2f}x faster" + ("" if x >= tg.latency_vs_c - 1e-12
-                                                             else f" (missed by {tg.latency_vs_c - x:.2f}x)"))
-        for t, p in points.items():
-            parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -tg.points_vs_c - 1e-9
-                                                          else f" (missed by {-p - tg.points_vs_c:.2f} points)"))
-        out.append(_target("vs_c", text, ok_size and ok_speed and ok_points,
-                           {"size_x": size_x, "speed_x": {str(t): x for t, x in speed.items()}, "points": points},
-                           "; ".join(parts) + f" (latency at batch 1, sequence {seq_len})"))
-    else:
-        out.append(_target("vs_c", text, None, None, "not measured: the run has no INT8 student"))
+    if not (c and e):
+        return _target("vs_c", text, None, None, "not measured: the run has no INT8 student")
+    size_x = c[0]["size_bytes"] / e[0]["size_bytes"]
+    speed = {t: c[0][key("latency_seq_p50_ms", t)] / e[0][key("latency_seq_p50_ms", t)] for t in threads}
+    points = {r["task"]: r["points_vs_c"] for r in e}
+    ok_size = size_x >= tg.size_vs_c - 1e-12
+    ok_speed = all(x >= tg.latency_vs_c - 1e-12 for x in speed.values())
+    ok_points = all(p >= -tg.points_vs_c - 1e-9 for p in points.values())
+    parts = [f"size {size_x:.2f}x smaller" + ("" if ok_size else f" (missed by {tg.size_vs_c - size_x:.2f}x)")]
+    for t, x in speed.items():
+        parts.append(f"{t} thread(s): {x:.2f}x faster" + ("" if x >= tg.latency_vs_c - 1e-12
+                                                         else f" (missed by {tg.latency_vs_c - x:.2f}x)"))
+    for t, p in points.items():
+        parts.append(f"{t} {p:+.2f} points vs (c)" + ("" if p >= -tg.points_vs_c - 1e-9
+                                                      else f" (missed by {-p - tg.points_vs_c:.2f} points)"))
+    return _target("vs_c", text, ok_size and ok_speed and ok_points,
+                   {"size_x": size_x, "speed_x": {str(t): x for t, x in speed.items()}, "points": points},
+                   "; ".join(parts) + f" (latency at batch 1, sequence {seq_len})")
 
-    d = _pick(rows, "d")
-    if d:
-        text = (f"at most {tg.size_vs_d:g}x the total size of the single-task students (d) and at most {tg.points_vs_d:g} "
-                "point worse than each on its own task")
-        if e:
-            share = e[0]["size_bytes"] / d[0]["size_bytes"]
-            d_by = {r["task"]: r for r in d}
-            points = {r["task"]: points_better(r["value"], d_by[r["task"]]["value"], r.get("higher_is_better", True))
-                      for r in e if r["task"] in d_by}
-            ok_size = share <= tg.size_vs_d + 1e-12
-            ok_points = all(p >= -tg.points_vs_d - 1e-9 for p in points.values())
-            parts = [f"size {share:.2f}x of (d) ({e[0]['size_bytes'] / 1e6:.2f} MB vs {d[0]['size_bytes'] / 1e6:.2f} "
-                     "MB)" + ("" if ok_size else f"; missed by {share - tg.size_vs_d:.2f}x")]
-            parts += [f"{t} {p:+.2f} points vs its single-task student"
-                      + ("" if p >= -tg.points_vs_d - 1e-9 else f" (missed by {-p - tg.points_vs_d:.2f} points)")
-                      for t, p in points.items()]
-            out.append(_target("vs_d", text, ok_size and ok_points, {"size_share": share, "points": points},
-                               "; ".join(parts)))
-        else:
-            out.append(_target("vs_d", text, None, None, "not measured: the run has no INT8 student"))
-    return out
+
+def _vs_d_target(tg: Targets, d: Sequence[Mapping[str, Any]], e: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Size and metric of e-int8 against the single-task students (d) together."""
+    text = (f"at most {tg.size_vs_d:g}x the total size of the single-task students (d) and at most {tg.points_vs_d:g} "
+            "point worse than each on its own task")
+    if not e:
+        return _target("vs_d", text, None, None, "not measured: the run has no INT8 student")
+    share = e[0]["size_bytes"] / d[0]["size_bytes"]
+    d_by = {r["task"]: r for r in d}
+    points = {r["task"]: points_better(r["value"], d_by[r["task"]]["value"], r.get("higher_is_better", True))
+              for r in e if r["task"] in d_by}
+    ok_size = share <= tg.size_vs_d + 1e-12
+    ok_points = all(p >= -tg.points_vs_d - 1e-9 for p in points.values())
+    parts = [f"size {share:.2f}x of (d) ({e[0]['size_bytes'] / 1e6:.2f} MB vs {d[0]['size_bytes'] / 1e6:.2f} "
+             "MB)" + ("" if ok_size else f"; missed by {share - tg.size_vs_d:.2f}x")]
+    parts += [f"{t} {p:+.2f} points vs its single-task student"
+              + ("" if p >= -tg.points_vs_d - 1e-9 else f" (missed by {-p - tg.points_vs_d:.2f} points)")
+              for t, p in points.items()]
+    return _target("vs_d", text, ok_size and ok_points, {"size_share": share, "points": points}, "; ".join(parts))

@@ -17,16 +17,14 @@ parameters, weights file growth).
 
 from __future__ import annotations
 
-import math
-import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import CompressorError, DataError, RecipeError, TrainingError
+from compressor.errors import CompressorError, RecipeError
 from compressor.recipe import AddTaskStage
 from compressor.stages import StageContext, StageResult
+from compressor.stages._add_task_head import train_head  # the head's training; re-exported here
 
 #: real batches per existing task compared before / after
 PROBE_BATCHES = 3
@@ -34,22 +32,14 @@ PROBE_BATCH_SIZE = 8
 
 
 def run(ctx: StageContext) -> StageResult:
-    import torch
-
+    """Add ``cfg.task`` to the model on its frozen encoder, prove the existing outputs unchanged, save and report."""
     from compressor.model.io import load_model, save_model, weights_size
     from compressor.report.evaluate import evaluate_rows
-    from compressor.tasks import build_task
 
     cfg: AddTaskStage = ctx.stage
     base_dir = base_model_dir(ctx, cfg)
     model, tokenizer, manifest = load_model(base_dir, device="cpu")
-    if cfg.task in model.tasks:
-        raise RecipeError(f"stage '{cfg.name}': model {base_dir} already has task '{cfg.task}' (tasks: "
-                          f"{', '.join(model.tasks)}); add_task adds a task the model does not have")
-    missing = [t for t in ctx.data.tasks[cfg.task].requires() if t not in model.tasks]
-    if missing:
-        raise RecipeError(f"stage '{cfg.name}': task '{cfg.task}' needs task(s) {missing}, which model {base_dir} "
-                          f"does not have")
+    _check_new_task(ctx, cfg, model, base_dir)
     existing = list(model.tasks)
     max_length = min(int(manifest["max_length"]), ctx.recipe.model.max_length)
     seed = ctx.recipe.seed if cfg.seed is None else cfg.seed
@@ -59,33 +49,10 @@ def run(ctx: StageContext) -> StageResult:
     probe = _probe_batches(model, tokenizer, ctx.data, max_length)
     before = _outputs(model, probe)
 
-    # the new head, built by the task's plugin with the labels and options the run fitted for it
-    recipe_task = ctx.data.tasks[cfg.task]
-    torch.manual_seed(seed)
-    plugin = build_task(recipe_task.plugin_name or "", cfg.task, recipe_task.labels,
-                        recipe_task.options.model_dump())
-    model.tasks[cfg.task] = plugin
-    for task in model.tasks.values():
-        task.bind(model.tasks)
-    model.heads[cfg.task] = plugin.build_head(model.encoder.config.hidden_size)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(f"heads.{cfg.task}."))
-    head_params = sum(p.numel() for p in model.heads[cfg.task].parameters())
-    head_bytes = sum(p.numel() * p.element_size() for p in model.heads[cfg.task].parameters())
-
+    head_params, head_bytes = _add_head(ctx, cfg, model, seed)
     history = train_head(model, tokenizer, ctx.data, cfg, max_length, seed)
 
-    after = _outputs(model, probe)
-    torch_diff = _max_diff(before, after)
-    state = model.state_dict()
-    changed = [k for k, v in before_state.items() if not torch.equal(state[k], v)]
-    if changed or torch_diff != 0.0:
-        raise CompressorError(f"stage '{cfg.name}': existing outputs moved while adding task '{cfg.task}' (max |diff| "
-                              f"{torch_diff}; changed tensors: {changed[:3]}); this is a bug")
-    onnx_diff = _onnx_diff(base_dir, model, max_length, probe, existing)
-    if onnx_diff != 0.0:
-        raise CompressorError(f"stage '{cfg.name}': the exported graph's existing outputs differ from the previous "
-                              f"graph's (max |diff| {onnx_diff}); this is a bug")
+    torch_diff, onnx_diff = _check_unchanged(cfg, model, base_dir, max_length, probe, existing, before_state, before)
 
     saved = ctx.out_dir / "model"
     save_model(model, tokenizer, saved, int(manifest["max_length"]), extra={
@@ -97,19 +64,8 @@ def run(ctx: StageContext) -> StageResult:
                          batch_size=cfg.eval_batch_size)
     ctx.reporter.extend(rows)
     comparison = _compare(ctx, cfg, rows)
-
-    notes = [f"added task '{cfg.task}' to {base_dir} ({', '.join(existing)}): a {head_params:,}-parameter head "
-             f"({head_bytes / 1e3:.1f} kB fp32; weights file +{added_file_bytes / 1e3:.1f} kB) trained on the frozen "
-             f"encoder for {len(history)} epoch(s)",
-             f"existing tasks unchanged: max |diff| {torch_diff} in PyTorch, {onnx_diff} between the ONNX graphs "
-             f"before and after, on {len(probe)} real batch(es)"]
-    for split, c in comparison.get("splits", {}).items():
-        ref = "n/a" if c["reference"] is None else f"{c['reference']:.4f}"
-        ret = "" if c["retention"] is None else f" ({c['retention']:.3f} of it)"
-        notes.append(f"{cfg.task} {split} {c['metric']}: {c['added']:.4f} on the frozen encoder vs {ref} trained into "
-                     f"{comparison['reference']}{ret}")
-    if not comparison.get("splits"):
-        notes.append(f"no model with task '{cfg.task}' trained in to compare against (compare_to)")
+    notes = _notes(cfg, base_dir, existing, head_params, head_bytes, added_file_bytes, len(history), torch_diff,
+                   onnx_diff, len(probe), comparison)
     outputs = {
         "model_dir": str(ctx.final_dir / "model"),
         "base_model": str(base_dir),
@@ -124,6 +80,57 @@ def run(ctx: StageContext) -> StageResult:
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
+
+def _check_new_task(ctx: StageContext, cfg: AddTaskStage, model: Any, base_dir: Path) -> None:
+    """The model must not have the task yet, and must have every task the new one requires."""
+    if cfg.task in model.tasks:
+        raise RecipeError(f"stage '{cfg.name}': model {base_dir} already has task '{cfg.task}' (tasks: "
+                          f"{', '.join(model.tasks)}); add_task adds a task the model does not have")
+    missing = [t for t in ctx.data.tasks[cfg.task].requires() if t not in model.tasks]
+    if missing:
+        raise RecipeError(f"stage '{cfg.name}': task '{cfg.task}' needs task(s) {missing}, which model {base_dir} "
+                          f"does not have")
+
+
+def _add_head(ctx: StageContext, cfg: AddTaskStage, model: Any, seed: int) -> tuple[int, int]:
+    """Add the new task's plugin and head (built with the labels and options the run fitted for it) and freeze
+    everything else; returns the head's parameter count and fp32 bytes."""
+    import torch
+
+    from compressor.tasks import build_task
+
+    recipe_task = ctx.data.tasks[cfg.task]
+    torch.manual_seed(seed)
+    plugin = build_task(recipe_task.plugin_name or "", cfg.task, recipe_task.labels,
+                        recipe_task.options.model_dump())
+    model.tasks[cfg.task] = plugin
+    for task in model.tasks.values():
+        task.bind(model.tasks)
+    model.heads[cfg.task] = plugin.build_head(model.encoder.config.hidden_size)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(f"heads.{cfg.task}."))
+    head_params = sum(p.numel() for p in model.heads[cfg.task].parameters())
+    head_bytes = sum(p.numel() * p.element_size() for p in model.heads[cfg.task].parameters())
+    return head_params, head_bytes
+
+
+def _notes(cfg: AddTaskStage, base_dir: Path, existing: list[str], head_params: int, head_bytes: int,
+           added_file_bytes: int, epochs: int, torch_diff: float, onnx_diff: float, n_probe: int,
+           comparison: dict[str, Any]) -> list[str]:
+    """The stage's notes: the head added, the unchanged existing outputs and the comparison with the reference."""
+    notes = [f"added task '{cfg.task}' to {base_dir} ({', '.join(existing)}): a {head_params:,}-parameter head "
+             f"({head_bytes / 1e3:.1f} kB fp32; weights file +{added_file_bytes / 1e3:.1f} kB) trained on the frozen "
+             f"encoder for {epochs} epoch(s)",
+             f"existing tasks unchanged: max |diff| {torch_diff} in PyTorch, {onnx_diff} between the ONNX graphs "
+             f"before and after, on {n_probe} real batch(es)"]
+    for split, c in comparison.get("splits", {}).items():
+        ref = "n/a" if c["reference"] is None else f"{c['reference']:.4f}"
+        ret = "" if c["retention"] is None else f" ({c['retention']:.3f} of it)"
+        notes.append(f"{cfg.task} {split} {c['metric']}: {c['added']:.4f} on the frozen encoder vs {ref} trained into "
+                     f"{comparison['reference']}{ret}")
+    if not comparison.get("splits"):
+        notes.append(f"no model with task '{cfg.task}' trained in to compare against (compare_to)")
+    return notes
 
 # ---- which model ----------------------------------------------------------------------------------------------
 def base_model_dir(ctx: StageContext, cfg: AddTaskStage) -> Path:
@@ -157,90 +164,6 @@ def _model_of(ctx: StageContext, name: str) -> Path:
     return model.path
 
 
-# ---- training the head ----------------------------------------------------------------------------------------
-def train_head(model: Any, tokenizer: Any, data: Any, cfg: AddTaskStage, max_length: int,
-               seed: int) -> list[dict[str, Any]]:
-    """Train ``model.heads[cfg.task]`` (the only parameters with ``requires_grad``) on the task's training split;
-    the model ends with the head of the best dev epoch (the last epoch without a dev split). Per-epoch history."""
-    import torch
-
-    from compressor.model.forward import torch_forward
-
-    task = cfg.task
-    plugin = model.tasks[task]
-    head = model.heads[task]
-    features = data.encoded(task, "train", tokenizer, max_length, train=True).features
-    if not features:
-        raise DataError(data.path(task, "train"), f"task '{task}': no training features after encoding")
-    per_epoch = math.ceil(len(features) / cfg.batch_size)
-    total = cfg.steps or per_epoch * cfg.epochs
-    epochs = math.ceil(total / per_epoch)
-    decay = [p for n, p in head.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
-    plain = [p for n, p in head.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": plain, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
-                                                  max(0.0, (total - s) / max(1, total - warmup)))
-    has_dev = data.has(task, "dev")
-    rng = random.Random(seed)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, Any]] | None = None
-    bad = 0
-    step = 0
-    for epoch in range(1, epochs + 1):
-        tic = time.perf_counter()
-        model.eval()  # the frozen encoder runs as at inference (no dropout); only the head trains
-        head.train()
-        order = list(range(len(features)))
-        rng.shuffle(order)
-        losses = []
-        for start in range(0, len(order), cfg.batch_size):
-            if step >= total:
-                break
-            batch = plugin.collate([features[i] for i in order[start : start + cfg.batch_size]])
-            loss = plugin.loss(model.forward_batch(task, batch).outputs, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"task '{task}': the loss is {float(loss)} at epoch {epoch}; lower the add_task "
-                                    f"lr ({cfg.lr:g})")
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            step += 1
-        model.eval()
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "steps": len(losses),
-                                  "wall_s": round(time.perf_counter() - tic, 2)}
-        score = None
-        if has_dev:
-            metrics, _ = plugin.evaluate(torch_forward(model), data.encoded(task, "dev", tokenizer, max_length),
-                                         data.examples(task, "dev"), cfg.eval_batch_size)
-            value = float(metrics[plugin.metric.name])
-            record["dev"] = value
-            score = value if plugin.metric.higher_is_better else -value
-        history.append(record)
-        if score is None or best is None or score > best[0]:
-            best = (score if score is not None else -math.inf,
-                    {k: v.detach().clone() for k, v in head.state_dict().items()})
-            bad = 0
-        else:
-            bad += 1
-            if cfg.early_stopping_patience and bad >= cfg.early_stopping_patience:
-                break
-        if step >= total:
-            break
-    if best is not None and has_dev:
-        head.load_state_dict(best[1])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return history
-
-
 # ---- the checks ---------------------------------------------------------------------------------------------------
 def _probe_batches(model: Any, tokenizer: Any, data: Any, max_length: int) -> list[tuple[str, dict[str, Any]]]:
     """Real batches (dev/test, else train features) of every existing task, as tensors."""
@@ -262,6 +185,27 @@ def _probe_batches(model: Any, tokenizer: Any, data: Any, max_length: int) -> li
     if others:
         batches += synthetic_batches(model, graph_spec(model, max_length), others)
     return [(name, {k: torch.as_tensor(v) for k, v in batch.items()}) for name, batch in batches]
+
+
+def _check_unchanged(cfg: AddTaskStage, model: Any, base_dir: Path, max_length: int,
+                     probe: list[tuple[str, dict[str, Any]]], existing: list[str], before_state: dict[str, Any],
+                     before: list[dict[str, Any]]) -> tuple[float, float]:
+    """Prove the existing tasks unchanged (every tensor, the PyTorch outputs, the ONNX graphs' outputs); returns
+    the max |diff| in PyTorch and between the graphs, raising CompressorError when anything moved."""
+    import torch
+
+    after = _outputs(model, probe)
+    torch_diff = _max_diff(before, after)
+    state = model.state_dict()
+    changed = [k for k, v in before_state.items() if not torch.equal(state[k], v)]
+    if changed or torch_diff != 0.0:
+        raise CompressorError(f"stage '{cfg.name}': existing outputs moved while adding task '{cfg.task}' (max |diff| "
+                              f"{torch_diff}; changed tensors: {changed[:3]}); this is a bug")
+    onnx_diff = _onnx_diff(base_dir, model, max_length, probe, existing)
+    if onnx_diff != 0.0:
+        raise CompressorError(f"stage '{cfg.name}': the exported graph's existing outputs differ from the previous "
+                              f"graph's (max |diff| {onnx_diff}); this is a bug")
+    return torch_diff, onnx_diff
 
 
 def _outputs(model: Any, probe: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

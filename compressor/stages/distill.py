@@ -13,10 +13,11 @@ from compressor.model.forward import use_bf16
 from compressor.model.multitask import MultiTaskModel
 from compressor.recipe import DistillStage
 from compressor.stages import StageContext, StageResult
+from compressor.stages._distill_singles import _keep_tasks, _with_required  # noqa: F401 (still importable here)
 
 
 def run(ctx: StageContext) -> StageResult:
-    from compressor.model.student import check_layer_map, default_layer_map
+    """Distil the multi-task student from the teacher (and, when asked, one single-task student per task)."""
     from compressor.report.evaluate import evaluate_rows
 
     cfg: DistillStage = ctx.stage
@@ -28,20 +29,13 @@ def run(ctx: StageContext) -> StageResult:
     teacher, tokenizer, _ = load_model(ctx.teacher_dir)
     _check_tasks(ctx, teacher)
 
-    try:
-        student, kept, origin = _build_student(ctx, teacher, seed)
-        n_s, n_t = len(encoder_layers(student.encoder)), len(encoder_layers(teacher.encoder))
-        layer_map = check_layer_map(cfg.layer_map if cfg.layer_map is not None else default_layer_map(n_s, n_t, kept),
-                                    n_s, n_t)
-    except RecipeError as exc:
-        raise RecipeError(f"stage '{cfg.name}': {exc}") from exc
+    student, kept, origin, layer_map = _student_and_layer_map(ctx, teacher, seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = use_bf16(cfg.mixed_precision, device)
     tasks = list(student.tasks)
     teacher_dev = _dev_metrics(ctx, teacher, tokenizer, [t for t in tasks if ctx.data.has(t, "dev")],
                                cfg.eval_batch_size)
     run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed)
-    history, best, total = run_["history"], run_["best"], run_["total"]
 
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
@@ -51,28 +45,19 @@ def run(ctx: StageContext) -> StageResult:
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
     params_s, params_t = student.num_parameters(), teacher.num_parameters()
-    fmt = ", ".join(f"{k}={v:.4f}" for k, v in run_["loss_last"].items())
-    notes = [
-        f"{cfg.name}: student = {origin}; {n_s} layers, {params_s:,} parameters "
-        f"({params_s / params_t:.1%} of the teacher's {params_t:,})",
-        f"{cfg.name}: {total} steps on {device.type}{' (bf16)' if mixed else ''}; layer map {layer_map}; "
-        f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
-        f"attention={cfg.weights.attention}",
-        f"{cfg.name}: mean loss parts over the last {run_['last_n']} steps: {fmt}",
-    ]
-    if best is not None:
-        notes.append(_retention_note(cfg, cfg.name, run_))
+    notes = _notes(cfg, run_, origin, len(encoder_layers(student.encoder)), params_s, params_t, layer_map, device,
+                   mixed)
     outputs: dict[str, Any] = {
         "model_dir": str(ctx.final_dir / "model"),
         "teacher_layers": kept,
         "layer_map": {str(k): v for k, v in layer_map.items()},
-        "steps": total,
+        "steps": run_["total"],
         "params": params_s,
         "teacher_params": params_t,
         "loss_first": run_["loss_first"],
         "loss_last": run_["loss_last"],
-        "epochs": history,
-        "best_epoch": best[1] if best is not None else None,
+        "epochs": run_["history"],
+        "best_epoch": run_["best"][1] if run_["best"] is not None else None,
         "stopped_early": run_["stopped_early"],
         "steps_done": run_["steps_done"],
         "task_steps": run_["task_steps"],
@@ -80,46 +65,44 @@ def run(ctx: StageContext) -> StageResult:
         "mixed_precision": "bf16" if mixed else "no",
     }
     if cfg.single_task_students:
-        outputs["single_task_students"], outputs["single_task_training"] = {}, {}
-        if len(tasks) == 1:
-            notes.append(f"{cfg.name}: single_task_students skipped: the student has one task, so it is its own "
-                         "single-task student")
-        for t in tasks if len(tasks) > 1 else []:
-            names = _with_required(student, t)
-            single, _, _ = _build_student(ctx, teacher, seed)
-            _keep_tasks(single, names)
-            # the same per-task budget: the steps the multi-head student spent on these tasks (and epochs of the
-            # same share of its epoch, so dev checks and early stopping work alike)
-            steps = sum(run_["task_steps"].get(n, 0) for n in names)
-            share = steps / max(run_["steps_done"], 1)
-            per_epoch = max(1, round(run_["steps_per_epoch"] * share))
-            if steps < 1:
-                notes.append(f"{cfg.name}: single-task student of {t} skipped: the multi-head student took no "
-                             f"step on {', '.join(names)}")
-                continue
-            s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
-                             {n: v for n, v in teacher_dev.items() if n in names}, device, seed,
-                             total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}")
-            subdir = f"single-{t}"
-            s_saved = ctx.out_dir / subdir
-            save_model(single, tokenizer, s_saved, recipe.model.max_length,
-                       extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
-                                               "single_task": t}})
-            ctx.reporter.extend(evaluate_rows(single, tokenizer, ctx.data, label=f"{cfg.name}:single:{t}",
-                                              stage=cfg.name, tasks=[t], model_dir=s_saved, report=recipe.report,
-                                              batch_size=cfg.eval_batch_size))
-            outputs["single_task_students"][t] = str(ctx.final_dir / subdir)
-            outputs["single_task_training"][t] = {
-                "tasks": names, "steps": steps, "steps_done": s_run["steps_done"], "task_steps": s_run["task_steps"],
-                "params": single.num_parameters(), "best_epoch": s_run["best"][1] if s_run["best"] else None,
-                "epochs": s_run["history"]}
-            notes.append(f"{cfg.name}: single-task student of {t}"
-                         + (f" (with {', '.join(names[1:])}, which it requires)" if len(names) > 1 else "")
-                         + f": {steps} steps (the multi-head student's steps on {', '.join(names)}), "
-                         f"{single.num_parameters():,} parameters, saved as {subdir}/")
-            if s_run["best"] is not None:
-                notes.append(_retention_note(cfg, f"{cfg.name} single:{t}", s_run))
+        from compressor.stages._distill_singles import single_task_students
+
+        single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
+                             run_, outputs, notes)
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _student_and_layer_map(ctx: StageContext, teacher: MultiTaskModel,
+                           seed: int) -> tuple[MultiTaskModel, list[int] | None, str, dict[int, int]]:
+    """The student (with the teacher layers it kept and where it came from) and the checked layer map."""
+    from compressor.model.student import check_layer_map, default_layer_map
+
+    cfg: DistillStage = ctx.stage
+    try:
+        student, kept, origin = _build_student(ctx, teacher, seed)
+        n_s, n_t = len(encoder_layers(student.encoder)), len(encoder_layers(teacher.encoder))
+        layer_map = check_layer_map(cfg.layer_map if cfg.layer_map is not None else default_layer_map(n_s, n_t, kept),
+                                    n_s, n_t)
+    except RecipeError as exc:
+        raise RecipeError(f"stage '{cfg.name}': {exc}") from exc
+    return student, kept, origin, layer_map
+
+
+def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, params_s: int, params_t: int,
+           layer_map: dict[int, int], device: torch.device, mixed: bool) -> list[str]:
+    """The multi-task student's notes: where it came from, how it was trained, the loss and the dev retention."""
+    fmt = ", ".join(f"{k}={v:.4f}" for k, v in run_["loss_last"].items())
+    notes = [
+        f"{cfg.name}: student = {origin}; {n_s} layers, {params_s:,} parameters "
+        f"({params_s / params_t:.1%} of the teacher's {params_t:,})",
+        f"{cfg.name}: {run_['total']} steps on {device.type}{' (bf16)' if mixed else ''}; layer map {layer_map}; "
+        f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
+        f"attention={cfg.weights.attention}",
+        f"{cfg.name}: mean loss parts over the last {run_['last_n']} steps: {fmt}",
+    ]
+    if run_["best"] is not None:
+        notes.append(_retention_note(cfg, cfg.name, run_))
+    return notes
 
 
 def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
@@ -128,21 +111,9 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
     """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
     early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
     the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
-    from compressor.distill.losses import KDConfig
-    from compressor.distill.trainer import Distiller, TaskBatches
-
     cfg: DistillStage = ctx.stage
-    batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg.batch_size,
-                                     cfg.sampling.strategy, cfg.sampling.tau, seed)
-    steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
-    total = total or cfg.steps or cfg.epochs * steps_per_epoch
-    loss_config = KDConfig(alpha=cfg.alpha, temperature=cfg.temperature, logits=cfg.weights.logits,
-                           hidden=cfg.weights.hidden, attention=cfg.weights.attention,
-                           relation_heads=cfg.relation_heads)
-    distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
-                          weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device,
-                          mixed_precision=cfg.mixed_precision)
+    distiller, total, steps_per_epoch = _distiller(ctx, student, teacher, tokenizer, tasks, layer_map, device, seed,
+                                                   total, steps_per_epoch)
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []
@@ -168,11 +139,7 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
                 rest = distiller.run(n, on_step=on_step)
             entry: dict[str, Any] = {"epoch": len(history) + 1, "steps": distiller.steps_done, "loss": rest}
             if dev_tasks:
-                dev = _dev_metrics(ctx, student, tokenizer, dev_tasks, cfg.eval_batch_size)
-                retention = {t: _retention(dev[t], teacher_dev[t], student.tasks[t].metric.higher_is_better)
-                             for t in dev_tasks}
-                mean = sum(retention.values()) / len(retention)
-                entry.update(dev=dev, retention=retention, mean_retention=mean)
+                mean = _score_epoch(ctx, student, tokenizer, dev_tasks, teacher_dev, entry)
                 if best is None or mean > best[0] + 1e-9:
                     best = (mean, entry["epoch"])
                     if cfg.keep_best:
@@ -191,6 +158,40 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
             "loss_first": first, "loss_last": rest, "last_n": last_n}
 
 
+def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
+               layer_map: dict[int, int], device: torch.device, seed: int, total: int | None,
+               steps_per_epoch: int | None) -> tuple[Any, int, int]:
+    """The Distiller for ``tasks`` with the stage config's loss and optimizer, its total steps and steps per epoch."""
+    from compressor.distill.losses import KDConfig
+    from compressor.distill.trainer import Distiller, TaskBatches
+
+    cfg: DistillStage = ctx.stage
+    batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg.batch_size,
+                                     cfg.sampling.strategy, cfg.sampling.tau, seed)
+    steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
+    total = total or cfg.steps or cfg.epochs * steps_per_epoch
+    loss_config = KDConfig(alpha=cfg.alpha, temperature=cfg.temperature, logits=cfg.weights.logits,
+                           hidden=cfg.weights.hidden, attention=cfg.weights.attention,
+                           relation_heads=cfg.relation_heads)
+    distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device,
+                          mixed_precision=cfg.mixed_precision)
+    return distiller, total, steps_per_epoch
+
+
+def _score_epoch(ctx: StageContext, student: MultiTaskModel, tokenizer: Any, dev_tasks: list[str],
+                 teacher_dev: dict[str, float], entry: dict[str, Any]) -> float:
+    """Put the student's dev metrics and retention into the epoch's ``entry``; returns the mean retention."""
+    cfg: DistillStage = ctx.stage
+    dev = _dev_metrics(ctx, student, tokenizer, dev_tasks, cfg.eval_batch_size)
+    retention = {t: _retention(dev[t], teacher_dev[t], student.tasks[t].metric.higher_is_better)
+                 for t in dev_tasks}
+    mean = sum(retention.values()) / len(retention)
+    entry.update(dev=dev, retention=retention, mean_retention=mean)
+    return mean
+
+
 def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
     history, best = run_["history"], run_["best"]
     per_epoch = ", ".join(f"{h['epoch']}: {h['mean_retention']:.4f}" for h in history)
@@ -198,27 +199,6 @@ def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
             f"{'kept' if cfg.keep_best else 'best was'} epoch {best[1]}"
             + (f"; stopped after epoch {history[-1]['epoch']} ({cfg.early_stopping_patience} epoch(s) "
                "without improvement)" if run_["stopped_early"] else ""))
-
-
-def _with_required(model: MultiTaskModel, task: str) -> list[str]:
-    """``task`` first, then every task it needs (transitively), in the model's order."""
-    need, todo = {task}, [task]
-    while todo:
-        for req in model.tasks[todo.pop()].requires():
-            if req not in need:
-                need.add(req)
-                todo.append(req)
-    return [task] + [t for t in model.tasks if t in need and t != task]
-
-
-def _keep_tasks(model: MultiTaskModel, names: list[str]) -> None:
-    """Drop every task (and head) of ``model`` but ``names``, in place."""
-    for name in list(model.tasks):
-        if name not in names:
-            del model.heads[name]
-            del model.tasks[name]
-    for plugin in model.tasks.values():
-        plugin.bind(model.tasks)
 
 
 def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from compressor.errors import RecipeError
 from compressor.fsutil import atomic_write_text
@@ -48,6 +48,7 @@ def preflight(recipe: Any, index: int) -> None:
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Search the space for the best candidate that holds every task's floor, then recover and save it."""
     import torch
 
     from compressor.console import say
@@ -65,6 +66,32 @@ def run(ctx: StageContext) -> StageResult:
     seed = recipe.seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
     source, tokenizer, manifest = load_model(ctx.model_dir)
+    _check_source(ctx, cfg, source)
+    n = len(encoder_layers(source.encoder))
+    space = Space(cfg.space, read_architecture(source.encoder), f"stages[{ctx.index}].space")
+    teacher, teacher_tok, teacher_layers = _teacher_of(ctx, cfg, source, tokenizer, manifest, n)
+    tasks = list(source.tasks)
+    floors = cfg.floors(tasks)
+    ckpt = ctx.checkpoint_dir or (ctx.run_dir / "checkpoints" / cfg.name)
+    ckpt.mkdir(parents=True, exist_ok=True)
+
+    builder = CandidateBuilder(cfg, source, tokenizer, teacher, teacher_layers, ctx.data, recipe.model.max_length,
+                               {}, recipe.report.threads, seed)
+    _set_teacher_dev(builder, teacher, teacher_tok, ckpt)
+
+    fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(),
+                   "recovery_steps": cfg.recovery_steps, "recovery": cfg.recovery.model_dump(),
+                   "importance": cfg.importance, "seed": seed, "early_stop_margin": cfg.early_stop_margin}
+    study = open_study(ckpt / "study.db", fingerprint, cfg.sampler, seed)
+    values, attrs, early = _trial_callbacks(cfg, floors, tasks)
+    loop = SearchLoop(study, space, lambda number, knobs: builder.trial(knobs, seed + number, floors, ctx.out_dir),
+                      values, attrs, early, cfg.budget, log=lambda line: say(f"{cfg.name}: {line}"))
+    stats = loop.run()
+    return _finish(ctx, cfg, builder, study, space, floors, stats, ckpt, seed)
+
+
+def _check_source(ctx: StageContext, cfg: Any, source: Any) -> None:
+    """The source model must have a head for every task of the recipe, and every task a dev split."""
     missing = [t for t in ctx.data.tasks if t not in source.tasks]
     if missing:
         raise RecipeError(f"stage '{cfg.name}': the model in {ctx.model_dir} has no head for task(s) {missing}")
@@ -72,27 +99,28 @@ def run(ctx: StageContext) -> StageResult:
     if no_dev:
         raise RecipeError(f"stage '{cfg.name}': task '{no_dev[0]}' has no dev split; the search scores every task "
                           "on dev")
-    n = len(encoder_layers(source.encoder))
-    space = Space(cfg.space, read_architecture(source.encoder), f"stages[{ctx.index}].space")
+
+
+def _teacher_of(ctx: StageContext, cfg: Any, source: Any, tokenizer: Any, manifest: dict[str, Any],
+                n: int) -> tuple[Any, Any, list[int] | None]:
+    """The recovery teacher, its tokenizer and the teacher layers the source kept (when known)."""
+    from compressor.model.io import load_model
+
     same = Path(ctx.teacher_dir).resolve() == Path(ctx.model_dir).resolve()
     if same or cfg.recovery.teacher == "input":
-        teacher, teacher_tok, teacher_layers = source, tokenizer, list(range(n))
-    else:
-        teacher, teacher_tok, _ = load_model(ctx.teacher_dir)
-        recorded = (manifest.get("distilled_by") or {}).get("teacher_layers")
-        teacher_layers = [int(i) for i in recorded] if recorded and len(recorded) == n else None
-        if teacher.encoder.get_input_embeddings().num_embeddings != source.encoder.get_input_embeddings().num_embeddings:
-            raise RecipeError(f"stage '{cfg.name}': the model in {ctx.model_dir} has another vocabulary than the "
-                              "teacher; search before prune_vocab (the space has vocab_min_count)")
-    tasks = list(source.tasks)
-    floors = cfg.floors(tasks)
-    ckpt = ctx.checkpoint_dir or (ctx.run_dir / "checkpoints" / cfg.name)
-    ckpt.mkdir(parents=True, exist_ok=True)
+        return source, tokenizer, list(range(n))
+    teacher, teacher_tok, _ = load_model(ctx.teacher_dir)
+    recorded = (manifest.get("distilled_by") or {}).get("teacher_layers")
+    teacher_layers = [int(i) for i in recorded] if recorded and len(recorded) == n else None
+    if teacher.encoder.get_input_embeddings().num_embeddings != source.encoder.get_input_embeddings().num_embeddings:
+        raise RecipeError(f"stage '{cfg.name}': the model in {ctx.model_dir} has another vocabulary than the "
+                          "teacher; search before prune_vocab (the space has vocab_min_count)")
+    return teacher, teacher_tok, teacher_layers
 
-    # the teacher's dev metric, the denominator of every retention (PyTorch, as the teacher's report rows)
+
+def _set_teacher_dev(builder: Any, teacher: Any, teacher_tok: Any, ckpt: Path) -> None:
+    """The teacher's dev metric, the denominator of every retention (PyTorch, as the teacher's report rows)."""
     teacher_dev_file = ckpt / "teacher_dev.json"
-    builder = CandidateBuilder(cfg, source, tokenizer, teacher, teacher_layers, ctx.data, recipe.model.max_length,
-                               {}, recipe.report.threads, seed)
     if teacher_dev_file.is_file():
         teacher_dev = json.loads(teacher_dev_file.read_text())
     else:
@@ -100,11 +128,9 @@ def run(ctx: StageContext) -> StageResult:
         atomic_write_text(teacher_dev_file, json.dumps(teacher_dev))
     builder.teacher_dev = dict(teacher_dev)
 
-    fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(),
-                   "recovery_steps": cfg.recovery_steps, "recovery": cfg.recovery.model_dump(),
-                   "importance": cfg.importance, "seed": seed, "early_stop_margin": cfg.early_stop_margin}
-    study = open_study(ckpt / "study.db", fingerprint, cfg.sampler, seed)
 
+def _trial_callbacks(cfg: Any, floors: dict[str, float], tasks: list[str]) -> tuple[Any, Any, Any]:
+    """The search loop's ``values`` (objective, worst margin), ``attrs`` and ``early`` (early-stop record) hooks."""
     def values(m: Any) -> tuple[float, float]:
         objective = m.latency_ms if cfg.objective == "latency" else float(m.size_bytes)
         return objective, min(m.retention[t] - floors[t] for t in tasks)
@@ -119,17 +145,14 @@ def run(ctx: StageContext) -> StageResult:
                 "early_stop": f"dev retention after {cfg.recovery_steps // 2} of {cfg.recovery_steps} recovery steps "
                               f"more than {cfg.early_stop_margin} below the floor"}
 
-    loop = SearchLoop(study, space, lambda number, knobs: builder.trial(knobs, seed + number, floors, ctx.out_dir),
-                      values, attrs, early, cfg.budget, log=lambda line: say(f"{cfg.name}: {line}"))
-    stats = loop.run()
-    return _finish(ctx, cfg, builder, study, space, floors, stats, ckpt, seed)
+    return values, attrs, early
 
 
 def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, floors: dict[str, float],
             stats: dict[str, Any], ckpt: Path, seed: int) -> StageResult:
-    from compressor.model.io import load_model, save_model
+    """Write the evidence; fail when no trial held every floor, else rebuild, fully recover and save the choice."""
+    from compressor.model.io import save_model
     from compressor.report.evaluate import evaluate_rows
-    from compressor.search import SearchFailed
     from compressor.search.evidence import choose, markdown_table, pareto_plot, trial_rows
     from compressor.search.space import Knobs
 
@@ -140,37 +163,11 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
     summary = (f"{cfg.name}: {len(rows)} trial(s) trained ({sum(r['status'] == 'early-stopped' for r in rows)} "
                f"early-stopped, {sum(r['passed'] for r in rows)} held every floor: {floor_text}); objective "
                f"{cfg.objective}; stopped by {stats['stopped_by']}; {space.size} setting(s) in the space")
-
     if chosen is None:
-        evidence = ckpt / "evidence"
-        table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot)
-        if near is None:
-            miss = "no trial was scored"
-        else:
-            short = ", ".join(f"{t} {near['retention'][t]:.3f} < {floors[t]:g}" for t in near["failing"])
-            miss = f"best near miss: trial {near['trial']} ({near['describe']}; {short})"
-        message = (f"search stage '{cfg.name}': no candidate held every task's retention floor in {len(rows)} "
-                   f"trial(s); {miss}; every trial: {table}")
-        ctx.reporter.notes.append(message)
-        ctx.reporter.write(ctx.run_dir)
-        raise SearchFailed(message)
+        _fail(ctx, cfg, rows, near, tasks, floors, stats, space, ckpt)
 
-    # the choice: rebuilt from the source with the trial's seed, fully recovered (kept in the checkpoint
-    # directory so a resume after a kill does not recover it again)
     knobs = Knobs(**{k: tuple(v) if isinstance(v, list) else v for k, v in chosen["knobs"].items()})
-    trial_seed = seed + chosen["trial"]
-    final = ckpt / "final" / "model"
-    marker = ckpt / "final" / "knobs.json"
-    if final.is_dir() and marker.is_file() and json.loads(marker.read_text()) == {**knobs.to_json(),
-                                                                                   "steps": cfg.full_recovery_steps}:
-        model, tokenizer, _ = load_model(final)
-    else:
-        model, kept = builder.build(knobs, trial_seed)
-        builder.recover(model, kept, cfg.full_recovery_steps, trial_seed)
-        tokenizer = builder.prune_vocab(model, knobs.vocab_min_count)
-        shutil.rmtree(final.parent, ignore_errors=True)
-        save_model(model, tokenizer, final, ctx.recipe.model.max_length)
-        atomic_write_text(marker, json.dumps({**knobs.to_json(), "steps": cfg.full_recovery_steps}))
+    model, tokenizer = _recovered_choice(ctx, cfg, builder, knobs, seed + chosen["trial"], ckpt)
     full = builder.measure(model, tokenizer, knobs.int8, ctx.out_dir, keep=ctx.out_dir / "chosen.onnx")
 
     saved = ctx.out_dir / "model"
@@ -182,21 +179,7 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
 
     prediction = {t: {"short": chosen["retention"][t], "full": full.retention[t]} for t in tasks}
     held = all(full.retention[t] >= floors[t] for t in tasks)
-    notes = [
-        summary,
-        f"{cfg.name}: chosen trial {chosen['trial']}: {chosen['describe']}; latency p50 {chosen['latency_ms']:.2f} ms "
-        f"(batch 1, 1 thread, seq {cfg.latency_seq_len}), {chosen['size_bytes'] / 1e6:.2f} MB, worst dev retention "
-        f"{chosen['worst_retention']:.3f} after {cfg.recovery_steps} recovery steps",
-        f"{cfg.name}: after {cfg.full_recovery_steps} recovery steps the chosen student's dev retention is "
-        + ", ".join(f"{t} {v['full']:.3f} (short recovery predicted {v['short']:.3f})" for t, v in prediction.items())
-        + ("" if held else "; WARNING: below a floor after full recovery"),
-        f"{cfg.name}: trial table {ctx.final_dir / 'trials.md'}, Pareto plot {ctx.final_dir / 'pareto.png'}",
-    ]
-    notes += [f"{cfg.name}: {n}" for n in space.notes]
-    later = [s for s in ctx.recipe.stages[ctx.index + 1:] if s.kind == "quantize"]
-    if later and knobs.int8 != "none" and later[0].mode not in (knobs.int8, "search"):
-        notes.append(f"{cfg.name}: WARNING: trials measured INT8 {knobs.int8}; stage '{later[0].name}' quantizes "
-                     f"with mode {later[0].mode}")
+    notes = _chosen_notes(ctx, cfg, summary, chosen, prediction, held, knobs, space)
     table_md = _write_evidence(ctx.out_dir, rows, tasks, floors, chosen["trial"], cfg, stats, space, markdown_table,
                                pareto_plot, final_dir=ctx.final_dir)
     shutil.copyfile(ckpt / "study.db", ctx.out_dir / "study.db")
@@ -210,6 +193,74 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
         "report_section": table_md,
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _fail(ctx: StageContext, cfg: Any, rows: list[dict[str, Any]], near: dict[str, Any] | None, tasks: list[str],
+          floors: dict[str, float], stats: dict[str, Any], space: Any, ckpt: Path) -> NoReturn:
+    """No trial held every floor: write every trial and the best near miss, then raise SearchFailed."""
+    from compressor.search import SearchFailed
+    from compressor.search.evidence import markdown_table, pareto_plot
+
+    evidence = ckpt / "evidence"
+    table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot)
+    if near is None:
+        miss = "no trial was scored"
+    else:
+        short = ", ".join(f"{t} {near['retention'][t]:.3f} < {floors[t]:g}" for t in near["failing"])
+        miss = f"best near miss: trial {near['trial']} ({near['describe']}; {short})"
+    message = (f"search stage '{cfg.name}': no candidate held every task's retention floor in {len(rows)} "
+               f"trial(s); {miss}; every trial: {table}")
+    ctx.reporter.notes.append(message)
+    ctx.reporter.write(ctx.run_dir)
+    raise SearchFailed(message)
+
+
+def _recovered_choice(ctx: StageContext, cfg: Any, builder: Any, knobs: Any, trial_seed: int,
+                      ckpt: Path) -> tuple[Any, Any]:
+    """The choice rebuilt from the source with the trial's seed and fully recovered (kept in the checkpoint
+    directory so a resume after a kill does not recover it again)."""
+    from compressor.model.io import load_model, save_model
+
+    final = ckpt / "final" / "model"
+    marker = ckpt / "final" / "knobs.json"
+    if final.is_dir() and marker.is_file() and json.loads(marker.read_text()) == {**knobs.to_json(),
+                                                                                   "steps": cfg.full_recovery_steps}:
+        model, tokenizer, _ = load_model(final)
+    else:
+        model, kept = builder.build(knobs, trial_seed)
+        builder.recover(model, kept, cfg.full_recovery_steps, trial_seed)
+        tokenizer = builder.prune_vocab(model, knobs.vocab_min_count)
+        shutil.rmtree(final.parent, ignore_errors=True)
+        save_model(model, tokenizer, final, ctx.recipe.model.max_length)
+        atomic_write_text(marker, json.dumps({**knobs.to_json(), "steps": cfg.full_recovery_steps}))
+    return model, tokenizer
+
+
+def _chosen_notes(ctx: StageContext, cfg: Any, summary: str, chosen: dict[str, Any], prediction: dict[str, Any],
+                  held: bool, knobs: Any, space: Any) -> list[str]:
+    """The stage's notes when a candidate was chosen: the summary, the choice, its full recovery, warnings."""
+    from compressor.search.space import prune_config
+
+    uncut = prune_config(knobs, cfg, len(knobs.head_ratios)) is None  # recovery skips an uncut candidate
+    short = "uncut, not recovered" if uncut else f"after {cfg.recovery_steps} recovery steps"
+    full = ("the source as it is (nothing cut, so not recovered): dev retention "
+            if uncut else f"after {cfg.full_recovery_steps} recovery steps the chosen student's dev retention is ")
+    notes = [
+        summary,
+        f"{cfg.name}: chosen trial {chosen['trial']}: {chosen['describe']}; latency p50 {chosen['latency_ms']:.2f} ms "
+        f"(batch 1, 1 thread, seq {cfg.latency_seq_len}), {chosen['size_bytes'] / 1e6:.2f} MB, worst dev retention "
+        f"{chosen['worst_retention']:.3f} ({short})",
+        f"{cfg.name}: {full}"
+        + ", ".join(f"{t} {v['full']:.3f} (short recovery predicted {v['short']:.3f})" for t, v in prediction.items())
+        + ("" if held else "; WARNING: below a floor after full recovery"),
+        f"{cfg.name}: trial table {ctx.final_dir / 'trials.md'}, Pareto plot {ctx.final_dir / 'pareto.png'}",
+    ]
+    notes += [f"{cfg.name}: {n}" for n in space.notes]
+    later = [s for s in ctx.recipe.stages[ctx.index + 1:] if s.kind == "quantize"]
+    if later and knobs.int8 != "none" and later[0].mode not in (knobs.int8, "search"):
+        notes.append(f"{cfg.name}: WARNING: trials measured INT8 {knobs.int8}; stage '{later[0].name}' quantizes "
+                     f"with mode {later[0].mode}")
+    return notes
 
 
 def _write_evidence(directory: Path, rows: list[dict[str, Any]], tasks: list[str], floors: dict[str, float],

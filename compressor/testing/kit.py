@@ -56,18 +56,8 @@ def check_plugin(
     registered, cls = resolve(plugin)
     task_name = name or registered or cls.__name__.lower()
     c = Checker(registered or task_name)
-    try:
-        validate_plugin(task_name, cls)
-    except CompressorError as exc:
-        raise ContractError(f"plugin '{c.name}': registration: {exc}") from None
-    c.ok("registration")
-
-    temporary = None
-    if registered is None:  # save/load rebuilds tasks by registered name: register for the duration of the check
-        temporary = f"{task_name}"
-        if temporary in TASKS:
-            temporary = f"{task_name}-under-test"
-        TASKS.register(temporary, cls, source="<compressor.testing>")
+    _check_registration(c, task_name, cls)
+    temporary = None if registered is not None else _register_temporarily(task_name, cls)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,6 +69,24 @@ def check_plugin(
         torch.set_num_threads(threads)
         if temporary is not None:
             TASKS.unregister(temporary)
+
+
+def _check_registration(c: Checker, task_name: str, cls: type[TaskPlugin]) -> None:
+    """The plugin class passes the registry's validation (first check of the contract)."""
+    try:
+        validate_plugin(task_name, cls)
+    except CompressorError as exc:
+        raise ContractError(f"plugin '{c.name}': registration: {exc}") from None
+    c.ok("registration")
+
+
+def _register_temporarily(task_name: str, cls: type[TaskPlugin]) -> str:
+    """Register a plugin for the check's duration (save/load rebuilds tasks by name); the name it got."""
+    temporary = f"{task_name}"
+    if temporary in TASKS:
+        temporary = f"{task_name}-under-test"
+    TASKS.register(temporary, cls, source="<compressor.testing>")
+    return temporary
 
 
 def contract_test(plugin: type[TaskPlugin] | str, data: Path | str, **kwargs: Any) -> Callable[[], None]:
