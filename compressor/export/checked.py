@@ -1,5 +1,6 @@
 """The one checked export path: a model's ONNX graph that passed parity with PyTorch, then its fused version
-kept only when that passes too. Used by the ``export`` stage, the ``reference`` stage and the benchmark."""
+kept only when that passes too. Used by the ``export`` stage, the ``reference`` stage and the benchmark
+(:func:`load_for_export` reads what the two stages export: model, contract and parity batches)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,27 @@ def export_checked(model: Any, spec: Any, batches: Any, workdir: Path, threads: 
     parity = check(raw)
     parity.raise_for_failures("exported graph")
     return CheckedExport(raw, parity, optimize_checked(raw, workdir / "model.opt.onnx", check) if optimize else None)
+
+
+@dataclass
+class ExportSource:
+    """A model directory read for export: the model (on the CPU), its tokenizer, its graph contract and real
+    batches of every task for the parity check."""
+
+    model: Any
+    tokenizer: Any
+    spec: Any  # compressor.runtime.spec.GraphSpec; metadata["source_model"] names the directory
+    batches: Any
+
+
+def load_for_export(model_dir: Path, data: Any, n_batches: int, batch_size: int) -> ExportSource:
+    """Load ``model_dir`` on the CPU with its graph contract and up to ``n_batches`` dev/test batches per task."""
+    from compressor.export.onnx_export import graph_spec
+    from compressor.export.parity import real_batches
+    from compressor.model.io import load_model
+
+    model, tokenizer, manifest = load_model(model_dir, device="cpu")
+    max_length = int(manifest["max_length"])
+    spec = graph_spec(model, max_length)
+    spec.metadata["source_model"] = str(model_dir)
+    return ExportSource(model, tokenizer, spec, real_batches(model, tokenizer, data, max_length, n_batches, batch_size))

@@ -31,6 +31,12 @@ class Knobs:
     vocab_min_count: int | None  # None: keep the vocabulary
     int8: str  # dynamic | static | none
 
+    @property
+    def cuts_encoder(self) -> bool:
+        """Whether the candidate removes a layer, a head or an FFN neuron of the source (``head_ratios`` has one
+        entry per source layer); a vocabulary cut alone leaves the encoder as it is."""
+        return self.layers < len(self.head_ratios) or any(self.head_ratios) or any(self.ffn_ratios)
+
     def describe(self) -> str:
         def ratios(values: tuple[float, ...]) -> str:
             return f"{values[0]:g}" if len(set(values)) == 1 else "/".join(f"{v:g}" for v in values)
@@ -170,6 +176,8 @@ def prune_config(knobs: Knobs, stage: Any, num_layers: int) -> Any | None:
     """The ``PruneStage`` that turns the source into this candidate (None: the candidate is the source)."""
     from compressor.recipe import PruneLayerRatios, PruneStage
 
+    if not knobs.cuts_encoder:
+        return None
     kwargs: dict[str, Any] = dict(kind="prune", name=f"{stage.name}-candidate", importance=stage.importance,
                                   scope="per_layer", steps=1, recovery_steps=0,
                                   importance_batches=stage.importance_batches, batch_size=stage.batch_size)
@@ -181,7 +189,4 @@ def prune_config(knobs: Knobs, stage: Any, num_layers: int) -> Any | None:
     else:
         kwargs["layer_ratios"] = {i: PruneLayerRatios(head_ratio=h, ffn_ratio=f)
                                   for i, (h, f) in enumerate(zip(knobs.head_ratios, knobs.ffn_ratios)) if h or f}
-    if not (kwargs.get("drop_num_layers") or kwargs.get("head_ratio") or kwargs.get("ffn_ratio")
-            or kwargs.get("layer_ratios")):
-        return None
     return PruneStage(**kwargs)

@@ -24,22 +24,17 @@ def run(ctx: StageContext) -> StageResult:
     """Export the latest model as one ONNX graph (parity-checked, optimised), write its contract, evaluate it."""
     import torch
 
+    from compressor.export.checked import load_for_export
     from compressor.export.evaluate import onnx_rows
-    from compressor.export.onnx_export import graph_spec
-    from compressor.export.parity import real_batches
-    from compressor.model.io import load_model
 
     cfg: ExportStage = ctx.stage
     if ctx.model_dir is None:
         raise RecipeError(f"stage '{cfg.name}': no model to export; put a train, distill or prune stage before it")
-    model, tokenizer, manifest = load_model(ctx.model_dir, device="cpu")
-    max_length = int(manifest["max_length"])
-    spec = graph_spec(model, max_length)
-    spec.metadata.update({"opset": cfg.opset, "source_model": str(ctx.model_dir)})
+    src = load_for_export(ctx.model_dir, ctx.data, cfg.parity_batches, cfg.parity_batch_size)
+    model, tokenizer, spec, batches = src.model, src.tokenizer, src.spec, src.batches
+    spec.metadata["opset"] = cfg.opset
     threads = ctx.recipe.report.threads or torch.get_num_threads()
     notes: list[str] = []
-
-    batches = real_batches(model, tokenizer, ctx.data, max_length, cfg.parity_batches, cfg.parity_batch_size)
     parity, parity_json, opt_info, optimized = _export_graphs(ctx, model, spec, batches, threads, notes)
     final_name = "model.opt.onnx" if optimized else "model.onnx"
     spec.metadata["graph_file"] = final_name

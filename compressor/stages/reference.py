@@ -21,21 +21,16 @@ from compressor.stages import StageContext, StageResult
 def run(ctx: StageContext) -> StageResult:
     import torch
 
+    from compressor.export.checked import load_for_export
     from compressor.export.evaluate import onnx_rows
-    from compressor.export.onnx_export import graph_spec
-    from compressor.export.parity import real_batches
     from compressor.export.reference import build_reference_graphs
-    from compressor.model.io import load_model
 
     cfg: ReferenceStage = ctx.stage
     if ctx.teacher_dir is None:
         raise RecipeError(f"stage '{cfg.name}': no teacher; put a train or load stage before it")
-    model, tokenizer, manifest = load_model(ctx.teacher_dir, device="cpu")
-    max_length = int(manifest["max_length"])
-    spec = graph_spec(model, max_length)
-    spec.metadata["source_model"] = str(ctx.teacher_dir)
+    src = load_for_export(ctx.teacher_dir, ctx.data, cfg.parity_batches, cfg.parity_batch_size)
+    model, tokenizer, spec, batches = src.model, src.tokenizer, src.spec, src.batches
     threads = ctx.recipe.report.threads or torch.get_num_threads()
-    batches = real_batches(model, tokenizer, ctx.data, max_length, cfg.parity_batches, cfg.parity_batch_size)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".reference-") as tmp_str:
         ref = build_reference_graphs(model, spec, batches, Path(tmp_str), threads,
                                      None if cfg.target == "auto" else cfg.target)

@@ -239,9 +239,7 @@ def _recovered_choice(ctx: StageContext, cfg: Any, builder: Any, knobs: Any, tri
 def _chosen_notes(ctx: StageContext, cfg: Any, summary: str, chosen: dict[str, Any], prediction: dict[str, Any],
                   held: bool, knobs: Any, space: Any) -> list[str]:
     """The stage's notes when a candidate was chosen: the summary, the choice, its full recovery, warnings."""
-    from compressor.search.space import prune_config
-
-    uncut = prune_config(knobs, cfg, len(knobs.head_ratios)) is None  # recovery skips an uncut candidate
+    uncut = not knobs.cuts_encoder  # an uncut candidate is not recovered (CandidateBuilder.recover)
     short = "uncut, not recovered" if uncut else f"after {cfg.recovery_steps} recovery steps"
     full = ("the source as it is (nothing cut, so not recovered): dev retention "
             if uncut else f"after {cfg.full_recovery_steps} recovery steps the chosen student's dev retention is ")
