@@ -398,3 +398,33 @@ def test_a_narrower_student_from_config_distils_through_projections_in_the_stage
     for part in ("kd_hidden", "kd_attention", "loss"):
         assert 0 < last[part] < first[part], (part, first[part], last[part])
     assert result.outputs["layer_map"] == {"0": 1, "1": 3}
+
+
+@pytest.mark.parametrize("dropout", [0.0, None])
+def test_recovery_without_dropout_leaves_a_student_equal_to_its_teacher_where_it_is(store, tokenizer, dropout):
+    """A student that equals its teacher has nothing to learn: with ``dropout=0`` (hidden and attention dropout)
+    every KD term is zero and SGD leaves the weights where they are, up to rounding; with the model's own dropout
+    (0.3 here) the noise alone moves them. (SGD, because Adam normalises even rounding-level gradients up to
+    lr-sized steps.)"""
+    import copy
+
+    teacher = teacher_for(store)
+    student = copy.deepcopy(teacher)
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+        if hasattr(m, "dropout_prob"):  # BERT's SDPA attention reads this rate, not an nn.Dropout
+            m.dropout_prob = 0.3
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = KDConfig(alpha=0.0, temperature=2.0, logits=1.0, hidden=1.0)
+    distiller = Distiller(student, teacher, fixed_batches(store, tokenizer), config, total_steps=4,
+                          layer_map={i: i for i in range(4)}, lr=1e-3, weight_decay=0.0, optimizer="sgd",
+                          dropout=dropout)
+    losses = [distiller.step()["loss"] for _ in range(4)]
+    moved = max(float((v.float() - before[k].float()).abs().max()) for k, v in student.state_dict().items())
+    if dropout == 0.0:
+        assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+        assert all(m.dropout_prob == 0.0 for m in student.modules() if hasattr(m, "dropout_prob"))
+        assert max(abs(x) for x in losses) < 1e-6 and moved < 1e-6, (losses, moved)
+    else:
+        assert min(losses) > 1e-3 and moved > 1e-4, (losses, moved)

@@ -22,6 +22,7 @@ from compressor.distill.losses import PARTS, DistillLoss, KDConfig
 from compressor.errors import DataError
 from compressor.model.forward import autocast, use_bf16
 from compressor.model.multitask import MultiTaskModel
+from compressor.train.pieces import set_dropout
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -91,6 +92,8 @@ class Distiller:
         optimizer: ``adamw`` or ``sgd`` (with ``momentum``).
         device: default: where the student is.
         mixed_precision: ``auto`` (bf16 autocast on CUDA only), ``bf16`` (on the CPU too) or ``no``.
+        dropout: the student's dropout while it trains (every ``nn.Dropout`` of it, heads included, and the
+            attention-dropout rates of HF attention modules); ``None`` keeps the model's own.
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel,
@@ -98,13 +101,16 @@ class Distiller:
                  layer_map: Mapping[int, int] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.0, grad_clip: float | None = 1.0,
                  optimizer: Literal["adamw", "sgd"] = "adamw", momentum: float = 0.9,
-                 device: torch.device | str | None = None, mixed_precision: str = "auto"):
+                 device: torch.device | str | None = None, mixed_precision: str = "auto",
+                 dropout: float | None = None):
         from transformers import get_linear_schedule_with_warmup
 
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.student = student.to(self.device)
+        if dropout is not None:
+            set_dropout(self.student, dropout)
         self.teacher = teacher.to(self.device).eval()  # read under no_grad; its requires_grad flags stay as they are
         self.batches = batches
         self.loss = DistillLoss(student, teacher, loss_config, layer_map).to(self.device)

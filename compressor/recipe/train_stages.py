@@ -109,6 +109,8 @@ class DistillStage(Strict):
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
         "bf16 support, losses compared in fp32); no = fp32")
+    dropout: float | None = Field(None, ge=0, lt=1, description="the student's dropout while it trains; null: "
+                                  "the student's own (the teacher's config)")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
         "teacher dev metric, every task); null: run every epoch")

@@ -122,7 +122,7 @@ class CandidateBuilder:
         device = next(model.parameters()).device
         distiller = Distiller(model, self.teacher, batches, kd, total_steps=steps, layer_map=layer_map, lr=rc.lr,
                               weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
-                              device=device, mixed_precision=rc.mixed_precision)
+                              device=device, mixed_precision=rc.mixed_precision, dropout=rc.dropout)
         margin = self.stage.early_stop_margin
         if floors is not None and margin and steps >= 2:
             distiller.run(steps // 2)

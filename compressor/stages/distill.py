@@ -176,7 +176,7 @@ def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskMod
     distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                           optimizer=cfg.optimizer, momentum=cfg.momentum, device=device,
-                          mixed_precision=cfg.mixed_precision)
+                          mixed_precision=cfg.mixed_precision, dropout=cfg.dropout)
     return distiller, total, steps_per_epoch
 
 

@@ -165,7 +165,7 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     budget = _recovery_budget(cfg, batches)
     distiller = Distiller(model, teacher, batches, kd, total_steps=budget, layer_map=layer_map, lr=rc.lr,
                           weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
-                          mixed_precision=rc.mixed_precision)
+                          mixed_precision=rc.mixed_precision, dropout=rc.dropout)
     if cfg.recovery_until is None:
         parts = distiller.run(budget)
         model.eval()

@@ -29,11 +29,24 @@ class StepModule(nn.Module):
         return loss, self.weighter.weighted(task, loss)
 
 
+_DROPOUT_ATTRS = ("dropout_prob", "attention_dropout")  # float rates HF attention passes to SDPA / eager kernels
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of ``model`` to ``p`` while it trains: each ``nn.Dropout`` and the float attention-dropout
+    rates that Hugging Face attention modules hand to their kernels (BERT's SDPA path reads ``dropout_prob``, not
+    an ``nn.Dropout``). Weights and the saved config are untouched."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+
+
 def configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
     if cfg.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = cfg.dropout
+        set_dropout(model, cfg.dropout)
     if cfg.freeze_embeddings:
         for p in model.encoder.embeddings.parameters():
             p.requires_grad_(False)
