@@ -167,7 +167,7 @@ def _fragile_run(fragile, root: Path, **quantize):
 
 
 def test_fallback_moves_sensitive_nodes_to_fp32_until_tolerance_met(fragile, tmp_path):
-    r = _fragile_run(fragile, tmp_path, max_iterations=6, fallback_step=1)
+    r = _fragile_run(fragile, tmp_path, max_iterations=6, fallback_step=1, fallback_order="error")
     result = r.run_stage(1)
     summary = json.loads((tmp_path / "01-quantize" / "quantization.json").read_text())
     attempts = summary["attempts"]
@@ -182,6 +182,36 @@ def test_fallback_moves_sensitive_nodes_to_fp32_until_tolerance_met(fragile, tmp
     assert result.outputs["passed"] and result.outputs["fallback_nodes"] == attempts[-1]["excluded"]
     assert result.outputs["integer_matmuls"] > 0  # not everything went back to fp32
     assert any("within tolerance" in n for n in result.notes)
+
+
+def test_rank_per_byte_buys_the_most_accuracy_per_weight_first():
+    from compressor.export.quant_nodes import rank_per_byte
+
+    ranking = [("word_table", 0.02), ("attention", 0.09), ("ffn_out", 0.08), ("pos_table", 0.019), ("free", 0.0)]
+    elements = {"word_table": 30522 * 384, "attention": 3 * 384 * 384, "ffn_out": 1536 * 384,
+                "pos_table": 512 * 384, "free": 10}
+    # per element: attention 2.03e-7, pos_table 9.7e-8, ffn_out 1.36e-7, word_table 1.7e-9
+    assert rank_per_byte(ranking, elements) == [("attention", 0.09), ("ffn_out", 0.08), ("pos_table", 0.019),
+                                                ("word_table", 0.02), ("free", 0.0)]
+
+
+def test_size_aware_fallback_restores_accuracy_per_byte_and_passes(fragile, tmp_path):
+    from compressor.export.quant_nodes import weight_elements
+
+    r = _fragile_run(fragile, tmp_path, max_iterations=6, fallback_step=1)  # default order: error_per_byte
+    result = r.run_stage(1)
+    summary = json.loads((tmp_path / "01-quantize" / "quantization.json").read_text())
+    assert summary["passed"] and summary["attempts"][-1]["metrics"]["qa"] == 1.0
+    top = summary["sensitivity_top"]
+    # the quantized source is the fused graph, re-fused without EmbedLayerNormalization (its Gathers are the raw
+    # export's), so a node is in one or the other
+    names = [n for n, _ in top]
+    elements = {**weight_elements(tmp_path / "00-export" / "model.onnx", names),
+                **weight_elements(tmp_path / "00-export" / "model.opt.onnx", names)}
+    assert set(elements) == {n for n, _ in top} and all(elements.values())
+    per = [s / elements[n] for n, s in top if s > 0]
+    assert len(per) > 1 and per == sorted(per, reverse=True)
+    assert result.outputs["fallback_nodes"] == [n for n, _ in top[: len(result.outputs["fallback_nodes"])]]
 
 
 def test_impossible_tolerance_is_reported_or_fails_the_stage(fragile, tmp_path):

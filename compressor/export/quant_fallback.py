@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from compressor.export.quant_graph import QuantizationError, QuantOptions, nodes_to_exclude, quantize_graph, quantized_nodes
-from compressor.export.quant_nodes import fp32_nodes, integer_matmuls, integer_op_counts, node_sensitivity
+from compressor.export.quant_nodes import (
+    fp32_nodes,
+    integer_matmuls,
+    integer_op_counts,
+    node_sensitivity,
+    rank_per_byte,
+    weight_elements,
+)
 
 
 def relative_drop(reference: float, value: float, higher_is_better: bool = True) -> float:
@@ -69,6 +76,7 @@ def quantize_accuracy_aware(
     max_iterations: int = 5,
     step: int = 2,
     ranges: Any = None,
+    order: str = "error",
 ) -> QuantizeOutcome:
     """Quantize ``source`` (prepared by :func:`prepare_source`) into ``out``, falling back node by node.
 
@@ -79,6 +87,8 @@ def quantize_accuracy_aware(
         max_iterations: fallback rounds after the first attempt; round ``i`` keeps the ``step * 2**(i-1)`` most
             sensitive nodes in fp32 (doubling, so a deep encoder is covered in a few rounds).
         ranges: calibration ranges (static mode).
+        order: which nodes fall back first: ``error`` (the largest added error) or ``error_per_byte`` (the largest
+            added error per weight element: accuracy bought per byte of fp32 weights).
 
     Returns the outcome; ``out`` holds the first graph that passes, or, if none does, the attempt with the
     fewest failing tasks (then the smallest worst excess of a drop over its tolerance).
@@ -86,7 +96,8 @@ def quantize_accuracy_aware(
     workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
     goal = _Goal(evaluate, dict(reference), dict(tolerances), dict(higher_is_better))
     try:
-        attempts, files, ranking = _attempts(source, workdir, options, goal, batches, max_iterations, step, ranges)
+        attempts, files, ranking = _attempts(source, workdir, options, goal, batches, max_iterations, step, ranges,
+                                             order)
         passed = not attempts[-1].failing
         kept = len(attempts) - 1 if passed else min(range(len(attempts)), key=lambda i: goal.shortfall(attempts[i]))
         fp32 = fp32_nodes(source, files[kept], options, attempts[kept].excluded, dict(ranking))
@@ -118,7 +129,7 @@ class _Goal:
 
 def _attempts(source: Path, workdir: Path, options: QuantOptions, goal: _Goal,
               batches: Sequence[Mapping[str, np.ndarray]], max_iterations: int, step: int,
-              ranges: Any) -> tuple[list[Attempt], list[Path], list[tuple[str, float]]]:
+              ranges: Any, order: str = "error") -> tuple[list[Attempt], list[Path], list[tuple[str, float]]]:
     """Quantize and evaluate until every task passes or the fallback rounds run out; the attempts, their
     graphs and the sensitivity ranking (empty when the first attempt passed)."""
     attempts: list[Attempt] = []
@@ -139,6 +150,10 @@ def _attempts(source: Path, workdir: Path, options: QuantOptions, goal: _Goal,
             break
         if iteration == 0:
             ranking = node_sensitivity(source, path, quantized_nodes(source, path, options), batches)
+            if order == "error_per_byte":
+                ranking = rank_per_byte(ranking, weight_elements(source, [n for n, _ in ranking]))
+            elif order != "error":
+                raise ValueError(f"unknown fallback order '{order}' (error, error_per_byte)")
         if len(fallback) >= len(ranking):
             break  # everything quantizable is fp32 already: more rounds cannot help
         fallback = [n for n, _ in ranking[: min(len(ranking), step * 2**iteration)]]

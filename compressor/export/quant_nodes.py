@@ -137,3 +137,24 @@ def node_sensitivity(fp32: Path, quantized: Path, nodes: Sequence[str],
     scores = [(name, err.get(out, 0.0) - max((err.get(a, 0.0) for a in acts), default=0.0))
               for name, (out, acts) in watch.items()]
     return sorted(scores, key=lambda x: -x[1])
+
+
+def weight_elements(path: Path, nodes: Sequence[str]) -> dict[str, int]:
+    """Elements of the float initializers each of ``nodes`` reads in the graph at ``path`` (its weight matrix or
+    embedding table, plus biases): what moving the node back to fp32 adds to the graph, in 3 bytes an element."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    want = set(nodes)
+    return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node if n.name in want}
+
+
+def rank_per_byte(ranking: Sequence[tuple[str, float]], elements: Mapping[str, int]) -> list[tuple[str, float]]:
+    """``ranking`` (node, added error; most sensitive first) reordered by added error per weight element, so the
+    fallback first restores the nodes that buy the most accuracy per byte (a big embedding table whose error is
+    small for its size goes last). Nodes that add no error keep their place at the end; scores stay the errors."""
+    def key(item: tuple[str, float]) -> tuple[bool, float]:
+        name, err = item
+        return err <= 0, -err / max(elements.get(name, 0), 1)
+    return sorted(ranking, key=key)

@@ -79,6 +79,10 @@ class QuantizeStage(Strict):
     eval_split: Literal["dev", "test"] = Field("dev", description="split the accuracy check uses (falls back to the other)")
     max_iterations: int = Field(4, ge=0, description="fallback rounds after the first attempt")
     fallback_step: int = Field(2, gt=0, description="nodes moved to fp32 in the first fallback round; doubles each round")
+    fallback_order: Literal["error_per_byte", "error"] = Field(
+        "error_per_byte", description="which quantized nodes go back to fp32 first: the most added error per "
+        "weight element (accuracy bought per byte, so a big embedding table with a small error goes last), or the "
+        "most added error whatever the node's size")
     sensitivity_batches: int = Field(4, gt=0, description="calibration batches per task used to rank node sensitivity")
     on_failure: Literal["warn", "error"] = Field("warn", description="when no attempt meets every tolerance: keep the "
                                                  "best attempt and report it, or fail the stage")

@@ -115,7 +115,7 @@ class _Job:
         outcome = quantize_accuracy_aware(
             prepared, out, options, self.evaluate, reference, tolerances,
             {t: self.plugins[t].metric.higher_is_better for t in reference}, self.sensitivity,
-            max_iterations=cfg.max_iterations, step=cfg.fallback_step, ranges=ranges,
+            max_iterations=cfg.max_iterations, step=cfg.fallback_step, ranges=ranges, order=cfg.fallback_order,
         )
         return {"mode": mode, "outcome": outcome, "options": options, "source": export_source, "notes": notes,
                 "tolerances": tolerances}
