@@ -179,6 +179,8 @@ def test_fallback_moves_sensitive_nodes_to_fp32_until_tolerance_met(fragile, tmp
     ranked = [s for _, s in summary["sensitivity_top"]]
     assert ranked == sorted(ranked, reverse=True)
     assert attempts[-1]["excluded"] == [n for n, _ in summary["sensitivity_top"][: len(attempts[-1]["excluded"])]]
+    scores = dict(summary["sensitivity_top"])
+    assert all(scores[n] > 0 for n in attempts[-1]["excluded"])  # a node that adds no error is never moved
     assert result.outputs["passed"] and result.outputs["fallback_nodes"] == attempts[-1]["excluded"]
     assert result.outputs["integer_matmuls"] > 0  # not everything went back to fp32
     assert any("within tolerance" in n for n in result.notes)

@@ -85,7 +85,8 @@ def quantize_accuracy_aware(
         reference: {task: metric of the fp32 graph}; a task passes when ``relative_drop <= tolerance``.
         batches: graph feeds for sensitivity ranking (calibration batches).
         max_iterations: fallback rounds after the first attempt; round ``i`` keeps the ``step * 2**(i-1)`` most
-            sensitive nodes in fp32 (doubling, so a deep encoder is covered in a few rounds).
+            sensitive nodes in fp32 (doubling, so a deep encoder is covered in a few rounds); only nodes that add
+            error (output error above their inputs') are ever moved.
         ranges: calibration ranges (static mode).
         order: which nodes fall back first: ``error`` (the largest added error) or ``error_per_byte`` (the largest
             added error per weight element: accuracy bought per byte of fp32 weights).
@@ -154,7 +155,10 @@ def _attempts(source: Path, workdir: Path, options: QuantOptions, goal: _Goal,
                 ranking = rank_per_byte(ranking, weight_elements(source, [n for n, _ in ranking]))
             elif order != "error":
                 raise ValueError(f"unknown fallback order '{order}' (error, error_per_byte)")
-        if len(fallback) >= len(ranking):
-            break  # everything quantizable is fp32 already: more rounds cannot help
-        fallback = [n for n, _ in ranking[: min(len(ranking), step * 2**iteration)]]
+        # only nodes that add error are candidates: one whose output is no worse than its inputs (added error
+        # <= 0, measurement noise) cannot buy accuracy back, only size and speed
+        candidates = [n for n, err in ranking if err > 0]
+        if len(fallback) >= len(candidates):
+            break  # every node that adds error is fp32 already: more rounds cannot help
+        fallback = candidates[: min(len(candidates), step * 2**iteration)]
     return attempts, files, ranking
