@@ -153,7 +153,7 @@ def weight_elements(path: Path, nodes: Sequence[str]) -> dict[str, int]:
 def rank_per_byte(ranking: Sequence[tuple[str, float]], elements: Mapping[str, int]) -> list[tuple[str, float]]:
     """``ranking`` (node, added error; most sensitive first) reordered by added error per weight element, so the
     fallback first restores the nodes that buy the most accuracy per byte (a big embedding table whose error is
-    small for its size goes last). Nodes that add no error keep their place at the end; scores stay the errors."""
+    small for its size goes last). Nodes that add no error go to the end; the scores stay the added errors."""
     def key(item: tuple[str, float]) -> tuple[bool, float]:
         name, err = item
         return err <= 0, -err / max(elements.get(name, 0), 1)
