@@ -4,7 +4,8 @@
 
 Cuts FFN_RATIO of every layer's FFN neurons and HEAD_RATIO of its heads (Taylor importance, as the search does),
 recovers for STEPS distillation steps with recipes/auto.yaml's search recovery settings changed by VARIANT
-(words joined by '-': drop0 = dropout 0, warm = 10% warmup, lr2 = lr 2e-5; anything else = the model's dropout),
+(words joined by '-': drop0 = dropout 0, warm = 10% warmup, lr2 = lr 2e-5, fp32 = no bf16 autocast, alpha = task
+loss weight 0.5; without drop0, the model's own dropout),
 scores every task on dev with PyTorch and appends one JSON line to runs/exp/recover_ab.jsonl. The teacher's dev
 metrics are those of reports/auto.md (trial 0).
 """

@@ -94,6 +94,8 @@ def quantize_accuracy_aware(
     Returns the outcome; ``out`` holds the first graph that passes, or, if none does, the attempt with the
     fewest failing tasks (then the smallest worst excess of a drop over its tolerance).
     """
+    if order not in ("error", "error_per_byte"):
+        raise ValueError(f"unknown fallback order '{order}' (error, error_per_byte)")
     workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
     goal = _Goal(evaluate, dict(reference), dict(tolerances), dict(higher_is_better))
     try:
@@ -153,8 +155,6 @@ def _attempts(source: Path, workdir: Path, options: QuantOptions, goal: _Goal,
             ranking = node_sensitivity(source, path, quantized_nodes(source, path, options), batches)
             if order == "error_per_byte":
                 ranking = rank_per_byte(ranking, weight_elements(source, [n for n, _ in ranking]))
-            elif order != "error":
-                raise ValueError(f"unknown fallback order '{order}' (error, error_per_byte)")
         # only nodes that add error are candidates: one whose output is no worse than its inputs (added error
         # <= 0, measurement noise) cannot buy accuracy back, only size and speed
         candidates = [n for n, err in ranking if err > 0]

@@ -65,7 +65,8 @@ class QuantizeStage(Strict):
     target: Literal["avx512_vnni", "avx2", "arm64"] = Field("avx512_vnni", description="optimum AutoQuantizationConfig preset")
     per_channel: bool = Field(True, description="one weight scale per output channel of each MatMul (measured on the "
                               "four-task teacher, dynamic INT8 of every MatMul and the word table: worst dev drop "
-                              "1.5% per channel against 4.9% per tensor, same latency); false: one per tensor")
+                              "1.5% per channel against 4.9% per tensor, at the latency of optimum's "
+                              "per-tensor INT8 of the same teacher); false: one per tensor")
     reduce_range: bool = Field(False, description="7-bit weights (avx2 only; avoids VPMADDUBSW saturation)")
     op_types: list[str] | None = Field(None, description="op types to quantize; default dynamic: MatMul, Attention, "
                                        "Gather, EmbedLayerNormalization; static: MatMul, Gather")
