@@ -324,6 +324,13 @@ def _(c):
     return c.run(c.base(stages=stages)), "stages[2].tolerances"
 
 
+@case("recipe-int4-block-size-not-a-power-of-two")
+def _(c):
+    stages = ("  - {kind: train, epochs: 1}\n  - {kind: export}\n"
+              "  - {kind: quantize, embedding: int4_block, embedding_block_size: 48}\n")
+    return c.run(c.base(stages=stages)), "stages[2].embedding_block_size"
+
+
 # ---- recipes: the stage chain --------------------------------------------------------------------------------
 _CHAIN_CASES = [
     ("source-names-no-stage", "  - {kind: train, epochs: 1}\n  - {kind: export}\n  - {kind: quantize, source: nope}\n",

@@ -1,6 +1,7 @@
-"""Per-row INT8 embedding tables: the lookup stays within half a row's step of fp32 (where one scale per table
-loses small rows), the table is stored INT8 with fp32 row scales, the graph shrinks by ~3/4 of the table, and the
-quantize stage reports which nodes stayed fp32 and why."""
+"""Quantized embedding tables. Per-row INT8: the lookup stays within half a row's step of fp32 (where one scale per
+table loses small rows), the table is stored INT8 with fp32 row scales, the graph shrinks by ~3/4 of the table, and
+the quantize stage reports which nodes stayed fp32 and why. INT4 per block: within half a block's step, stored as
+packed 4-bit values (half the INT8 bytes), served by ONNX Runtime's GatherBlockQuantized through the bundle."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _export_helpers import build_run
+from compressor.export.embedding_rows import int4_blocks
 from compressor.export.quantize import (
     QuantOptions, embedding_tables, fp32_nodes, integer_op_counts, prepare_source, quantize_embedding_rows,
     quantize_graph, quantized_nodes,
@@ -68,7 +70,57 @@ def test_per_row_lookup_within_half_a_step_of_fp32(tmp_path):
     assert [n.op_type for n in model.graph.node] == ["Gather", "Gather", "Cast", "Mul"]
     assert model.graph.node[-1].output[0] == "emb"  # same output name: sensitivity and parity see the same tensor
     fp32_bytes, int8_bytes = src.stat().st_size, (tmp_path / "int8.onnx").stat().st_size
-    assert int8_bytes < 0.3 * fp32_bytes and records[0].int8_bytes == 5000 * 24 + 5000 * 4
+    assert int8_bytes < 0.3 * fp32_bytes and records[0].quantized_bytes == 5000 * 24 + 5000 * 4
+
+
+def test_int4_block_lookup_within_half_a_block_step_of_fp32(tmp_path):
+    rng = np.random.default_rng(2)
+    # 100 columns: 3 full blocks of 32 and a partial one of 4; rows of very different magnitude
+    table = (rng.standard_normal((3000, 100)) * np.logspace(-3, 0, 3000)[:, None]).astype(np.float32)
+    table[7, 40:64] = 0.0  # a block of zeros keeps a usable scale and decodes to zeros
+    src = _lookup_graph(tmp_path / "fp32.onnx", table)
+    records = quantize_embedding_rows(src, tmp_path / "int4.onnx", bits=4, block_size=32)
+    assert [(r.node, r.table, r.shape, r.bits) for r in records] == [("lookup", "table", (3000, 100), 4)]
+
+    ids = rng.integers(0, 3000, size=(4, 30))
+    ids[0, 0] = 7
+    ref, got = _run(src, ids), _run(tmp_path / "int4.onnx", ids)
+    padded = np.zeros((3000, 128), np.float32)
+    padded[:, :100] = table
+    step = np.abs(padded.reshape(3000, 4, 32)).max(axis=2) / 7  # each block's quantization step
+    step_per_element = np.repeat(step, 32, axis=1)[:, :100]
+    # stated tolerance: every element within half its block's step of fp32 (<= 1/14 of the block's largest value)
+    assert np.all(np.abs(got - ref) <= 0.5 * step_per_element[ids] * (1 + 1e-5))
+    assert np.abs(got - ref).max() <= records[0].max_abs_error * (1 + 1e-6)
+    assert np.all(got[0, 0, 40:64] == 0.0)
+    # the same numbers as the numpy reference the stage's records are computed from
+    _, _, deq = int4_blocks(table, 32)
+    assert np.allclose(got, deq[ids], atol=1e-7)
+
+    # stored as packed 4-bit values (two per byte) with fp32 block scales; the fp32 table is gone
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert set(inits) == {"table_int4_blocks", "table_block_scales"}
+    assert inits["table_int4_blocks"].data_type == TensorProto.UINT8 and list(inits["table_int4_blocks"].dims) == [3000, 50]
+    assert list(inits["table_block_scales"].dims) == [3000, 4]
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("GatherBlockQuantized", "com.microsoft")]
+    assert model.graph.node[0].output[0] == "emb"
+    assert records[0].quantized_bytes == 3000 * 50 + 3000 * 4 * 4
+    from compressor.export.onnx_export import onnx_param_count
+
+    assert onnx_param_count(tmp_path / "int4.onnx") == 3000 * 100 + 3000 * 4  # two values a byte, plus the scales
+    int8 = quantize_embedding_rows(src, tmp_path / "int8.onnx")
+    # 50 + 16 bytes a row against 100 + 4: at 100 columns the fp32 block scales are a quarter of the INT4 bytes
+    assert (tmp_path / "int4.onnx").stat().st_size < 0.65 * (tmp_path / "int8.onnx").stat().st_size
+    assert records[0].max_abs_error > int8[0].max_abs_error  # coarser: what the stage's accuracy check is for
+
+
+@pytest.mark.parametrize("block", [0, 24, 8])
+def test_int4_block_size_must_be_a_power_of_two_of_at_least_16(tmp_path, block):
+    src = _lookup_graph(tmp_path / "fp32.onnx", np.ones((300, 20), np.float32))
+    with pytest.raises(ValueError, match="power of two of at least 16"):
+        quantize_embedding_rows(src, tmp_path / "q.onnx", bits=4, block_size=block)
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_tied_table_keeps_its_fp32_copy_and_small_tables_stay(tmp_path):
@@ -152,7 +204,7 @@ def test_stage_quantizes_the_embedding_per_row_and_says_what_stayed_fp32(run):
     assert {e["reason"].split(" (")[0] for e in summary["fp32_nodes"]} <= {"task head", "small table",
                                                                          "accuracy fallback"}
     notes = run.results["quantize"].notes
-    assert any("INT8 embedding table lookup(s) (per_row)" in n for n in notes)
+    assert any("quantized embedding table lookup(s) (INT8, per_row)" in n for n in notes)
     assert any(n.startswith("left fp32: ") and "task head" in n for n in notes)
     fp32_size = Path(run.outputs["export"]["onnx"]).stat().st_size
     assert q.stat().st_size < 0.4 * fp32_size
@@ -176,3 +228,40 @@ def test_auto_mode_keeps_the_faster_graph_within_tolerance(run, tmp_path):
     q = onnx.load(str(result.outputs["onnx"]))
     assert {i.name: i.data_type for i in q.graph.initializer}[f"{WORD_TABLE}_int8_rows"] == TensorProto.INT8
     assert any(n.startswith("static vs dynamic: ") and f"kept {faster}" in n for n in result.notes)
+
+
+def test_int4_block_stage_stores_the_word_table_in_4_bits_and_the_bundle_serves_it(run, tmp_path):
+    from _export_helpers import make_run
+    from compressor.runtime import Bundle
+
+    r = make_run([{"kind": "export"}, {"kind": "quantize", "embedding": "int4_block", "embedding_block_size": 16,
+                   "tolerance": 1.0}, {"kind": "bundle"}], tmp_path, model_dir=run.model_dir)
+    for i in range(3):
+        r.run_stage(i)
+    out = r.outputs["quantize"]
+    q = Path(out["onnx"])
+    inits = {i.name: i for i in onnx.load(str(q)).graph.initializer}
+    assert WORD_TABLE not in inits and inits[f"{WORD_TABLE}_int4_blocks"].data_type == TensorProto.UINT8
+    assert list(inits[f"{WORD_TABLE}_int4_blocks"].dims) == [30522, 16]  # hidden 32: 16 bytes a row
+    assert list(inits[f"{WORD_TABLE}_block_scales"].dims) == [30522, 2]
+    assert out["integer_ops"]["int4_gather"] >= 2 and out["integer_ops"].get("int8_gather", 0) == 0
+    summary = json.loads((q.parent / "quantization.json").read_text())
+    assert summary["embedding"] == "int4_block" and summary["embedding_block_size"] == 16
+    assert all(e["node"] != WORD_GATHER for e in summary["fp32_nodes"])
+    assert any("quantized embedding table lookup(s) (INT4, blocks of 16, int4_block)" in n
+               for n in r.results["quantize"].notes)
+    # a word-table row: 16 bytes of 4-bit values + 2 fp32 block scales, against per-row INT8's 32 + 4
+    per_row = Path(run.outputs["quantize"]["onnx"])
+    assert per_row.stat().st_size - q.stat().st_size > 0.95 * 30522 * (36 - 24)
+    # the torch-free runtime loads the contrib op and answers every task
+    bundle = Bundle.load(r.outputs["bundle"]["bundle"], threads=1)
+    answers = bundle.predict(["Alice works for Acme in Paris ."], questions="Where does Alice work ?")
+    assert len(answers) == 1 and set(answers[0]["predictions"]) == set(bundle.tasks) == {"ner", "rel", "sst", "qa"}
+    assert answers[0]["predictions"]["sst"]["label"] in bundle.spec.tasks["sst"].decoder["labels"]
+
+
+def test_recipe_refuses_an_int4_block_size_ort_cannot_read():
+    from compressor.recipe.export_stages import QuantizeStage
+
+    with pytest.raises(ValueError, match="(?s)embedding_block_size.*power of two of at least 16"):
+        QuantizeStage.model_validate({"kind": "quantize", "embedding": "int4_block", "embedding_block_size": 48})

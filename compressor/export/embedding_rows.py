@@ -1,5 +1,10 @@
-"""Per-row INT8 embedding tables: ``Gather(int8 table)`` + ``Gather(scales)`` -> ``Cast`` -> ``Mul``, so only the
-looked-up rows are dequantized (per-tensor INT8 gives every row the range of the table's largest value)."""
+"""Embedding tables stored quantized and dequantized after the lookup, so only the looked-up rows are dequantized:
+
+- INT8 per row: ``Gather(int8 table)`` + ``Gather(scales)`` -> ``Cast`` -> ``Mul`` (standard ONNX ops; per-tensor
+  INT8 gives every row the range of the table's largest value);
+- INT4 per block: ONNX Runtime's ``com.microsoft.GatherBlockQuantized`` on a table of packed 4-bit values with
+  one fp32 scale per ``block_size`` elements of a row (half the bytes of INT8; coarser, so measure what it costs).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,22 @@ import numpy as np
 
 #: an embedding table smaller than this stays fp32 (token-type tables: 2 x hidden)
 EMBED_MIN_ELEMENTS = 4096
+#: elements of a row that share one scale in INT4 tables (ORT wants a power of two, at least 16)
+INT4_BLOCK_SIZE = 32
 HEAD_SCOPE = "/heads/"  # TorchScript scope of the heads in node names (ExportWrapper.model.heads.<task>)
 
 
 @dataclass
 class RowQuantized:
-    """One embedding lookup turned into Gather(int8 table) + Gather(scales) -> Cast -> Mul."""
+    """One embedding lookup turned into a lookup of a quantized table (INT8 per row or INT4 per block)."""
 
     node: str  # the replaced Gather's name
     table: str  # the fp32 initializer it read
     shape: tuple[int, int]
     fp32_bytes: int
-    int8_bytes: int  # table + scales
-    max_abs_error: float  # largest |w - dequantized w| over the table (<= half the row's scale)
+    quantized_bytes: int  # table + scales
+    max_abs_error: float  # largest |w - dequantized w| over the table (<= half the row's or block's scale)
+    bits: int = 8
 
 
 def embedding_tables(model: Any, min_elements: int = EMBED_MIN_ELEMENTS) -> dict[str, str]:
@@ -45,18 +53,54 @@ def embedding_tables(model: Any, min_elements: int = EMBED_MIN_ELEMENTS) -> dict
     return out
 
 
-def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), min_elements: int = EMBED_MIN_ELEMENTS,
-                            skip_heads: bool = True) -> list[RowQuantized]:
-    """Store every embedding table of ``src`` as INT8 with one fp32 scale per row (symmetric, max |w| / 127).
+def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric INT8 of a 2-D table, one scale per row (max |w| / 127): (int8 table, scales [rows, 1], dequantized)."""
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale, q.astype(np.float32) * scale
 
-    Each lookup ``Gather(table, ids)`` becomes ``Mul(Cast(Gather(table_int8, ids)), Gather(scales, ids))`` with
-    the same output name, so the table stays INT8 in memory and only the looked-up rows are dequantized. A table
-    that another node also reads (tied weights) keeps its fp32 copy for that node. Nodes named in ``exclude``
-    (and the heads, with ``skip_heads``) are left alone. Writes ``dst`` (may be ``src``); returns what changed.
+
+def int4_blocks(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric INT4 of a 2-D table, one scale per ``block_size`` elements of a row (max |w| / 7, values in
+    [-7, 7]), packed as ``GatherBlockQuantized`` reads uint8 data: value + 8, two per byte, the first in the low
+    nibble. Returns (packed uint8 [rows, ceil(cols / 2)], scales [rows, ceil(cols / block_size)], dequantized)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"INT4 block size must be a power of two of at least 16 (got {block_size})")
+    rows, cols = w.shape
+    blocks = -(-cols // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :cols] = w
+    scale = np.abs(padded.reshape(rows, blocks, block_size)).max(axis=2) / 7.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(padded.reshape(rows, blocks, block_size) / scale[..., None]), -7, 7)
+    deq = (q * scale[..., None]).reshape(rows, -1)[:, :cols].astype(np.float32)
+    u = (q.reshape(rows, -1)[:, :cols] + 8).astype(np.uint8)
+    if cols % 2:
+        u = np.pad(u, ((0, 0), (0, 1)))
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    return packed, scale, deq
+
+
+def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), min_elements: int = EMBED_MIN_ELEMENTS,
+                            skip_heads: bool = True, bits: int = 8,
+                            block_size: int = INT4_BLOCK_SIZE) -> list[RowQuantized]:
+    """Store every embedding table of ``src`` quantized: INT8 with one fp32 scale per row (``bits=8``, symmetric,
+    max |w| / 127) or INT4 with one fp32 scale per ``block_size`` elements of a row (``bits=4``, :func:`int4_blocks`).
+
+    With 8 bits each lookup ``Gather(table, ids)`` becomes ``Mul(Cast(Gather(table_int8, ids)), Gather(scales,
+    ids))``; with 4 bits, ``com.microsoft.GatherBlockQuantized(packed, ids, scales)``. Either keeps the output name,
+    so the table stays quantized in memory and only the looked-up rows are dequantized. A table that another node
+    also reads (tied weights) keeps its fp32 copy for that node. Nodes named in ``exclude`` (and the heads, with
+    ``skip_heads``) are left alone. Writes ``dst`` (may be ``src``); returns what changed.
     """
     import onnx
     from onnx import helper, numpy_helper
 
+    if bits not in (4, 8):
+        raise ValueError(f"embedding tables are quantized to 8 or 4 bits (got {bits})")
+    if bits == 4:
+        int4_blocks(np.zeros((1, 1), np.float32), block_size)  # checks the block size before any work
     model = onnx.load(str(src))
     graph = model.graph
     exclude = set(exclude)
@@ -67,7 +111,7 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
             onnx.save(model, str(dst))
         return []
     inits = {i.name: i for i in graph.initializer}
-    done: dict[str, tuple[str, str]] = {}  # table -> (int8 name, scales name)
+    done: dict[str, tuple[str, str]] = {}  # table -> (quantized table name, scales name)
     records: list[RowQuantized] = []
     new_nodes = []
     for node in graph.node:
@@ -77,17 +121,21 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
         table = tables[node.name]
         if table not in done:
             w = numpy_helper.to_array(inits[table]).astype(np.float32)
-            scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
-            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-            names = (f"{table}_int8_rows", f"{table}_row_scales")
+            q, scale, deq = int8_rows(w) if bits == 8 else int4_blocks(w, block_size)
+            names = (f"{table}_int8_rows", f"{table}_row_scales") if bits == 8 else \
+                (f"{table}_int4_blocks", f"{table}_block_scales")
             graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1])])
             done[table] = names
-            error = float(np.abs(q.astype(np.float32) * scale - w).max()) if w.size else 0.0
+            error = float(np.abs(deq - w).max()) if w.size else 0.0
             records.append(RowQuantized(node.name, table, (int(w.shape[0]), int(w.shape[1])), int(w.nbytes),
-                                        int(q.nbytes + scale.nbytes), error))
+                                        int(q.nbytes + scale.nbytes), error, bits))
         q_name, s_name = done[table]
         ids, out = node.input[1], node.output[0]
+        if bits == 4:
+            new_nodes.append(helper.make_node(
+                "GatherBlockQuantized", [q_name, ids, s_name], [out], name=f"{node.name}/int4_blocks",
+                domain="com.microsoft", bits=4, block_size=block_size, gather_axis=0, quantize_axis=1))
+            continue
         base = f"{node.name}/int8_rows"
         new_nodes += [
             helper.make_node("Gather", [q_name, ids], [f"{base}/q"], name=f"{base}/Gather", axis=0),
@@ -97,6 +145,8 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
         ]
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if bits == 4 and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for table in done:
         if table not in still_read:

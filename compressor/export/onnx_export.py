@@ -168,10 +168,15 @@ def check_graph_io(path: Path, spec: GraphSpec) -> None:
 
 
 def onnx_param_count(path: Path) -> int:
-    """Elements in the graph's initializers (weights, whatever their dtype)."""
+    """Elements in the graph's initializers (weights, whatever their dtype; a table of 4-bit values packed two to
+    a uint8 byte, as ``GatherBlockQuantized`` reads it, counts two per byte)."""
     import math
 
     import onnx
 
     model = onnx.load(str(path))
-    return sum(math.prod(int(d) for d in init.dims) for init in model.graph.initializer)
+    packed = {n.input[0] for n in model.graph.node if n.op_type == "GatherBlockQuantized"
+              and next((a.i for a in n.attribute if a.name == "bits"), 4) == 4}
+    return sum(math.prod(int(d) for d in init.dims)
+               * (2 if init.name in packed and init.data_type == onnx.TensorProto.UINT8 else 1)
+               for init in model.graph.initializer)

@@ -1,5 +1,6 @@
 """The accuracy-aware loop: quantize, evaluate every task, and while a task drops more than its tolerance below
-the fp32 graph, move the most sensitive nodes back to fp32 and quantize again."""
+the fp32 graph, move the most sensitive nodes back to fp32 and quantize again. "More than its tolerance" is the
+point drop, or (with a noise test) a drop whose paired-bootstrap interval lies wholly above the tolerance."""
 
 from __future__ import annotations
 
@@ -21,12 +22,7 @@ from compressor.export.quant_nodes import (
     rank_per_byte,
     weight_elements,
 )
-
-
-def relative_drop(reference: float, value: float, higher_is_better: bool = True) -> float:
-    """How much worse ``value`` is than ``reference``, relative to |reference| (absolute when it is 0)."""
-    worse = (reference - value) if higher_is_better else (value - reference)
-    return worse / abs(reference) if reference else worse
+from compressor.significance import DropInterval, relative_drop
 
 
 @dataclass
@@ -37,6 +33,8 @@ class Attempt:
     drops: dict[str, float]
     failing: list[str]
     integer_ops: dict[str, int]
+    #: with a noise test: task -> the drop's paired-bootstrap interval (DropInterval.to_json)
+    drop_intervals: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +75,7 @@ def quantize_accuracy_aware(
     step: int = 2,
     ranges: Any = None,
     order: str = "error",
+    noise: Callable[[Path], Mapping[str, DropInterval]] | None = None,
 ) -> QuantizeOutcome:
     """Quantize ``source`` (prepared by :func:`prepare_source`) into ``out``, falling back node by node.
 
@@ -90,6 +89,10 @@ def quantize_accuracy_aware(
         ranges: calibration ranges (static mode).
         order: which nodes fall back first: ``error`` (the largest added error) or ``error_per_byte`` (the largest
             added error per weight element: accuracy bought per byte of fp32 weights).
+        noise: quantized graph path -> {task: paired-bootstrap interval of its drop} (the stage keeps each
+            graph's predictions from ``evaluate``); given, a task fails only when its whole interval lies above its
+            tolerance (the drop is larger than the tolerance at the interval's confidence), not when the point drop
+            does.
 
     Returns the outcome; ``out`` holds the first graph that passes, or, if none does, the attempt with the
     fewest failing tasks (then the smallest worst excess of a drop over its tolerance).
@@ -97,7 +100,7 @@ def quantize_accuracy_aware(
     if order not in ("error", "error_per_byte"):
         raise ValueError(f"unknown fallback order '{order}' (error, error_per_byte)")
     workdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=".quantize-"))
-    goal = _Goal(evaluate, dict(reference), dict(tolerances), dict(higher_is_better))
+    goal = _Goal(evaluate, dict(reference), dict(tolerances), dict(higher_is_better), noise)
     try:
         attempts, files, ranking = _attempts(source, workdir, options, goal, batches, max_iterations, step, ranges,
                                              order)
@@ -119,12 +122,19 @@ class _Goal:
     reference: dict[str, float]
     tolerances: dict[str, float]
     higher_is_better: dict[str, bool]
+    noise: Callable[[Path], Mapping[str, DropInterval]] | None = None
 
     def attempt(self, iteration: int, path: Path, fallback: list[str], counts: dict[str, int]) -> Attempt:
         metrics = {k: float(v) for k, v in self.evaluate(path).items()}
         drops = {t: relative_drop(self.reference[t], metrics[t], self.higher_is_better.get(t, True)) for t in metrics}
-        failing = [t for t, d in drops.items() if d > self.tolerances.get(t, 0.0) + 1e-12]
-        return Attempt(iteration, list(fallback), metrics, drops, failing, counts)
+        if self.noise is None:
+            failing = [t for t, d in drops.items() if d > self.tolerances.get(t, 0.0) + 1e-12]
+            return Attempt(iteration, list(fallback), metrics, drops, failing, counts)
+        intervals = dict(self.noise(path))
+        failing = [t for t in drops if t in intervals and intervals[t].exceeds(self.tolerances.get(t, 0.0))]
+        failing += [t for t, d in drops.items() if t not in intervals and d > self.tolerances.get(t, 0.0) + 1e-12]
+        return Attempt(iteration, list(fallback), metrics, drops, failing, counts,
+                       {t: iv.to_json() for t, iv in intervals.items()})
 
     def shortfall(self, a: Attempt) -> tuple[int, float]:
         return len(a.failing), max((d - self.tolerances.get(t, 0.0) for t, d in a.drops.items()), default=0.0)

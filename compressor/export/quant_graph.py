@@ -16,11 +16,12 @@ from typing import Any, Literal
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.export.embedding_rows import EMBED_MIN_ELEMENTS, HEAD_SCOPE, quantize_embedding_rows
+from compressor.export.embedding_rows import (EMBED_MIN_ELEMENTS, HEAD_SCOPE, INT4_BLOCK_SIZE,
+                                              quantize_embedding_rows)
 from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
-Embedding = Literal["per_row", "per_tensor", "fp32"]
+Embedding = Literal["per_row", "int4_block", "per_tensor", "fp32"]
 Method = Literal["minmax", "percentile", "entropy"]
 Target = Literal["avx512_vnni", "avx2", "arm64"]
 
@@ -55,22 +56,29 @@ class QuantOptions:
     percentile: float = 99.999
     num_bins: int | None = None  # None: 2048 (percentile), 128 (entropy)
     #: embedding tables (Gather of a float initializer): "per_row" INT8 with one fp32 scale per row, dequantized
-    #: after the lookup (:func:`quantize_embedding_rows`); "per_tensor": ORT's quantizer (one scale per table);
-    #: "fp32": left alone. A fused ``EmbedLayerNormalization`` (word embedding inside) is quantized per tensor
-    #: by ORT unless "fp32": fuse with ``embed_layer_norm=False`` to get per-row lookups.
+    #: after the lookup (:func:`quantize_embedding_rows`); "int4_block": INT4 with one fp32 scale per
+    #: ``embedding_block_size`` elements of a row (ORT's GatherBlockQuantized); "per_tensor": ORT's quantizer (one
+    #: scale per table); "fp32": left alone. A fused ``EmbedLayerNormalization`` (word embedding inside) is
+    #: quantized per tensor by ORT unless "fp32": fuse with ``embed_layer_norm=False`` to get per-row lookups.
     embedding: Embedding = "per_row"
     embedding_min_elements: int = EMBED_MIN_ELEMENTS
+    embedding_block_size: int = INT4_BLOCK_SIZE
 
     def ops(self) -> list[str]:
-        """Op types ORT's quantizer handles (per-row embeddings are done here, not by ORT)."""
+        """Op types ORT's quantizer handles (per-row and per-block embeddings are done here, not by ORT)."""
         ops = [t for t in (self.op_types or DEFAULT_OP_TYPES[self.mode]) if t not in self.exclude_op_types]
         if self.embedding != "per_tensor":
             ops = [t for t in ops if t != "Gather" and (self.embedding != "fp32" or t != "EmbedLayerNormalization")]
         return ops
 
-    def per_row_embeddings(self) -> bool:
+    def lookup_embeddings(self) -> bool:
+        """Whether the embedding tables are quantized here (INT8 per row or INT4 per block), not by ORT."""
         requested = self.op_types is None or "Gather" in self.op_types
-        return self.embedding == "per_row" and requested and "Gather" not in self.exclude_op_types
+        return self.embedding in ("per_row", "int4_block") and requested and "Gather" not in self.exclude_op_types
+
+    def embedding_bits(self) -> int:
+        """Bits of the embedding tables quantized here."""
+        return 4 if self.embedding == "int4_block" else 8
 
 
 # ---- graph preparation -----------------------------------------------------------------------------------
@@ -123,14 +131,14 @@ def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[s
     q_model = onnx.load(str(quantized), load_external_data=False)
     q_nodes = {n.name: n for n in q_model.graph.node}
     producers = {o: n.op_type for n in q_model.graph.node for o in n.output}
-    ops = set(options.ops()) | ({"Gather"} if options.per_row_embeddings() else set())
+    ops = set(options.ops()) | ({"Gather"} if options.lookup_embeddings() else set())
     out = []
     for node in src_model.graph.node:
         if node.op_type not in ops:
             continue
         q = q_nodes.get(node.name)
         if node.op_type == "Gather" and q is not None and q.op_type == "Gather":
-            continue  # per-row embeddings replace the node; a Gather still there is fp32
+            continue  # quantized lookups replace the node; a Gather still there is fp32
         if q is None or any(producers.get(i) == "DequantizeLinear" for i in q.input):
             out.append(node.name)
     return out
@@ -206,8 +214,9 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         out = Path(tmp) / f"{Path(src).stem}.onnx"
         if not out.is_file():
             raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
-        if options.per_row_embeddings():
+        if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
-                                    skip_heads=not options.quantize_heads)
+                                    skip_heads=not options.quantize_heads, bits=options.embedding_bits(),
+                                    block_size=options.embedding_block_size)
         shutil.move(str(out), str(dst))
     return dst

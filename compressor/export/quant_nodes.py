@@ -17,7 +17,8 @@ from compressor.export.quant_graph import INTEGER_OPS, QuantOptions, quantized_n
 
 
 def integer_op_counts(path: Path) -> dict[str, int]:
-    """Counts of integer-compute ops, ``DynamicQuantizeLinear`` and QDQ MatMuls (``qdq_matmul``) in a graph."""
+    """Counts of integer-compute ops, ``DynamicQuantizeLinear``, QDQ MatMuls (``qdq_matmul``) and lookups of INT8
+    (``int8_gather``) and INT4 (``int4_gather``) embedding tables in a graph."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -30,6 +31,7 @@ def integer_op_counts(path: Path) -> dict[str, int]:
     )
     int8 = {i.name for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     counts["int8_gather"] = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input[0] in int8)
+    counts["int4_gather"] = sum(1 for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     return {k: int(v) for k, v in counts.items() if v}
 
 
@@ -68,7 +70,7 @@ def fp32_nodes(src: Path, quantized: Path, options: QuantOptions, fallback: Sequ
             why = "exclude_nodes pattern"
         elif HEAD_SCOPE in node.name and not options.quantize_heads:
             why = "task head (quantize_heads: false; tiny, writes the logits)"
-        elif table and options.embedding == "per_row" and elements < options.embedding_min_elements:
+        elif table and options.lookup_embeddings() and elements < options.embedding_min_elements:
             why = f"small table ({elements} elements < {options.embedding_min_elements})"
         elif table and options.embedding == "fp32":
             why = "embedding: fp32"

@@ -73,12 +73,25 @@ class QuantizeStage(Strict):
     exclude_op_types: list[str] = Field([], description="op types kept in fp32, e.g. [Gather, LayerNormalization]")
     exclude_nodes: list[str] = Field([], description="node-name patterns kept in fp32 (fnmatch), e.g. '*/layer.0/*'")
     quantize_heads: bool = Field(False, description="also quantize the task heads (tiny; they write the logits)")
-    embedding: Literal["per_row", "per_tensor", "fp32"] = Field(
+    embedding: Literal["per_row", "int4_block", "per_tensor", "fp32"] = Field(
         "per_row", description="embedding tables: INT8 with one scale per row, dequantized after the lookup "
-        "(per_row); ORT's per-tensor Gather quantization (per_tensor); or left fp32")
+        "(per_row); INT4 with one scale per embedding_block_size elements of a row, looked up by ONNX Runtime's "
+        "GatherBlockQuantized (int4_block: half the bytes of per_row, coarser; the accuracy check and fallback "
+        "apply as for every node); ORT's per-tensor Gather quantization (per_tensor); or left fp32")
+    embedding_block_size: int = Field(32, description="int4_block: elements of a row that share one scale (a power "
+                                      "of two, at least 16; smaller blocks are more accurate and store more scales)")
     calibration: QuantCalibration = QuantCalibration()
     tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
     tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
+    tolerance_test: Literal["point", "bootstrap"] = Field(
+        "point", description="when a task's drop is over its tolerance: its drop on the whole eval split (point), "
+        "or only when the drop's paired-bootstrap interval over the split's examples lies wholly above the "
+        "tolerance (bootstrap: a drop the data cannot tell from noise keeps the INT8 graph; every attempt records "
+        "its intervals)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="tolerance_test bootstrap: two-sided coverage of "
+                              "the drop's interval")
+    bootstrap_samples: int = Field(1000, ge=100, description="tolerance_test bootstrap: resamples per task and "
+                                   "attempt (each rescores both graphs' predictions; no model runs)")
     eval_split: Literal["dev", "test"] = Field("dev", description="split the accuracy check uses (falls back to the other)")
     max_iterations: int = Field(4, ge=0, description="fallback rounds after the first attempt")
     fallback_step: int = Field(2, gt=0, description="nodes moved to fp32 in the first fallback round; doubles each round")
@@ -90,6 +103,14 @@ class QuantizeStage(Strict):
     on_failure: Literal["warn", "error"] = Field("warn", description="when no attempt meets every tolerance: keep the "
                                                  "best attempt and report it, or fail the stage")
     eval_batch_size: int = Field(64, gt=0)
+
+    @field_validator("embedding_block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"must be a power of two of at least 16, as ONNX Runtime's GatherBlockQuantized "
+                             f"requires (got {v})")
+        return v
 
     @field_validator("tolerances")
     @classmethod

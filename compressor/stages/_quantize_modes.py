@@ -1,8 +1,8 @@
 """Graph-level helpers of the ``quantize`` stage: the source graph with unfused embeddings, choosing a mode.
 
 :func:`unfused_embedding_source` re-fuses the raw export without ``EmbedLayerNormalization`` (checked against
-the fused graph) so the word-embedding lookup can be INT8 per row; :func:`choose_mode` picks between the dynamic
-and static results when both were tried.
+the fused graph) so the word-embedding table can be quantized per row or per block; :func:`choose_mode` picks
+between the dynamic and static results when both were tried.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def unfused_embedding_source(raw: Path, fused: Path, dst: Path, spec: Any, feeds
         fuse_transformer(raw, dst, embed_layer_norm=False)
     except Exception as exc:  # noqa: BLE001 - a failing fusion only costs speed: the raw graph is exact
         return raw, (f"fusion without EmbedLayerNormalization raised {type(exc).__name__}: {exc}; quantizing the "
-                     "unfused export so the embedding lookup can be INT8 per row")
+                     "unfused export so the embedding table can be quantized per row or per block")
     a, b = make_session(fused, threads), make_session(dst, threads)
     atol = {g: task.atol[o] for task in spec.tasks.values() for o, g in task.outputs.items()}
     names = [o.name for o in a.get_outputs()]
@@ -44,9 +44,10 @@ def unfused_embedding_source(raw: Path, fused: Path, dst: Path, spec: Any, feeds
             worst = max(worst, float(excess.max()) if excess.size else 0.0)
     if worst > 0:
         return raw, ("the graph fused without EmbedLayerNormalization disagreed with the fused export; quantizing "
-                     "the unfused export so the embedding lookup can be INT8 per row")
+                     "the unfused export so the embedding table can be quantized per row or per block")
     return dst, ("quantized the export fused without EmbedLayerNormalization (attention and layer-norm fusions "
-                 "kept; outputs checked against the fused graph), so the embedding lookups are INT8 per row")
+                 "kept; outputs checked against the fused graph), so the embedding tables are quantized per row or "
+                 "per block")
 
 
 def choose_mode(results: dict[str, dict[str, Any]], spec: Any, threads: int, report: Any) -> tuple[str, dict[str, Any]]:

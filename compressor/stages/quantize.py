@@ -80,18 +80,39 @@ class _Job:
                                        cfg.calibration.samples, cfg.calibration.batch_size)
         per_task = max(1, cfg.sensitivity_batches)
         self.sensitivity = self.feeds[:: max(1, len(self.feeds) // (per_task * max(1, len(spec.tasks))))]
+        self.predictions: dict[str, dict[str, list[Any]]] = {}  # graph path -> task -> one prediction per example
 
     def evaluate(self, path: Path) -> dict[str, float]:
-        """Every evaluated task's metric of the graph at ``path`` under ONNX Runtime."""
-        from compressor.export.evaluate import evaluate_split
+        """Every evaluated task's metric of the graph at ``path`` under ONNX Runtime (its predictions are kept for
+        the bootstrap tolerance test)."""
         from compressor.runtime.session import OrtForward, make_session
 
         forward = OrtForward(make_session(path, self.threads), self.spec)
-        out = {}
+        out, kept = {}, {}
         for name, split in self.eval_split.items():
-            metrics = evaluate_split(forward, self.plugins, self.ctx.data, self.tokenizer, self.spec.max_length,
-                                     split, [name], self.cfg.eval_batch_size)
-            out[name] = metrics[name][self.plugins[name].metric.name]
+            plugin, data = self.plugins[name], self.ctx.data
+            encoded = data.encoded(name, split, self.tokenizer, self.spec.max_length)
+            metrics, kept[name] = plugin.evaluate(forward, encoded, data.examples(name, split),
+                                                  self.cfg.eval_batch_size)
+            out[name] = float(metrics[plugin.metric.name])
+        if self.cfg.tolerance_test == "bootstrap":
+            self.predictions[str(path)] = kept
+        return out
+
+    def intervals(self, reference: Path, path: Path) -> dict[str, Any]:
+        """Task -> paired-bootstrap interval of the drop of ``path``'s metric below ``reference``'s (both
+        evaluated by :meth:`evaluate` before)."""
+        from compressor.significance import paired_bootstrap_drop
+
+        cfg, ref, cand = self.cfg, self.predictions[str(reference)], self.predictions[str(path)]
+        out = {}
+        for i, (name, split) in enumerate(self.eval_split.items()):
+            plugin = self.plugins[name]
+            metric = plugin.metric.name
+            out[name] = paired_bootstrap_drop(
+                lambda preds, examples, plugin=plugin, metric=metric: plugin.score(preds, examples)[metric],
+                self.ctx.data.examples(name, split), ref[name], cand[name], plugin.metric.higher_is_better,
+                samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=self.ctx.recipe.seed + i)
         return out
 
     def quantize(self, mode: str, out: Path, tmp: Path) -> dict[str, Any]:
@@ -103,7 +124,7 @@ class _Job:
         # static QDQ wants every MatMul visible (fused Attention hides the projections); dynamic works best fused
         source = export_source = export.onnx if mode == "dynamic" else export.raw
         notes: list[str] = []
-        if options.per_row_embeddings() and has_op(source, "EmbedLayerNormalization"):
+        if options.lookup_embeddings() and has_op(source, "EmbedLayerNormalization"):
             # the fused embedding op hides the word-embedding lookup: fuse again without it (checked)
             source, line = unfused_embedding_source(export.raw, source, tmp / "rows" / "model.onnx",
                                                     self.spec, self.sensitivity, self.threads)
@@ -116,6 +137,7 @@ class _Job:
             prepared, out, options, self.evaluate, reference, tolerances,
             {t: self.plugins[t].metric.higher_is_better for t in reference}, self.sensitivity,
             max_iterations=cfg.max_iterations, step=cfg.fallback_step, ranges=ranges, order=cfg.fallback_order,
+            noise=(lambda path: self.intervals(source, path)) if cfg.tolerance_test == "bootstrap" else None,
         )
         return {"mode": mode, "outcome": outcome, "options": options, "source": export_source, "notes": notes,
                 "tolerances": tolerances}
@@ -189,6 +211,7 @@ def _options(cfg: QuantizeStage, mode: str) -> Any:
         exclude_nodes=list(cfg.exclude_nodes), quantize_heads=cfg.quantize_heads,
         calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
         num_bins=cfg.calibration.num_bins, embedding=cfg.embedding,
+        embedding_block_size=cfg.embedding_block_size,
     )
 
 
@@ -211,6 +234,10 @@ def _write_summary(job: _Job, picked: dict[str, Any], mode: str, compared: dict[
     summary = {
         "mode": mode, "requested_mode": cfg.mode, "compared": compared, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(picked["source"]),
         "embedding": cfg.embedding, "source_notes": source_notes,
+        **({"embedding_block_size": cfg.embedding_block_size} if cfg.embedding == "int4_block" else {}),
+        "tolerance_test": cfg.tolerance_test,
+        **({"confidence": cfg.confidence, "bootstrap_samples": cfg.bootstrap_samples}
+           if cfg.tolerance_test == "bootstrap" else {}),
         "source_stage": job.source_name, "op_types": options.ops(), "eval_split": job.eval_split,
         "calibration": cfg.calibration.model_dump() if mode == "static" else None,
         "integer_matmuls": n_int, **outcome.to_json(),
@@ -227,9 +254,11 @@ def _notes(ctx: StageContext, outcome: Any, mode: str, compared: dict[str, Any],
     """The stage's notes; raises ``QuantizationError`` when a tolerance is missed and ``on_failure`` is error."""
     cfg: QuantizeStage = ctx.stage
     final = outcome.final
-    int8_tables = final.integer_ops.get("int8_gather", 0)
+    tables = final.integer_ops.get("int8_gather", 0) + final.integer_ops.get("int4_gather", 0)
+    kind = (f"INT4, blocks of {cfg.embedding_block_size}" if cfg.embedding == "int4_block" else "INT8") + \
+        f", {cfg.embedding}"
     notes = [f"{mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
-             f"MatMul(s), {int8_tables} INT8 embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
+             f"MatMul(s), {tables} quantized embedding table lookup(s) ({kind}); {len(final.excluded)} "
              f"node(s) moved back to fp32 after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
     if compared:
         notes.append("static vs dynamic: " + "; ".join(
@@ -255,8 +284,17 @@ def _tolerance_note(ctx: StageContext, outcome: Any, tolerances: dict[str, float
 
     cfg: QuantizeStage = ctx.stage
     final = outcome.final
+    ivs = final.drop_intervals
+
+    def interval(t: str) -> str:
+        return f" [{100 * ivs[t]['low']:+.2f}%, {100 * ivs[t]['high']:+.2f}%]" if t in ivs else ""
+
     drops = ", ".join(f"{t} {final.metrics[t]:.4f} vs fp32 {outcome.reference[t]:.4f} "
-                      f"(drop {100 * final.drops[t]:.2f}% / tol {100 * tolerances[t]:.2f}%)" for t in final.metrics)
+                      f"(drop {100 * final.drops[t]:.2f}%{interval(t)} / tol {100 * tolerances[t]:.2f}%)"
+                      for t in final.metrics)
+    if ivs:
+        drops += (f" (tolerance_test bootstrap: {cfg.confidence:.0%} paired-bootstrap intervals of the drop over "
+                  f"{cfg.bootstrap_samples} resamples; a task fails only when its interval lies above its tolerance)")
     if outcome.passed:
         return f"every task within tolerance on its {cfg.eval_split} split: {drops}"
     msg = (f"quantization missed the tolerance of task(s) {', '.join(final.failing)} after "
