@@ -9,7 +9,7 @@ own ``score``; the interval says which drops the data can tell from zero and whi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,3 +79,19 @@ def paired_bootstrap_drop(score: Callable[[Sequence[Any], Sequence[Any]], float]
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(drops, [tail, 100 - tail])
     return DropInterval(point, float(low), float(high), confidence, samples)
+
+
+def task_intervals(plugins: Mapping[str, Any], examples: Mapping[str, Sequence[Any]],
+                   reference: Mapping[str, Sequence[Any]], candidate: Mapping[str, Sequence[Any]],
+                   samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, DropInterval]:
+    """Task -> :func:`paired_bootstrap_drop` of ``candidate``'s primary metric below ``reference``'s, scored by
+    each task plugin's own ``score`` (``examples``, ``reference``, ``candidate``: per task, aligned lists)."""
+    out = {}
+    for i, name in enumerate(reference):
+        plugin = plugins[name]
+        metric = plugin.metric.name
+        out[name] = paired_bootstrap_drop(
+            lambda preds, exs, plugin=plugin, metric=metric: plugin.score(preds, exs)[metric],
+            examples[name], reference[name], candidate[name], plugin.metric.higher_is_better,
+            samples=samples, confidence=confidence, seed=seed + i)
+    return out

@@ -145,6 +145,24 @@ def test_sweep_keeps_the_smallest_size_within_tolerance(setup, tokenizer):
     assert dev_row["value"] == pytest.approx(fit["metrics"]["c"])
 
 
+def test_sweep_with_the_bootstrap_tolerance_test_decides_by_the_interval(setup, tokenizer):
+    from compressor.stages.prune_vocab import run
+
+    specials = len(set(tokenizer.all_special_ids))
+    sizes = [specials + 3, 30000]
+    ctx = _context(setup, {"keep_chars": "none", "english_words": 0, "sizes": sizes, "tolerance": TOL,
+                           "tolerance_test": "bootstrap", "bootstrap_samples": 200})
+    result = run(ctx)
+    sweep = result.outputs["sweep"]
+    for r in sweep:
+        iv = r["drop_intervals"]["c"]
+        assert iv["low"] <= iv["high"] and iv["samples"] == 200 and iv["drop"] == pytest.approx(r["drops"]["c"])
+        assert r["within_tolerance"] == (iv["low"] <= TOL + 1e-12)  # fails only when the interval lies above
+    chosen = next((r["size"] for r in sweep if r["within_tolerance"]), result.outputs["candidates"])
+    assert result.outputs["chosen_size"] == chosen
+    assert any("paired-bootstrap intervals" in n and ", interval " in n for n in result.notes)
+
+
 def test_sweep_measures_every_candidate_when_no_listed_size_is_within_tolerance(setup, tokenizer):
     from compressor.stages.prune_vocab import run
 

@@ -39,9 +39,9 @@ def torch_forward(model: MultiTaskModel, device: torch.device | str | None = Non
 
 
 def dev_metrics(model: MultiTaskModel, tokenizer: Any, data: Any, tasks: Sequence[str], max_length: int,
-                batch_size: int = 64) -> dict[str, float]:
+                batch_size: int = 64, predictions: dict[str, list[Any]] | None = None) -> dict[str, float]:
     """Primary dev metric of every task in ``tasks`` that has a dev split (``data``: a ``DataStore``); the model is
-    left in eval mode."""
+    left in eval mode. ``predictions``, given, receives each task's predictions (one per dev example)."""
     model.eval()
     forward = torch_forward(model)
     out: dict[str, float] = {}
@@ -51,6 +51,8 @@ def dev_metrics(model: MultiTaskModel, tokenizer: Any, data: Any, tasks: Sequenc
         plugin = model.tasks[name]
         encoded = data.encoded(name, "dev", tokenizer, max_length)
         with torch.no_grad():
-            metrics, _ = plugin.evaluate(forward, encoded, data.examples(name, "dev"), batch_size)
+            metrics, preds = plugin.evaluate(forward, encoded, data.examples(name, "dev"), batch_size)
         out[name] = float(metrics[plugin.metric.name])
+        if predictions is not None:
+            predictions[name] = preds
     return out

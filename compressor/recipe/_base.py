@@ -1,14 +1,31 @@
-"""What every recipe model shares: ``extra="forbid"``, the name pattern, the text-encoding check."""
+"""What every recipe model shares: ``extra="forbid"``, the name pattern, the text-encoding check, and the
+tolerance test of the stages that keep a change only within a tolerance."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ToleranceTest(Strict):
+    """How a stage decides that a task's dev drop is over its tolerance (``compressor.significance``)."""
+
+    tolerance_test: Literal["point", "bootstrap"] = Field(
+        "point", description="when a task's drop is over its tolerance: its drop on the whole eval split (point), "
+        "or only when the drop's paired-bootstrap interval over the split's examples lies wholly above the "
+        "tolerance (bootstrap: a drop the data cannot tell from noise passes; the stage reports every interval; "
+        "on a small dev set the interval is wide and a real loss can pass too)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="tolerance_test bootstrap: two-sided coverage of "
+                              "the drop's interval")
+    bootstrap_samples: int = Field(1000, ge=100, description="tolerance_test bootstrap: resamples per task and "
+                                   "check (each rescores both models' predictions; no model runs)")
 
 
 def known_codec(v: str | None) -> str | None:

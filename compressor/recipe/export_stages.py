@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Strict, ToleranceTest
 
 
 class ExportStage(Strict):
@@ -53,7 +53,7 @@ class QuantCalibration(Strict):
     num_bins: int | None = Field(None, gt=0, description="histogram bins; default 2048 (percentile), 128 (entropy)")
 
 
-class QuantizeStage(Strict):
+class QuantizeStage(ToleranceTest):
     """INT8 quantization of the export stage's graph, accuracy-aware: sensitive nodes fall back to fp32."""
 
     kind: Literal["quantize"]
@@ -83,15 +83,6 @@ class QuantizeStage(Strict):
     calibration: QuantCalibration = QuantCalibration()
     tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
     tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
-    tolerance_test: Literal["point", "bootstrap"] = Field(
-        "point", description="when a task's drop is over its tolerance: its drop on the whole eval split (point), "
-        "or only when the drop's paired-bootstrap interval over the split's examples lies wholly above the "
-        "tolerance (bootstrap: a drop the data cannot tell from noise keeps the INT8 graph; every attempt records "
-        "its intervals)")
-    confidence: float = Field(0.95, gt=0.5, lt=1, description="tolerance_test bootstrap: two-sided coverage of "
-                              "the drop's interval")
-    bootstrap_samples: int = Field(1000, ge=100, description="tolerance_test bootstrap: resamples per task and "
-                                   "attempt (each rescores both graphs' predictions; no model runs)")
     eval_split: Literal["dev", "test"] = Field("dev", description="split the accuracy check uses (falls back to the other)")
     max_iterations: int = Field(4, ge=0, description="fallback rounds after the first attempt")
     fallback_step: int = Field(2, gt=0, description="nodes moved to fp32 in the first fallback round; doubles each round")

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Strict, ToleranceTest
 from compressor.recipe.train_stages import DistillWeights
 from compressor.train.options import Sampling
 
@@ -113,7 +113,7 @@ class PruneStage(Strict):
         return self
 
 
-class PruneVocabStage(Strict):
+class PruneVocabStage(ToleranceTest):
     """Keep only the vocabulary the tasks' training data uses; shrink the word embeddings and the tokenizer."""
 
     kind: Literal["prune_vocab"]

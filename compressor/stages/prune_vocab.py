@@ -135,10 +135,11 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
     """Measure every candidate size on dev; returns (the sweep rows, the chosen size, notes).
 
     Sizes above the number of candidates collapse into "every candidate". The smallest size whose every task's
-    dev metric is within ``tolerance`` (relative drop) of the unpruned model is chosen; if none is, every
-    candidate is kept (measured too) and a warning says so.
+    dev metric is within ``tolerance`` (relative drop) of the unpruned model is chosen (``tolerance_test:
+    bootstrap``: whose every task's drop interval does not lie wholly above it); if none is, every candidate is
+    kept (measured too) and a warning says so.
     """
-    from compressor.export.quantize import relative_drop
+    from compressor.significance import relative_drop, task_intervals
 
     max_length = ctx.recipe.model.max_length
     tasks = [t for t in model.tasks if ctx.data.has(t, "dev")]
@@ -149,7 +150,10 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
                               "task has one")
         return [], candidates.max_size, [f"{cfg.name}: no task has a dev split: every one of the "
                                          f"{candidates.max_size:,} candidate tokens kept, size not measured"]
-    reference = _dev_metrics(ctx, cfg, model, tokenizer, tasks)
+    bootstrap = cfg.tolerance_test == "bootstrap"
+    ref_preds: dict[str, list[Any]] = {}
+    reference = _dev_metrics(ctx, cfg, model, tokenizer, tasks, ref_preds if bootstrap else None)
+    examples = {t: ctx.data.examples(t, "dev") for t in tasks}
     higher = {t: model.tasks[t].metric.higher_is_better for t in tasks}
     sweep: list[dict[str, Any]] = []
     chosen: int | None = None
@@ -161,21 +165,35 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
         pruned = copy.deepcopy(model)
         new_tok = prune_tokenizer(tokenizer, kept)
         prune_embeddings(pruned.encoder, kept)
-        metrics = _dev_metrics(ctx, cfg, pruned, new_tok, tasks)
+        preds: dict[str, list[Any]] = {}
+        metrics = _dev_metrics(ctx, cfg, pruned, new_tok, tasks, preds if bootstrap else None)
         del pruned
         drops = {t: relative_drop(reference[t], metrics[t], higher[t]) for t in tasks}
-        ok = all(d <= cfg.tolerance + 1e-12 for d in drops.values())
+        intervals = (task_intervals(model.tasks, examples, ref_preds, preds, cfg.bootstrap_samples, cfg.confidence,
+                                    ctx.recipe.seed) if bootstrap else {})
+        ok = (all(not iv.exceeds(cfg.tolerance) for iv in intervals.values()) if bootstrap
+              else all(d <= cfg.tolerance + 1e-12 for d in drops.values()))
         sweep.append({"size": len(kept), "requested": size, "dev_tokens_changed": overall,
                       "dev_tokens_changed_per_task": per_task, "metrics": metrics, "drops": drops,
+                      **({"drop_intervals": {t: iv.to_json() for t, iv in intervals.items()}} if bootstrap else {}),
                       "within_tolerance": ok})
         if ok and chosen is None:
             chosen = len(kept)
+    def change(r: dict[str, Any], t: str) -> str:  # relative change of the metric (negative: worse)
+        iv = r.get("drop_intervals", {}).get(t)
+        return f"{-100 * r['drops'][t]:+.2f}%" + (f", interval {-100 * iv['high']:+.2f}%..{-100 * iv['low']:+.2f}%"
+                                                  if iv else "")
+
     rows = "; ".join(
         f"{r['size']:,}: {100 * r['dev_tokens_changed']:.2f}% dev sub-tokens changed, "
-        + ", ".join(f"{t} {r['metrics'][t]:.4f} ({-100 * r['drops'][t]:+.2f}%)" for t in tasks)
+        + ", ".join(f"{t} {r['metrics'][t]:.4f} ({change(r, t)})" for t in tasks)
         + ("" if r["within_tolerance"] else " [over tolerance]") for r in sweep)
     ref = ", ".join(f"{t} {reference[t]:.4f}" for t in tasks)
-    notes = [f"{cfg.name}: size sweep on dev (unpruned: {ref}; tolerance {100 * cfg.tolerance:.2f}% relative): {rows}"]
+    test = (f"; tolerance_test bootstrap: {cfg.confidence:.0%} paired-bootstrap intervals of each drop over "
+            f"{cfg.bootstrap_samples} resamples, a size fails only where an interval lies above the tolerance"
+            if bootstrap else "")
+    notes = [f"{cfg.name}: size sweep on dev (unpruned: {ref}; tolerance {100 * cfg.tolerance:.2f}% relative"
+             f"{test}): {rows}"]
     if chosen is None:
         chosen = candidates.max_size
         msg = (f"{cfg.name}: no vocabulary size kept every task within {100 * cfg.tolerance:.2f}% of the unpruned "
@@ -187,11 +205,13 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
     return sweep, chosen, notes
 
 
-def _dev_metrics(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, tasks: list[str]) -> dict[str, float]:
-    """Every task's dev metric of ``model`` with ``tokenizer``."""
+def _dev_metrics(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, tasks: list[str],
+                 predictions: dict[str, list[Any]] | None = None) -> dict[str, float]:
+    """Every task's dev metric of ``model`` with ``tokenizer`` (its predictions into ``predictions``, given)."""
     from compressor.model.forward import dev_metrics
 
-    return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
+    return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size,
+                       predictions)
 
 
 def _changed_share(ctx: StageContext, tasks: list[str], split: str, tokenizer: Any, max_length: int,

@@ -102,18 +102,12 @@ class _Job:
     def intervals(self, reference: Path, path: Path) -> dict[str, Any]:
         """Task -> paired-bootstrap interval of the drop of ``path``'s metric below ``reference``'s (both
         evaluated by :meth:`evaluate` before)."""
-        from compressor.significance import paired_bootstrap_drop
+        from compressor.significance import task_intervals
 
-        cfg, ref, cand = self.cfg, self.predictions[str(reference)], self.predictions[str(path)]
-        out = {}
-        for i, (name, split) in enumerate(self.eval_split.items()):
-            plugin = self.plugins[name]
-            metric = plugin.metric.name
-            out[name] = paired_bootstrap_drop(
-                lambda preds, examples, plugin=plugin, metric=metric: plugin.score(preds, examples)[metric],
-                self.ctx.data.examples(name, split), ref[name], cand[name], plugin.metric.higher_is_better,
-                samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=self.ctx.recipe.seed + i)
-        return out
+        cfg = self.cfg
+        examples = {name: self.ctx.data.examples(name, split) for name, split in self.eval_split.items()}
+        return task_intervals(self.plugins, examples, self.predictions[str(reference)], self.predictions[str(path)],
+                              cfg.bootstrap_samples, cfg.confidence, self.ctx.recipe.seed)
 
     def quantize(self, mode: str, out: Path, tmp: Path) -> dict[str, Any]:
         """One mode, accuracy-aware, into ``out``."""
