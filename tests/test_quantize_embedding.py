@@ -115,6 +115,27 @@ def test_int4_block_lookup_within_half_a_block_step_of_fp32(tmp_path):
     assert records[0].max_abs_error > int8[0].max_abs_error  # coarser: what the stage's accuracy check is for
 
 
+def test_int4_goes_to_the_largest_table_only_even_when_it_is_excluded(tmp_path):
+    rng = np.random.default_rng(4)
+    words, positions = rng.standard_normal((2000, 64)).astype(np.float32), rng.standard_normal((128, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["words", "ids"], ["w"], name="word_lookup"),
+         helper.make_node("Gather", ["positions", "pos"], ["p"], name="position_lookup"),
+         helper.make_node("Add", ["w", "p"], ["emb"], name="add")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("pos", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(words, "words"), numpy_helper.from_array(positions, "positions")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    records = quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q.onnx", bits=4)
+    assert {r.table: r.bits for r in records} == {"words": 4, "positions": 8}
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert ops["word_lookup/int4_blocks"] == "GatherBlockQuantized" and "position_lookup/int8_rows/Gather" in ops
+    # the accuracy fallback keeps the word table fp32: the position table does not take its 4 bits
+    records = quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q2.onnx", bits=4, exclude={"word_lookup"})
+    assert {r.table: r.bits for r in records} == {"positions": 8}
+
+
 @pytest.mark.parametrize("block", [0, 24, 8])
 def test_int4_block_size_must_be_a_power_of_two_of_at_least_16(tmp_path, block):
     src = _lookup_graph(tmp_path / "fp32.onnx", np.ones((300, 20), np.float32))
@@ -244,7 +265,9 @@ def test_int4_block_stage_stores_the_word_table_in_4_bits_and_the_bundle_serves_
     assert WORD_TABLE not in inits and inits[f"{WORD_TABLE}_int4_blocks"].data_type == TensorProto.UINT8
     assert list(inits[f"{WORD_TABLE}_int4_blocks"].dims) == [30522, 16]  # hidden 32: 16 bytes a row
     assert list(inits[f"{WORD_TABLE}_block_scales"].dims) == [30522, 2]
-    assert out["integer_ops"]["int4_gather"] >= 2 and out["integer_ops"].get("int8_gather", 0) == 0
+    # the word table in 4 bits, the position table (the smaller one) INT8 per row
+    assert out["integer_ops"]["int4_gather"] == 1 and out["integer_ops"]["int8_gather"] == 1
+    assert inits["encoder.embeddings.position_embeddings.weight_int8_rows"].data_type == TensorProto.INT8
     summary = json.loads((q.parent / "quantization.json").read_text())
     assert summary["embedding"] == "int4_block" and summary["embedding_block_size"] == 16
     assert all(e["node"] != WORD_GATHER for e in summary["fp32_nodes"])

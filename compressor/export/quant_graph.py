@@ -56,10 +56,11 @@ class QuantOptions:
     percentile: float = 99.999
     num_bins: int | None = None  # None: 2048 (percentile), 128 (entropy)
     #: embedding tables (Gather of a float initializer): "per_row" INT8 with one fp32 scale per row, dequantized
-    #: after the lookup (:func:`quantize_embedding_rows`); "int4_block": INT4 with one fp32 scale per
-    #: ``embedding_block_size`` elements of a row (ORT's GatherBlockQuantized); "per_tensor": ORT's quantizer (one
-    #: scale per table); "fp32": left alone. A fused ``EmbedLayerNormalization`` (word embedding inside) is
-    #: quantized per tensor by ORT unless "fp32": fuse with ``embed_layer_norm=False`` to get per-row lookups.
+    #: after the lookup (:func:`quantize_embedding_rows`); "int4_block": the largest (word) table INT4 with one fp32
+    #: scale per ``embedding_block_size`` elements of a row (ORT's GatherBlockQuantized), the others per row;
+    #: "per_tensor": ORT's quantizer (one scale per table); "fp32": left alone. A fused ``EmbedLayerNormalization``
+    #: (word embedding inside) is quantized per tensor by ORT unless "fp32": fuse with ``embed_layer_norm=False``
+    #: to get per-row lookups.
     embedding: Embedding = "per_row"
     embedding_min_elements: int = EMBED_MIN_ELEMENTS
     embedding_block_size: int = INT4_BLOCK_SIZE
