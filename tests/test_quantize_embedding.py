@@ -225,7 +225,7 @@ def test_stage_quantizes_the_embedding_per_row_and_says_what_stayed_fp32(run):
     assert {e["reason"].split(" (")[0] for e in summary["fp32_nodes"]} <= {"task head", "small table",
                                                                          "accuracy fallback"}
     notes = run.results["quantize"].notes
-    assert any("quantized embedding table lookup(s) (INT8, per_row)" in n for n in notes)
+    assert any(" INT8 embedding table lookup(s) (per_row)" in n for n in notes)
     assert any(n.startswith("left fp32: ") and "task head" in n for n in notes)
     fp32_size = Path(run.outputs["export"]["onnx"]).stat().st_size
     assert q.stat().st_size < 0.4 * fp32_size
@@ -271,7 +271,7 @@ def test_int4_block_stage_stores_the_word_table_in_4_bits_and_the_bundle_serves_
     summary = json.loads((q.parent / "quantization.json").read_text())
     assert summary["embedding"] == "int4_block" and summary["embedding_block_size"] == 16
     assert all(e["node"] != WORD_GATHER for e in summary["fp32_nodes"])
-    assert any("quantized embedding table lookup(s) (INT4, blocks of 16, int4_block)" in n
+    assert any("1 INT4 (blocks of 16) and 1 INT8 embedding table lookup(s) (int4_block)" in n
                for n in r.results["quantize"].notes)
     # a word-table row: 16 bytes of 4-bit values + 2 fp32 block scales, against per-row INT8's 32 + 4
     per_row = Path(run.outputs["quantize"]["onnx"])

@@ -248,11 +248,11 @@ def _notes(ctx: StageContext, outcome: Any, mode: str, compared: dict[str, Any],
     """The stage's notes; raises ``QuantizationError`` when a tolerance is missed and ``on_failure`` is error."""
     cfg: QuantizeStage = ctx.stage
     final = outcome.final
-    tables = final.integer_ops.get("int8_gather", 0) + final.integer_ops.get("int4_gather", 0)
-    kind = (f"INT4, blocks of {cfg.embedding_block_size}" if cfg.embedding == "int4_block" else "INT8") + \
-        f", {cfg.embedding}"
+    tables = f"{final.integer_ops.get('int8_gather', 0)} INT8"
+    if cfg.embedding == "int4_block":
+        tables = f"{final.integer_ops.get('int4_gather', 0)} INT4 (blocks of {cfg.embedding_block_size}) and {tables}"
     notes = [f"{mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
-             f"MatMul(s), {tables} quantized embedding table lookup(s) ({kind}); {len(final.excluded)} "
+             f"MatMul(s), {tables} embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
              f"node(s) moved back to fp32 after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
     if compared:
         notes.append("static vs dynamic: " + "; ".join(
