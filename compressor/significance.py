@@ -40,9 +40,6 @@ class DropInterval:
         return {"drop": self.drop, "low": self.low, "high": self.high, "confidence": self.confidence,
                 "samples": self.samples}
 
-    def describe(self) -> str:
-        return f"{self.drop:+.2%} [{self.low:+.2%}, {self.high:+.2%}]"
-
 
 def paired_bootstrap_drop(score: Callable[[Sequence[Any], Sequence[Any]], float], examples: Sequence[Any],
                           reference: Sequence[Any], candidate: Sequence[Any], higher_is_better: bool = True,
