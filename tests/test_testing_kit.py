@@ -150,6 +150,17 @@ def test_missing_sibling_and_score_without_primary_metric(tokenizer):
           r"primary metric 'f1'", tokenizer, **FAST)
 
 
+def test_score_that_looks_examples_up_by_id(tokenizer):
+    class ById(ClassificationTask):
+        def score(self, predictions, examples):
+            by_text = {ex.text: (p, ex.label) for p, ex in zip(predictions, examples)}  # one entry per example
+            right = sum(p == g for p, g in by_text.values())
+            return {"accuracy": (right + 1) / (len(predictions) + 1), "macro_f1": 0.0}
+
+    fails(ById, SST_DATA, r"^plugin 'byid': score: scored 'accuracy' .* on the same \(prediction, example\) pairs "
+          r"every pair twice, .*score must read the two lists by position", tokenizer, format="label_text", **FAST)
+
+
 def test_missing_part_is_reported_as_registration(tokenizer):
     class NoDecode(ClassificationTask):
         decode = None

@@ -248,7 +248,8 @@ def check_decode_and_score(c: Checker, model: Any, task: TaskPlugin, name: str, 
         raise c.fail("aggregate", f"returned {len(predictions)} predictions for {len(exs)} examples; expected one "
                                   "per example")
     c.ok("aggregate")
-    check_metrics(c, task, task.score(predictions, exs), "score")
+    scored = check_metrics(c, task, task.score(predictions, exs), "score")
+    check_positional_score(c, task, predictions, exs, scored)
     c.ok("score")
     metrics, predictions = task.evaluate(forward, encoded, exs, batch_size)
     metrics = check_metrics(c, task, metrics, "evaluate")
@@ -256,6 +257,22 @@ def check_decode_and_score(c: Checker, model: Any, task: TaskPlugin, name: str, 
         raise c.fail("evaluate", f"returned {len(predictions)} predictions for {len(exs)} examples")
     c.ok("evaluate")
     return metrics
+
+
+def check_positional_score(c: Checker, task: TaskPlugin, predictions: list[Any], exs: list[Any],
+                           scored: dict[str, float]) -> None:
+    """``score`` reads its two lists by position: the same pairs reversed, or every pair twice, score the same
+    primary metric. The bootstrap tolerance test rescores resamples drawn with replacement (an example more than
+    once, in any order), so a score that looks examples up by id or by their place in the split breaks it."""
+    name = task.metric.name
+    for how, preds, golds in (("reversed", predictions[::-1], exs[::-1]),
+                              ("every pair twice", predictions * 2, exs * 2)):
+        value = check_metrics(c, task, task.score(list(preds), list(golds)), "score")[name]
+        if not math.isclose(value, scored[name], rel_tol=1e-6, abs_tol=1e-9):
+            raise c.fail("score", f"scored '{name}' {value!r} on the same (prediction, example) pairs {how}, "
+                                  f"{scored[name]!r} in order; expected the same: score must read the two lists by "
+                                  "position, pair i with pair i, whatever their order and however often an example "
+                                  "occurs (the bootstrap tolerance test rescores resamples)")
 
 
 def check_stored_specs(c: Checker, task: TaskPlugin) -> None:
