@@ -1,7 +1,8 @@
 """Quantized embedding tables. Per-row INT8: the lookup stays within half a row's step of fp32 (where one scale per
 table loses small rows), the table is stored INT8 with fp32 row scales, the graph shrinks by ~3/4 of the table, and
 the quantize stage reports which nodes stayed fp32 and why. INT4 per block: within half a block's step, stored as
-packed 4-bit values (half the INT8 bytes), served by ONNX Runtime's GatherBlockQuantized through the bundle."""
+packed 4-bit values with fp32 block scales (about 5/8 of INT8's bytes at blocks of 32), only for the largest
+table, served by ONNX Runtime's GatherBlockQuantized through the bundle."""
 
 from __future__ import annotations
 
