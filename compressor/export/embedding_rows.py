@@ -62,12 +62,17 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, scale, q.astype(np.float32) * scale
 
 
+def check_int4_block_size(block_size: int) -> None:
+    """Raise ``ValueError`` unless ``block_size`` is one ``GatherBlockQuantized`` reads: a power of two, >= 16."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"INT4 block size must be a power of two of at least 16 (got {block_size})")
+
+
 def int4_blocks(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric INT4 of a 2-D table, one scale per ``block_size`` elements of a row (max |w| / 7, values in
     [-7, 7]), packed as ``GatherBlockQuantized`` reads uint8 data: value + 8, two per byte, the first in the low
     nibble. Returns (packed uint8 [rows, ceil(cols / 2)], scales [rows, ceil(cols / block_size)], dequantized)."""
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"INT4 block size must be a power of two of at least 16 (got {block_size})")
+    check_int4_block_size(block_size)
     rows, cols = w.shape
     blocks = -(-cols // block_size)
     padded = np.zeros((rows, blocks * block_size), np.float32)
@@ -103,7 +108,7 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
     if bits not in (4, 8):
         raise ValueError(f"embedding tables are quantized to 8 or 4 bits (got {bits})")
     if bits == 4:
-        int4_blocks(np.zeros((1, 1), np.float32), block_size)  # checks the block size before any work
+        check_int4_block_size(block_size)  # before any work
     model = onnx.load(str(src))
     graph = model.graph
     exclude = set(exclude)

@@ -20,16 +20,19 @@ from compressor.tasks import TaskPlugin
 
 
 def evaluate_split(forward: OrtForward, plugins: Mapping[str, TaskPlugin], data: Any, tokenizer: Any,
-                   max_length: int, split: str, tasks: Sequence[str] | None = None,
-                   batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """{task: metrics} on one split for every task that has it."""
+                   max_length: int, split: str, tasks: Sequence[str] | None = None, batch_size: int = 64,
+                   predictions: dict[str, list[Any]] | None = None) -> dict[str, dict[str, float]]:
+    """{task: metrics} on one split for every task that has it; ``predictions``, given, receives each task's
+    predictions (one per example)."""
     out: dict[str, dict[str, float]] = {}
     for name in tasks or list(plugins):
         if not data.has(name, split):
             continue
         encoded = data.encoded(name, split, tokenizer, max_length)
-        metrics, _ = plugins[name].evaluate(forward, encoded, data.examples(name, split), batch_size)
+        metrics, preds = plugins[name].evaluate(forward, encoded, data.examples(name, split), batch_size)
         out[name] = {k: float(v) for k, v in metrics.items()}
+        if predictions is not None:
+            predictions[name] = preds
     return out
 
 

@@ -85,16 +85,15 @@ class _Job:
     def evaluate(self, path: Path) -> dict[str, float]:
         """Every evaluated task's metric of the graph at ``path`` under ONNX Runtime (its predictions are kept for
         the bootstrap tolerance test)."""
+        from compressor.export.evaluate import evaluate_split
         from compressor.runtime.session import OrtForward, make_session
 
         forward = OrtForward(make_session(path, self.threads), self.spec)
         out, kept = {}, {}
         for name, split in self.eval_split.items():
-            plugin, data = self.plugins[name], self.ctx.data
-            encoded = data.encoded(name, split, self.tokenizer, self.spec.max_length)
-            metrics, kept[name] = plugin.evaluate(forward, encoded, data.examples(name, split),
-                                                  self.cfg.eval_batch_size)
-            out[name] = float(metrics[plugin.metric.name])
+            metrics = evaluate_split(forward, self.plugins, self.ctx.data, self.tokenizer, self.spec.max_length,
+                                     split, [name], self.cfg.eval_batch_size, kept)
+            out[name] = metrics[name][self.plugins[name].metric.name]
         if self.cfg.tolerance_test == "bootstrap":
             self.predictions[str(path)] = kept
         return out
