@@ -124,6 +124,11 @@ class TaskPlugin(ABC):
         self.name = name
         self.plugin_name: str | None = None  # set by build_task: the registry name this instance came from
         self.labels: list[str] = list(labels) if labels else list(self.default_labels)
+        from compressor.inputs import misplaced_bool
+
+        misplaced = misplaced_bool(self.Options, options) if isinstance(options, Mapping) else None
+        if misplaced is not None:  # pydantic's lax mode would read it as 0 or 1
+            raise RecipeError(f"task '{name}': invalid options: {misplaced}: expected a number, got a boolean")
         try:
             self.options = self.Options(**dict(options or {}))
         except ValidationError as exc:

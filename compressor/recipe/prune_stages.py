@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compressor.recipe._base import NAME, Strict, ToleranceTest
+from compressor.recipe._base import NAME, Seed, Strict, ToleranceTest
 from compressor.recipe.train_stages import DistillWeights
 from compressor.train.options import Sampling
 
@@ -92,7 +92,7 @@ class PruneStage(Strict):
     importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     eval_batch_size: int = Field(64, gt=0)
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneStage:
@@ -183,7 +183,7 @@ class SearchStage(Strict):
     budget: SearchBudget = SearchBudget(trials=20)
     space: SearchSpace = SearchSpace()
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
     importance: Literal["magnitude", "taylor"] = "taylor"
     importance_batches: int = Field(4, gt=0)
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")

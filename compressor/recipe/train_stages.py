@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Seed, Strict
 from compressor.train.options import Sampling, TrainOptions
 
 
@@ -105,7 +105,7 @@ class DistillStage(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     sampling: Sampling = Sampling()
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
         "bf16 support, losses compared in fp32); no = fp32")
@@ -147,7 +147,7 @@ class AddTaskStage(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="epochs without a better dev metric")
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
     def _one_base(self) -> AddTaskStage:
