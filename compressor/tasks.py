@@ -153,6 +153,11 @@ class TaskPlugin(ABC):
     def read(self, path: Path, format: str | None = None) -> list[Any]:
         """Read one split. Raises ``DataError`` naming the file and line/record for anything malformed."""
 
+    def check_split(self, examples: Sequence[Any], split: str) -> None:
+        """Raise ``DataError`` naming the file and line or record for an example the ``split`` ("train", "dev" or
+        "test") cannot use, before any training (a QA question without a reference answer cannot be scored on
+        dev or test). Default: nothing."""
+
     @abstractmethod
     def fit_labels(self, examples: Sequence[Any]) -> list[str]:
         """Derive the label schema from training examples (called when the recipe gives no labels)."""
@@ -242,6 +247,7 @@ class TaskPlugin(ABC):
 #: part -> the parameters (after self) the contract passes it
 _METHODS: dict[str, tuple[str, ...]] = {
     "read": ("path", "format"),
+    "check_split": ("examples", "split"),
     "fit_labels": ("examples",),
     "encode": ("examples", "tokenizer", "max_length", "train"),
     "collate": ("features",),

