@@ -1009,6 +1009,18 @@ for _id, (_edit, _expect) in _MANIFEST_CASES_MORE.items():
     simple(f"model-manifest-{_id}", _manifest_case(_edit, _expect))
 
 
+# ---- tasks check --encoding ------------------------------------------------------------------------------------
+simple("tasks-check-unknown-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
+    "--encoding: unknown text encoding 'klingon'"))
+simple("tasks-check-wrong-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(c.file("l1.txt", "1 caf\u00e9 ok\n".encode("latin-1"))),
+     "--format", "label_text"], "l1.txt:1: not valid UTF-8"))
+simple("tasks-check-utf16-read-as-utf8", lambda c: (
+    ["tasks", "check", "classification", "--data", str(c.file("u16.txt", "1 good\n0 bad\n".encode("utf-16"))),
+     "--format", "label_text", "--encoding", "utf-8"], "u16.txt:1: not valid UTF-8"))
+
+
 # ---- the catalogue as one table-driven test ----------------------------------------------------------------
 def _snapshot(path: Path) -> set[str] | None:
     if not path.exists():
