@@ -99,9 +99,9 @@ def check_fitted_labels(data, fitted: list[str]) -> None:
 
 
 def check_eval_splits(data) -> None:
-    """Read every dev and test split before any training, so a malformed line or an example the split cannot use
-    (``TaskPlugin.check_split``: a QA question without an answer) fails now, not after training."""
+    """Read every split an evaluation scores (dev, test, extra test sets) before any training, so a malformed
+    line or an example the split cannot use (``TaskPlugin.check_split``: a QA question without an answer) fails
+    now, not after training."""
     for name in data.tasks:
-        for split in ("dev", "test"):
-            if data.has(name, split):
-                data.examples(name, split)
+        for split in data.eval_splits(name):
+            data.examples(name, split)

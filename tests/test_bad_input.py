@@ -956,6 +956,16 @@ def _test_split_without_answer(c: Ctx) -> tuple[str, str]:
 _both("qa-test-question-without-answer", _test_split_without_answer)
 
 
+def _extra_test_without_answer(c: Ctx) -> tuple[str, str]:
+    extra = c.file("qa-x.jsonl", json.dumps({"id": "x1", "question": "Who?", "context": _CTX, "answers": []}) + "\n")
+    tasks = (f"  - {{name: qa, plugin: qa, format: squad, data: {{train: {FIXTURES / 'qa_squad.json'}, "
+             f"dev: {FIXTURES / 'qa_squad.json'}}}, tests: {{offdomain: {{path: {extra}, format: jsonl}}}}}}\n")
+    return c.base(tasks=tasks), "qa-x.jsonl:1 (id x1): test:offdomain question has no answer"
+
+
+_both("qa-extra-test-question-without-answer", _extra_test_without_answer)
+
+
 def _load_manifest(edit: Callable[[dict], None], expect: str):
     """A recipe whose load stage names a model directory with an edited manifest."""
     def build(c: Ctx) -> tuple[str, str]:
