@@ -63,9 +63,9 @@ def context(tmp, root, stage: dict, model_dir):
 
 
 def dev_accuracy(ctx, model, tokenizer) -> float:
-    from compressor.stages.distill import _dev_metrics
+    from compressor.model.forward import dev_metrics
 
-    return _dev_metrics(ctx, model, tokenizer, ["maj"], 64)["maj"]
+    return dev_metrics(model, tokenizer, ctx.data, ["maj"], ctx.recipe.model.max_length, 64)["maj"]
 
 
 @pytest.fixture(scope="module")

@@ -209,3 +209,34 @@ def test_batches_carry_the_feature_index(store, tokenizer):
     for row, i in enumerate(batch[INDEX_KEY].tolist()):
         n = len(feats[i]["input_ids"])
         assert batch["input_ids"][row, :n].tolist() == feats[i]["input_ids"]
+
+
+def test_distill_stage_fills_the_run_cache_and_a_rerun_reads_it(store, tokenizer, tmp_path):
+    """A stage killed after its cache was filled (its outputs never moved into place) is run again: the teacher
+    runs for no training feature, and the student matches the one distilled without a cache."""
+    from test_distill import make_ctx
+
+    from compressor.model.io import save_model
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    stage = {"name": "small", "student": {"from_teacher": {"layers": 2}}, "steps": 6, "batch_size": 4, "lr": 1e-3,
+             "weights": {"logits": 1.0, "hidden": 1.0}, "warmup_ratio": 0.0, "single_task_students": True}
+    plain = run(make_ctx(store, tmp_path / "plain", stage, teacher_dir=teacher_dir))
+    assert "teacher_cache" not in plain.outputs
+    cached_stage = {**stage, "teacher_cache": {"dtype": "float32"}}
+    first = run(make_ctx(store, tmp_path / "run", cached_stage, teacher_dir=teacher_dir))
+    stats = first.outputs["teacher_cache"]
+    n_rows = sum(len(store.encoded(t, "train", tokenizer, 32, train=True).features) for t in ("ner", "sst"))
+    assert stats["built"] == n_rows and stats["misses"] == 0 and stats["hits"] > 0
+    assert stats["path"].startswith(str(tmp_path / "run" / "teacher-cache"))
+    rerun = make_ctx(store, tmp_path / "rerun", cached_stage, teacher_dir=teacher_dir)
+    rerun.run_dir = tmp_path / "run"  # the same run directory, a fresh stage directory
+    again = run(rerun)
+    assert again.outputs["teacher_cache"]["built"] == 0 and again.outputs["teacher_cache"]["loaded"] == n_rows
+    for key in ("loss_first", "loss_last"):
+        for part, value in plain.outputs[key].items():
+            assert again.outputs[key][part] == pytest.approx(value, rel=1e-3, abs=1e-5), (key, part)
+    assert set(again.outputs["single_task_students"]) == {"ner", "sst"}
+    assert any("teacher cache" in n for n in again.notes)

@@ -302,3 +302,36 @@ def needs_of(hidden: bool, attention: bool, layer_map: Mapping[int, int]) -> Nee
     """The teacher parts a loss with these terms and this layer map reads."""
     return Needs(hidden=tuple(sorted({0, *(t + 1 for t in layer_map.values())})) if hidden else (),
                  qkv=tuple(sorted(set(layer_map.values()))) if attention else ())
+
+
+def open_cache(options: Any, run_dir: Path, teacher: MultiTaskModel, field: str) -> TeacherCache | None:
+    """The cache a recipe's ``teacher_cache`` options (a ``TeacherCacheOptions`` or None) ask for: under
+    ``<run_dir>/teacher-cache`` (one folder per teacher) unless they name a ``path`` of its own."""
+    if options is None:
+        return None
+    shared = options.path is not None
+    path = Path(options.path).expanduser().resolve() if shared else Path(run_dir) / "teacher-cache"
+    return TeacherCache.open(path, teacher, max_mb=options.max_mb, dtype=options.dtype,
+                             build_batch_size=options.build_batch_size, shared=shared, field=f"{field}.path")
+
+
+def check_recipe_caches(recipe: Any) -> None:
+    """Before anything is written: every cache folder a recipe names (``teacher_cache.path`` of a distill stage
+    or of a prune / search recovery) can be written, and one that already holds a cache was written for this
+    run's teacher when that teacher is a ``load`` stage's model (a trained teacher is checked when it exists)."""
+    first = next((s for s in recipe.stages if s.kind in ("train", "load")), None)
+    teacher_path = Path(first.path).expanduser().resolve() if first is not None and first.kind == "load" else None
+    for i, stage in enumerate(recipe.stages):
+        for field, opts in ((f"stages[{i}].teacher_cache", getattr(stage, "teacher_cache", None)),
+                            (f"stages[{i}].recovery.teacher_cache",
+                             getattr(getattr(stage, "recovery", None), "teacher_cache", None))):
+            if opts is None or opts.path is None:
+                continue
+            path = Path(opts.path).expanduser().resolve()
+            check_writable(path, f"{field}.path")
+            if (path / MANIFEST).is_file() and teacher_path is not None \
+                    and (field.endswith("].teacher_cache") or stage.recovery.teacher == "teacher"):
+                from compressor.model.io import load_model
+
+                teacher, _, _ = load_model(teacher_path)
+                TeacherCache.open(path, teacher, shared=True, field=f"{field}.path")

@@ -199,3 +199,26 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
                 continue
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- from the recipe's options (the distill stage, prune recovery and search recovery share them) -------------
+def kd_config(opts: Any) -> KDConfig:
+    """The loss weights of a :class:`~compressor.recipe.DistillOptions`."""
+    return KDConfig(alpha=opts.alpha, temperature=opts.temperature, logits=opts.weights.logits,
+                    hidden=opts.weights.hidden, attention=opts.weights.attention, relation_heads=opts.relation_heads)
+
+
+def batches_for(data: Any, tasks: Sequence[str], tokenizer: Any, max_length: int, opts: Any, seed: int) -> TaskBatches:
+    """Training batches of ``tasks`` with the batch size and task sampling of ``opts`` (a ``DistillOptions``)."""
+    return TaskBatches.from_store(data, tasks, tokenizer, max_length, opts.batch_size, opts.sampling.strategy,
+                                  opts.sampling.tau, seed)
+
+
+def distiller_for(student: MultiTaskModel, teacher: MultiTaskModel, batches: Iterator[tuple[str, Batch]], opts: Any,
+                  *, total_steps: int, layer_map: Mapping[int, int] | None = None,
+                  device: torch.device | str | None = None, teacher_cache: TeacherCache | None = None) -> Distiller:
+    """The :class:`Distiller` of a ``DistillOptions``: its loss, optimizer, schedule, precision and dropout."""
+    return Distiller(student, teacher, batches, kd_config(opts), total_steps=total_steps, layer_map=layer_map,
+                     lr=opts.lr, weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
+                     grad_clip=opts.grad_clip, optimizer=opts.optimizer, momentum=opts.momentum, device=device,
+                     mixed_precision=opts.mixed_precision, dropout=opts.dropout, teacher_cache=teacher_cache)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +107,24 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple
 def build_model(name_or_path: str, tasks: Mapping[str, TaskPlugin], trust_remote_code: bool = False) -> tuple[MultiTaskModel, Any]:
     encoder, tokenizer = load_pretrained(name_or_path, trust_remote_code)
     return MultiTaskModel(encoder, tasks), tokenizer
+
+
+def with_required(tasks: Mapping[str, TaskPlugin], task: str) -> list[str]:
+    """``task`` first, then every task it needs (transitively, through ``requires()``), in ``tasks``' order."""
+    need, todo = {task}, [task]
+    while todo:
+        for req in tasks[todo.pop()].requires():
+            if req not in need:
+                need.add(req)
+                todo.append(req)
+    return [task] + [t for t in tasks if t in need and t != task]
+
+
+def keep_tasks(model: MultiTaskModel, names: Sequence[str]) -> None:
+    """Drop every task (and head) of ``model`` but ``names``, in place."""
+    for name in list(model.tasks):
+        if name not in names:
+            del model.heads[name]
+            del model.tasks[name]
+    for plugin in model.tasks.values():
+        plugin.bind(model.tasks)
