@@ -67,14 +67,14 @@ def run(ctx: StageContext) -> StageResult:
         "device": device.type,
         "mixed_precision": "bf16" if mixed else "no",
     }
+    if cfg.single_task_students:
+        single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
+                             run_, outputs, notes, cache)
     if cache is not None:
         outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
         notes.append(f"{cfg.name}: teacher cache {cache.root}: {cache.stats['built']} feature(s) computed into it, "
                      f"{cache.stats['loaded']} read from an earlier run; {cache.stats['hits']} batch rows answered "
                      f"from it, {cache.stats['misses']} by the teacher on the fly")
-    if cfg.single_task_students:
-        single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
-                             run_, outputs, notes, cache)
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
 
