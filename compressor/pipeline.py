@@ -50,6 +50,9 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
         preflight = STAGE_KINDS.get(stage.kind).preflight
         if preflight:
             _load(preflight, f"stage '{stage.kind}' preflight")(recipe, i)
+    from compressor.distill.cache import check_recipe_caches
+
+    check_recipe_caches(recipe)  # teacher-cache folders the recipe names: writable, of this teacher
     run_dir = Path(os.path.abspath(out if out else Path("runs") / recipe.name))
     _check_out(run_dir)
 

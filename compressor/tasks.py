@@ -51,6 +51,21 @@ class MetricSpec:
     name: str
     higher_is_better: bool = True
 
+    def retention(self, value: float, reference: float) -> float:
+        """:func:`retention` of ``value`` against ``reference`` under this metric's direction."""
+        return retention(value, reference, self.higher_is_better)
+
+
+def retention(value: float, reference: float, higher_is_better: bool = True) -> float:
+    """How much of ``reference``'s metric ``value`` keeps: value / reference, or reference / value for a
+    lower-is-better metric. Where that divides by zero: 1.0 when ``value`` is at least as good as ``reference``,
+    else 0.0 (a zero reference is matched or missed, never an infinite gain)."""
+    num, den = (value, reference) if higher_is_better else (reference, value)
+    if den:
+        return num / den
+    at_least_as_good = value >= reference if higher_is_better else value <= reference
+    return 1.0 if at_least_as_good else 0.0
+
 
 @dataclass(frozen=True)
 class OnnxOutput:

@@ -313,6 +313,36 @@ def _(c):
     return c.run(c.base(stages=stages)), "stages[1].student.from_config"
 
 
+@case("teacher-cache-below-a-file")
+def _(c):
+    blocker = c.file("not-a-dir", "x")
+    stages = f"  - {{kind: train, epochs: 1}}\n  - {{kind: distill, teacher_cache: {{path: {blocker}/cache}}}}\n"
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.path"
+
+
+@case("teacher-cache-of-another-teacher")
+def _(c):
+    c.file("cache/teacher.json", json.dumps({"teacher": "0" * 64}))
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n"
+              f"  - {{kind: distill, teacher_cache: {{path: {c.tmp / 'cache'}}}}}\n")
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.path"
+
+
+@case("recovery-teacher-cache-of-another-teacher")
+def _(c):
+    c.file("cache/teacher.json", json.dumps({"teacher": "0" * 64}))
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n"
+              f"  - {{kind: prune, head_ratio: 0.5, recovery_steps: 2, "
+              f"recovery: {{teacher_cache: {{path: {c.tmp / 'cache'}}}}}}}\n")
+    return c.run(c.base(stages=stages)), "stages[1].recovery.teacher_cache.path: "
+
+
+@case("teacher-cache-bad-dtype")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: distill, teacher_cache: {dtype: int8}}\n"
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.dtype"
+
+
 @case("recipe-export-opset-too-old")
 def _(c):
     return c.run(c.base(stages="  - {kind: train, epochs: 1}\n  - {kind: export, opset: 9}\n")), "stages[1].opset"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +97,13 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple
 def build_model(name_or_path: str, tasks: Mapping[str, TaskPlugin], trust_remote_code: bool = False) -> tuple[MultiTaskModel, Any]:
     encoder, tokenizer = load_pretrained(name_or_path, trust_remote_code)
     return MultiTaskModel(encoder, tasks), tokenizer
+
+
+def keep_tasks(model: MultiTaskModel, names: Sequence[str]) -> None:
+    """Drop every task (and head) of ``model`` but ``names``, in place."""
+    for name in list(model.tasks):
+        if name not in names:
+            del model.heads[name]
+            del model.tasks[name]
+    for plugin in model.tasks.values():
+        plugin.bind(model.tasks)
