@@ -7,15 +7,15 @@ from typing import Any
 
 import torch
 
+from compressor.distill.cache import open_cache
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
-from compressor.model.io import load_model, save_model
-from compressor.distill.cache import open_cache
 from compressor.model.forward import dev_metrics, use_bf16
+from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel, keep_tasks
-from compressor.tasks import with_required
 from compressor.recipe import DistillStage
 from compressor.stages import StageContext, StageResult
+from compressor.tasks import with_required
 
 
 def run(ctx: StageContext) -> StageResult:
