@@ -198,6 +198,10 @@ class DistillLoss(nn.Module):
         teacher: the frozen teacher (the same tasks, the same vocabulary).
         teacher_cache: where the teacher's outputs are read from for batches that carry ``feature_index``
             (see :mod:`compressor.distill.cache`); None: the teacher runs on every batch.
+        teachers: task -> its own teacher (per-task teachers, :mod:`compressor.distill.teachers`); tasks not in
+            it learn from ``teacher``. ``forward`` is given each batch's teacher.
+        teacher_caches: task -> the cache of that task's teacher (one per teacher); tasks not in it use
+            ``teacher_cache``.
         config: weights and temperature.
         layer_map: student layer -> teacher layer, 0-based; default: uniform (student top = teacher top).
             Embeddings are always compared with the teacher's embeddings in ``kd_hidden``.
@@ -207,13 +211,17 @@ class DistillLoss(nn.Module):
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel, config: KDConfig,
-                 layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None):
+                 layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None,
+                 teachers: Mapping[str, MultiTaskModel] | None = None,
+                 teacher_caches: Mapping[str, TeacherCache] | None = None):
         super().__init__()
         self.config = config
         self.teacher_cache = teacher_cache
+        self.teacher_caches = dict(teacher_caches or {})
         n_s, n_t = len(encoder_layers(student.encoder)), len(encoder_layers(teacher.encoder))
         self.layer_map = check_layer_map(layer_map if layer_map is not None else default_layer_map(n_s, n_t), n_s, n_t)
-        missing = sorted(set(student.tasks) - set(teacher.tasks))
+        teachers = dict(teachers or {})
+        missing = sorted(t for t in student.tasks if t not in teachers.get(t, teacher).tasks)
         if missing:
             raise RecipeError(f"distillation: the teacher has no task '{missing[0]}' (teacher tasks: {sorted(teacher.tasks)})")
         s_w, t_w = student.config.hidden_size, teacher.config.hidden_size
@@ -247,8 +255,9 @@ class DistillLoss(nn.Module):
         if need_teacher:
             if teacher.training:
                 teacher.eval()
-            if self.teacher_cache is not None and INDEX_KEY in batch:
-                t_out, t_qkv = self.teacher_cache.teacher_outputs(
+            cache = self.cache_for(task)
+            if cache is not None and INDEX_KEY in batch:
+                t_out, t_qkv = cache.teacher_outputs(
                     teacher, task, batch, self.needs(want_hidden, want_attention), s_out.outputs)
             else:
                 with torch.no_grad(), capture_qkv(teacher, t_layers) as t_qkv:
@@ -267,6 +276,10 @@ class DistillLoss(nn.Module):
         out = {k: v.detach() for k, v in parts.items()}
         out["loss"] = total
         return out
+
+    def cache_for(self, task: str) -> TeacherCache | None:
+        """The teacher cache of ``task``'s teacher (None: its teacher runs on every batch)."""
+        return self.teacher_caches.get(task, self.teacher_cache)
 
     def needs(self, hidden: bool | None = None, attention: bool | None = None) -> Needs:
         """The teacher parts this loss reads (by default: those its weights switch on)."""

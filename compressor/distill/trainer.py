@@ -101,6 +101,10 @@ class Distiller:
         teacher_cache: the teacher's outputs computed once (:mod:`compressor.distill.cache`): filled for every
             feature of ``batches`` (a :class:`TaskBatches`) up to its size cap, then read instead of running the
             teacher; ``None``: the teacher runs on every batch.
+        teachers: task -> its own teacher (:mod:`compressor.distill.teachers`); each task's batches are
+            distilled from it, tasks not in it from ``teacher``. Each model is moved to ``device`` once.
+        teacher_caches: task -> the cache of that task's teacher (one cache per teacher, filled with the
+            features of its tasks only); tasks not in it use ``teacher_cache``.
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel,
@@ -109,7 +113,9 @@ class Distiller:
                  warmup_ratio: float = 0.0, grad_clip: float | None = 1.0,
                  optimizer: Literal["adamw", "sgd"] = "adamw", momentum: float = 0.9,
                  device: torch.device | str | None = None, mixed_precision: str = "auto",
-                 dropout: float | None = None, teacher_cache: TeacherCache | None = None):
+                 dropout: float | None = None, teacher_cache: TeacherCache | None = None,
+                 teachers: Mapping[str, MultiTaskModel] | None = None,
+                 teacher_caches: Mapping[str, TeacherCache] | None = None):
         from transformers import get_linear_schedule_with_warmup
 
         if total_steps < 1:
@@ -119,13 +125,14 @@ class Distiller:
         if dropout is not None:
             set_dropout(self.student, dropout)
         self.teacher = teacher.to(self.device).eval()  # read under no_grad; its requires_grad flags stay as they are
+        self.teachers = {t: m.to(self.device).eval() for t, m in (teachers or {}).items()}
         self.batches = batches
-        self.loss = DistillLoss(student, teacher, loss_config, layer_map, teacher_cache).to(self.device)
+        self.loss = DistillLoss(student, teacher, loss_config, layer_map, teacher_cache, self.teachers,
+                                teacher_caches).to(self.device)
         self.grad_clip = grad_clip
         self.mixed_precision = use_bf16(mixed_precision, self.device)
-        if teacher_cache is not None and isinstance(batches, TaskBatches) and loss_config.alpha < 1:
-            teacher_cache.prepare(teacher, batches.features, batches.collate, self.loss.needs(), self.device,
-                                  lambda: autocast(self.device, self.mixed_precision, cpu=True))
+        if isinstance(batches, TaskBatches) and loss_config.alpha < 1:
+            self._fill_caches(batches)
         self.total_steps = total_steps
         groups = _param_groups([self.student, self.loss], weight_decay)
         if optimizer == "adamw":
@@ -139,6 +146,21 @@ class Distiller:
         self.steps_done = 0
         self.last_task: str | None = None
 
+    def teacher_of(self, task: str) -> MultiTaskModel:
+        """The teacher ``task`` learns from."""
+        return self.teachers.get(task, self.teacher)
+
+    def _fill_caches(self, batches: TaskBatches) -> None:
+        """Each teacher's cache, filled with the features of the tasks that learn from it."""
+        by_cache: dict[int, tuple[TeacherCache, MultiTaskModel, list[str]]] = {}
+        for task in batches.features:
+            cache = self.loss.cache_for(task)
+            if cache is not None:
+                by_cache.setdefault(id(cache), (cache, self.teacher_of(task), []))[2].append(task)
+        for cache, teacher, tasks in by_cache.values():
+            cache.prepare(teacher, {t: batches.features[t] for t in tasks}, batches.collate, self.loss.needs(),
+                          self.device, lambda: autocast(self.device, self.mixed_precision, cpu=True))
+
     def step(self) -> dict[str, float]:
         """One optimisation step on the next batch; returns ``loss``, ``task``, ``kd_logits``, ``kd_hidden`` and
         ``kd_attention`` as floats (the batch's task is in ``self.last_task``)."""
@@ -148,7 +170,7 @@ class Distiller:
         self.student.train()
         self.loss.train()
         with autocast(self.device, self.mixed_precision, cpu=True):
-            parts = self.loss(self.student, self.teacher, task, batch)
+            parts = self.loss(self.student, self.teacher_of(task), task, batch)
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss is {float(loss)} at step {self.steps_done + 1} (task '{task}')")
@@ -216,9 +238,12 @@ def batches_for(data: Any, tasks: Sequence[str], tokenizer: Any, max_length: int
 
 def distiller_for(student: MultiTaskModel, teacher: MultiTaskModel, batches: Iterator[tuple[str, Batch]], opts: Any,
                   *, total_steps: int, layer_map: Mapping[int, int] | None = None,
-                  device: torch.device | str | None = None, teacher_cache: TeacherCache | None = None) -> Distiller:
+                  device: torch.device | str | None = None, teacher_cache: TeacherCache | None = None,
+                  teachers: Mapping[str, MultiTaskModel] | None = None,
+                  teacher_caches: Mapping[str, TeacherCache] | None = None) -> Distiller:
     """The :class:`Distiller` of a ``DistillOptions``: its loss, optimizer, schedule, precision and dropout."""
     return Distiller(student, teacher, batches, kd_config(opts), total_steps=total_steps, layer_map=layer_map,
                      lr=opts.lr, weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
                      grad_clip=opts.grad_clip, optimizer=opts.optimizer, momentum=opts.momentum, device=device,
-                     mixed_precision=opts.mixed_precision, dropout=opts.dropout, teacher_cache=teacher_cache)
+                     mixed_precision=opts.mixed_precision, dropout=opts.dropout, teacher_cache=teacher_cache,
+                     teachers=teachers, teacher_caches=teacher_caches)

@@ -159,6 +159,18 @@ class DistillStage(DistillOptions):
     single_task_students: bool = Field(
         False, description="also distil one student per task (same architecture, same teacher, the steps the "
         "multi-head student spent on that task), saved as single-<task>/ for row (d) of `compressor benchmark`")
+    teachers: dict[str, str] = Field(
+        default_factory=dict, description="task -> the teacher it learns from: an earlier train or load stage's "
+        "name (a multi-task model), single:<task> (a twin of a train stage with baselines: true), a finetune "
+        "stage's name (its model of that task) or auto (the candidate with the best dev metric on the task); a "
+        "task not named learns from the run's teacher")
+
+    @model_validator(mode="after")
+    def _teacher_names(self) -> DistillStage:
+        for task, name in self.teachers.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"teachers.{task}: expected a stage name, single:<task> or auto, got {name!r}")
+        return self
 
 
 class AddTaskStage(Strict):

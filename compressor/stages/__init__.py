@@ -50,7 +50,8 @@ for _kind, _spec in {
     "load": StageKind("compressor.stages.load:run", needs=None, gives=frozenset({"teacher", "model"})),
     # one model per task, fine-tuned from an earlier model; the run's current model stays that model
     "finetune": StageKind("compressor.stages.finetune:run", gives=frozenset(), sources=("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")),
-    "distill": StageKind("compressor.stages.distill:run", needs="teacher"),
+    "distill": StageKind("compressor.stages.distill:run", needs="teacher",
+                         preflight="compressor.distill.teachers:preflight"),
     "prune": StageKind("compressor.stages.prune:run"),
     "prune_vocab": StageKind("compressor.stages.prune_vocab:run"),
     "export": StageKind("compressor.stages.export:run", gives=frozenset({"export", "graph"})),

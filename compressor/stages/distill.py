@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from compressor.distill.cache import open_cache
+from compressor.distill.cache import TeacherCache, open_cache
+from compressor.distill.teachers import TaskTeachers, resolve
+from compressor.distill.trainer import kd_config
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
 from compressor.model.forward import dev_metrics, use_bf16
@@ -35,11 +37,14 @@ def run(ctx: StageContext) -> StageResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = use_bf16(cfg.mixed_precision, device)
     tasks = list(student.tasks)
-    teacher_dev = dev_metrics(teacher, tokenizer, ctx.data, [t for t in tasks if ctx.data.has(t, "dev")],
+    per_task = resolve(ctx, student, teacher, tokenizer, kd_config(cfg), layer_map)
+    teacher_dev = dev_metrics(teacher, tokenizer, ctx.data,
+                              [t for t in tasks if ctx.data.has(t, "dev") and t in teacher.tasks],
                               recipe.model.max_length, cfg.eval_batch_size)
     cache = open_cache(cfg.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].teacher_cache")
+    own, own_caches = _own_teachers(ctx, per_task, teacher)
     run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed,
-                    teacher_cache=cache)
+                    teacher_cache=cache, teachers=own, teacher_caches=own_caches)
 
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
@@ -67,16 +72,39 @@ def run(ctx: StageContext) -> StageResult:
         "task_steps": run_["task_steps"],
         "device": device.type,
         "mixed_precision": "bf16" if mixed else "no",
+        "teachers": per_task.chosen,
     }
+    notes += [f"{cfg.name}: task {t} learns from {c['teacher']} ({c['reason']})" for t, c in per_task.chosen.items()]
     if cfg.single_task_students:
         single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
-                             run_, outputs, notes, cache)
+                             run_, outputs, notes, cache, own, own_caches)
     if cache is not None:
         outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
         notes.append(f"{cfg.name}: teacher cache {cache.root}: {cache.stats['built']} feature(s) computed into it, "
                      f"{cache.stats['loaded']} read from an earlier run; {cache.stats['hits']} batch rows answered "
                      f"from it, {cache.stats['misses']} by the teacher on the fly")
+    if own_caches:
+        outputs["teacher_caches"] = {per_task.chosen[t]["teacher"]: {"path": str(c.root), **c.stats}
+                                     for t, c in own_caches.items()}
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _own_teachers(ctx: StageContext, per_task: TaskTeachers, teacher: MultiTaskModel,
+                  ) -> tuple[dict[str, MultiTaskModel], dict[str, TeacherCache]]:
+    """The tasks that learn from another model than the run's teacher: task -> model, and (with
+    ``teacher_cache``) task -> that model's cache, one per model, under ``<run>/teacher-cache/``."""
+    cfg: DistillStage = ctx.stage
+    own = {t: m for t, m in per_task.models.items() if m is not teacher}
+    caches: dict[str, TeacherCache] = {}
+    if cfg.teacher_cache is not None:
+        opened: dict[int, TeacherCache] = {}
+        for t, m in own.items():
+            if id(m) not in opened:
+                opened[id(m)] = TeacherCache.open(
+                    ctx.run_dir / "teacher-cache", m, max_mb=cfg.teacher_cache.max_mb, dtype=cfg.teacher_cache.dtype,
+                    build_batch_size=cfg.teacher_cache.build_batch_size, field=f"stages[{ctx.index}].teachers.{t}")
+            caches[t] = opened[id(m)]
+    return own, caches
 
 
 def _student_and_layer_map(ctx: StageContext, teacher: MultiTaskModel,
@@ -115,13 +143,14 @@ def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, param
 def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
              layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, seed: int,
              total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None,
-             teacher_cache: Any = None) -> dict[str, Any]:
+             teacher_cache: Any = None, teachers: dict[str, MultiTaskModel] | None = None,
+             teacher_caches: dict[str, TeacherCache] | None = None) -> dict[str, Any]:
     """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
     early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
     the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
     cfg: DistillStage = ctx.stage
     distiller, total, steps_per_epoch = _distiller(ctx, student, teacher, tokenizer, tasks, layer_map, device, seed,
-                                                   total, steps_per_epoch, teacher_cache)
+                                                   total, steps_per_epoch, teacher_cache, teachers, teacher_caches)
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []
@@ -168,7 +197,9 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
 
 def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
                layer_map: dict[int, int], device: torch.device, seed: int, total: int | None,
-               steps_per_epoch: int | None, teacher_cache: Any = None) -> tuple[Any, int, int]:
+               steps_per_epoch: int | None, teacher_cache: Any = None,
+               teachers: dict[str, MultiTaskModel] | None = None,
+               teacher_caches: dict[str, TeacherCache] | None = None) -> tuple[Any, int, int]:
     """The Distiller for ``tasks`` with the stage config's loss and optimizer, its total steps and steps per epoch."""
     from compressor.distill.trainer import batches_for, distiller_for
 
@@ -177,7 +208,9 @@ def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskMod
     steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
     total = total or cfg.steps or cfg.epochs * steps_per_epoch
     distiller = distiller_for(student, teacher, batches, cfg, total_steps=total, layer_map=layer_map, device=device,
-                              teacher_cache=teacher_cache)
+                              teacher_cache=teacher_cache,
+                              teachers={t: m for t, m in (teachers or {}).items() if t in tasks},
+                              teacher_caches={t: c for t, c in (teacher_caches or {}).items() if t in tasks})
     return distiller, total, steps_per_epoch
 
 
@@ -254,7 +287,9 @@ def _earlier_kept_layers(ctx: StageContext, num_layers: int) -> list[int] | None
 def single_task_students(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, tasks: list[str],
                          layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
                          device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
-                         notes: list[str], teacher_cache: Any = None) -> None:
+                         notes: list[str], teacher_cache: Any = None,
+                         teachers: dict[str, MultiTaskModel] | None = None,
+                         teacher_caches: dict[str, TeacherCache] | None = None) -> None:
     """Distil, save and evaluate one single-task student per task (with the tasks it requires); fills
     ``outputs["single_task_students"]`` / ``outputs["single_task_training"]`` and appends to ``notes``."""
     cfg = ctx.stage
@@ -264,13 +299,15 @@ def single_task_students(ctx: StageContext, student: Any, teacher: Any, tokenize
                      "single-task student")
     for t in tasks if len(tasks) > 1 else []:
         _single_task_student(ctx, student, teacher, tokenizer, t, layer_map, kept, teacher_dev, device, seed, run_,
-                             outputs, notes, teacher_cache)
+                             outputs, notes, teacher_cache, teachers, teacher_caches)
 
 
 def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, t: str,
                          layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
                          device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
-                         notes: list[str], teacher_cache: Any = None) -> None:
+                         notes: list[str], teacher_cache: Any = None,
+                         teachers: dict[str, MultiTaskModel] | None = None,
+                         teacher_caches: dict[str, TeacherCache] | None = None) -> None:
     """The single-task student of task ``t``: distilled, saved as ``single-<t>/``, evaluated and noted."""
     from compressor.report.evaluate import evaluate_rows
 
@@ -290,7 +327,7 @@ def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenize
     s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
                      {n: v for n, v in teacher_dev.items() if n in names}, device, seed,
                      total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}",
-                     teacher_cache=teacher_cache)
+                     teacher_cache=teacher_cache, teachers=teachers, teacher_caches=teacher_caches)
     subdir = f"single-{t}"
     s_saved = ctx.out_dir / subdir
     save_model(single, tokenizer, s_saved, recipe.model.max_length,
