@@ -50,12 +50,13 @@ def test_named_and_auto_teachers_are_recorded_and_auto_takes_the_best_dev_candid
     stages = (FINETUNE
               + DISTILL.format(name="named", teachers="{ner: 'single:ner', sst: ft}", extra="")
               + DISTILL.format(name="picked", teachers="{ner: auto, sst: auto}", extra="    teacher_cache: {}\n"))
-    out, done, report = _run(tmp_path, tiny_model_path, stages)
+    _, done, report = _run(tmp_path, tiny_model_path, stages)  # (state.json keeps paths relative to the run)
     twin_dir = done["teacher"]["outputs"]["baselines"]["ner"]
     named = done["named"]["outputs"]["teachers"]
-    assert named["ner"]["teacher"] == "single:ner" and named["ner"]["model_dir"] == str(out / twin_dir)
-    assert named["sst"]["teacher"] == "ft" and named["sst"]["model_dir"] == str(out / done["ft"]["outputs"]["models"]["sst"])
-    assert any("task ner learns from single:ner" in n for n in report["notes"])
+    assert named["ner"]["teacher"] == "single:ner" and named["ner"]["model_dir"] == twin_dir
+    assert named["sst"]["teacher"] == "ft" and named["sst"]["model_dir"] == done["ft"]["outputs"]["models"]["sst"]
+    notes = next(s["notes"] for s in report["stages"] if s["name"] == "named")
+    assert "named: task ner learns from single:ner (named in the recipe)" in notes
 
     picked = done["picked"]["outputs"]["teachers"]
     for task in ("ner", "sst"):
@@ -71,6 +72,21 @@ def test_named_and_auto_teachers_are_recorded_and_auto_takes_the_best_dev_candid
     assert set(caches) == others
     assert len({c["path"] for c in caches.values()}) == len(others)
     assert all(c["built"] > 0 for c in caches.values())
+    notes = next(s["notes"] for s in report["stages"] if s["name"] == "picked")
+    assert any(n.startswith("picked: task sst learns from ") and "auto: best dev" in n for n in notes)
+
+
+def test_auto_takes_the_best_dev_metric_in_the_metric_direction(tmp_path):
+    from compressor.distill.teachers import Candidate, choose
+
+    found = [Candidate("teacher", "sst", tmp_path / "t", 0.80), Candidate("single:sst", "sst", tmp_path / "s", 0.85),
+             Candidate("ft", "sst", tmp_path / "f", 0.83), Candidate("other", "sst", tmp_path / "o", None)]
+    pick, reason = choose("stages[2].teachers.sst", "auto", "sst", found, higher_is_better=True)
+    assert pick.name == "single:sst" and "single:sst 0.8500" in reason and "other n/a" in reason
+    pick, _ = choose("stages[2].teachers.sst", "auto", "sst", found, higher_is_better=False)
+    assert pick.name == "teacher"
+    pick, reason = choose("w", "ft", "sst", found, higher_is_better=True)
+    assert pick.name == "ft" and reason == "named in the recipe"
 
 
 def test_a_wider_teacher_teaches_logits_only(tmp_path, tiny_model_path, tokenizer, store):  # noqa: F811
