@@ -343,6 +343,113 @@ def _(c):
     return c.run(c.base(stages=stages)), "stages[1].teacher_cache.dtype"
 
 
+# ---- per-task teachers of a distill stage ----------------------------------------------------------------------
+def _saved_model(c: Ctx, name: str, tasks: dict, hidden: int = 32, tokenizer_extra: list[str] | None = None) -> Path:
+    """A tiny (untrained) model directory with ``tasks`` (task -> (plugin, labels)), of width ``hidden``, its
+    tokenizer with ``tokenizer_extra`` tokens added."""
+    from transformers import AutoTokenizer
+
+    from compressor.model.io import save_model
+    from compressor.model.multitask import MultiTaskModel
+    from compressor.tasks import build_task
+
+    tok = AutoTokenizer.from_pretrained(str(c.encoder), use_fast=True)
+    if tokenizer_extra:
+        tok.add_tokens(tokenizer_extra)
+    plugins = {t: build_task(p, t, labels) for t, (p, labels) in tasks.items()}
+    model = MultiTaskModel(tiny_bert(vocab_size=len(tok), hidden=hidden, layers=2, heads=4, ffn=64), plugins)
+    return save_model(model, tok, c.tmp / name, 32)
+
+
+_BOTH = {"ner": ("ner", ["Loc", "Org", "Peop"]), "sst": ("classification", ["0", "1"])}
+
+
+def _distill_teachers(teachers: str, before: str = "  - {kind: train, epochs: 1}\n", extra: str = ""):
+    def build(c: Ctx):
+        stages = before + f"  - {{kind: distill, teachers: {teachers}{extra}}}\n"
+        return c.run(c.base(stages=stages)), None
+    return build
+
+
+@case("teachers-name-no-stage")
+def _(c):
+    return _distill_teachers("{sst: nope}")(c)[0], "stages[1].teachers.sst: 'nope' is no stage of the recipe"
+
+
+@case("teachers-name-a-later-stage")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: distill, teachers: {sst: ft}}\n  - {kind: finetune, name: ft}\n"
+    return c.run(c.base(stages=stages)), "stages[1].teachers.sst: 'ft' is a later stage"
+
+
+@case("teachers-name-not-a-teacher-kind")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: export}\n  - {kind: distill, teachers: {sst: export}}\n"
+    return c.run(c.base(stages=stages)), "stages[2].teachers.sst: 'export' is a stage of kind export"
+
+
+@case("teachers-twin-without-baselines")
+def _(c):
+    return _distill_teachers("{sst: 'single:sst'}")(c)[0], "stages[1].teachers.sst: 'single:sst': no earlier train"
+
+
+@case("teachers-twin-of-another-task")
+def _(c):
+    argv, _ = _distill_teachers("{sst: 'single:ner'}", before="  - {kind: train, epochs: 1, baselines: true}\n")(c)
+    return argv, "stages[1].teachers.sst: 'single:ner' is the twin of task 'ner'"
+
+
+@case("teachers-finetune-lacks-the-task")
+def _(c):
+    before = "  - {kind: train, epochs: 1}\n  - {kind: finetune, name: ft, tasks: [ner]}\n"
+    return _distill_teachers("{sst: ft}", before=before)(c)[0], "stages[2].teachers.sst: the model of stage 'ft' has no task 'sst'"
+
+
+@case("teachers-unknown-task")
+def _(c):
+    return _distill_teachers("{qa: auto}")(c)[0], "stages[1].teachers.qa: the recipe has no task 'qa'"
+
+
+@case("teachers-auto-without-a-candidate")
+def _(c):
+    sst_only = _saved_model(c, "sst-only", {"sst": _BOTH["sst"]})
+    stages = (f"  - {{kind: load, path: {sst_only}}}\n  - {{kind: add_task, task: ner, steps: 1}}\n"
+              "  - {kind: distill, student: {from_previous: true}, teachers: {ner: auto}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].teachers.ner: auto: no earlier stage has a model of task 'ner'"
+
+
+@case("teachers-named-load-lacks-the-task")
+def _(c):
+    sst_only = _saved_model(c, "sst-only", {"sst": _BOTH["sst"]})
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n  - {{kind: load, name: small, path: {sst_only}}}\n"
+              "  - {kind: distill, teachers: {ner: small}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].teachers.ner: the model of stage 'small' has no task 'ner'"
+
+
+@case("teachers-other-tokenizer")
+def _(c):
+    other = _saved_model(c, "other-tok", _BOTH, tokenizer_extra=["zzqqxx"])
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n  - {{kind: load, name: other, path: {other}}}\n"
+              "  - {kind: distill, teachers: {sst: other}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].teachers.sst: " + str(other) + " has another tokenizer"
+
+
+@case("teachers-other-width-with-hidden-loss")
+def _(c):
+    wide = _saved_model(c, "wide", _BOTH, hidden=64)
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n  - {{kind: load, name: wide, path: {wide}}}\n"
+              "  - {kind: distill, teachers: {sst: wide}, weights: {logits: 1, hidden: 1}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].teachers.sst: " + str(wide) + " is 64 wide, the run's teacher 32"
+
+
+@case("teachers-other-width-with-attention-loss")
+def _(c):
+    wide = _saved_model(c, "wide", _BOTH, hidden=64)
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n  - {{kind: load, name: wide, path: {wide}}}\n"
+              "  - {kind: distill, teachers: {ner: wide}, weights: {logits: 0, attention: 1}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].teachers.ner: " + str(wide) + " is 64 wide"
+
+
 @case("recipe-export-opset-too-old")
 def _(c):
     return c.run(c.base(stages="  - {kind: train, epochs: 1}\n  - {kind: export, opset: 9}\n")), "stages[1].opset"

@@ -92,7 +92,7 @@ def preflight(recipe: Any, index: int) -> None:
                               f"expected an earlier train, load or finetune stage, single:<task> or auto (earlier: "
                               f"{[s.name for s in earlier] or 'none'})")
         if match.kind not in (*TEACHER_STAGE_KINDS, "finetune"):
-            raise RecipeError(f"{where}: '{name}' is a {match.kind} stage; a teacher is a train, load or finetune "
+            raise RecipeError(f"{where}: '{name}' is a stage of kind {match.kind}; a teacher is a train, load or finetune "
                               "stage's model, single:<task> or auto")
         if not _may_have(match, task, recipe):
             raise RecipeError(f"{where}: the model of stage '{name}' has no task '{task}'")
