@@ -242,6 +242,11 @@ def check_recipe(recipe: Recipe, path: Path, data_root: Path | None = None) -> d
     for task in tasks.values():
         task.bind(tasks)
     check_stage_chain(recipe, path)
+    for i, stage in enumerate(recipe.stages):
+        if getattr(stage, "teachers", None):  # a distill stage's per-task teachers: names, tasks, load models
+            from compressor.distill.teachers import preflight as check_teachers
+
+            check_teachers(recipe, i)
     notes = check_models(recipe, path, missing_ok=True)
     files = check_data(recipe, path, data_root, tasks) if data_root is not None else 0
     return {"tasks": len(tasks), "stages": [s.name for s in recipe.stages], "data_files": files, "notes": notes}

@@ -376,6 +376,18 @@ def _(c):
     return _distill_teachers("{sst: nope}")(c)[0], "stages[1].teachers.sst: 'nope' is no stage of the recipe"
 
 
+@case("validate-teachers-name-no-stage")
+def _(c):
+    return (c.validate(c.base(stages="  - {kind: train, epochs: 1}\n  - {kind: distill, teachers: {sst: nope}}\n")),
+            "stages[1].teachers.sst: 'nope' is no stage of the recipe")
+
+
+@case("validate-teachers-twin-of-another-task")
+def _(c):
+    stages = "  - {kind: train, epochs: 1, baselines: true}\n  - {kind: distill, teachers: {ner: 'single:sst'}}\n"
+    return c.validate(c.base(stages=stages)), "stages[1].teachers.ner: 'single:sst' is the twin of task 'sst'"
+
+
 @case("teachers-name-a-later-stage")
 def _(c):
     stages = "  - {kind: train, epochs: 1}\n  - {kind: distill, teachers: {sst: ft}}\n  - {kind: finetune, name: ft}\n"
