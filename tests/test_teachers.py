@@ -151,3 +151,22 @@ def test_each_task_is_distilled_from_its_own_teacher_and_has_its_own_cache(store
     assert not torch.allclose(parts["kd_logits"], from_joint, rtol=1e-2)
     distiller.run(2)  # trains
     assert cache_other.stats["hits"] + cache_other.stats["misses"] >= 1 or cache_joint.stats["hits"] >= 1
+
+
+def test_a_shallower_fine_tuned_teacher_with_hidden_kd_fails_before_the_stage_trains(tmp_path, tiny_model_path):
+    """Checked when the stage starts (the finetune stage's models exist only then): one error line naming
+    stages[i].teachers.<task>, exit 2, the stage writes nothing."""
+    stages = ("  - {kind: distill, name: small, steps: 2, batch_size: 8, student: {from_teacher: {layers: 1}}}\n"
+              + FINETUNE.replace("name: ft", "name: ft\n    source: small")
+              + DISTILL.format(name="d", teachers="{sst: ft}", extra="    weights: {logits: 1, hidden: 1}\n"))
+    text = recipe_text(tiny_model_path, epochs=1, baselines=False).replace("report:", stages + "report:")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    result = invoke("run", recipe, "--out", out)
+    assert result.exit_code == 2, result.output
+    err = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "stages[3].teachers.sst: 'ft'" in err[0] and "has 1 layers" in err[0], result.output
+    state = json.loads((out / "state.json").read_text())
+    assert [s["name"] for s in state["completed"]] == ["teacher", "small", "ft"]
+    assert not list((out / "stages").glob("*-d")) and not list((out / "stages").glob(".*-d.partial"))
