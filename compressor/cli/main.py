@@ -186,6 +186,8 @@ tasks_app.command("check")(guarded(tasks_check))
 tasks_app.command("new")(guarded(tasks_new))
 from compressor.cli.compress import compress  # noqa: E402  (typer only at import time)
 app.command(name="compress")(guarded(compress))
+from compressor.cli.export_hf import export_hf  # noqa: E402  (typer only at import time)
+app.command(name="export-hf")(guarded(export_hf))
 
 
 def main() -> None:  # pragma: no cover - console script entry
