@@ -63,7 +63,7 @@ def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: 
 
 def truncating_tokenizer(tokenizer_file: Path, max_length: int) -> str:
     """The ``tokenizers`` JSON of ``tokenizer_file`` set to truncate to ``max_length`` tokens (special tokens
-    included; for a pair, the longer side first)."""
+    included; for a pair, the longer side first) and to pad a batch to its longest text, not to a fixed length."""
     from tokenizers import Tokenizer
 
     try:
@@ -72,6 +72,10 @@ def truncating_tokenizer(tokenizer_file: Path, max_length: int) -> str:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ModelDirError(f"{tokenizer_file}: not a Hugging Face tokenizers file: {first}") from exc
     tok.enable_truncation(int(max_length))
+    padding = tok.padding
+    if padding is not None and padding.get("length") is not None:  # a fixed length (128 in all-MiniLM) -> longest
+        tok.enable_padding(direction=padding["direction"], pad_id=padding["pad_id"], pad_type_id=padding["pad_type_id"],
+                           pad_token=padding["pad_token"], pad_to_multiple_of=padding["pad_to_multiple_of"])
     return tok.to_str()
 
 
