@@ -85,7 +85,8 @@ def transformers_files(model_dir: Path, max_length: int) -> dict[str, str]:
     from compressor.export.hf import hf_config_dict
     from compressor.model.io import read_manifest
 
-    out = {CONFIG: json.dumps(hf_config_dict(read_manifest(model_dir)), indent=2, sort_keys=True)}
+    out = {CONFIG: json.dumps(hf_config_dict(read_manifest(model_dir), str(model_dir / 'manifest.json')), indent=2,
+                                 sort_keys=True)}
     path = model_dir / TOKENIZER_CONFIG
     try:
         tok_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

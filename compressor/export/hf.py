@@ -58,9 +58,10 @@ class ExportError(CompressorError):
 
 
 # ---- config ---------------------------------------------------------------------------------------------------
-def hf_config(manifest: Mapping[str, Any]) -> Any:
+def hf_config(manifest: Mapping[str, Any], source: str = "manifest.json") -> Any:
     """The transformers config of a saved model's encoder: per-layer heads as ``pruned_heads``, the FFN width
-    as the widest layer's (narrower layers are zero-padded), layer count and vocabulary as saved."""
+    as the widest layer's (narrower layers are zero-padded), layer count and vocabulary as saved. ``source``
+    names the manifest in errors."""
     from transformers import AutoConfig
 
     cfg = {k: v for k, v in manifest["encoder"]["config"].items() if k not in _CONFIG_DROP}
@@ -69,13 +70,13 @@ def hf_config(manifest: Mapping[str, Any]) -> Any:
     heads = int(cfg.get("num_attention_heads", 0))
     hidden = int(cfg.get("hidden_size", 0))
     if not model_type or heads < 1 or hidden % heads:
-        raise ExportError(f"manifest: encoder.config needs model_type and num_attention_heads dividing hidden_size "
+        raise ExportError(f"{source}: encoder.config needs model_type and num_attention_heads dividing hidden_size "
                           f"(got {model_type!r}, {heads}, {hidden})")
     head_size = hidden // heads
     pruned = {}
     for i, a in enumerate(layers):
         if a.head_size != head_size or a.heads > heads:
-            raise ExportError(f"manifest: layer {i} has {a.heads} heads of size {a.head_size}; transformers can only "
+            raise ExportError(f"{source}: architecture.layers[{i}] has {a.heads} heads of size {a.head_size}; transformers can only "
                               f"remove some of {heads} heads of size {head_size}")
         if a.heads < heads:
             pruned[i] = list(range(a.heads, heads))
@@ -84,12 +85,17 @@ def hf_config(manifest: Mapping[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"manifest: transformers has no config for model type '{model_type}': {exc}") from exc
+        raise ExportError(f"{source}: transformers has no config for model type '{model_type}': {exc}") from exc
 
 
-def hf_config_dict(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`hf_config` as the ``config.json`` a bundle carries (optimum reads the model type from it)."""
-    return hf_config(manifest).to_dict()
+def hf_config_dict(manifest: Mapping[str, Any], source: str = "manifest.json") -> dict[str, Any]:
+    """:func:`hf_config` as the ``config.json`` a bundle carries (optimum reads the model type from it); for a
+    model transformers cannot express (per-layer head sizes), the saved encoder config with its layer count."""
+    try:
+        return hf_config(manifest, source).to_dict()
+    except ExportError:
+        cfg = {k: v for k, v in manifest["encoder"]["config"].items() if k not in _CONFIG_DROP}
+        return {**cfg, "num_hidden_layers": len(manifest["architecture"]["layers"])}
 
 
 # ---- weights --------------------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
     model, tokenizer, manifest = load_model(model_dir)
     max_length = int(manifest["max_length"])
     tokenizer.model_max_length = max_length  # pipelines truncate to what the model was trained on
-    config = hf_config(manifest)
+    config = hf_config(manifest, str(model_dir / "manifest.json"))
     batch = probe_batch(tokenizer, max_length)
     reserved = {CARD, INFO, "config.json", "model.safetensors"}
 
