@@ -264,13 +264,15 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
             heads[name] = hf
         else:
             entry.update({"class": None, "auto_class": None, "pipeline": None, "form": "compressor-head",
-                          "inputs": plugin.input_names(), "outputs": [o.name for o in plugin.onnx_outputs()]})
+                          "inputs": plugin.input_names(), "outputs": [o.name for o in plugin.onnx_outputs()],
+                          "extra_inputs": [_describe_input(i) for i in plugin.onnx_inputs()]})
         tasks[name] = entry
 
     info = {
         "format": "compressor-hf-export", "version": 1, "source": model_dir.name,
         "model_type": config.model_type, "max_length": max_length,
-        "parameters": {"compressor": int(manifest.get("parameters") or model.num_parameters()),
+        "parameters": {"compressor": model.num_parameters(),
+                       "compressor_encoder": sum(p.numel() for p in model.encoder.parameters()),
                        "transformers_encoder": sum(p.numel() for p in encoder.parameters())},
         "architecture": manifest["architecture"], "pruned_heads": {str(k): v for k, v in config.pruned_heads.items()},
         "tasks": tasks, "parity_max_abs_diff": parity,
@@ -292,11 +294,18 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
             save_file(head_state, str(folder / HEAD_WEIGHTS), metadata={"format": "compressor-head"})
             spec = {"format": "compressor-head", "version": 1, "task": name, "plugin": entry["plugin"],
                     **model.tasks[name].describe(), "hidden_size": int(config.hidden_size),
-                    "inputs": entry["inputs"], "outputs": entry["outputs"], "encoder": ".."}
+                    "inputs": entry["inputs"], "extra_inputs": entry["extra_inputs"], "outputs": entry["outputs"],
+                    "encoder": ".."}
             atomic_write_text(folder / HEAD_SPEC, json.dumps(spec, indent=2))
         atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
         atomic_write_text(tmp / CARD, card)
     return info
+
+
+def _describe_input(spec: Any) -> dict[str, Any]:
+    """An extra head input as ``head.json`` lists it: name, dtype and shape (symbolic dynamic axes)."""
+    dims = [spec.dynamic_axes[i] for i in sorted(spec.dynamic_axes)]
+    return {"name": spec.name, "dtype": spec.dtype, "shape": [*dims, *spec.example_shape]}
 
 
 def check_hub(repo: str) -> None:

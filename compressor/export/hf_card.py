@@ -107,9 +107,9 @@ def _compression(model_dir: Path, manifest: Mapping[str, Any], info: Mapping[str
              f"size {manifest['architecture']['hidden_size']}, vocabulary {manifest['architecture']['vocab_size']}",
              f"- {len(layers)} layer(s); attention heads per layer {[la['heads'] for la in layers]}; FFN width per "
              f"layer {[la['ffn'] for la in layers]}",
-             f"- parameters: {info['parameters']['compressor']:,} in compressor "
-             f"({info['parameters']['transformers_encoder']:,} in the transformers encoder, pooler and zero padding "
-             "included)"]
+             f"- parameters: {info['parameters']['compressor']:,} in compressor's model (encoder "
+             f"{info['parameters']['compressor_encoder']:,} + task heads); the transformers encoder holds "
+             f"{info['parameters']['transformers_encoder']:,} (its pooler and any zero padding included)"]
     for key, what in (("pruned_by", "pruned"), ("searched_by", "found by search"), ("distilled_from", "distilled"),
                       ("train_result", "trained")):
         if key in manifest:
