@@ -106,6 +106,9 @@ def test_encoder_loads_in_automodel_with_compressors_outputs(models, name):
         ours = model.encoder(**batch).last_hidden_state
     assert float((theirs - ours).abs().max()) <= 1e-5
     assert tokenizer.model_max_length == 48
+    from tokenizers import Tokenizer
+
+    assert len(Tokenizer.from_file(str(out / "tokenizer.json")).encode(" ".join(["word"] * 700)).ids) == 48
     state = json.loads((out / "compressor.json").read_text())
     assert state["parity_max_abs_diff"]["encoder"] <= 1e-5
 

@@ -27,11 +27,6 @@ from compressor.runtime.bundle import MODEL, TASKS, TOKENIZER
 from compressor.runtime.spec import GraphSpec
 
 
-CONFIG = "config.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS = "special_tokens_map.json"
-
-
 def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: Path, pad_id: int,
                  metadata: Mapping[str, Any] | None = None, model_dir: Path | None = None) -> Path:
     """Write the bundle directory (a half-written bundle never appears at ``directory``); with ``model_dir`` (the
@@ -49,6 +44,8 @@ def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: 
         **(dict(metadata) if metadata else {}),
     })
     spec.metadata.pop("graph_file", None)
+    from compressor.export.hf import transformers_files, truncating_tokenizer  # transformers' view of the files
+
     tokenizer_json = truncating_tokenizer(tokenizer_file, spec.max_length)
     hf_files = transformers_files(Path(model_dir), spec.max_length) if model_dir is not None else {}
     with atomic_dir(Path(directory)) as tmp:
@@ -59,43 +56,3 @@ def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: 
         spec.metadata["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / TASKS).write_text(json.dumps(spec.to_json(), indent=2), encoding="utf-8")
     return Path(directory)
-
-
-def truncating_tokenizer(tokenizer_file: Path, max_length: int) -> str:
-    """The ``tokenizers`` JSON of ``tokenizer_file`` set to truncate to ``max_length`` tokens (special tokens
-    included; for a pair, the longer side first) and to pad a batch to its longest text, not to a fixed length."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise ModelDirError(f"{tokenizer_file}: not a Hugging Face tokenizers file: {first}") from exc
-    tok.enable_truncation(int(max_length))
-    padding = tok.padding
-    if padding is not None and padding.get("length") is not None:  # a fixed length (128 in all-MiniLM) -> longest
-        tok.enable_padding(direction=padding["direction"], pad_id=padding["pad_id"], pad_type_id=padding["pad_type_id"],
-                           pad_token=padding["pad_token"], pad_to_multiple_of=padding["pad_to_multiple_of"])
-    return tok.to_str()
-
-
-def transformers_files(model_dir: Path, max_length: int) -> dict[str, str]:
-    """``config.json``, ``tokenizer_config.json`` (``model_max_length`` = ``max_length``) and, when the model
-    directory has one, ``special_tokens_map.json``: file name -> text."""
-    from compressor.export.hf import hf_config_dict
-    from compressor.model.io import read_manifest
-
-    out = {CONFIG: json.dumps(hf_config_dict(read_manifest(model_dir), str(model_dir / 'manifest.json')), indent=2,
-                                 sort_keys=True)}
-    path = model_dir / TOKENIZER_CONFIG
-    try:
-        tok_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelDirError(f"{path}: unreadable tokenizer config: {exc}") from None
-    if not isinstance(tok_config, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    tok_config["model_max_length"] = int(max_length)
-    out[TOKENIZER_CONFIG] = json.dumps(tok_config, indent=2)
-    if (model_dir / SPECIAL_TOKENS).is_file():
-        out[SPECIAL_TOKENS] = (model_dir / SPECIAL_TOKENS).read_text(encoding="utf-8")
-    return out

@@ -12,6 +12,10 @@ Layout of the export::
                                a task whose head has none (relation extraction, mean pooling): the head's
                                weights, rebuilt with its plugin and run on OUT's ``last_hidden_state``
 
+The same module gives an edge bundle the files optimum and transformers read beside its graph
+(:func:`transformers_files`: ``config.json``, tokenizer config) and its ``tokenizer.json`` that truncates to the
+model's ``max_length`` (:func:`truncating_tokenizer`).
+
 Pruned models stay exact: heads removed from a layer are declared in ``config.pruned_heads`` (transformers
 removes the same number of heads at load time; the kept ones are stored in order), and FFN layers narrower than
 the widest are zero-padded to it (a padded neuron has zero input weights, zero bias and a zero output column,
@@ -96,6 +100,51 @@ def hf_config_dict(manifest: Mapping[str, Any], source: str = "manifest.json") -
     except ExportError:
         cfg = {k: v for k, v in manifest["encoder"]["config"].items() if k not in _CONFIG_DROP}
         return {**cfg, "num_hidden_layers": len(manifest["architecture"]["layers"])}
+
+
+# ---- files beside an ONNX graph ---------------------------------------------------------------------------------
+CONFIG = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS = "special_tokens_map.json"
+
+
+def truncating_tokenizer(tokenizer_file: Path, max_length: int) -> str:
+    """The ``tokenizers`` JSON of ``tokenizer_file`` set to truncate to ``max_length`` tokens (special tokens
+    included; for a pair, the longer side first) and to pad a batch to its longest text, not to a fixed length."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ModelDirError(f"{tokenizer_file}: not a Hugging Face tokenizers file: {first}") from exc
+    tok.enable_truncation(int(max_length))
+    padding = tok.padding
+    if padding is not None and padding.get("length") is not None:  # a fixed length (128 in all-MiniLM) -> longest
+        tok.enable_padding(direction=padding["direction"], pad_id=padding["pad_id"], pad_type_id=padding["pad_type_id"],
+                           pad_token=padding["pad_token"], pad_to_multiple_of=padding["pad_to_multiple_of"])
+    return tok.to_str()
+
+
+def transformers_files(model_dir: Path, max_length: int) -> dict[str, str]:
+    """``config.json``, ``tokenizer_config.json`` (``model_max_length`` = ``max_length``) and, when the model
+    directory has one, ``special_tokens_map.json``: file name -> text."""
+    from compressor.model.io import read_manifest
+
+    config = hf_config_dict(read_manifest(model_dir), str(model_dir / "manifest.json"))
+    out = {CONFIG: json.dumps(config, indent=2, sort_keys=True)}
+    path = model_dir / TOKENIZER_CONFIG
+    try:
+        tok_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelDirError(f"{path}: unreadable tokenizer config: {exc}") from None
+    if not isinstance(tok_config, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    tok_config["model_max_length"] = int(max_length)
+    out[TOKENIZER_CONFIG] = json.dumps(tok_config, indent=2)
+    if (model_dir / SPECIAL_TOKENS).is_file():
+        out[SPECIAL_TOKENS] = (model_dir / SPECIAL_TOKENS).read_text(encoding="utf-8")
+    return out
 
 
 # ---- weights --------------------------------------------------------------------------------------------------
@@ -282,12 +331,12 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
     card = model_card(model_dir, manifest, info)
     with atomic_dir(out) as tmp:
         encoder.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        _save_tokenizer(tokenizer, tmp, max_length)
         for name, entry in tasks.items():
             folder = tmp / entry["folder"]
             if name in heads:
                 heads[name].save_pretrained(str(folder), safe_serialization=True)
-                tokenizer.save_pretrained(str(folder))
+                _save_tokenizer(tokenizer, folder, max_length)
                 continue
             folder.mkdir()
             head_state = {k: v.detach().contiguous().cpu() for k, v in model.heads[name].state_dict().items()}
@@ -300,6 +349,13 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
         atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
         atomic_write_text(tmp / CARD, card)
     return info
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path, max_length: int) -> None:
+    """The tokenizer files, ``tokenizer.json`` set to truncate to ``max_length`` and pad to the longest text (as
+    saved, it carries whatever padding and truncation the tokenizer's last call set)."""
+    tokenizer.save_pretrained(str(directory))
+    atomic_write_text(directory / "tokenizer.json", truncating_tokenizer(directory / "tokenizer.json", max_length))
 
 
 def _describe_input(spec: Any) -> dict[str, Any]:
