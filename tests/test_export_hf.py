@@ -216,6 +216,8 @@ def test_model_card_names_tasks_labels_results_and_limits(models):
                  "attention heads per layer [2, 4]", "teacher (load) -> prune (prune)", "`pruned_heads`",
                  "zero-padded", 'pipeline("token-classification", model="PATH/ner"'):
         assert text in card, text
+    assert card.count("# run/stages/01-prune/model (exported by compressor)") == 1
+    assert str(pruned.parent) not in card and str(pruned.parent) not in (pruned / "compressor.json").read_text()
     plain_card = (plain / "README.md").read_text()
     assert "No run report" in plain_card and "zero-padded" not in plain_card
 

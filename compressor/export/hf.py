@@ -318,7 +318,7 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
         tasks[name] = entry
 
     info = {
-        "format": "compressor-hf-export", "version": 1, "source": model_dir.name,
+        "format": "compressor-hf-export", "version": 1, "source": _source_name(model_dir),
         "model_type": config.model_type, "max_length": max_length,
         "parameters": {"compressor": model.num_parameters(),
                        "compressor_encoder": sum(p.numel() for p in model.encoder.parameters()),
@@ -349,6 +349,17 @@ def export_hf(model_dir: Path, out: Path) -> dict[str, Any]:
         atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
         atomic_write_text(tmp / CARD, card)
     return info
+
+
+def _source_name(model_dir: Path) -> str:
+    """The model directory as ``<run>/stages/NN-stage/model`` inside a run, else its name: never an absolute
+    path of the machine that exported it."""
+    from compressor.rundir import RunDir
+
+    run = RunDir.enclosing(model_dir)
+    if run is None:
+        return Path(os.path.abspath(model_dir)).name
+    return f"{run.path.name}/{Path(os.path.abspath(model_dir)).relative_to(run.path).as_posix()}"
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path, max_length: int) -> None:
