@@ -122,7 +122,7 @@ def make_run(stages: list[dict[str, Any]], root: Path, tasks: tuple[str, ...] = 
     from compressor.rundir import RunDir
 
     run_dir = RunDir(root)
-    if not run_dir.state_path.is_file():  # as the pipeline leaves it before the first stage (ctx.latest reads it)
+    if not run_dir.state_path.is_file():  # ctx.latest reads the records a pipeline run keeps in state.json
         run_dir.write_state({"completed": []})
     if model_dir is None:
         model_dir = save_tiny_model(recipe, data, root / "model", ln_outlier=ln_outlier)
