@@ -429,7 +429,7 @@ def _(c):
 
 @case("data-unknown-format")
 def _(c):
-    return c.run(c.base().replace("format: label_text", "format: csv")), "unknown classification format 'csv'"
+    return c.run(c.base().replace("format: label_text", "format: xml")), "unknown classification format 'xml'"
 
 
 def _jsonl_sst(lines: str, expect: str):
