@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from compressor.data.tables import TABLE_FORMATS, ColumnMap, table_format
 from compressor.errors import CompressorError, DataError, RecipeError
 from compressor.recipe import Recipe, _line_of
 
@@ -106,21 +107,25 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
                 continue
             file = Path(entry.path).expanduser()
             file = file if file.is_absolute() else data_root / file
-            if not file.is_file():
+            if not file.exists():  # a file, or a datasets save_to_disk directory
                 raise DataError(file, f"data file not found ({_where(path, ['tasks', i, 'data', split])})")
             fmt = entry.format or spec.format
+            columns = ColumnMap(spec.columns if entry.columns is None else entry.columns,
+                                {k: tuple(v) for k, v in spec.label_names.items()})
             _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'",
-                       entry.encoding or spec.encoding)
+                       entry.encoding or spec.encoding, columns)
             checked += 1
     return checked
 
 
-def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None) -> None:
+def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None,
+               columns: ColumnMap | None = None) -> None:
     from compressor.data.readers import decode_error
     from compressor.data.store import read_split
 
-    if file.stat().st_size <= FULL_READ_BYTES:
-        if not read_split(task, file, fmt, encoding):
+    # tables (parquet, save_to_disk, CSV) have no first lines that parse alone: read whole (columnar, quick)
+    if table_format(file, fmt) in TABLE_FORMATS or file.stat().st_size <= FULL_READ_BYTES:
+        if not read_split(task, file, fmt, encoding, columns):
             raise DataError(file, f"{what} is empty")
         return
     with open(file, "rb") as fh:
@@ -145,7 +150,7 @@ def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str 
         head = tmp / file.name
         head.write_bytes(b"".join(lines))
         try:
-            read_split(task, head, fmt, encoding)
+            read_split(task, head, fmt, encoding, columns)
         except DataError as exc:  # name the real file, not the sample
             exc.args = (str(exc).replace(str(head), str(file)),)
             exc.path = file
