@@ -1064,10 +1064,12 @@ def test_fuzz_recipe_loader_bytes(raw, tmp_path_factory):
 
 _READERS = [("ner", "conll"), ("ner", "jsonl"), ("ner", "conll04"), ("classification", "label_text"),
             ("classification", "tsv"), ("classification", "jsonl"), ("qa", "squad"), ("qa", "jsonl"),
-            ("relation", "conll04")]
+            ("relation", "conll04"), ("classification", "csv"), ("ner", "csv"), ("classification", "parquet"),
+            ("qa", "csv")]
 _lines = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
     ["John B-Peop", "1 good", "{\"text\": \"a\", \"label\": 1}", "[", "", "\t", "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}",
-     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]'])), max_size=8)
+     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]', "text,label", "tokens,tags",
+     "\"['a' 'b']\",\"['O' 'B-X']\"", "a\u2028b,1", "[1 2],x"])), max_size=8)
 
 
 @_FUZZ

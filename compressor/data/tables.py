@@ -104,7 +104,7 @@ def read_records(path: Path, fmt: str, encoding: str | None = None) -> list[tupl
     for fld, col in cmap.columns.items():
         if col not in have:
             raise DataError(path, f"columns.{fld} names column '{col}', which the file lacks (it has: "
-                                  f"{', '.join(have)})")
+                                  f"{_listing(have)})")
     names = _class_names(path, ds.features, cmap)
     rows = ds.to_list()
     if fmt == "csv":
@@ -118,7 +118,7 @@ def _record(loc: Location, row: dict[str, Any], cmap: ColumnMap, features: Mappi
     for fld, col in cmap.columns.items():
         if col not in row:
             raise loc.error(f"columns.{fld} names column '{col}', which this record lacks (it has: "
-                            f"{', '.join(row) or 'nothing'})")
+                            f"{_listing(list(row)) or 'nothing'})")
         out[fld] = row[col]
     for key in list(out):
         col = cmap.columns.get(key, key)
@@ -185,6 +185,9 @@ def _csv(path: Path, encoding: str | None) -> Any:
                               parse_options=pcsv.ParseOptions(newlines_in_values=True))
     except Exception as exc:  # noqa: BLE001 - pyarrow.lib.ArrowInvalid and decoding errors
         raise DataError(path, f"not a readable CSV file in {codec} ({_first(exc)})") from None
+    twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if twice:
+        raise DataError(path, f"the CSV header names column(s) {', '.join(repr(c) for c in twice)} twice")
     return Dataset(table)
 
 
@@ -210,6 +213,11 @@ def _is_file(path: Path, what: str) -> None:
         raise DataError(path, f"is a directory, not a {what} file (a save_to_disk directory is format: arrow)")
     if not path.is_file():
         raise DataError(path, "file not found")
+
+
+def _listing(names: list[str], most: int = 12) -> str:
+    shown = ", ".join(str(n)[:40] for n in names[:most])
+    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 
 def _first(exc: BaseException) -> str:

@@ -89,8 +89,8 @@ def text_record(loc: Location, obj: dict) -> TextExample:
     """The example of one record (see :func:`read_text_records`)."""
     text, pair, label = obj.get("text"), obj.get("text_pair"), obj.get("label")
     if not isinstance(text, str) or not text.strip():
-        missing = "" if "text" in obj else f" (the record has: {', '.join(obj) or 'nothing'}; map one with " \
-                                             "columns: {text: <column>})"
+        has = ", ".join(list(obj)[:12]) or "nothing"
+        missing = "" if "text" in obj else f" (the record has: {has}; map one with columns: {{text: <column>}})"
         raise loc.error(f"field 'text' must be a non-empty string{missing}")
     if pair is not None and (not isinstance(pair, str) or not pair.strip()):
         raise loc.error("field 'text_pair' must be a non-empty string when given")

@@ -100,7 +100,7 @@ def ner_record(loc: Location, obj: dict) -> NerExample:
     if "entities" in obj:
         entities = _entities(obj["entities"], len(tokens), loc)
         return NerExample(tokens, spans_to_bio(entities, len(tokens)), entities, loc)
-    raise loc.error(f"expected field 'tags' or 'entities' (the record has: {', '.join(obj)}; map one with "
+    raise loc.error(f"expected field 'tags' or 'entities' (the record has: {', '.join(list(obj)[:12])}; map one with "
                     "columns: {tags: <column>})")
 
 
