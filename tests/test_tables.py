@@ -373,3 +373,25 @@ def test_predict_file_gives_one_result_per_line(sst2_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads(res.stdout)
     assert [r["text"] for r in results] == texts
+
+
+def test_evaluate_scores_a_model_on_a_datasets_directory_with_a_column_map(tmp_path):
+    """``compressor evaluate --data DIR --column text=sentence`` reads a save_to_disk split with its label names."""
+    from _export_helpers import data_store, recipe_dict, save_tiny_model
+
+    from compressor.recipe import Recipe
+
+    path = write(sst_dataset(), tmp_path, "sst2", "parquet")
+    spec = recipe_dict([{"kind": "export"}], ("sst",), {"sst": {"train": str(path), "dev": str(path),
+                                                                "test": str(path)}})
+    spec["tasks"][0].update(format=None, columns={"text": "sentence"})
+    recipe = Recipe.model_validate(spec)
+    model = save_tiny_model(recipe, data_store(recipe), tmp_path / "model")
+    disk = write(sst_dataset(), tmp_path, "disk", "arrow")
+    res = runner.invoke(app, ["evaluate", str(model), "--task", "sst", "--data", str(disk), "--column",
+                              "text=sentence", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["examples"] == len(SST_ROWS) and 0.0 <= out["metrics"]["accuracy"] <= 1.0
+    res = runner.invoke(app, ["evaluate", str(model), "--task", "sst", "--data", str(disk)])
+    assert res.exit_code == 2 and "field 'text' must be a non-empty string (the record has: sentence" in res.stderr
