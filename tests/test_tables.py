@@ -123,6 +123,18 @@ def test_format_is_told_by_the_path_and_ids_without_names_stay_digits(tmp_path):
     assert store.tasks["b"].labels == ["0", "1"]
 
 
+def test_a_classlabel_without_names_is_named_by_the_recipe(tmp_path):
+    features = Features({"sentence": Value("string"), "label": ClassLabel(num_classes=2)})
+    ds = Dataset.from_dict({"sentence": ["fine", "dull"], "label": [1, 0]}, features=features)
+    path = write(ds, tmp_path, "nameless", "parquet")
+    task = TaskData(name="s", plugin="classification", splits={"train": SplitSource(str(path))},
+                    columns={"text": "sentence"})
+    with pytest.raises(DataError, match="column 'label' is a ClassLabel without names"):
+        store_of(task)
+    store = store_of(TaskData(**{**task.__dict__, "label_names": {"label": ("bad", "good")}}))
+    assert [ex.label for ex in store.examples("s", "train")] == ["good", "bad"]
+
+
 def test_split_columns_override_the_tasks(tmp_path):
     train = write(sst_dataset(), tmp_path, "train", "parquet")
     dev = write(sst_dataset().rename_column("sentence", "review"), tmp_path, "dev", "parquet")
@@ -287,6 +299,7 @@ def test_validate_data_names_the_line_of_a_scaffolded_plugins_example(tmp_path, 
 def test_validate_data_and_the_report_show_every_tasks_label_count(tmp_path):
     write(conll_dataset(), tmp_path, "conll", "parquet")
     write(sst_dataset(), tmp_path, "sst2", "arrow")
+    write(sst_dataset().rename_column("sentence", "review"), tmp_path, "sst2dev", "parquet")
     (tmp_path / "trec.txt").write_text("\n".join(TREC) + "\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""\
@@ -300,7 +313,7 @@ tasks:
   - name: sst2
     plugin: classification
     columns: {{text: sentence}}
-    data: {{train: sst2, dev: sst2}}
+    data: {{train: sst2, dev: {{path: sst2dev.parquet, columns: {{text: review}}}}}}
   - name: trec
     plugin: classification
     format: label_text
@@ -312,6 +325,8 @@ stages:
     res = runner.invoke(app, ["validate", str(recipe), "--data"])
     assert res.exit_code == 0, res.output
     assert "label count: conll 4, sst2 2, trec 5" in res.output
+    res = runner.invoke(app, ["validate", str(recipe)])  # the quick check reads tables whole, with their columns
+    assert res.exit_code == 0, res.output
 
     from compressor.recipe import load_recipe
     from compressor.report.rows import render_markdown
