@@ -139,7 +139,7 @@ def read_text(path: Path, encoding: str | None = None) -> str:
 
 
 def split_lines(text: str) -> list[str]:
-    """``text`` cut at ``\n`` only (a ``\r`` before it is dropped), never at the other characters
+    r"""``text`` cut at ``\n`` only (a ``\r`` before it is dropped), never at the other characters
     ``str.splitlines`` breaks at (U+2028, U+2029, U+0085, form feed, ``\x1c``-``\x1e``, a lone ``\r``): those
     stay inside their line. A final newline does not start an empty line."""
     lines = text.split("\n")
@@ -149,7 +149,7 @@ def split_lines(text: str) -> list[str]:
 
 
 def iter_lines(path: Path, encoding: str | None = None) -> Iterator[tuple[int, str]]:
-    """``(line number, line without its newline)`` for every line, numbered from 1 (lines end at ``\n`` or
+    r"""``(line number, line without its newline)`` for every line, numbered from 1 (lines end at ``\n`` or
     ``\r\n`` only, see :func:`split_lines`)."""
     for n, line in enumerate(split_lines(read_text(path, encoding)), start=1):
         yield n, line

@@ -232,7 +232,8 @@ class DataStore:
         return entry[1]
 
     def sizes(self) -> dict[str, dict[str, dict[str, int]]]:
-        """task -> split -> {"used": n, "available": m, "truncated": t} for every split read so far."""
+        """task -> split -> {"used": n, "available": m, "labels": the task's label count, "truncated": t} for
+        every split read so far."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for (task, split), examples in self._examples.items():
             out.setdefault(task, {})[split] = {"used": len(examples), "available": self._full_sizes[(task, split)],
