@@ -459,7 +459,7 @@ def _(c):
 
 @case("data-unknown-format")
 def _(c):
-    return c.run(c.base().replace("format: label_text", "format: csv")), "unknown classification format 'csv'"
+    return c.run(c.base().replace("format: label_text", "format: xml")), "unknown classification format 'xml'"
 
 
 def _jsonl_sst(lines: str, expect: str):
@@ -522,6 +522,112 @@ simple("data-squad-duplicate-id", _squad({"data": [{"paragraphs": [{"context": _
     {"id": "q", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 20}]}]}]}]},
     "duplicate question id 'q'"))
 simple("data-squad-invalid-json", _squad('{"data": [', "bad.json"))
+
+
+# ---- data through `datasets`: tables, column maps, label names, line separators ------------------------------------
+def _hf_file(c: Ctx, name: str, columns: dict, features: dict | None = None, fmt: str = "parquet") -> Path:
+    """A table written by ``datasets`` itself (``fmt``: jsonl, csv, parquet, arrow = save_to_disk)."""
+    from datasets import Dataset, Features
+
+    datasets_mod = __import__("datasets")
+    datasets_mod.disable_progress_bars()
+    ds = Dataset.from_dict(columns, features=Features(features) if features else None)
+    path = c.tmp / name
+    {"jsonl": ds.to_json, "csv": ds.to_csv, "parquet": ds.to_parquet, "arrow": ds.save_to_disk}[fmt](str(path))
+    return path
+
+
+def _conll_cols() -> tuple[dict, dict]:
+    from datasets import ClassLabel, Sequence, Value
+
+    return ({"tokens": [["John", "lives", "here"], ["Anna", "works"]], "ner_tags": [[1, 0, 0], [1, 0]]},
+            {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=["O", "B-Peop", "I-Peop"]))})
+
+
+def _sst_cols(label=None, names=("negative", "positive")) -> tuple[dict, dict]:
+    from datasets import ClassLabel, Value
+
+    feature = ClassLabel(names=list(names)) if names else ClassLabel(num_classes=2)
+    return ({"sentence": ["a fine film", "dull", "fun", "long"], "label": label or [1, 0, 1, 0]},
+            {"sentence": Value("string"), "label": feature})
+
+
+def _hf(make: Callable[[Ctx], Path], task: str, expect: str, cmd: str = "run"):
+    """A recipe whose one task reads the file ``make`` writes; ``task`` is its YAML with ``{path}``."""
+    def build(c: Ctx):
+        path = make(c)
+        text = c.base(tasks=task.replace("{path}", str(path)))
+        return (c.run(text) if cmd == "run" else c.validate(text)), expect
+    return build
+
+
+_NER_TASK = "  - {{name: ner, plugin: ner, columns: {{tags: {col}}}, data: {{train: {{path}}, dev: {{path}}}}}}\n"
+_SST_TASK = ("  - {{name: sst, plugin: classification, columns: {{text: sentence}}, {extra}"
+             "data: {{train: {{path}}, dev: {{path}}}}}}\n")
+simple("data-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_conll_cols()), _NER_TASK.format(col="ner_tag"),
+    "columns.tags names column 'ner_tag', which the file lacks (it has: tokens, ner_tags)"))
+simple("validate-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad", *_conll_cols(), fmt="arrow"), _NER_TASK.format(col="tag"),
+    "columns.tags names column 'tag', which the file lacks", cmd="validate"))
+simple("data-columns-missing-in-a-jsonl-record", _hf(
+    lambda c: c.file("bad.jsonl", '{"sentence": "fine", "label": "1"}\n{"text": "dull", "label": "0"}\n'),
+    _SST_TASK.format(extra=""), "bad.jsonl:2: columns.text names column 'sentence', which this record lacks"))
+simple("data-classlabel-without-names", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(names=None)), _SST_TASK.format(extra=""),
+    "bad.parquet: column 'label' is a ClassLabel without names"))
+simple("data-ner-integer-tags-without-names", _hf(
+    lambda c: _hf_file(c, "bad.jsonl", *_conll_cols(), fmt="jsonl"), _NER_TASK.format(col="ner_tags"),
+    "bad.jsonl:1: field 'tags' holds integer ids without names"))
+simple("data-label-id-outside-the-label-names", _hf(
+    lambda c: _hf_file(c, "bad.csv", {"sentence": ["fine", "dull"], "label": [1, 0]}, fmt="csv"),
+    _SST_TASK.format(extra="label_names: {label: [negative]}, "),
+    "bad.csv [record 0]: field 'label': id 1 is outside its 1 label names"))
+simple("data-unlabelled-glue-test-split", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(label=[-1, -1, -1, -1])), _SST_TASK.format(extra=""),
+    "id -1 marks an unlabelled example"))
+simple("data-datasetdict-directory", _hf(
+    lambda c: (lambda d: (__import__("datasets").DatasetDict({"train": d, "validation": d}).save_to_disk(
+        str(c.tmp / "dd")), c.tmp / "dd")[1])(__import__("datasets").Dataset.from_dict(_sst_cols()[0])),
+    _SST_TASK.format(extra=""), "is a DatasetDict (train, validation); give one split's directory"))
+simple("data-directory-is-not-save-to-disk", _hf(
+    lambda c: (c.file("plain/x.txt", "1 a\n"), c.tmp / "plain")[1], _SST_TASK.format(extra="format: arrow, "),
+    "plain: is a directory but not a datasets save_to_disk directory"))
+simple("data-parquet-given-as-label-text", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.txt"), c.tmp / "bad.txt")[1])(
+        _hf_file(c, "x.parquet", *_sst_cols())),
+    "  - {name: sst, plugin: classification, format: label_text, data: {train: {path}, dev: {path}}}\n",
+    "bad.txt: is a parquet file, but it was given to a text reader; set format: parquet"))
+simple("data-parquet-given-as-conll", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.conll"), c.tmp / "bad.conll")[1])(
+        _hf_file(c, "x.parquet", *_conll_cols())),
+    "  - {name: ner, plugin: ner, data: {train: {path}, dev: {path}}}\n", "bad.conll: is a parquet file"))
+simple("data-columns-on-a-format-that-ignores-them", _hf(
+    lambda c: c.file("bad.txt", "1 fine\n0 dull\n"), _SST_TASK.format(extra="format: label_text, "),
+    "its plugin reads this file (format label_text) without them"))
+simple("data-csv-unreadable", _hf(
+    lambda c: c.file("bad.csv", "sentence,label\nfine,1\ndull,0,extra\n"), _SST_TASK.format(extra=""),
+    "bad.csv: not a readable CSV file"))
+simple("data-csv-list-shortened-by-numpy", _hf(
+    lambda c: c.file("bad.csv", "tokens,ner_tags\n\"['a' 'b' ... 'y' 'z']\",[0 0 ... 0 0]\n"),
+    _NER_TASK.format(col="ner_tags"), "numpy shortened this list"))
+simple("data-line-separator-keeps-line-numbers", _sst("1 a good film\u2028bad for rivals\n0\n", "bad.txt:2:"))
+simple("data-form-feed-keeps-line-numbers", _sst("1 good\x0c\x1cfilm\n0 dull\n1\n", "bad.txt:3:"))
+simple("recipe-label-names-empty", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: []}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-label-names-twice", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: [a, a]}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-columns-empty-column", _recipe_edit("    format: label_text\n",
+                                                   "    format: label_text\n    columns: {text: ''}\n",
+                                                   "tasks[1].columns"))
+simple("recipe-label-before-empty", _recipe_edit("    format: label_text\n",
+                                                 "    format: label_text\n    options: {label_before: ''}\n",
+                                                 "tasks[1].options"))
+simple("tasks-check-unknown-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
+    "--encoding: unknown text encoding 'klingon'"))
 
 
 # ---- the output directory ----------------------------------------------------------------------------------
@@ -1189,10 +1295,12 @@ def test_fuzz_recipe_loader_bytes(raw, tmp_path_factory):
 
 _READERS = [("ner", "conll"), ("ner", "jsonl"), ("ner", "conll04"), ("classification", "label_text"),
             ("classification", "tsv"), ("classification", "jsonl"), ("qa", "squad"), ("qa", "jsonl"),
-            ("relation", "conll04")]
+            ("relation", "conll04"), ("classification", "csv"), ("ner", "csv"), ("classification", "parquet"),
+            ("qa", "csv")]
 _lines = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
     ["John B-Peop", "1 good", "{\"text\": \"a\", \"label\": 1}", "[", "", "\t", "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}",
-     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]'])), max_size=8)
+     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]', "text,label", "tokens,tags",
+     "\"['a' 'b']\",\"['O' 'B-X']\"", "a\u2028b,1", "[1 2],x"])), max_size=8)
 
 
 @_FUZZ
