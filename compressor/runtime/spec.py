@@ -44,6 +44,7 @@ class TaskGraph:
     atol: dict[str, float]  # plugin output name -> parity tolerance
     extra_inputs: list[ExtraInput] = field(default_factory=list)
     decoder: dict[str, Any] = field(default_factory=lambda: {"decoder": None})  # plugin.export_spec()
+    options: dict[str, Any] = field(default_factory=dict)  # the plugin's recipe options (rebuilds its plugin)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,7 +58,7 @@ class TaskGraph:
                              tuple(e["example_shape"])) for e in d.get("extra_inputs", [])]
         return cls(name=d["name"], plugin=d["plugin"], labels=list(d.get("labels", [])), outputs=dict(d["outputs"]),
                    atol={k: float(v) for k, v in d.get("atol", {}).items()}, extra_inputs=extras,
-                   decoder=dict(d.get("decoder") or {"decoder": None}))
+                   decoder=dict(d.get("decoder") or {"decoder": None}), options=dict(d.get("options") or {}))
 
 
 @dataclass
