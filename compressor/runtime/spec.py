@@ -110,9 +110,10 @@ class GraphSpec:
         return cls(list(d["inputs"]), tasks, int(d["max_length"]), dict(d.get("metadata") or {}))
 
     def write(self, path: Path) -> None:
-        from compressor.fsutil import atomic_write_text
+        """Write ``to_json`` atomically; paths in ``metadata`` are stored relative to the run (or repository)."""
+        from compressor.fsutil import atomic_write_text, portable
 
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2))
+        atomic_write_text(Path(path), json.dumps(portable(self.to_json(), path), indent=2))
 
     @classmethod
     def read(cls, path: Path) -> GraphSpec:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import ModelDirError, RecipeError
-from compressor.fsutil import atomic_write_text
+from compressor.fsutil import atomic_write_text, portable
 from compressor.recipe import QuantizeStage
 from compressor.rundir import OnnxGraph
 from compressor.stages import StageContext, StageResult
@@ -235,7 +235,7 @@ def _write_summary(job: _Job, picked: dict[str, Any], mode: str, compared: dict[
         "calibration": cfg.calibration.model_dump() if mode == "static" else None,
         "integer_matmuls": n_int, **outcome.to_json(),
     }
-    atomic_write_text(out_dir / "quantization.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "quantization.json", json.dumps(portable(summary, out_dir), indent=2))
     spec.metadata["quantization"] = {k: summary[k] for k in ("mode", "target", "per_channel", "integer_matmuls",
                                                              "passed", "fallback_nodes", "op_types", "embedding")}
     spec.metadata["graph_file"] = "model.int8.onnx"
