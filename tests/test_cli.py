@@ -109,3 +109,20 @@ def test_evaluate_model_dir_json(model_dir):
     out = json.loads(res.stdout)
     assert out["kind"] == "model" and out["runtime"] == "pytorch" and out["metric"] == "accuracy"
     assert out["value"] == out["metrics"]["accuracy"]
+
+
+def test_progress_bars_go_to_stderr_and_nest(monkeypatch, capsys):
+    from compressor.console import progress
+
+    monkeypatch.setenv("COMPRESSOR_PROGRESS", "1")
+    with progress("outer step", total=2) as outer:
+        with progress("inner step") as inner:
+            inner(3, "third")
+        outer(2)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "outer step" in captured.err and "2/2" in captured.err
+    monkeypatch.setenv("COMPRESSOR_PROGRESS", "0")
+    with progress("hidden", total=1) as advance:
+        advance(1)
+    assert capsys.readouterr().err == ""

@@ -119,7 +119,8 @@ def test_portable_paths(tmp_path):
     assert out["home"] in ("~/models/x", ".../x")
 
 
-def test_no_artefact_or_report_of_a_run_holds_build_machine_paths(tmp_path, tiny_model_path):
+def test_no_artefact_or_report_of_a_run_holds_build_machine_paths(tmp_path, tiny_model_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_PROGRESS", "1")  # and the long steps draw progress bars on stderr
     recipe = tmp_path / "chain.yaml"
     recipe.write_text(f"""name: paths
 seed: 3
@@ -139,6 +140,8 @@ report: {{latency_runs: 2, latency_warmup: 1, latency_seq_len: 16}}
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(recipe), "--out", str(run)])
     assert res.exit_code == 0, res.output
+    for bar in ("export: export", "quantize: INT8 dynamic, graphs evaluated"):
+        assert bar in res.stderr and bar not in res.stdout
     res = runner.invoke(app, ["publish", str(run), "--to", str(tmp_path / "published")])
     assert res.exit_code == 0, res.output
     checked = []
