@@ -7,7 +7,6 @@ User errors (``CompressorError``) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ def _version(value: bool) -> None:
 
 
 def compressor_version() -> str:
-    """The installed distribution's version (the source tree's pyproject version when run uninstalled)."""
+    """The installed distribution's version ("unknown" for a checkout that was never installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
