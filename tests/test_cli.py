@@ -82,6 +82,7 @@ def test_validate_json(recipe):
     res = invoke("validate", recipe, "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
+    assert len(out) == 1 and isinstance(out[0].pop("notes"), list)
     assert out == [{"recipe": str(recipe), "ok": True, "tasks": 1, "stages": ["teacher"], "data_files": 3}]
     res = invoke("validate", recipe, "--data", "--json")
     assert res.exit_code == 0, res.output

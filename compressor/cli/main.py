@@ -143,8 +143,11 @@ def validate(
         recipe = load_recipe(path)
         root = default_data_root(recipe, data_root)
         summary = check_recipe(recipe, path, root)
+        for note in summary["notes"]:
+            typer.echo(f"{path}: {note}", err=True)
         results.append({"recipe": str(path), "ok": True, "tasks": summary["tasks"], "stages": summary["stages"],
-                        "data_files": summary["data_files"] if root is not None else None})
+                        "data_files": summary["data_files"] if root is not None else None,
+                        "notes": list(summary["notes"])})
         if not json_out:
             data = (f", {summary['data_files']} data file(s) read" if root is not None
                     else ", no data root: data not checked")
