@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import ModelDirError
-from compressor.fsutil import atomic_dir
+from compressor.fsutil import atomic_dir, portable
 from compressor.runtime.bundle import MODEL, TASKS, TOKENIZER
 from compressor.runtime.spec import GraphSpec
 
@@ -54,5 +54,5 @@ def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: 
         for name, text in hf_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         spec.metadata["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        (tmp / TASKS).write_text(json.dumps(spec.to_json(), indent=2), encoding="utf-8")
+        (tmp / TASKS).write_text(json.dumps(portable(spec.to_json(), directory), indent=2), encoding="utf-8")
     return Path(directory)

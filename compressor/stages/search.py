@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> StageResult:
     import torch
 
     from compressor.console import say
+    from compressor.distill.cache import open_cache
     from compressor.export.quantize import QuantOptions
     from compressor.model.architecture import encoder_layers, read_architecture
     from compressor.model.io import load_model
@@ -76,8 +77,9 @@ def run(ctx: StageContext) -> StageResult:
     ckpt = ctx.checkpoint_dir or (ctx.run_dir / "checkpoints" / cfg.name)
     ckpt.mkdir(parents=True, exist_ok=True)
 
+    cache = open_cache(cfg.recovery.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].recovery.teacher_cache")
     builder = CandidateBuilder(cfg, source, tokenizer, teacher, teacher_layers, ctx.data, recipe.model.max_length,
-                               {}, recipe.report.threads, seed)
+                               {}, recipe.report.threads, seed, teacher_cache=cache)
     _set_teacher_dev(builder, teacher, teacher_tok, ckpt)
 
     fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(),
@@ -183,7 +185,7 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
     held = all(full.retention[t] >= floors[t] for t in tasks)
     notes = _chosen_notes(ctx, cfg, summary, chosen, prediction, held, knobs, space)
     table_md = _write_evidence(ctx.out_dir, rows, tasks, floors, chosen["trial"], cfg, stats, space, markdown_table,
-                               pareto_plot, final_dir=ctx.final_dir)
+                               pareto_plot, final_dir=ctx.final_dir, target=ctx.recipe.report.targets.retention)
     shutil.copyfile(ckpt / "study.db", ctx.out_dir / "study.db")
     outputs: dict[str, Any] = {
         "model_dir": str(ctx.final_dir / "model"), "objective": cfg.objective, "floors": floors,
@@ -204,7 +206,8 @@ def _fail(ctx: StageContext, cfg: Any, rows: list[dict[str, Any]], near: dict[st
     from compressor.search.evidence import markdown_table, pareto_plot
 
     evidence = ckpt / "evidence"
-    table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot)
+    table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot,
+                            target=ctx.recipe.report.targets.retention)
     if near is None:
         miss = "no trial was scored"
     else:
@@ -265,7 +268,7 @@ def _chosen_notes(ctx: StageContext, cfg: Any, summary: str, chosen: dict[str, A
 
 def _write_evidence(directory: Path, rows: list[dict[str, Any]], tasks: list[str], floors: dict[str, float],
                     chosen: int | None, cfg: Any, stats: dict[str, Any], space: Any, markdown_table: Any,
-                    pareto_plot: Any, final_dir: Path | None = None) -> str:
+                    pareto_plot: Any, final_dir: Path | None = None, target: float | None = None) -> str:
     """trials.md / trials.json / pareto.png in ``directory``; returns the Markdown (or the table's path)."""
     directory.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, tasks, floors, chosen)
@@ -279,7 +282,7 @@ def _write_evidence(directory: Path, rows: list[dict[str, Any]], tasks: list[str
     atomic_write_text(directory / "trials.json", json.dumps({"floors": floors, "objective": cfg.objective,
                                                              "chosen": chosen, "search": stats, "trials": rows},
                                                             indent=2, default=str))
-    pareto_plot(rows, floors, chosen, directory / "pareto.png", f"search '{cfg.name}' ({cfg.objective})")
+    pareto_plot(rows, floors, chosen, directory / "pareto.png", f"search '{cfg.name}' ({cfg.objective})", target)
     if final_dir is None:
         return str(directory / "trials.md")
     return md
