@@ -121,7 +121,8 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
     """``obj`` with the build machine's absolute paths taken out of every string, for a file written at
     ``written_at``: a path inside that file's run directory becomes relative to the run (``stages/01-export/...``;
     the run itself ``.``), one inside the working directory (the repository) relative to it, one inside the home
-    directory ``~/...``; a string that is a whole absolute path elsewhere keeps only its last part (``.../bert``).
+    directory ``~/...``; a string that is a whole absolute path elsewhere on this machine keeps only its last part
+    (``.../bert``); absolute-looking names of nothing on disk (ONNX node names) are kept.
     Text around the paths (notes, Markdown) is kept."""
     import re
 
@@ -147,7 +148,8 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
             if "/" not in o:
                 return o
             out = pattern.sub(sub, o)
-            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1:
+            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1 \
+                    and _on_disk(out):  # a graph's node names ("/encoder/layer.0/MatMul") look like paths too
                 return f".../{Path(out).name}"
             return out
         if isinstance(o, dict):
@@ -157,6 +159,11 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
         return o
 
     return walk(obj)
+
+
+def _on_disk(path: str) -> bool:
+    """Whether ``path`` names something on this machine, or a file in a directory that exists."""
+    return os.path.exists(path) or os.path.isdir(os.path.dirname(path))
 
 
 # ---- run-directory lock -----------------------------------------------------------------------------------
