@@ -7,6 +7,7 @@ Split out of :mod:`compressor.runtime.bundle` (which re-exports the file names);
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,76 @@ def _check_max_length(directory: Path, spec: GraphSpec, session: Any) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{directory / TASKS}: field 'max_length' {length} does not fit {MODEL} "
                           f"(more tokens than the model has positions?): {first[:200]}") from None
+
+
+def vocabulary_digest(tokenizer: Any) -> tuple[int, str]:
+    """``(size, sha256)`` of a ``tokenizers.Tokenizer``'s vocabulary (token -> id, added tokens included): what
+    ``tasks.json`` records at export and a load compares, so a tokenizer of another vocabulary is refused."""
+    import hashlib
+
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    text = json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), ensure_ascii=False)
+    return len(vocab), hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def embedding_rows(path: Path) -> int | None:
+    """Rows of the word-embedding table ``input_ids`` is looked up in (``Gather`` or the fused
+    ``EmbedLayerNormalization``); None when the graph shows none (nothing to check)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the session opened it; a graph onnx cannot parse is not checked here
+        return None
+    graph = model.graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids":
+            dims = shapes.get(node.input[0])
+        elif node.op_type == "EmbedLayerNormalization" and node.input and node.input[0] == "input_ids":
+            dims = shapes.get(node.input[2]) if len(node.input) > 2 else None
+        else:
+            continue
+        if dims and len(dims) == 2:
+            return int(dims[0])
+    return None
+
+
+def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any) -> None:
+    """``tokenizer.json`` against ``tasks.json`` (the vocabulary the model was exported with) and the graph's
+    embedding rows; ``pad_id`` inside the table."""
+    size, digest = vocabulary_digest(tokenizer)
+    meta = spec.metadata
+    want = meta.get("vocab_sha256")
+    if isinstance(want, str) and want != digest:
+        raise BundleError(f"{directory / TOKENIZER}: not the vocabulary the model was exported with ({size} tokens, "
+                          f"sha256 {digest[:12]}; tasks.json field 'metadata.vocab_sha256' says "
+                          f"{meta.get('vocab_size', '?')} tokens, {want[:12]}); ship the model's own tokenizer.json")
+    rows = embedding_rows(directory / MODEL)
+    if rows is None:
+        return
+    if size > rows:
+        raise BundleError(f"{directory / TOKENIZER}: {size} tokens, but {MODEL} embeds only {rows} (ids {rows}.."
+                          f"{size - 1} would fail or index another table); ship the model's own tokenizer.json")
+    pad_id = meta.get("pad_id", 0)
+    if pad_id >= rows:
+        raise BundleError(f"{directory / TASKS}: field 'metadata.pad_id' {pad_id} is outside the {rows} rows of "
+                          f"the embedding table of {MODEL}")
+
+
+def _check_classes(directory: Path, spec: GraphSpec, decoders: Mapping[str, Any], session: Any) -> None:
+    """Each decoder's label (tag, class) count against the last axis of the graph output it decodes."""
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    for name, decoder in decoders.items():
+        found = decoder.output_classes()
+        if found is None:
+            continue
+        output, classes = found
+        graph_name = spec.tasks[name].outputs.get(output)
+        shape = shapes.get(graph_name) if graph_name else None
+        if not shape or not isinstance(shape[-1], int):
+            continue
+        if shape[-1] != classes:
+            raise BundleError(f"{directory / TASKS}: task '{name}' names {classes} label(s) (field 'tasks.{name}"
+                              f".labels' / its decoder's), but output '{graph_name}' of {MODEL} has {shape[-1]} "
+                              "classes")

@@ -29,7 +29,8 @@ def run(ctx: StageContext) -> StageResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     quantized = "quantization" in spec.metadata
     directory = write_bundle(ctx.out_dir / "bundle", source.onnx, spec, model_dir / "tokenizer.json",
-                             pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"})
+                             pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"},
+                             word_splitter=cfg.word_splitter)
 
     notes = []
     if cfg.check:
