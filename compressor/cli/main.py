@@ -102,11 +102,17 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip completed stages, "
                                                           "resume the running one from its last checkpoint.")] = False,
     data_root: DataRoot = None,
+    rerun_changed: Annotated[bool, typer.Option("--rerun-from-changed", help="With --resume: when the recipe changed "
+                                                "what a completed stage computed, re-run from that stage instead of "
+                                                "refusing.")] = False,
 ) -> None:
     """Run a recipe's stages in order and write report.json / report.md into the run directory."""
+    from compressor.errors import RecipeError
     from compressor.pipeline import run_recipe
 
-    run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root)
+    if rerun_changed and not resume:
+        raise RecipeError("--rerun-from-changed continues a run: give it with --resume")
+    run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root, rerun_changed=rerun_changed)
     typer.echo(f"report: {run_dir / 'report.md'} (and report.json)")
 
 

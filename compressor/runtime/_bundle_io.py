@@ -105,32 +105,12 @@ def vocabulary_digest(tokenizer: Any) -> tuple[int, str]:
     return len(vocab), hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def embedding_rows(path: Path) -> int | None:
-    """Rows of the word-embedding table ``input_ids`` is looked up in (``Gather`` or the fused
-    ``EmbedLayerNormalization``); None when the graph shows none (nothing to check)."""
-    import onnx
+def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any, session: Any) -> None:
+    """``tokenizer.json`` against ``tasks.json`` (the vocabulary the model was exported with) and the graph: one
+    row holding the tokenizer's largest id and ``pad_id`` through the graph, so a tokenizer with more tokens than
+    the embedding table has rows is refused now, not at the first text that uses a new token."""
+    from compressor.runtime.session import build_feeds
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - the session opened it; a graph onnx cannot parse is not checked here
-        return None
-    graph = model.graph
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids":
-            dims = shapes.get(node.input[0])
-        elif node.op_type == "EmbedLayerNormalization" and node.input and node.input[0] == "input_ids":
-            dims = shapes.get(node.input[2]) if len(node.input) > 2 else None
-        else:
-            continue
-        if dims and len(dims) == 2:
-            return int(dims[0])
-    return None
-
-
-def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any) -> None:
-    """``tokenizer.json`` against ``tasks.json`` (the vocabulary the model was exported with) and the graph's
-    embedding rows; ``pad_id`` inside the table."""
     size, digest = vocabulary_digest(tokenizer)
     meta = spec.metadata
     want = meta.get("vocab_sha256")
@@ -138,16 +118,17 @@ def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any) -> None:
         raise BundleError(f"{directory / TOKENIZER}: not the vocabulary the model was exported with ({size} tokens, "
                           f"sha256 {digest[:12]}; tasks.json field 'metadata.vocab_sha256' says "
                           f"{meta.get('vocab_size', '?')} tokens, {want[:12]}); ship the model's own tokenizer.json")
-    rows = embedding_rows(directory / MODEL)
-    if rows is None:
-        return
-    if size > rows:
-        raise BundleError(f"{directory / TOKENIZER}: {size} tokens, but {MODEL} embeds only {rows} (ids {rows}.."
-                          f"{size - 1} would fail or index another table); ship the model's own tokenizer.json")
-    pad_id = meta.get("pad_id", 0)
-    if pad_id >= rows:
-        raise BundleError(f"{directory / TASKS}: field 'metadata.pad_id' {pad_id} is outside the {rows} rows of "
-                          f"the embedding table of {MODEL}")
+    pad_id = int(meta.get("pad_id", 0))
+    ids = np.array([[0, size - 1, pad_id]], dtype=np.int64)
+    try:
+        session.run(None, build_feeds(spec, {"input_ids": ids}, []))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if pad_id >= size:
+            raise BundleError(f"{directory / TASKS}: field 'metadata.pad_id' {pad_id} is not an id {MODEL} can "
+                              f"embed: {first[:160]}") from None
+        raise BundleError(f"{directory / TOKENIZER}: {size} tokens, but {MODEL} cannot embed id {size - 1} (its "
+                          f"embedding table is smaller; ship the model's own tokenizer.json): {first[:160]}") from None
 
 
 def _check_classes(directory: Path, spec: GraphSpec, decoders: Mapping[str, Any], session: Any) -> None:

@@ -89,7 +89,7 @@ class Bundle:
         session = _open_session(directory / MODEL, threads)
         _check_graph(directory, spec, session)
         _check_classes(directory, spec, decoders, session)
-        _check_vocabulary(directory, spec, tokenizer)
+        _check_vocabulary(directory, spec, tokenizer, session)
         _check_max_length(directory, spec, session)
         return cls(directory, spec, tokenizer, session, decoders)
 
