@@ -243,7 +243,7 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
         shutil.rmtree(out_dir, ignore_errors=True)
         ctx.reporter.drop_stage(stage.name)
         _drop_empty_checkpoints(ctx.checkpoint_dir)
-        failure = stage_os_error(exc, stage.name, out_dir)
+        failure = stage_os_error(exc, stage.name, ctx.run_dir)  # the file when the error names one
         if failure is not None:
             raise failure from None
         raise
@@ -254,6 +254,7 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
         shutil.rmtree(out_dir, ignore_errors=True)
         raise stage_os_error(exc, stage.name, final_dir) from None
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+    _drop_empty_checkpoints(ctx.checkpoint_dir)  # and checkpoints/ itself once no stage has one
     entry = {"name": stage.name, "kind": stage.kind, "outputs": result.outputs,
              "model_dir": str(result.model_dir) if result.model_dir else None,
              "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes}
@@ -263,16 +264,18 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
 
 
 def _drop_empty_checkpoints(checkpoint_dir: Path | None) -> None:
-    """A failed stage that saved no checkpoint leaves no checkpoint folder (only its fingerprint was there)."""
-    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+    """A stage without a saved checkpoint leaves no checkpoint folder (its fingerprint alone is not one), and
+    ``checkpoints/`` goes once it is empty."""
+    if checkpoint_dir is None:
         return
-    if not any(p.is_file() and not any(part.startswith(".") for part in p.relative_to(checkpoint_dir).parts)
-               for p in checkpoint_dir.rglob("*")):
+    if checkpoint_dir.is_dir() and not any(
+            p.is_file() and not any(part.startswith(".") for part in p.relative_to(checkpoint_dir).parts)
+            for p in checkpoint_dir.rglob("*")):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        try:
-            checkpoint_dir.parent.rmdir()
-        except OSError:
-            pass
+    try:
+        checkpoint_dir.parent.rmdir()
+    except OSError:
+        pass
 
 
 # ---- TEST ONLY: kill -9 inside a stage -----------------------------------------------------------------------
