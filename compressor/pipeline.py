@@ -225,16 +225,17 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
     try:
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
-        if print_ is not None:
-            if ctx.resume and check_checkpoint_fingerprint(ctx.checkpoint_dir, stage.name, print_, rerun):
-                shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
-            write_checkpoint_fingerprint(ctx.checkpoint_dir, print_)
+        if print_ is not None and ctx.resume and check_checkpoint_fingerprint(ctx.checkpoint_dir, stage.name,
+                                                                              print_, rerun):
+            shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # written under other settings: start afresh
     except OSError as exc:
         raise stage_os_error(exc, stage.name, out_dir) from None
     kill_hook = _test_kill_hook(stage.name, out_dir, ctx.checkpoint_dir)
     try:
         if ctx.resume:
             check_checkpoints(ctx.checkpoint_dir, stage.name)
+        if print_ is not None:  # what the checkpoints this attempt writes are computed with
+            write_checkpoint_fingerprint(ctx.checkpoint_dir, print_)
         result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
         check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
         if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded

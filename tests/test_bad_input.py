@@ -814,7 +814,7 @@ simple("bundle-max-length-too-large", _predict(
     "hi", expect="tasks.json: field 'max_length' 100000"))
 simple("bundle-decoder-malformed", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(decoder="clasification")), "hi",
-    expect="tasks.json: tasks.sst: malformed task entry"))
+    expect="tasks.json: field 'tasks.sst.decoder' must be a JSON object"))
 simple("bundle-unknown-decoder", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"]["decoder"].update(decoder="clasification")), "hi",
     expect="tasks.json"))
