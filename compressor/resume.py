@@ -47,12 +47,9 @@ def input_fields(recipe: Any, data: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": recipe.seed}
     _flat("model", recipe.model.model_dump(mode="json"), out)
     for task in recipe.tasks:
-        spec = task.model_dump(mode="json", exclude={"name", "data"})
+        spec = task.model_dump(mode="json", exclude={"name", "data", "tests"})
         _flat(f"tasks.{task.name}", spec, out)
-        for split in ("train", "dev", "test"):
-            entry = task.data.get(split)
-            if entry is None:
-                continue
+        for split, entry in task.split_files().items():  # train, dev, test and each extra 'test:<name>'
             key = f"tasks.{task.name}.data.{split}"
             out[f"{key}.format"], out[f"{key}.encoding"] = entry.format, entry.encoding
             path = data.path(task.name, split) if data is not None else None

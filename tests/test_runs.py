@@ -224,8 +224,11 @@ def _completed(out: Path) -> list[str]:
 
 
 def test_a_full_disk_fails_the_stage_naming_the_path_and_resume_finishes_the_run(model_dir, tmp_path, monkeypatch):
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
     from optimum.onnxruntime import ORTQuantizer
+
+    # the class the fusion optimiser saves with (ORT imports it as a top-level `onnx_model` module too)
+    OnnxModel = next(c for c in BertOnnxModel.__mro__ if c.__name__ == "OnnxModel")
 
     recipe, out = _chain(tmp_path, model_dir), tmp_path / "out"
     # export: the optimised graph cannot be saved. Today's fallback to the raw graph would record the stage
