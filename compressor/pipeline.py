@@ -110,11 +110,11 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
                 reporter.load(run.report_json)
                 # the split sizes earlier processes read (a resume that skips stages reads fewer splits itself)
                 reporter.meta["data"] = json.loads(run.report_json.read_text()).get("data") or {}
-        plan = _plan(recipe, run, state, prints, reporter, rerun_changed, log)
+        _plan(recipe, run, state, prints, reporter, rerun_changed, log)
         # the recipe as run: every completed stage's fingerprint now matches it (what differs changes no result)
         atomic_write_bytes(run.recipe_path, recipe_path.read_bytes())
         copied = True
-        _run_stages(recipe, run, state, data, reporter, resume, log, prints, plan, rerun_changed)
+        _run_stages(recipe, run, state, data, reporter, resume, log, prints, rerun_changed)
     except BaseException as exc:
         if not state["completed"]:
             _take_back(run, fresh, existed, copied, previous)
@@ -169,7 +169,7 @@ def _done(recipe: Recipe, run: RunDir, state: dict[str, Any]) -> list[bool]:
     return flags
 
 
-def _plan(recipe: Recipe, run: RunDir, state: dict[str, Any], prints, reporter, rerun: bool, log):
+def _plan(recipe: Recipe, run: RunDir, state: dict[str, Any], prints, reporter, rerun: bool, log) -> None:
     """Compare the completed stages' fingerprints with the recipe's; forget the stages that run again."""
     from compressor.resume import plan_resume
 
@@ -185,11 +185,10 @@ def _plan(recipe: Recipe, run: RunDir, state: dict[str, Any], prints, reporter, 
             shutil.rmtree(run.checkpoint_dir(name), ignore_errors=True)
         if plan.rerun_from == 0:
             reporter.meta["data"] = {}  # the split sizes are read again
-    return plan
 
 
 def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, reporter, resume: bool, log,
-                prints=None, plan=None, rerun: bool = False) -> None:
+                prints=None, rerun: bool = False) -> None:
     done = {s["name"]: s for s in state["completed"]}
     flags = _done(recipe, run, state)
     records: list[StageRecord] = []  # this recipe's stages so far, done earlier or now
