@@ -163,8 +163,10 @@ def test_ctrl_c_keeps_the_last_epoch_checkpoint_and_resume_continues_from_it(enc
     out = tmp_path / "out"
     recipe = _train_recipe(tmp_path, encoder_dir, epochs=8)
     exe = Path(sys.executable).parent / "compressor"
+    # a background job of a non-interactive shell inherits SIGINT ignored; a terminal's Ctrl-C is not
     proc = subprocess.Popen([str(exe), "run", str(recipe), "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trainer = out / "checkpoints" / "teacher" / "model" / "last" / "trainer.json"
     deadline = time.time() + 240
     while not trainer.is_file() and time.time() < deadline and proc.poll() is None:
