@@ -625,9 +625,6 @@ simple("recipe-columns-empty-column", _recipe_edit("    format: label_text\n",
 simple("recipe-label-before-empty", _recipe_edit("    format: label_text\n",
                                                  "    format: label_text\n    options: {label_before: ''}\n",
                                                  "tasks[1].options"))
-simple("tasks-check-unknown-encoding", lambda c: (
-    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
-    "--encoding: unknown text encoding 'klingon'"))
 
 
 # ---- the output directory ----------------------------------------------------------------------------------
