@@ -8,8 +8,8 @@ transformers' ``AutoTokenizer`` load the directory as it is.
 
 ``tasks.json`` is the graph contract (:class:`compressor.runtime.spec.GraphSpec`): format and version, the
 graph's inputs, and per task its plugin, labels, input and output names, ``max_length`` and the plugin's
-``export_spec()`` decoder settings; ``metadata`` adds the padding id, the graph's provenance (fp32 or INT8,
-which stage) and file sizes. ``compressor.runtime.Bundle`` reads it back without torch.
+``export_spec()`` decoder settings; ``metadata`` adds the padding id, the vocabulary's size and sha256, the
+graph's provenance (fp32 or INT8, which stage) and file sizes. ``compressor.runtime.Bundle`` reads it back without torch.
 """
 
 from __future__ import annotations
@@ -23,22 +23,30 @@ from typing import Any
 
 from compressor.errors import ModelDirError
 from compressor.fsutil import atomic_dir, portable
-from compressor.runtime.bundle import MODEL, TASKS, TOKENIZER
+from compressor.runtime.bundle import MODEL, TASKS, TOKENIZER, vocabulary_digest
 from compressor.runtime.spec import GraphSpec
 
 
 def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: Path, pad_id: int,
-                 metadata: Mapping[str, Any] | None = None, model_dir: Path | None = None) -> Path:
+                 metadata: Mapping[str, Any] | None = None, model_dir: Path | None = None,
+                 word_splitter: str = "punct") -> Path:
     """Write the bundle directory (a half-written bundle never appears at ``directory``); with ``model_dir`` (the
-    model the graph was exported from) also the files optimum and transformers read."""
+    model the graph was exported from) also the files optimum and transformers read; ``word_splitter``: how
+    predict splits raw text into words for token tasks (:mod:`compressor.runtime.words`)."""
     graph, tokenizer_file = Path(graph), Path(tokenizer_file)
     if not graph.is_file():
         raise ModelDirError(f"{graph}: graph file not found")
     if not tokenizer_file.is_file():
         raise ModelDirError(f"{tokenizer_file}: no tokenizer.json (a fast tokenizer is required for a bundle)")
+    from tokenizers import Tokenizer
+
     spec = GraphSpec(spec.base_inputs, spec.tasks, spec.max_length, dict(spec.metadata))
+    vocab_size, vocab_sha256 = vocabulary_digest(Tokenizer.from_file(str(tokenizer_file)))
     spec.metadata.update({
         "pad_id": int(pad_id),
+        "vocab_size": vocab_size,  # a load refuses a tokenizer.json of another vocabulary
+        "vocab_sha256": vocab_sha256,
+        "word_splitter": word_splitter,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "graph_source": str(graph),
         **(dict(metadata) if metadata else {}),

@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> StageResult:
     quantized = "quantization" in spec.metadata
     directory = write_bundle(ctx.out_dir / "bundle", source.onnx, spec, model_dir / "tokenizer.json",
                              pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"},
-                             model_dir=model_dir)
+                             model_dir=model_dir, word_splitter=cfg.word_splitter)
 
     notes = []
     if cfg.check:
