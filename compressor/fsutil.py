@@ -1,5 +1,5 @@
-"""Atomic writes (a file or directory appears complete or not at all), strict JSON, run-directory locks and
-paths stored relative to a run directory."""
+"""Atomic writes (a file or directory appears complete or not at all, with the permissions the user's umask
+gives a plain ``open``/``mkdir``), strict JSON, run-directory locks and paths stored relative to a run directory."""
 
 from __future__ import annotations
 
@@ -14,13 +14,38 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path | str, directory: bool = False) -> None:
+    """``tempfile`` creates files 0600 and directories 0700 whatever the umask; give the file or directory the
+    mode a plain ``open``/``mkdir`` would have, so a shipped bundle is readable by whoever the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        _as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,6 +59,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _as_created(tmp, directory=True)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -105,6 +131,65 @@ def absolute_paths(obj: Any, base: Path) -> Any:
     if isinstance(obj, list):
         return [absolute_paths(v, base) for v in obj]
     return obj
+
+
+# ---- no build-machine paths in artefacts and reports ---------------------------------------------------------
+def run_root(path: Path | str) -> Path | None:
+    """The run directory a path lies in (``<run>/stages/...``, ``<run>/report.json``), or None."""
+    p = Path(os.path.abspath(path))
+    for parent in (p, *p.parents):
+        if (parent / "recipe.yaml").is_file() and (parent / "stages").is_dir():
+            return parent
+    return None
+
+
+def portable(obj: Any, written_at: Path | str | None = None) -> Any:
+    """``obj`` with the build machine's absolute paths taken out of every string, for a file written at
+    ``written_at``: a path inside that file's run directory becomes relative to the run (``stages/01-export/...``;
+    the run itself ``.``), one inside the working directory (the repository) relative to it, one inside the home
+    directory ``~/...``; a string that is a whole absolute path elsewhere on this machine keeps only its last part
+    (``.../bert``); absolute-looking names of nothing on disk (ONNX node names) are kept.
+    Text around the paths (notes, Markdown) is kept."""
+    import re
+
+    rules: list[tuple[str, str, str]] = []  # (prefix, replacement when a path follows, replacement when it ends)
+    run = run_root(written_at) if written_at is not None else None
+    if run is not None:
+        rules.append((str(run), "", "."))
+    cwd = os.getcwd()
+    if cwd not in ("/", ""):
+        rules.append((cwd, "", "."))
+    home = os.path.expanduser("~")
+    if home not in ("/", "", "~") and os.path.isabs(home):
+        rules.append((home, "~/", "~"))
+    pattern = re.compile("|".join(f"(?P<r{i}>{re.escape(prefix)})(?:(?P<s{i}>/)|(?![\\w.-]))"
+                                  for i, (prefix, _, _) in enumerate(rules)))
+
+    def sub(m: re.Match) -> str:
+        i = next(i for i in range(len(rules)) if m.group(f"r{i}") is not None)
+        return rules[i][1] if m.group(f"s{i}") else rules[i][2]
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, str):
+            if "/" not in o:
+                return o
+            out = pattern.sub(sub, o)
+            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1 \
+                    and _on_disk(out):  # a graph's node names ("/encoder/layer.0/MatMul") look like paths too
+                return f".../{Path(out).name}"
+            return out
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
+
+
+def _on_disk(path: str) -> bool:
+    """Whether ``path`` names something on this machine, or a file in a directory that exists."""
+    return os.path.exists(path) or os.path.isdir(os.path.dirname(path))
 
 
 # ---- run-directory lock -----------------------------------------------------------------------------------

@@ -578,7 +578,7 @@ def _(c):
 
 @case("data-unknown-format")
 def _(c):
-    return c.run(c.base().replace("format: label_text", "format: csv")), "unknown classification format 'csv'"
+    return c.run(c.base().replace("format: label_text", "format: xml")), "unknown classification format 'xml'"
 
 
 def _jsonl_sst(lines: str, expect: str):
@@ -641,6 +641,109 @@ simple("data-squad-duplicate-id", _squad({"data": [{"paragraphs": [{"context": _
     {"id": "q", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 20}]}]}]}]},
     "duplicate question id 'q'"))
 simple("data-squad-invalid-json", _squad('{"data": [', "bad.json"))
+
+
+# ---- data through `datasets`: tables, column maps, label names, line separators ------------------------------------
+def _hf_file(c: Ctx, name: str, columns: dict, features: dict | None = None, fmt: str = "parquet") -> Path:
+    """A table written by ``datasets`` itself (``fmt``: jsonl, csv, parquet, arrow = save_to_disk)."""
+    from datasets import Dataset, Features
+
+    datasets_mod = __import__("datasets")
+    datasets_mod.disable_progress_bars()
+    ds = Dataset.from_dict(columns, features=Features(features) if features else None)
+    path = c.tmp / name
+    {"jsonl": ds.to_json, "csv": ds.to_csv, "parquet": ds.to_parquet, "arrow": ds.save_to_disk}[fmt](str(path))
+    return path
+
+
+def _conll_cols() -> tuple[dict, dict]:
+    from datasets import ClassLabel, Sequence, Value
+
+    return ({"tokens": [["John", "lives", "here"], ["Anna", "works"]], "ner_tags": [[1, 0, 0], [1, 0]]},
+            {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=["O", "B-Peop", "I-Peop"]))})
+
+
+def _sst_cols(label=None, names=("negative", "positive")) -> tuple[dict, dict]:
+    from datasets import ClassLabel, Value
+
+    feature = ClassLabel(names=list(names)) if names else ClassLabel(num_classes=2)
+    return ({"sentence": ["a fine film", "dull", "fun", "long"], "label": label or [1, 0, 1, 0]},
+            {"sentence": Value("string"), "label": feature})
+
+
+def _hf(make: Callable[[Ctx], Path], task: str, expect: str, cmd: str = "run"):
+    """A recipe whose one task reads the file ``make`` writes; ``task`` is its YAML with ``{path}``."""
+    def build(c: Ctx):
+        path = make(c)
+        text = c.base(tasks=task.replace("{path}", str(path)))
+        return (c.run(text) if cmd == "run" else c.validate(text)), expect
+    return build
+
+
+_NER_TASK = "  - {{name: ner, plugin: ner, columns: {{tags: {col}}}, data: {{train: {{path}}, dev: {{path}}}}}}\n"
+_SST_TASK = ("  - {{name: sst, plugin: classification, columns: {{text: sentence}}, {extra}"
+             "data: {{train: {{path}}, dev: {{path}}}}}}\n")
+simple("data-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_conll_cols()), _NER_TASK.format(col="ner_tag"),
+    "columns.tags names column 'ner_tag', which the file lacks (it has: tokens, ner_tags)"))
+simple("validate-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad", *_conll_cols(), fmt="arrow"), _NER_TASK.format(col="tag"),
+    "columns.tags names column 'tag', which the file lacks", cmd="validate"))
+simple("data-columns-missing-in-a-jsonl-record", _hf(
+    lambda c: c.file("bad.jsonl", '{"sentence": "fine", "label": "1"}\n{"text": "dull", "label": "0"}\n'),
+    _SST_TASK.format(extra=""), "bad.jsonl:2: columns.text names column 'sentence', which this record lacks"))
+simple("data-classlabel-without-names", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(names=None)), _SST_TASK.format(extra=""),
+    "bad.parquet: column 'label' is a ClassLabel without names"))
+simple("data-ner-integer-tags-without-names", _hf(
+    lambda c: _hf_file(c, "bad.jsonl", *_conll_cols(), fmt="jsonl"), _NER_TASK.format(col="ner_tags"),
+    "bad.jsonl:1: field 'tags' holds integer ids without names"))
+simple("data-label-id-outside-the-label-names", _hf(
+    lambda c: _hf_file(c, "bad.csv", {"sentence": ["fine", "dull"], "label": [1, 0]}, fmt="csv"),
+    _SST_TASK.format(extra="label_names: {label: [negative]}, "),
+    "bad.csv [record 0]: field 'label': id 1 is outside its 1 label names"))
+simple("data-unlabelled-glue-test-split", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(label=[-1, -1, -1, -1])), _SST_TASK.format(extra=""),
+    "id -1 marks an unlabelled example"))
+simple("data-datasetdict-directory", _hf(
+    lambda c: (lambda d: (__import__("datasets").DatasetDict({"train": d, "validation": d}).save_to_disk(
+        str(c.tmp / "dd")), c.tmp / "dd")[1])(__import__("datasets").Dataset.from_dict(_sst_cols()[0])),
+    _SST_TASK.format(extra=""), "is a DatasetDict (train, validation); give one split's directory"))
+simple("data-directory-is-not-save-to-disk", _hf(
+    lambda c: (c.file("plain/x.txt", "1 a\n"), c.tmp / "plain")[1], _SST_TASK.format(extra="format: arrow, "),
+    "plain: is a directory but not a datasets save_to_disk directory"))
+simple("data-parquet-given-as-label-text", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.txt"), c.tmp / "bad.txt")[1])(
+        _hf_file(c, "x.parquet", *_sst_cols())),
+    "  - {name: sst, plugin: classification, format: label_text, data: {train: {path}, dev: {path}}}\n",
+    "bad.txt: is a parquet file, but it was given to a text reader; set format: parquet"))
+simple("data-parquet-given-as-conll", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.conll"), c.tmp / "bad.conll")[1])(
+        _hf_file(c, "x.parquet", *_conll_cols())),
+    "  - {name: ner, plugin: ner, data: {train: {path}, dev: {path}}}\n", "bad.conll: is a parquet file"))
+simple("data-columns-on-a-format-that-ignores-them", _hf(
+    lambda c: c.file("bad.txt", "1 fine\n0 dull\n"), _SST_TASK.format(extra="format: label_text, "),
+    "its plugin reads this file (format label_text) without them"))
+simple("data-csv-unreadable", _hf(
+    lambda c: c.file("bad.csv", "sentence,label\nfine,1\ndull,0,extra\n"), _SST_TASK.format(extra=""),
+    "bad.csv: not a readable CSV file"))
+simple("data-csv-list-shortened-by-numpy", _hf(
+    lambda c: c.file("bad.csv", "tokens,ner_tags\n\"['a' 'b' ... 'y' 'z']\",[0 0 ... 0 0]\n"),
+    _NER_TASK.format(col="ner_tags"), "numpy shortened this list"))
+simple("data-line-separator-keeps-line-numbers", _sst("1 a good film\u2028bad for rivals\n0\n", "bad.txt:2:"))
+simple("data-form-feed-keeps-line-numbers", _sst("1 good\x0c\x1cfilm\n0 dull\n1\n", "bad.txt:3:"))
+simple("recipe-label-names-empty", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: []}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-label-names-twice", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: [a, a]}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-columns-empty-column", _recipe_edit("    format: label_text\n",
+                                                   "    format: label_text\n    columns: {text: ''}\n",
+                                                   "tasks[1].columns"))
+simple("recipe-label-before-empty", _recipe_edit("    format: label_text\n",
+                                                 "    format: label_text\n    options: {label_before: ''}\n",
+                                                 "tasks[1].options"))
 
 
 # ---- the output directory ----------------------------------------------------------------------------------
@@ -963,7 +1066,7 @@ simple("bundle-max-length-too-large", _predict(
     "hi", expect="tasks.json: field 'max_length' 100000"))
 simple("bundle-decoder-malformed", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(decoder="clasification")), "hi",
-    expect="tasks.json: tasks.sst: malformed task entry"))
+    expect="tasks.json: field 'tasks.sst.decoder' must be a JSON object"))
 simple("bundle-unknown-decoder", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"]["decoder"].update(decoder="clasification")), "hi",
     expect="tasks.json"))
@@ -978,6 +1081,138 @@ simple("predict-empty-text", _predict(lambda c: c.bundle, "--task", "sst", "", e
 simple("predict-whitespace-text", _predict(lambda c: c.bundle, "--task", "sst", " \t ", expect="empty text"))
 simple("predict-control-characters", _predict(lambda c: c.bundle, "--task", "sst", "\x01\x02\x7f", expect="empty text"))
 
+simple("predict-undecodable-bytes", _predict(lambda c: c.bundle, "--task", "sst", "caf\udce9 au lait",
+                                             expect="text 0: not valid UTF-8 text"))
+simple("serve-missing-bundle", lambda c: (["serve", str(c.tmp / "nobundle")], "nobundle: bundle directory does not exist"))
+simple("serve-bad-host", lambda c: (["serve", str(c.bundle), "--host", "no.such.host.invalid", "--port", "0"],
+                                    "--host no.such.host.invalid"))
+simple("evaluate-bundle-unknown-task", lambda c: (c.evaluate(c.bundle, task="sts"), "did you mean 'sst'"))
+simple("evaluate-bundle-bad-data", lambda c: (c.evaluate(c.bundle, data=c.file("bad.txt", "nolabel\n")), "bad.txt:1"))
+
+
+# ---- usage errors: one line, not Typer's usage box ---------------------------------------------------------
+simple("usage-unknown-option", lambda c: (["run", "r.yaml", "--bogus"], "No such option: --bogus"))
+simple("usage-missing-argument", lambda c: (["evaluate", "--task", "sst"], "Missing argument 'path'"))
+simple("usage-missing-option", lambda c: (["evaluate", str(c.bundle), "--data", "x"], "Missing option '--task'"))
+simple("usage-bad-int", lambda c: (["predict", str(c.bundle), "hi", "--threads", "many"], "'--threads'"))
+simple("usage-out-of-range", lambda c: (["serve", str(c.bundle), "--port", "70000"], "'--port'"))
+simple("usage-unknown-command", lambda c: (["evalute"], "No such command 'evalute'"))
+simple("usage-tasks-subcommand", lambda c: (["tasks", "lst"], "No such command 'lst'"))
+simple("usage-option-needs-value", lambda c: (["validate", "r.yaml", "--data-root"], "'--data-root' requires an argument"))
+
+# ---- bundles: the three files against each other, metadata types, the word splitter ----------------------------
+def _tokenizer_edit(edit: Callable[[dict], None], drop_digest: bool = False):
+    def build(c: Ctx):
+        b = c.bundle_copy()
+        tok = json.loads((b / "tokenizer.json").read_text())
+        edit(tok)
+        (b / "tokenizer.json").write_text(json.dumps(tok))
+        if drop_digest:  # a bundle written before tasks.json recorded its vocabulary
+            spec = json.loads((b / "tasks.json").read_text())
+            spec["metadata"].pop("vocab_sha256")
+            (b / "tasks.json").write_text(json.dumps(spec))
+        return ["predict", str(b), "hi"], (
+            "cannot embed id" if drop_digest else "tokenizer.json: not the vocabulary the model was exported with")
+    return build
+
+
+def _swap_two_tokens(tok: dict) -> None:
+    vocab = tok["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+
+
+def _grow_vocabulary(tok: dict) -> None:
+    vocab = tok["model"]["vocab"]
+    for i in range(100):
+        vocab[f"zzextra{i}"] = len(vocab)
+
+
+simple("bundle-tokenizer-other-vocabulary", _tokenizer_edit(_swap_two_tokens))
+simple("bundle-tokenizer-larger-than-the-embedding-table", _tokenizer_edit(_grow_vocabulary, drop_digest=True))
+simple("bundle-labels-more-than-graph-outputs", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"]["decoder"].update(labels=["0", "1", "2"])), "hi",
+    expect="task 'sst' names 3 label(s)"))
+simple("bundle-task-labels-fewer-than-graph-outputs", _predict(
+    lambda c: c.tasks_json(lambda s: (s["tasks"]["sst"]["decoder"].pop("labels", None),
+                                      s["tasks"]["sst"].update(labels=["0"]))), "hi",
+    expect="has 2 classes"))
+simple("bundle-pad-id-string", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(pad_id="0")), "hi",
+    expect="field 'metadata.pad_id' must be a non-negative integer"))
+simple("bundle-pad-id-bool", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(pad_id=True)), "hi", expect="field 'metadata.pad_id'"))
+simple("bundle-pad-id-outside-the-table", _predict(
+    lambda c: c.tasks_json(lambda s: (s["metadata"].update(pad_id=10**9), s["metadata"].pop("vocab_sha256"))), "hi",
+    expect="field 'metadata.pad_id' 1000000000"))
+simple("bundle-metadata-not-an-object", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(metadata=[1, 2])), "hi", expect="field 'metadata' must be a JSON object"))
+simple("bundle-max-length-string", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(max_length="long")), "hi",
+    expect="field 'max_length' must be a positive integer"))
+simple("bundle-inputs-not-a-list", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(inputs=7)), "hi", expect="field 'inputs' must be a list"))
+simple("bundle-task-labels-not-a-list", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(labels=7)), "hi",
+    expect="field 'tasks.sst.labels' must be a list of strings"))
+simple("bundle-task-outputs-not-a-mapping", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(outputs=["logits"])), "hi",
+    expect="field 'tasks.sst.outputs' must be a non-empty mapping"))
+simple("bundle-task-entry-not-an-object", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"].update(sst=3)), "hi", expect="field 'tasks.sst' must be a JSON object"))
+simple("bundle-word-splitter-unknown", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="nltk")), "hi",
+    expect="field 'metadata.word_splitter': unknown word splitter 'nltk'"))
+simple("bundle-word-splitter-bad-regex", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="regex:(")), "hi",
+    expect="invalid regular expression"))
+simple("bundle-word-splitter-matches-empty", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="regex:a*")), "hi",
+    expect="matches the empty string"))
+simple("recipe-bundle-word-splitter-unknown", lambda c: (c.run(c.base(
+    stages="  - {kind: train, epochs: 1}\n  - {kind: export}\n  - {kind: bundle, word_splitter: words}\n")),
+    "unknown word splitter 'words'"))
+
+
+# ---- resume against a changed recipe; OS errors in a stage ----------------------------------------------------------
+def _completed_run(c: Ctx) -> None:
+    """A finished run in ``c.out`` (one load stage, no training) of the base recipe's tasks."""
+    from compressor.pipeline import run_recipe
+
+    path = c.file("done.yaml", c.base(stages=f"  - {{kind: load, path: {c.world['model']}, evaluate: false}}\n"))
+    run_recipe(path, out=c.out, log=lambda *_: None)
+
+
+def _resume_changed(old: str, new: str, expect: str):
+    def build(c: Ctx):
+        _completed_run(c)
+        text = c.base(stages=f"  - {{kind: load, path: {c.world['model']}, evaluate: false}}\n").replace(old, new, 1)
+        return c.run(text, "--resume"), expect
+    return build
+
+
+simple("resume-changed-seed", _resume_changed("seed: 3", "seed: 4", "stage 'teacher' computed: seed (3 -> 4)"))
+simple("resume-changed-limit", _resume_changed(
+    "    format: label_text\n", "    format: label_text\n    limit: {dev: 5}\n", "tasks.sst.limit.dev (null -> 5)"))
+simple("resume-changed-max-length", _resume_changed("max_length: 32", "max_length: 48", "model.max_length (32 -> 48)"))
+simple("resume-changed-stage-field", _resume_changed("evaluate: false", "evaluate: true",
+                                                     "stages.teacher.evaluate (false -> true)"))
+simple("resume-changed-labels", _resume_changed(
+    "    format: label_text\n", "    format: label_text\n    labels: ['0', '1']\n", "tasks.sst.labels"))
+simple("run-rerun-from-changed-without-resume", lambda c: (c.run(c.base(), "--rerun-from-changed"),
+                                                            "--rerun-from-changed continues a run"))
+
+
+@case("run-disk-full-while-training")
+def _(c):
+    import errno
+
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    c.request.getfixturevalue("monkeypatch").setattr(safetensors.torch, "save_file", full)
+    return c.run(c.base()), f"stage 'teacher': writing under {c.out}: No space left on device"
 
 # ---- the recipe loader: duplicate keys, booleans for numbers, huge values, aliases, names ---------------------
 _LOADER_CASES = [
@@ -1180,6 +1415,41 @@ simple("tasks-check-utf16-read-as-utf8", lambda c: (
      "--format", "label_text", "--encoding", "utf-8"], "u16.txt:1: not valid UTF-8"))
 
 
+# ---- export-hf: the output directory and the model directory -------------------------------------------------
+def _export_hf(model: Callable[[Ctx], Path], expect: str, prepare: Callable[[Ctx], None] = lambda c: None,
+               *extra: str):
+    def build(c: Ctx):
+        prepare(c)
+        return ["export-hf", str(model(c)), "--out", str(c.out), *extra], expect
+    return build
+
+
+def _file_in_out(c: Ctx) -> None:
+    c.out.mkdir()
+    (c.out / "notes.txt").write_text("mine")
+
+
+simple("export-hf-out-not-empty", _export_hf(lambda c: c.world["model"], "out: directory is not empty",
+                                             _file_in_out))
+simple("export-hf-out-is-a-file", _export_hf(lambda c: c.world["model"], "out: exists and is not a directory",
+                                             lambda c: c.out.write_text("x")))
+simple("export-hf-model-dir-missing", _export_hf(lambda c: c.tmp / "nomodel",
+                                                 "nomodel: model directory does not exist"))
+simple("export-hf-manifest-invalid-json", _export_hf(
+    lambda c: (lambda m: ((m / "manifest.json").write_text("{oops"), m)[1])(c.model_copy()),
+    "manifest.json:1: invalid JSON"))
+simple("export-hf-weights-corrupt", _export_hf(
+    lambda c: (lambda m: ((m / "model.safetensors").write_bytes(b"\x00" * 64), m)[1])(c.model_copy()),
+    "model.safetensors: not a readable safetensors file"))
+simple("export-hf-head-size-not-the-configs", _export_hf(  # loads in compressor; transformers has one head size
+    lambda c: c.manifest(lambda m: m["architecture"]["layers"][0].update(head_size=16, heads=2)),
+    "manifest.json: architecture.layers[0] has 2 heads of size 16"))
+simple("export-hf-push-offline", _export_hf(lambda c: c.world["model"], "the Hub is offline here",
+                                            lambda c: None, "--push-to-hub", "someone/tiny"))
+simple("export-hf-push-bad-repo-id", _export_hf(lambda c: c.world["model"], "is not a Hub repository id",
+                                                lambda c: None, "--push-to-hub", "not a repo//id"))
+
+
 # ---- the catalogue as one table-driven test ----------------------------------------------------------------
 def _snapshot(path: Path) -> set[str] | None:
     if not path.exists():
@@ -1308,10 +1578,12 @@ def test_fuzz_recipe_loader_bytes(raw, tmp_path_factory):
 
 _READERS = [("ner", "conll"), ("ner", "jsonl"), ("ner", "conll04"), ("classification", "label_text"),
             ("classification", "tsv"), ("classification", "jsonl"), ("qa", "squad"), ("qa", "jsonl"),
-            ("relation", "conll04")]
+            ("relation", "conll04"), ("classification", "csv"), ("ner", "csv"), ("classification", "parquet"),
+            ("qa", "csv")]
 _lines = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
     ["John B-Peop", "1 good", "{\"text\": \"a\", \"label\": 1}", "[", "", "\t", "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}",
-     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]'])), max_size=8)
+     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]', "text,label", "tokens,tags",
+     "\"['a' 'b']\",\"['O' 'B-X']\"", "a\u2028b,1", "[1 2],x"])), max_size=8)
 
 
 @_FUZZ
@@ -1325,3 +1597,20 @@ def test_fuzz_readers(reader, body, tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "data.txt"
     path.write_bytes(body)
     _clean(lambda: task.read(path, fmt))
+
+
+def test_undecodable_bytes_and_usage_errors_through_the_console_script(bundle, tmp_path):
+    """Real argv bytes that are not UTF-8 (Python hands them over as surrogates) and a bad option: one line."""
+    exe = Path(sys.executable).parent / "compressor"
+    env = {**os.environ, "COMPRESSOR_DEBUG": ""}
+    r = subprocess.run([str(exe), "predict", str(bundle), b"caf\xe9 au lait", "--task", "sst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not valid UTF-8" in err, err
+    r = subprocess.run([str(exe), "predict", str(bundle), "hi", "--task", b"s\xffst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.count("\n") == 1 and "does not serve" in err, err
+    r = subprocess.run([str(exe), "run", "x.yaml", "--bogus"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: No such option: --bogus") and r.stderr.count("\n") == 1
+    assert "Usage:" not in r.stderr and "╭" not in r.stderr

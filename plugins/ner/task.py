@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import bio_decode, bio_tags, spans_to_bio
-from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
+from compressor.tasks import DistillTarget, Encoded, HfHead, MetricSpec, OnnxOutput, TaskPlugin
 from compressor_plugins.ner.formats import NerExample, read_ner
 
 if TYPE_CHECKING:
@@ -38,8 +38,9 @@ class NerTask(TaskPlugin):
     predicted) at its first sub-token. A sentence longer than ``max_length`` is truncated, never dropped; the
     words cut off are predicted ``"O"`` while the gold still counts them.
 
-    Formats: ``conll`` (columns, token first, tag last, IOB1 read as IOB2), ``jsonl`` (``{"tokens", "tags"}`` or
-    ``{"tokens", "entities"}``) and ``conll04`` (the CoNLL04 JSON array); ``None`` picks by extension.
+    Formats: ``conll`` (columns, token first, tag last, IOB1 read as IOB2), ``conll04`` (the CoNLL04 JSON array)
+    and records ``{"tokens", "tags"}`` or ``{"tokens", "entities"}``: ``jsonl``, ``csv``, ``parquet``, ``arrow``
+    (a ``datasets`` ``save_to_disk`` directory); ``None`` picks by extension.
     """
 
     metric = MetricSpec("f1")
@@ -178,3 +179,7 @@ class NerTask(TaskPlugin):
 
     def export_spec(self) -> dict[str, Any]:
         return {"decoder": "bio", "tags": self.tags, "first_subtoken": True}
+
+    def hf_head(self) -> HfHead:
+        """Dropout + Linear over every token is transformers' token classification; ``id2label`` is the tag set."""
+        return HfHead("token-classification", tuple(self.tags), "classifier")
