@@ -41,6 +41,9 @@ def run(ctx: StageContext) -> StageResult:
     teacher_dev = dev_metrics(teacher, tokenizer, ctx.data,
                               [t for t in tasks if ctx.data.has(t, "dev") and t in teacher.tasks],
                               recipe.model.max_length, cfg.eval_batch_size)
+    for t, chosen in per_task.chosen.items():
+        if chosen["dev"] is None and per_task.models[t] is teacher:
+            chosen["dev"] = teacher_dev.get(t)
     cache = open_cache(cfg.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].teacher_cache")
     own, own_caches = _own_teachers(ctx, per_task, teacher)
     run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed,
