@@ -132,11 +132,8 @@ class Recipe(Strict):
 
 
 def _task_data(spec: TaskSpec) -> TaskData:
-    splits = {}
-    for split in ("train", "dev", "test"):
-        entry = spec.data.get(split)
-        if entry is not None:
-            splits[split] = SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+              for split, entry in spec.split_files().items()}
     return TaskData(name=spec.name, plugin=spec.plugin, splits=splits, format=spec.format, encoding=spec.encoding,
                     labels=spec.labels, limits=spec.limit.model_dump(), dev_from_train=spec.dev_from_train,
                     options=spec.options)

@@ -39,14 +39,15 @@ def run(ctx: StageContext) -> StageResult:
         saved = ctx.out_dir / subdir
         save_model(model, tokenizer, saved, recipe.model.max_length,
                    extra={"trained_by": {"stage": cfg.name, "label": label, "epochs": result.epochs_run,
-                                         "best_epoch": result.best_epoch}})
+                                         "best_epoch": result.best_epoch,
+                                         "head_epochs": {t: c["head_epoch"] for t, c in result.selection.items()}}})
         scored = None if label == cfg.name else task_names[:1]  # a twin is scored on its own task only
         ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=label, stage=cfg.name, tasks=scored,
                                           model_dir=saved, report=recipe.report))
         summary = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_dev": result.best_score,
                    "wall_s": round(result.wall_s, 1), "device": result.device, "mixed_precision": result.mixed_precision,
                    "optimizer_steps": result.optimizer_steps, "examples_per_s": result.examples_per_s,
-                   "history": result.history}
+                   "history": result.history, "selection": result.selection}
         outputs["training"][label] = summary
         if label != cfg.name:
             outputs["baselines"][task_names[0]] = str(ctx.final_dir / subdir)
@@ -54,8 +55,13 @@ def run(ctx: StageContext) -> StageResult:
             notes.append(f"{label} is trained together with {', '.join(task_names[1:])}, which it requires; "
                          f"it is scored on {task_names[0]} only")
         notes.append(f"{label}: {result.epochs_run} epoch(s) on {result.device} ({result.mixed_precision}), "
-                     f"best dev epoch {result.best_epoch}, {result.wall_s:.0f}s")
+                     f"best dev epoch {result.best_epoch}, {result.wall_s:.0f}s" + _head_note(result))
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _head_note(result: TrainResult) -> str:
+    moved = {t: c["head_epoch"] for t, c in result.selection.items() if c["head_epoch"] != result.best_epoch}
+    return ("; heads from their own best epoch: " + ", ".join(f"{t} {e}" for t, e in moved.items())) if moved else ""
 
 
 def _with_required(tasks: dict, task: str) -> list[str]:

@@ -27,9 +27,11 @@ from compressor.errors import DataError, TrainingError
 from compressor.model.forward import dev_metrics
 from compressor.model.io import nonfinite
 from compressor.model.multitask import MultiTaskModel
-from compressor.train.checkpoint import CHECKPOINT, clear_checkpoint, load_checkpoint, save_checkpoint
+from compressor.train.checkpoint import (CHECKPOINT, clear_checkpoint, load_best_heads, load_checkpoint,
+                                         save_checkpoint)
 from compressor.train.options import TrainOptions
 from compressor.train.pieces import ProgressBar, StepModule, build_optimizer, configure, fmt, schedule
+from compressor.train.selection import head_state, select_heads
 from compressor.train.steps import epoch_steps, make_sampler, rank_slice, stop_tasks, task_quotas
 from compressor.train.weighting import LossWeighter
 
@@ -49,6 +51,7 @@ class TrainResult:
     optimizer_steps: int = 0
     final_lr: float = 0.0
     examples_per_s: float | None = None  # training examples per second of training (evaluation excluded)
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the epoch its head came from
 
 
 def dev_score(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: list[str], max_length: int,
@@ -78,6 +81,7 @@ class _Loop:
     sampler: TaskSampler | QuotaSampler
     streams: dict[str, BatchStream]
     steps_per_epoch: int
+    best_heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its best epoch's head
     core: MultiTaskModel = field(init=False)
     weighter: LossWeighter = field(init=False)
 
@@ -120,10 +124,11 @@ def train_model(
     features = _train_features(model, tokenizer, data)
     loop = _assemble(model, cfg, label, log, accelerator, features, seed)
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
-                             "task_best": {}, "task_bad": {}, "train_s": 0.0, "train_examples": 0}
+                             "task_best": {}, "task_bad": {}, "task_best_epoch": {}, "train_s": 0.0, "train_examples": 0}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt is not None and (ckpt / "trainer.json").is_file():
         state = {**state, **load_checkpoint(ckpt, *loop.checkpoint_parts())}
+        loop.best_heads = load_best_heads(ckpt, list(state["task_best_epoch"]))
         log(f"[{label}] resumed after epoch {state['epoch']}")
 
     best_state: dict[str, torch.Tensor] | None = None
@@ -142,15 +147,17 @@ def train_model(
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in loop.core.state_dict().items()}
         if ckpt is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved)
+            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved, best_heads=loop.best_heads)
         accelerator.wait_for_everyone()
     _restore_best(loop.core, best_state, ckpt)
+    selection = _select(loop, tokenizer, data, state)
     return TrainResult(
         epochs_run=state["epoch"], best_epoch=state["best_epoch"], best_score=state["best_score"],
         history=state["history"], wall_s=time.perf_counter() - started, device=str(accelerator.device),
         mixed_precision=mixed, optimizer_steps=int(loop.scheduler.last_epoch),
         final_lr=float(loop.scheduler.get_last_lr()[0]),
         examples_per_s=round(state["train_examples"] / state["train_s"], 2) if state["train_s"] else None,
+        selection=selection,
     )
 
 
@@ -272,12 +279,37 @@ def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, 
     else:
         state["bad_epochs"] += 1
     record["stopped"] = stop_tasks(loop.sampler, state, per_task, loop.model, patience)
+    for task in per_task:
+        if state["task_bad"].get(task) == 0:  # this epoch is the task's best so far: keep its head
+            state["task_best_epoch"][task] = epoch
+            loop.best_heads[task] = head_state(loop.core, task)
     state["history"].append(record)
     state["epoch"] = epoch
     loop.log(f"[{loop.label}] epoch {epoch}: loss {fmt(record['train_loss'])} dev {fmt(per_task)}"
              + (" *" if improved else "")
              + (f" (stopped: {', '.join(record['stopped'])})" if record["stopped"] else ""))
     return improved
+
+
+def _select(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-task head selection (``cfg.head_selection``) on the restored best-mean-epoch model."""
+    best_epoch = state["best_epoch"]
+    if not best_epoch or not state["history"]:
+        return {}
+    encoder_dev = state["history"][best_epoch - 1]["dev"]
+    if loop.cfg.head_selection != "per_task" or not encoder_dev:
+        return {t: {"head_epoch": best_epoch, "dev": encoder_dev.get(t)} for t in loop.tasks}
+    best = {t: (state["task_best_epoch"][t], loop.best_heads.get(t, {})) for t in state["task_best_epoch"]}
+
+    def score(tasks: list[str]) -> dict[str, float]:
+        return dev_metrics(loop.core, tokenizer, data, tasks, data.max_length, loop.cfg.eval_batch_size)
+
+    chosen = select_heads(loop.core, best_epoch, encoder_dev, best, score)
+    moved = {t: c["head_epoch"] for t, c in chosen.items() if c["head_epoch"] != best_epoch}
+    loop.log(f"[{loop.label}] encoder from epoch {best_epoch}; "
+             + (", ".join(f"{t} head from epoch {e}" for t, e in moved.items()) if moved
+                else "every head from the same epoch (no other epoch's head scored better on dev)"))
+    return chosen
 
 
 def _restore_best(core: MultiTaskModel, best_state: dict[str, torch.Tensor] | None, ckpt: Path | None) -> None:

@@ -70,3 +70,7 @@ class TrainOptions(_Options):
     early_stopping_patience: int | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    head_selection: Literal["per_task", "best_mean"] = Field(
+        "per_task", description="per_task: the encoder comes from the epoch with the best mean dev metric and each "
+        "task's head from its own best dev epoch when that head scores better on dev with that encoder (tasks that "
+        "decode over it counted too); best_mean: every part from the best mean epoch")
