@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from conftest import SHARED_DATA, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 ILLUSTRATION = "illustration"
-BLOCK = re.compile(r"^```([A-Za-z]*)([^\n]*)\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^( *)```([A-Za-z]*)([^\n]*)\n(.*?)^\1```", re.S | re.M)
 BLOCK_TIMEOUT_S = 300
 
 
@@ -39,9 +40,10 @@ def blocks(lang: str) -> list[tuple[str, str, bool]]:
     for path in manual_files():
         text = path.read_text(encoding="utf-8")
         for m in BLOCK.finditer(text):
-            if m.group(1) == lang:
+            if m.group(2) == lang:
                 line = text.count("\n", 0, m.start()) + 1
-                found.append((f"{path.relative_to(ROOT)}:{line}", m.group(3), ILLUSTRATION in m.group(2).split()))
+                code = textwrap.dedent(m.group(4))
+                found.append((f"{path.relative_to(ROOT)}:{line}", code, ILLUSTRATION in m.group(3).split()))
     return found
 
 
