@@ -150,15 +150,19 @@ def test_compressor_lines_name_real_commands_and_options(where, args):
 # ---- runnable blocks ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tokenizer):
-    """A working directory like a clone after ``make quickstart``: ``recipes/``, ``reports/`` and
-    ``runs/quickstart``, the quickstart recipe's chain run at test budgets."""
+    """A working directory like a clone after ``make quickstart``, with ``../shared`` beside it: ``recipes/``,
+    ``tests/``, ``scripts/``, an empty ``reports/`` and ``runs/quickstart``, the quickstart recipe's chain run at
+    test budgets."""
     if not (SHARED_DATA / "conll04").is_dir():
         pytest.skip(f"the quickstart data ({SHARED_DATA}) is not beside the checkout")
-    box = tmp_path_factory.mktemp("manual")
-    encoder = box / "tiny-encoder"
+    box = tmp_path_factory.mktemp("manual") / "compressor"
+    box.mkdir()
+    (box.parent / "shared").symlink_to(SHARED_DATA.parent)  # a clone with ../shared beside it
+    encoder = box.parent / "tiny-encoder"
     tiny_bert(hidden=32, layers=2, heads=4, ffn=64).save_pretrained(encoder)
     tokenizer.save_pretrained(encoder)
-    (box / "recipes").symlink_to(ROOT / "recipes")
+    for shipped in ("recipes", "tests", "scripts"):
+        (box / shipped).symlink_to(ROOT / shipped)
     (box / "reports").mkdir()
     recipe = yaml.safe_load((ROOT / "recipes/quickstart.yaml").read_text())
     recipe["model"] = {"encoder": str(encoder), "max_length": 32}
@@ -171,7 +175,7 @@ def sandbox(tmp_path_factory, tokenizer):
         if stage["kind"] == "prune_vocab":
             stage.update(english_words=1000)
     recipe["report"] = {"latency_runs": 2, "latency_warmup": 1, "latency_seq_len": 32}
-    small = box / "quickstart-tiny.yaml"
+    small = box.parent / "quickstart-tiny.yaml"
     small.write_text(yaml.safe_dump(recipe, sort_keys=False))
     done = subprocess.run([sys.executable, "-m", "compressor.cli.main", "run", str(small), "--out",
                            str(box / "runs/quickstart")], cwd=box, env=_env(), capture_output=True, text=True,
