@@ -11,9 +11,10 @@ Layout (owned here; the pipeline writes it, ``compressor benchmark`` and ``compr
 Paths inside the run directory are stored in ``state.json`` relative to it, so a run resumes from any working
 directory and the directory can be moved. A stage records its outputs as JSON; :func:`artefacts` reads them back
 as typed artefacts (:class:`ModelDir`, :class:`OnnxGraph`, :class:`Int8Graph`, :class:`Bundle`,
-:class:`SingleTaskStudents`, :class:`TeacherReference`), and :func:`latest` finds the one a later stage (or the
-benchmark) asks for by type. Which stage kinds leave which artefact is not listed here: each artefact class names
-the token (``GIVEN``) that the kinds leaving it declare in their ``gives`` (``compressor.stage_kinds``).
+:class:`SingleTaskStudents`, :class:`TaskModels`, :class:`TeacherReference`), and :func:`latest` finds the one a
+later stage (or the benchmark) asks for by type. Which stage kinds leave which artefact is not listed here: each
+artefact class names the token (``GIVEN``) that the kinds leaving it declare in their ``gives``
+(``compressor.stage_kinds``).
 ``state.json`` itself keeps the format earlier runs wrote, so they still load, resume and benchmark.
 """
 
@@ -116,6 +117,21 @@ class SingleTaskStudents:
 
 
 @dataclass(frozen=True)
+class TaskModels:
+    """A finetune stage's per-task models: task -> model directory, and each one's dev metric on its task."""
+
+    models: dict[str, Path] = field(default_factory=dict, hash=False)
+    dev: dict[str, float | None] = field(default_factory=dict, hash=False)
+    GIVEN: ClassVar[str] = "task_models"
+    WHAT: ClassVar[str] = "a finetune stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> TaskModels | None:
+        models = out.get("models")
+        return cls({t: Path(p) for t, p in models.items()}, dict(out.get("dev") or {})) if models else None
+
+
+@dataclass(frozen=True)
 class TeacherReference:
     """A reference stage's graphs of the teacher: (b) its checked ONNX export and (c) optimum's dynamic INT8."""
 
@@ -139,9 +155,9 @@ class TeacherReference:
                    tuple(out.get("int8_notes") or ()))
 
 
-Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TeacherReference
+Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TaskModels | TeacherReference
 #: the artefacts read from a stage's recorded outputs, each when the stage's kind gives its token
-_FROM_OUTPUTS = (OnnxGraph, Int8Graph, Bundle, TeacherReference, SingleTaskStudents)
+_FROM_OUTPUTS = (OnnxGraph, Int8Graph, Bundle, TeacherReference, TaskModels, SingleTaskStudents)
 A = TypeVar("A")
 
 

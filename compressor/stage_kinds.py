@@ -32,6 +32,7 @@ TOKENS = {
     "bundle": "an edge bundle",  # rundir.Bundle
     "reference": "the teacher's reference graphs",  # rundir.TeacherReference (benchmark rows b and c)
     "students": "single-task students",  # rundir.SingleTaskStudents (benchmark row d)
+    "task_models": "per-task fine-tuned models",  # rundir.TaskModels (a finetune stage's)
     "search": "the INT8 mode a search stage chose",  # quantize's ``mode: search``
 }
 
@@ -117,6 +118,8 @@ for _name, _kind in {
                        gives=frozenset({"teacher", "model"})),
     "load": StageKind(f"{_R}.train_stages:LoadStage", f"{_S}.load:run", needs=None,
                       gives=frozenset({"teacher", "model"})),
+    "finetune": StageKind(f"{_R}.train_stages:FinetuneStage", f"{_S}.finetune:run",
+                          gives=frozenset({"task_models"}), sources=frozenset({"model"})),
     "distill": StageKind(f"{_R}.train_stages:DistillStage", f"{_S}.distill:run", needs="teacher",
                          gives=frozenset({"model", "students"})),
     "prune": StageKind(f"{_R}.prune_stages:PruneStage", f"{_S}.prune:run"),

@@ -54,3 +54,13 @@ def test_bad_extra_test_set_names_and_missing_files_exit_2(tmp_path, tiny_model_
     recipe = _recipe(tmp_path, tiny_model_path, "{gone: nowhere.txt}")
     result = invoke("validate", recipe)
     assert result.exit_code == 2 and "nowhere.txt" in result.output and "tests.gone" in result.output
+
+
+def test_run_refuses_an_extra_test_set_with_labels_outside_the_schema_before_training(tmp_path, tiny_model_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 fine words\n7 a label the schema lacks\n")
+    recipe = _recipe(tmp_path, tiny_model_path, f"{{odd: {bad}}}")
+    result = invoke("run", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert str(bad) in result.output and "'odd'" in result.output and "['7']" in result.output
+    assert "epoch" not in result.output and not (tmp_path / "out").exists()

@@ -44,8 +44,8 @@ def test_a_head_is_swapped_in_only_when_it_scores_better(tiny_model_path, tmp_pa
         assert torch.equal(model.state_dict()[k], v)
 
 
-def test_dependents_follow_requires():
-    from compressor.train.selection import dependents
+def test_required_by_and_with_required_follow_requires():
+    from compressor.tasks import required_by, with_required
 
     class Plugin:
         def __init__(self, req):
@@ -54,11 +54,11 @@ def test_dependents_follow_requires():
         def requires(self):
             return self._req
 
-    class Model:
-        tasks = {"ner": Plugin([]), "re": Plugin(["ner"]), "sst": Plugin([]), "x": Plugin(["re"])}
-
-    assert dependents(Model(), "ner") == ["ner", "re", "x"]
-    assert dependents(Model(), "sst") == ["sst"]
+    tasks = {"ner": Plugin([]), "re": Plugin(["ner"]), "sst": Plugin([]), "x": Plugin(["re"])}
+    assert required_by(tasks, "ner") == ["ner", "re", "x"]
+    assert required_by(tasks, "sst") == ["sst"]
+    assert with_required(tasks, "x") == ["x", "ner", "re"]
+    assert with_required(tasks, "sst") == ["sst"]
 
 
 @pytest.mark.parametrize("rule", ["per_task", "best_mean"])

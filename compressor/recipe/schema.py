@@ -117,6 +117,10 @@ class Recipe(Strict):
             if stage.kind == "add_task" and stage.task not in names:
                 raise ValueError(f"stages[{i}].task: stage '{stage.name}' adds task '{stage.task}', which the recipe "
                                  f"does not have (tasks: {', '.join(names)})")
+            unknown = [t for t in getattr(stage, "tasks", None) or [] if t not in names] if stage.kind == "finetune" else []
+            if unknown:
+                raise ValueError(f"stages[{i}].tasks: stage '{stage.name}' fine-tunes task(s) {unknown}, which the "
+                                 f"recipe does not have (tasks: {', '.join(names)})")
         return self
 
     def task(self, name: str) -> TaskSpec:

@@ -45,10 +45,11 @@ class StageContext:
         """``(stage name, artefact)``: the artefact of type ``cls`` (:mod:`compressor.rundir`, e.g. ``OnnxGraph``)
         of the earlier stage ``source``, or of the latest earlier stage that left one; a ``RecipeError`` naming
         this stage when there is none."""
-        from compressor.rundir import StageRecord, latest
+        from compressor.rundir import RunDir, StageRecord, latest
 
         earlier = self.recipe.stages[: self.index]
-        records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}) for s in earlier]
+        model_dirs = {r.name: r.model_dir for r in RunDir(self.run_dir).records()}
+        records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}, model_dirs.get(s.name)) for s in earlier]
         return latest(records, cls, source, consumer=self.stage.name)
 
 

@@ -10,6 +10,7 @@ same task per step and its own batch, and DDP averages gradients).
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from compressor.model.multitask import MultiTaskModel
 from compressor.train.checkpoint import (CHECKPOINT, clear_checkpoint, load_best_heads, load_checkpoint,
                                          save_checkpoint)
 from compressor.train.options import TrainOptions
+from compressor.train.pcgrad import group_draws, project_conflicts
 from compressor.train.pieces import ProgressBar, StepModule, build_optimizer, configure, fmt, schedule
 from compressor.train.selection import head_state, select_heads
 from compressor.train.steps import epoch_steps, make_sampler, rank_slice, stop_tasks, task_quotas
@@ -216,42 +218,67 @@ def _run_epoch(loop: _Loop, epoch: int, n_steps: int) -> tuple[dict[str, float],
     sums = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
     examples = 0
+    pcgrad = cfg.loss_weighting.strategy == "pcgrad"
+    step, carried = 0, None
     with ProgressBar(accelerator, f"{loop.label} epoch {epoch}/{cfg.epochs}", n_steps) as (bar, bar_task):
-        for step in range(n_steps):
-            task = next(loop.sampler)
-            idx = rank_slice(loop.streams[task].next(), rank, world)
-            examples += len(idx) * world
-            batch = loop.core.tasks[task].collate([loop.features[task][i] for i in idx])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            value = _step(loop, task, batch, epoch, step)
-            sums[task] += value
-            counts[task] += 1
+        while step < n_steps:
+            task, carried = carried or next(loop.sampler), None
+            group = [task]
+            if pcgrad:  # one optimizer step per run of different tasks (compressor.train.pcgrad)
+                group, carried = group_draws(task, loop.sampler, min(len(tasks), n_steps - step))
+            batches = []
+            for t in group:
+                idx = rank_slice(loop.streams[t].next(), rank, world)
+                examples += len(idx) * world
+                batch = loop.core.tasks[t].collate([loop.features[t][i] for i in idx])
+                batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
+            for t, value in _step(loop, batches, epoch, step).items():
+                sums[t] += value
+                counts[t] += 1
+            before, step = step, step + len(group)
             if bar is not None:
                 shown = " ".join(f"{t}={sums[t] / counts[t]:.3f}" for t in tasks if counts[t])
-                bar.update(bar_task, advance=1, losses=shown)
-                if not bar.console.is_terminal and (step + 1) % max(1, n_steps // 5) == 0:
-                    loop.log(f"[{loop.label}] epoch {epoch} step {step + 1}/{n_steps} loss {shown}")
+                bar.update(bar_task, advance=len(group), losses=shown)
+                every = max(1, n_steps // 5)
+                if not bar.console.is_terminal and step // every > before // every:
+                    loop.log(f"[{loop.label}] epoch {epoch} step {step}/{n_steps} loss {shown}")
     return sums, counts, examples
 
 
-def _step(loop: _Loop, task: str, batch: dict[str, torch.Tensor], epoch: int, step: int) -> float:
-    """One optimizer step on one task's batch; its (unweighted) loss."""
+def _step(loop: _Loop, batches: list[tuple[str, dict[str, torch.Tensor]]], epoch: int, step: int) -> dict[str, float]:
+    """One optimizer step on the batches of one or more tasks (several: PCGrad); each task's (unweighted) loss.
+    The schedule advances once per batch."""
     cfg, accelerator = loop.cfg, loop.accelerator
-    with accelerator.autocast():
-        loss, total_loss = loop.step_module(task, batch)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"[{loop.label}] task '{task}': the loss is {value} at epoch {epoch} step {step + 1}; training "
-            f"diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good checkpoint "
-            "is kept")
-    accelerator.backward(total_loss)
+    shared = [p for p in loop.core.encoder.parameters() if p.requires_grad] if len(batches) > 1 else []
+    values, grads = {}, []
+    for task, batch in batches:
+        with accelerator.autocast():
+            loss, total_loss = loop.step_module(task, batch)
+        values[task] = float(loss.detach())
+        if not math.isfinite(values[task]):
+            raise TrainingError(
+                f"[{loop.label}] task '{task}': the loss is {values[task]} at epoch {epoch} step {step + 1}; "
+                f"training diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good "
+                "checkpoint is kept")
+        accelerator.backward(total_loss)
+        if shared:  # keep this task's encoder gradient apart; heads keep accumulating their own
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                    for p in shared]).float())
+            for p in shared:
+                p.grad = None
+    if grads:
+        summed = project_conflicts(grads, random.Random(f"{epoch}:{step}"))
+        offset = 0
+        for p in shared:
+            p.grad = summed[offset: offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
     if cfg.grad_clip:
         accelerator.clip_grad_norm_(loop.step_module.parameters(), cfg.grad_clip)
     loop.optimizer.step()
-    loop.scheduler.step()
+    for _ in batches:
+        loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    return value
+    return values
 
 
 def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any], epoch: int,

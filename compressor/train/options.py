@@ -38,7 +38,11 @@ class Sampling(_Options):
 
 
 class LossWeighting(_Options):
-    strategy: Literal["uniform", "fixed", "uncertainty"] = "uniform"
+    """How the tasks' losses combine: ``uniform``, ``fixed`` weights, learned ``uncertainty`` (Kendall et al.
+    2018), or ``pcgrad`` (Yu et al. 2020: one optimizer step per group of consecutive draws of different tasks,
+    conflicting encoder gradients projected; compressor.train.pcgrad)."""
+
+    strategy: Literal["uniform", "fixed", "uncertainty", "pcgrad"] = "uniform"
     weights: dict[str, float] = {}
 
     @model_validator(mode="after")

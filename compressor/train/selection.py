@@ -17,25 +17,13 @@ from typing import Any
 import torch
 
 from compressor.model.multitask import MultiTaskModel
+from compressor.tasks import required_by
 
 
 def head_state(model: MultiTaskModel, task: str) -> dict[str, torch.Tensor]:
     """A CPU copy of ``task``'s head weights, keyed as in the model's state dict."""
     prefix = f"heads.{task}."
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
-
-
-def dependents(model: MultiTaskModel, task: str) -> list[str]:
-    """``task`` and every task of ``model`` that requires it, transitively (their dev metrics move with its head)."""
-    found = [task]
-    changed = True
-    while changed:
-        changed = False
-        for name, plugin in model.tasks.items():
-            if name not in found and any(r in found for r in plugin.requires()):
-                found.append(name)
-                changed = True
-    return found
 
 
 def select_heads(model: MultiTaskModel, encoder_epoch: int, encoder_dev: Mapping[str, float],
@@ -53,7 +41,7 @@ def select_heads(model: MultiTaskModel, encoder_epoch: int, encoder_dev: Mapping
     for task, (epoch, weights) in best_heads.items():
         if task not in model.tasks or epoch == encoder_epoch or not weights or task not in current:
             continue
-        affected = [t for t in dependents(model, task) if t in current]
+        affected = [t for t in required_by(model.tasks, task) if t in current]
         before = head_state(model, task)
         model.load_state_dict(weights, strict=False)
         trial = score(affected)
