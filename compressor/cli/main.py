@@ -90,6 +90,8 @@ def validate(
         recipe = load_recipe(path)
         root = default_data_root(recipe, data_root)
         summary = check_recipe(recipe, path, root)
+        for note in summary["notes"]:
+            typer.echo(f"{path}: {note}", err=True)
         data = f", {summary['data_files']} data file(s) read" if root is not None else ", no data root: data not checked"
         typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
 
@@ -118,10 +120,12 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Data file of that task.")],
     format: Annotated[Optional[str], typer.Option("--format", help="Reader format (default: from the extension).")] = None,
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the file (default utf-8).")] = None,
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="A table's column map FIELD=COLUMN, as "
+                                                        "'columns:' in a recipe (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     json_out: JsonOut = False,
 ) -> None:
-    """Score a saved model on one task's data file."""
+    """Score a saved model on one task's data file (or a datasets save_to_disk directory)."""
     from compressor.errors import DataError, RecipeError
     from compressor.model.io import load_model
     from compressor.model.forward import torch_forward
@@ -133,18 +137,25 @@ def evaluate(
         close = difflib.get_close_matches(task, list(model.tasks), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; it has: {', '.join(model.tasks)}"
         raise RecipeError(f"{model_dir}: no task '{task}'{hint}")
-    if not data.is_file():
+    if not data.exists():
         raise DataError(data, "data file not found")
     plugin = model.tasks[task]
     from compressor.data.readers import check_encoding
     from compressor.data.store import read_split
+    from compressor.data.tables import ColumnMap
 
     if encoding is not None:
         try:
             check_encoding(encoding)
         except ValueError as exc:
             raise RecipeError(f"--encoding: {exc}") from None
-    examples = read_split(plugin, data, format, encoding)
+    columns = {}
+    for pair in column or []:
+        field, sep, col = pair.partition("=")
+        if not sep or not field.strip() or not col.strip():
+            raise RecipeError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. text=sentence")
+        columns[field.strip()] = col.strip()
+    examples = read_split(plugin, data, format, encoding, ColumnMap(columns) if columns else None)
     if not examples:
         raise DataError(data, "no examples")
     encoded = plugin.encode(examples, tokenizer, manifest["max_length"], False)

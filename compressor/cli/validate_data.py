@@ -31,6 +31,8 @@ def validate_recipes_data(recipes: list[Path], data_root: Path | None) -> int:
             continue
         n_splits = sum(len(s) for s in check.examples.values())
         n_examples = sum(n for s in check.examples.values() for n in s.values())
+        counts = ", ".join(f"{task} {len(labels)}" for task, labels in check.labels.items())
         typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}, data: "
-                   f"{n_splits} split(s) read whole, {n_examples} example(s), labels checked)")
+                   f"{n_splits} split(s) read whole, {n_examples} example(s), labels checked; label count: "
+                   f"{counts or '-'})")
     return 2 if failed else 0

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.data.options import DataOptions, SplitSource, TaskData
 from compressor.errors import RecipeError
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Seed, Strict
 from compressor.recipe.tasks import ModelSpec, TaskSpec
 from compressor.stage_kinds import STAGE_KINDS
 
@@ -49,7 +49,7 @@ class ReportSpec(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=NAME)
-    seed: int = 42
+    seed: Seed = 42
     data_root: str | None = None
     model: ModelSpec = ModelSpec()
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -136,11 +136,12 @@ class Recipe(Strict):
 
 
 def _task_data(spec: TaskSpec) -> TaskData:
-    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding, columns=entry.columns)
               for split, entry in spec.split_files().items()}
     return TaskData(name=spec.name, plugin=spec.plugin, splits=splits, format=spec.format, encoding=spec.encoding,
                     labels=spec.labels, limits=spec.limit.model_dump(), dev_from_train=spec.dev_from_train,
-                    options=spec.options)
+                    options=spec.options, columns=dict(spec.columns),
+                    label_names={k: tuple(v) for k, v in spec.label_names.items()})
 
 
 def _unique(names: list[str], what: str) -> None:

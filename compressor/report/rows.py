@@ -4,7 +4,7 @@ Schema of ``report.json``::
 
     {
       "recipe": str, "created": ISO time, "machine": {...}, "threads": {...},
-      "data": {task: {split: {"used", "available", "truncated", ...}}},
+      "data": {task: {split: {"used", "available", "labels" (the task's label count), "truncated", ...}}},
       "notes": [str],
       "rows": [
         {"model": "teacher" | "single:<task>" | "<stage name>", "stage": stage name, "task": task,
@@ -131,12 +131,14 @@ def render_markdown(data: dict[str, Any]) -> str:
             )
         lines.append("")
     if data.get("data"):
-        lines += ["## Data", "", "| task | split | used | available | truncated | other |", "|---|---|---|---|---|---|"]
+        lines += ["## Data", "", "| task | split | used | available | labels | truncated | other |",
+                  "|---|---|---|---|---|---|---|"]
         for task, splits in data["data"].items():
             for split, d in splits.items():
-                other = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("used", "available", "truncated"))
+                other = ", ".join(f"{k}={v}" for k, v in d.items()
+                                  if k not in ("used", "available", "labels", "truncated"))
                 lines.append(f"| {task} | {split} | {d.get('used', '-')} | {d.get('available', '-')} | "
-                             f"{d.get('truncated', '-')} | {other or '-'} |")
+                             f"{d.get('labels', '-')} | {d.get('truncated', '-')} | {other or '-'} |")
         lines.append("")
     if data.get("stages"):
         lines += ["## Stages", "", "| stage | kind | wall time (s) | notes |", "|---|---|---|---|"]
