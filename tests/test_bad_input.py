@@ -965,6 +965,24 @@ simple("predict-empty-text", _predict(lambda c: c.bundle, "--task", "sst", "", e
 simple("predict-whitespace-text", _predict(lambda c: c.bundle, "--task", "sst", " \t ", expect="empty text"))
 simple("predict-control-characters", _predict(lambda c: c.bundle, "--task", "sst", "\x01\x02\x7f", expect="empty text"))
 
+simple("predict-undecodable-bytes", _predict(lambda c: c.bundle, "--task", "sst", "caf\udce9 au lait",
+                                             expect="text 0: not valid UTF-8 text"))
+simple("serve-missing-bundle", lambda c: (["serve", str(c.tmp / "nobundle")], "nobundle: bundle directory does not exist"))
+simple("serve-bad-host", lambda c: (["serve", str(c.bundle), "--host", "no.such.host.invalid", "--port", "0"],
+                                    "--host no.such.host.invalid"))
+simple("evaluate-bundle-unknown-task", lambda c: (c.evaluate(c.bundle, task="sts"), "did you mean 'sst'"))
+simple("evaluate-bundle-bad-data", lambda c: (c.evaluate(c.bundle, data=c.file("bad.txt", "nolabel\n")), "bad.txt:1"))
+
+
+# ---- usage errors: one line, not Typer's usage box ---------------------------------------------------------
+simple("usage-unknown-option", lambda c: (["run", "r.yaml", "--bogus"], "No such option: --bogus"))
+simple("usage-missing-argument", lambda c: (["evaluate", "--task", "sst"], "Missing argument 'path'"))
+simple("usage-missing-option", lambda c: (["evaluate", str(c.bundle), "--data", "x"], "Missing option '--task'"))
+simple("usage-bad-int", lambda c: (["predict", str(c.bundle), "hi", "--threads", "many"], "'--threads'"))
+simple("usage-out-of-range", lambda c: (["serve", str(c.bundle), "--port", "70000"], "'--port'"))
+simple("usage-unknown-command", lambda c: (["evalute"], "No such command 'evalute'"))
+simple("usage-tasks-subcommand", lambda c: (["tasks", "lst"], "No such command 'lst'"))
+simple("usage-option-needs-value", lambda c: (["validate", "r.yaml", "--data-root"], "'--data-root' requires an argument"))
 
 # ---- the recipe loader: duplicate keys, booleans for numbers, huge values, aliases, names ---------------------
 _LOADER_CASES = [
@@ -1314,3 +1332,20 @@ def test_fuzz_readers(reader, body, tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "data.txt"
     path.write_bytes(body)
     _clean(lambda: task.read(path, fmt))
+
+
+def test_undecodable_bytes_and_usage_errors_through_the_console_script(bundle, tmp_path):
+    """Real argv bytes that are not UTF-8 (Python hands them over as surrogates) and a bad option: one line."""
+    exe = Path(sys.executable).parent / "compressor"
+    env = {**os.environ, "COMPRESSOR_DEBUG": ""}
+    r = subprocess.run([str(exe), "predict", str(bundle), b"caf\xe9 au lait", "--task", "sst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not valid UTF-8" in err, err
+    r = subprocess.run([str(exe), "predict", str(bundle), "hi", "--task", b"s\xffst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.count("\n") == 1 and "does not serve" in err, err
+    r = subprocess.run([str(exe), "run", "x.yaml", "--bogus"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: No such option: --bogus") and r.stderr.count("\n") == 1
+    assert "Usage:" not in r.stderr and "╭" not in r.stderr
