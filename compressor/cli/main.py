@@ -221,6 +221,8 @@ from compressor.cli.env import env  # noqa: E402  (typer only at import time)
 app.command(name="env")(guarded(env))
 from compressor.cli.serve import serve  # noqa: E402  (typer only at import time)
 app.command(name="serve")(guarded(serve))
+from compressor.cli.export_hf import export_hf  # noqa: E402  (typer only at import time)
+app.command(name="export-hf")(guarded(export_hf))
 
 
 def main() -> None:  # pragma: no cover - console script entry
