@@ -112,6 +112,10 @@ class QuantizeStage(ToleranceTest):
             raise ValueError(f"tolerances must be >= 0 (got {bad})")
         return v
 
+    def needs(self, default: str | None) -> list[tuple[str, str | None]]:
+        """An export before it; with ``mode: search``, a search stage too (``compressor.stage_kinds``)."""
+        return [(default, None)] + ([("search", "mode")] if self.mode == "search" else [])
+
 
 class BundleStage(Strict):
     """Write the edge bundle: the final graph, tokenizer.json and tasks.json, for ``compressor.runtime``."""

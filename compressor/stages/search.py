@@ -21,9 +21,8 @@ from typing import Any, NoReturn
 
 from compressor.errors import RecipeError
 from compressor.fsutil import atomic_write_text
+from compressor.stage_kinds import gives
 from compressor.stages import StageContext, StageResult
-
-MODEL_KINDS = ("train", "load", "distill", "prune", "prune_vocab", "search")
 
 
 def preflight(recipe: Any, index: int) -> None:
@@ -35,7 +34,7 @@ def preflight(recipe: Any, index: int) -> None:
 
     stage = recipe.stages[index]
     for prev in reversed(recipe.stages[:index]):
-        if prev.kind not in MODEL_KINDS:
+        if not gives(prev.kind, "model"):
             continue
         if prev.kind == "load":
             manifest = read_manifest(Path(prev.path).expanduser().resolve())
