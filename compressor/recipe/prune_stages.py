@@ -135,6 +135,9 @@ class PruneVocabStage(ToleranceTest):
         "every task's metric) and the smallest within tolerance is kept; default 8000, 12000, 16000, 20000")
     tolerance: float = Field(0.01, gt=0, lt=1, description="largest relative drop of a task's dev metric a "
                              "vocabulary size may cost")
+    if_none_within: Literal["keep_full", "fail"] = Field(
+        "keep_full", description="when no size, not even every candidate, is within tolerance: keep_full saves the "
+        "model with its whole vocabulary (and says so); fail stops the run with one line")
     eval_batch_size: int = Field(64, gt=0)
 
 
