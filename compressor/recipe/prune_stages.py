@@ -63,6 +63,30 @@ class RecoveryStop(Strict):
         return self
 
 
+class PostTrainPrune(Strict):
+    """Post-training pruning (Kwon et al. 2022): heads and FFN neurons chosen by mask Fisher information within a
+    FLOPs and/or parameter budget, then every layer's output projections re-solved by least squares."""
+
+    flops_ratio: float | None = Field(None, gt=0, lt=1, description="share of the encoder layers' FLOPs per token "
+                                      "(heads at seq_len, FFN) the pruned model may keep")
+    params_ratio: float | None = Field(None, gt=0, lt=1, description="share of the encoder layers' head and FFN "
+                                       "parameters the pruned model may keep")
+    seq_len: int = Field(128, gt=0, description="sequence length the FLOPs of attention are counted at")
+    examples: int = Field(256, gt=0, description="training examples per task: the Fisher information sums their "
+                          "squared mask gradients one example at a time, and the reconstruction is solved on them")
+    batch_size: int = Field(16, gt=0, description="batch size of the reconstruction's forward passes")
+    reconstruct: bool = Field(True, description="re-solve each layer's attention and FFN output projections so the "
+                              "pruned layer matches the unpruned one on the examples (least squares)")
+    damp: float = Field(0.01, ge=0, description="ridge of the reconstruction toward the current weights, as a "
+                        "share of the mean diagonal of the inputs' Gram matrix")
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> PostTrainPrune:
+        if self.flops_ratio is None and self.params_ratio is None:
+            raise ValueError("give flops_ratio and/or params_ratio")
+        return self
+
+
 class PruneStage(Strict):
     """Structured pruning of the shared encoder: attention heads, FFN neurons and whole layers.
 
@@ -71,6 +95,11 @@ class PruneStage(Strict):
 
     kind: Literal["prune"]
     name: str = Field("prune", pattern=NAME)
+    method: Literal["iterative", "posttrain"] = Field(
+        "iterative", description="iterative: the ratios below, by importance, over steps; posttrain: heads and FFN "
+        "neurons by Fisher information within the posttrain budget, with layer-wise reconstruction (then the "
+        "recovery, if any)")
+    posttrain: PostTrainPrune | None = Field(None, description="method posttrain: its budget and options")
     importance: Literal["magnitude", "taylor"] = Field(
         "taylor", description="taylor: |w * grad| of every task's loss on its training batches; magnitude: weight norm"
     )
@@ -96,6 +125,19 @@ class PruneStage(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneStage:
+        if self.method == "posttrain":
+            if self.posttrain is None:
+                raise ValueError("method posttrain needs posttrain: {flops_ratio: ..., params_ratio: ...}")
+            if (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
+                    or self.drop_num_layers or self.steps != 1):
+                raise ValueError("method posttrain chooses heads and FFN neurons by its budget in one step: give no "
+                                 "head_ratio, ffn_ratio, layer_ratios, heads, drop_layers, drop_num_layers or steps "
+                                 "(drop layers in a prune stage before it)")
+            if self.recovery_steps and self.recovery_until is not None:
+                raise ValueError("give recovery_steps (a fixed budget) or recovery_until (a stop rule), not both")
+            return self
+        if self.posttrain is not None:
+            raise ValueError("posttrain is read only with method posttrain")
         if not (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
                 or self.drop_num_layers):
             raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers "

@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
 
     recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
     dev_tasks = _dev_tasks(ctx, cfg, model)
-    needs_data = cfg.importance == "taylor" or cfg.drop_num_layers > 0
+    needs_data = cfg.method == "iterative" and (cfg.importance == "taylor" or cfg.drop_num_layers > 0)
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> StageResult:
         from compressor.stages.distill import _dev_metrics
 
         reference = _dev_metrics(ctx, model, tokenizer, dev_tasks, cfg.eval_batch_size)
+    post = _posttrain(ctx, cfg, model, tokenizer, seed) if cfg.method == "posttrain" else None
     pruner = StructuredPruner(model, cfg, batches)
 
     def recover(step: int) -> dict[str, Any] | None:
@@ -67,18 +68,21 @@ def run(ctx: StageContext) -> StageResult:
     arch = read_architecture(model.encoder)
 
     saved = ctx.out_dir / "model"
-    summary = {"stage": cfg.name, "importance": cfg.importance, "scope": cfg.scope,
+    summary = {"stage": cfg.name, "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
                "layers_kept": pruner.layer_ids, "parameters_before": before}
     save_model(model, tokenizer, saved, max_length, extra={"pruned_by": summary})
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
     notes = _notes(cfg, before, after, arch_before, arch, pruner.layer_ids, teacher_name, reference, reports)
+    if post is not None:
+        notes.insert(1, _posttrain_note(cfg, post))
     outputs: dict[str, Any] = {
         "parameters_before": before, "parameters_after": after,
         "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
         "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
         "steps": [r.to_dict() for r in reports], "dev_before": reference,
+        **({"posttrain": post.to_dict()} if post is not None else {}),
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
@@ -246,3 +250,33 @@ def _recovery_line(rec: dict[str, Any] | None) -> str:
             else f"NOT back within {rec['tolerance']:.1%} after the whole budget ({rec['steps']} steps); kept the "
                  f"best check (step {rec['kept_at']}, worst task {min(rec['retention'].values()):.4f})")
     return head + f"{tail}: {_fmt(rec['retention'])}"
+
+
+def _posttrain(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, seed: int) -> Any:
+    """``method: posttrain``: Fisher masks within the budget and layer-wise reconstruction, in place."""
+    from compressor.prune.posttrain import Budget, posttrain_prune
+
+    pt = cfg.posttrain
+    max_length = ctx.recipe.model.max_length
+    fisher = task_batches(ctx.data, tokenizer, model.tasks, max_length, pt.examples, 1, seed)
+    calibration = None
+    if pt.reconstruct:
+        per_task = task_batches(ctx.data, tokenizer, model.tasks, max_length, -(-pt.examples // pt.batch_size),
+                                pt.batch_size, seed)
+        calibration = [b for bs in per_task.values() for b in bs]
+    budget = Budget(pt.flops_ratio, pt.params_ratio, pt.seq_len, field=f"stage '{cfg.name}': posttrain")
+    return posttrain_prune(model, fisher, budget, calibration, pt.damp)
+
+
+def _posttrain_note(cfg: PruneStage, post: Any) -> str:
+    """What the post-training masks kept and what the reconstruction did."""
+    f, p = post.flops, post.params
+    note = (f"{cfg.name}: posttrain (Fisher masks, {cfg.posttrain.examples} examples a task): encoder-layer FLOPs "
+            f"per token {f['before']:,.0f} -> {f['after']:,.0f} ({f['after'] / f['before']:.1%}), head and FFN "
+            f"parameters {p['before']:,.0f} -> {p['after']:,.0f} ({p['after'] / p['before']:.1%}); the kept units "
+            f"hold {post.fisher_kept:.1%} of the Fisher information")
+    if post.reconstruction:
+        worst = max(post.reconstruction, key=lambda r: r["ffn_before"])
+        note += (f"; reconstruction of {len(post.reconstruction)} layer(s): worst layer output error "
+                 f"{worst['ffn_before']:.4f} -> {worst['ffn_after']:.4f} (relative, on the examples)")
+    return note
