@@ -215,3 +215,24 @@ def test_recipe_checks_the_posttrain_fields():
     ):
         with pytest.raises(ValueError, match=pattern):
             PruneStage.model_validate({"kind": "prune", **bad})
+
+
+def test_search_cut_posttrain_builds_the_knobs_architecture(tmp_path, tokenizer):
+    from compressor.recipe import SearchStage
+    from compressor.search.candidate import CandidateBuilder
+    from compressor.search.space import Knobs
+
+    model = make_model(layers=3, vocab=len(tokenizer))
+    ctx = stage_context(tmp_path, {"kind": "prune", "head_ratio": 0.5}, None)
+    stage = SearchStage(kind="search", cut="posttrain", importance_batches=2, batch_size=4)
+    builder = CandidateBuilder(stage, model, tokenizer, model, None, ctx.data, 32, {"a": 1.0, "b": 1.0}, 1, 0)
+    knobs = Knobs(2, (0.5, 0.5, 0.25), (0.5, 0.75, 0.5), None, "none")
+    built, kept = builder.build(knobs, 0)
+    assert len(kept) == 2 and model.num_parameters() > built.num_parameters()
+    arch = read_architecture(built.encoder)
+    # each kept source layer cut at its own ratios (heads 4 -> 2 or 3, FFN 64 -> 32 / 16)
+    assert [a.heads for a in arch] == [HEADS - int(HEADS * knobs.head_ratios[i]) for i in kept]
+    assert [a.ffn for a in arch] == [FFN - int(FFN * knobs.ffn_ratios[i]) for i in kept]
+    assert len(read_architecture(model.encoder)) == 3  # the source is never modified
+    with pytest.raises(ValueError, match="cut"):
+        SearchStage(kind="search", cut="fisher")

@@ -230,6 +230,11 @@ class SearchStage(Strict):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int | None = Field(None, description="default: the recipe's seed")
     importance: Literal["magnitude", "taylor"] = "taylor"
+    cut: Literal["iterative", "posttrain"] = Field(
+        "iterative", description="how a trial cuts heads and FFN neurons at its ratios: iterative (the prune "
+        "stage's importance); posttrain (mask Fisher information over importance_batches x batch_size single "
+        "examples a task, then every layer's output projections re-solved by least squares, so the recovery "
+        "starts closer to the source)")
     importance_batches: int = Field(4, gt=0)
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     recovery_steps: int = Field(40, ge=0, description="short, fixed distillation of every trial")

@@ -83,7 +83,8 @@ def run(ctx: StageContext) -> StageResult:
     fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(),
                    "recovery_steps": cfg.recovery_steps, "recovery": cfg.recovery.model_dump(),
                    "importance": cfg.importance, "seed": seed, "early_stop_margin": cfg.early_stop_margin,
-                   "int8_per_channel": QuantOptions().per_channel}  # how INT8 trials are quantized
+                   "int8_per_channel": QuantOptions().per_channel,  # how INT8 trials are quantized
+                   **({"cut": cfg.cut} if cfg.cut != "iterative" else {})}  # iterative studies keep their fingerprint
     study = open_study(ckpt / "study.db", fingerprint, cfg.sampler, seed)
     values, attrs, early = _trial_callbacks(cfg, floors, tasks)
     loop = SearchLoop(study, space, lambda number, knobs: builder.trial(knobs, seed + number, floors, ctx.out_dir),
