@@ -113,6 +113,10 @@ class PruneStage(Strict):
     heads: dict[int, list[int]] = Field({}, description="explicit heads to remove: layer -> head indices (0-based)")
     drop_layers: list[int] = Field([], description="layers to remove (0-based, original numbering)")
     drop_num_layers: int = Field(0, ge=0, description="remove this many more layers, least important first")
+    hidden_size: int | None = Field(None, gt=0, description="cut the hidden width (residual stream) to this many "
+                                    "channels, the most active ones on the importance batches, in the embeddings, "
+                                    "every layer and the task heads (head size and count stay; a multiple of the "
+                                    "model's num_attention_heads); applied before the other cuts")
     steps: int = Field(1, gt=0, description="reach the ratios over this many pruning steps")
     recovery_steps: int = Field(0, ge=0, description="distillation steps after each pruning step")
     recovery_until: RecoveryStop | None = Field(None, description="instead of a fixed recovery_steps: recover until "
@@ -139,9 +143,9 @@ class PruneStage(Strict):
         if self.posttrain is not None:
             raise ValueError("posttrain is read only with method posttrain")
         if not (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
-                or self.drop_num_layers):
-            raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers "
-                             "or drop_num_layers")
+                or self.drop_num_layers or self.hidden_size):
+            raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers, "
+                             "drop_num_layers or hidden_size")
         if self.scope == "global" and self.layer_ratios:
             raise ValueError("layer_ratios needs scope 'per_layer'")
         if self.recovery_steps and self.recovery_until is not None:

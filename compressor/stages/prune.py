@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> StageResult:
         from compressor.stages.distill import _dev_metrics
 
         reference = _dev_metrics(ctx, model, tokenizer, dev_tasks, cfg.eval_batch_size)
+    width = _cut_width(ctx, cfg, model, tokenizer, seed) if cfg.hidden_size else None
     post = _posttrain(ctx, cfg, model, tokenizer, seed) if cfg.method == "posttrain" else None
     pruner = StructuredPruner(model, cfg, batches)
 
@@ -77,12 +78,16 @@ def run(ctx: StageContext) -> StageResult:
     notes = _notes(cfg, before, after, arch_before, arch, pruner.layer_ids, teacher_name, reference, reports)
     if post is not None:
         notes.insert(1, _posttrain_note(cfg, post))
+    if width is not None:
+        notes.insert(1, f"{cfg.name}: hidden width {width['before']} -> {width['after']} (the most active residual "
+                        "channels on the importance batches; embeddings, every layer and the task heads)")
     outputs: dict[str, Any] = {
         "parameters_before": before, "parameters_after": after,
         "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
         "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
         "steps": [r.to_dict() for r in reports], "dev_before": reference,
         **({"posttrain": post.to_dict()} if post is not None else {}),
+        **({"hidden_size": width} if width is not None else {}),
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
@@ -280,3 +285,17 @@ def _posttrain_note(cfg: PruneStage, post: Any) -> str:
         note += (f"; reconstruction of {len(post.reconstruction)} layer(s): worst layer output error "
                  f"{worst['ffn_before']:.4f} -> {worst['ffn_after']:.4f} (relative, on the examples)")
     return note
+
+
+def _cut_width(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, seed: int) -> dict[str, int]:
+    """``hidden_size``: keep the most active residual channels, in place; before and after widths."""
+    from compressor.prune.width import channel_scores, check_width, choose_channels, cut_width
+
+    field = f"stage '{cfg.name}': hidden_size"
+    check_width(model.encoder, cfg.hidden_size, field)  # before any data is read
+    before = model.encoder.config.hidden_size
+    batches = task_batches(ctx.data, tokenizer, model.tasks, ctx.recipe.model.max_length, cfg.importance_batches,
+                           cfg.batch_size, seed)
+    keep = choose_channels(channel_scores(model, batches), cfg.hidden_size)
+    cut_width(model, keep, {t: bs[0] for t, bs in batches.items()}, field)
+    return {"before": before, "after": cfg.hidden_size}
