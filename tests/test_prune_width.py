@@ -114,3 +114,39 @@ def test_prune_stage_hidden_size_then_heads(tmp_path, tokenizer):
     with pytest.raises(RecipeError, match=r"stage 'prune': hidden_size: 30 is not divisible by the model's 4"):
         run(bad)
     assert not (bad.out_dir / "model").exists()
+
+
+@pytest.mark.usefixtures("tiny_cls_plugin")
+def test_search_knob_hidden_checks_the_source_and_builds_the_width(tmp_path, tokenizer):
+    from test_prune_posttrain import make_model
+
+    from compressor.recipe import SearchSpace, SearchStage
+    from compressor.search.candidate import CandidateBuilder
+    from compressor.search.space import Space
+
+    model = make_model(vocab=len(tokenizer))
+    arch = read_architecture(model.encoder)
+    space = Space(SearchSpace(hidden=[None, 16, 24], head_ratio=[0.0], ffn_ratio=[0.0]), arch, "stages[1].space",
+                  32, 4)
+    assert space.distributions()["hidden"].choices == (None, 16, 24)
+    assert space.uncut_params()["hidden"] is None and space.size == 2 * 3  # layers 1..2 x hidden
+    knobs = space.knobs({**space.uncut_params(), "hidden": 16})
+    assert knobs.hidden == 16 and knobs.cuts_encoder and "hidden 16" in knobs.describe()
+    # a space without the knob has no "hidden" parameter (its studies keep their parameters)
+    assert "hidden" not in Space(SearchSpace(), arch, "s", 32, 4).distributions()
+    for values, pattern in (([18], r"stages\[1\]\.space\.hidden: 18 is not divisible by the source model's 4"),
+                            ([32], r"stages\[1\]\.space\.hidden: the source model's hidden size is 32; cannot cut "
+                                   r"it to 32")):
+        with pytest.raises(RecipeError, match=pattern):
+            Space(SearchSpace(hidden=values), arch, "stages[1].space", 32, 4)
+
+    ctx = stage_context(tmp_path, {"kind": "prune", "head_ratio": 0.5}, None)
+    stage = SearchStage(kind="search", importance_batches=2, batch_size=4)
+    builder = CandidateBuilder(stage, model, tokenizer, model, None, ctx.data, 32, {"a": 1.0, "b": 1.0}, 1, 0)
+    built, kept = builder.build(knobs, 0)
+    assert built.encoder.config.hidden_size == 16 and kept == [0, 1]
+    assert model.encoder.config.hidden_size == 32  # the source is untouched
+    batch = builder.batches["a"][0]
+    with torch.no_grad():
+        out = built("a", **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    assert out.outputs["logits"].shape == (len(batch["input_ids"]), 2)

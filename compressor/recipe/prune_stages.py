@@ -219,6 +219,9 @@ class SearchSpace(Strict):
         "least k times (and single characters)")
     int8: list[Literal["dynamic", "static", "none"]] = Field(
         ["dynamic"], min_length=1, description="INT8 mode each trial is measured with ('none': fp32 graph)")
+    hidden: list[Annotated[int, Field(gt=0)] | None] = Field(
+        [None], min_length=1, description="null: keep the hidden width; n: cut the residual stream to its n most "
+        "active channels (embeddings, every layer, the task heads; a multiple of the source's attention heads)")
 
 
 class SearchStage(Strict):

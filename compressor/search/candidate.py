@@ -92,6 +92,11 @@ class CandidateBuilder:
 
         torch.manual_seed(seed)
         model = copy.deepcopy(self.source)
+        if knobs.hidden is not None:
+            from compressor.prune.width import channel_scores, choose_channels, cut_width
+
+            keep = choose_channels(channel_scores(model, self.batches), knobs.hidden)
+            cut_width(model, keep, {t: bs[0] for t, bs in self.batches.items()}, f"{self.stage.name}: hidden")
         cfg = prune_config(knobs, self.stage, self.num_layers)
         if cfg is None:
             return model, list(range(self.num_layers))
