@@ -156,6 +156,21 @@ def encoder_cost(arch: Sequence[LayerArch], hidden: int, seq_len: int) -> tuple[
     return flops, params
 
 
+def check_budget(arch: Sequence[LayerArch], hidden: int, budget: Budget) -> list[float]:
+    """The (FLOPs, parameters) of the smallest pruned model (one head and one FFN neuron a layer); ``RecipeError``
+    naming the budget's field when the budget is below it."""
+    costs = unit_costs(arch, hidden, budget.seq_len)
+    full = encoder_cost(arch, hidden, budget.seq_len)
+    floor = [sum(costs["heads"][i][k] + costs["ffn"][i][k] for i in range(len(arch))) for k in (0, 1)]
+    for k, (name, ratio) in enumerate((("flops_ratio", budget.flops_ratio), ("params_ratio", budget.params_ratio))):
+        if ratio is not None and floor[k] > ratio * full[k] + 1e-9:
+            raise RecipeError(
+                f"{budget.field}.{name}: {ratio} of the encoder layers' {'FLOPs' if k == 0 else 'parameters'} "
+                f"({ratio * full[k]:,.0f}) is below what any pruned model keeps (one head and one FFN neuron a "
+                f"layer: {floor[k]:,.0f}, a ratio of {floor[k] / (full[k] or 1):.4f})")
+    return floor
+
+
 def search_masks(fisher: Fisher, arch: Sequence[LayerArch], hidden: int,
                  budget: Budget) -> tuple[list[list[int]], list[list[int]]]:
     """The kept heads and FFN neurons (per layer, ascending indices) with the most Fisher information within
@@ -166,16 +181,9 @@ def search_masks(fisher: Fisher, arch: Sequence[LayerArch], hidden: int,
         [(budget.flops_ratio, full[0]), (budget.params_ratio, full[1])]) if ratio is not None]
     if not limits:
         raise RecipeError(f"{budget.field}: give flops_ratio and/or params_ratio")
-    names = {0: "flops_ratio", 1: "params_ratio"}
     must_h = [int(torch.argmax(h)) for h in fisher.heads]
     must_f = [int(torch.argmax(f)) for f in fisher.ffn]
-    floor = [sum(costs["heads"][i][k] + costs["ffn"][i][k] for i in range(len(arch))) for k in (0, 1)]
-    for k, ratio, limit in limits:
-        if floor[k] > limit + 1e-9:
-            raise RecipeError(
-                f"{budget.field}.{names[k]}: {ratio} of the encoder layers' {'FLOPs' if k == 0 else 'parameters'} "
-                f"({limit:,.0f}) is below what any pruned model keeps (one head and one FFN neuron a layer: "
-                f"{floor[k]:,.0f}, a ratio of {floor[k] / (full[k] or 1):.4f})")
+    floor = check_budget(arch, hidden, budget)
 
     def ranked(scores: list[torch.Tensor], must: list[int], unit_cost: list[tuple[float, float]]) -> tuple[
             list[tuple[int, int]], torch.Tensor, torch.Tensor]:

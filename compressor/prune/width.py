@@ -33,8 +33,12 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def check_width(encoder: nn.Module, hidden: int, field: str) -> None:
     """``RecipeError`` naming ``field`` unless ``hidden`` is a width ``encoder`` can be cut to."""
-    config = encoder.config
-    old, heads = config.hidden_size, config.num_attention_heads
+    check_width_of(encoder.config.hidden_size, encoder.config.num_attention_heads, hidden, field)
+
+
+def check_width_of(old: int, heads: int, hidden: int, field: str) -> None:
+    """``RecipeError`` naming ``field`` unless a model of width ``old`` with ``heads`` attention heads (its
+    config's ``num_attention_heads``) can be cut to ``hidden``."""
     if not 0 < hidden < old:
         raise RecipeError(f"{field}: {hidden} must be smaller than the model's hidden size {old} (and above 0)")
     if hidden % heads:

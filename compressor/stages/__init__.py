@@ -49,7 +49,7 @@ for _kind, _spec in {
     "train": StageKind("compressor.stages.train:run", needs=None, gives=frozenset({"teacher", "model"})),
     "load": StageKind("compressor.stages.load:run", needs=None, gives=frozenset({"teacher", "model"})),
     "distill": StageKind("compressor.stages.distill:run", needs="teacher"),
-    "prune": StageKind("compressor.stages.prune:run"),
+    "prune": StageKind("compressor.stages.prune:run", preflight="compressor.stages.prune:preflight"),
     "prune_vocab": StageKind("compressor.stages.prune_vocab:run"),
     "export": StageKind("compressor.stages.export:run", gives=frozenset({"export", "graph"})),
     "quantize": StageKind("compressor.stages.quantize:run", needs="export", gives=frozenset({"graph"}),

@@ -11,6 +11,7 @@ Hidden states and attention relations are distilled through the layer map (kept 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -299,3 +300,38 @@ def _cut_width(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokeni
     keep = choose_channels(channel_scores(model, batches), cfg.hidden_size)
     cut_width(model, keep, {t: bs[0] for t, bs in batches.items()}, field)
     return {"before": before, "after": cfg.hidden_size}
+
+
+def preflight(recipe: Any, index: int) -> None:
+    """Checks made before anything is written when the stage's input is a model directory a ``load`` stage names:
+    the layers to drop exist, ``hidden_size`` fits the model's width and heads, a posttrain budget is reachable."""
+    from compressor.model.architecture import LayerArch
+    from compressor.model.io import read_manifest
+
+    cfg = recipe.stages[index]
+    model_kinds = ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")
+    prev = next((s for s in reversed(recipe.stages[:index]) if s.kind in model_kinds), None)
+    if prev is None or prev.kind != "load":
+        return
+    manifest = read_manifest(Path(prev.path).expanduser().resolve())
+    config = (manifest.get("encoder") or {}).get("config") or {}
+    arch = [LayerArch(**{k: int(v) for k, v in a.items()}) for a in manifest["architecture"]["layers"]]
+    where = f"stages[{index}]"
+    n = len(arch)
+    bad = sorted({int(i) for i in cfg.drop_layers if int(i) >= n})
+    if bad:
+        raise RecipeError(f"{where}.drop_layers: the model has {n} layers (0-{n - 1}); no layer {bad[0]}")
+    if len(set(cfg.drop_layers)) + cfg.drop_num_layers >= n:
+        raise RecipeError(f"{where}.drop_num_layers: dropping {len(set(cfg.drop_layers)) + cfg.drop_num_layers} "
+                          f"of the model's {n} layers would leave no layer")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if cfg.hidden_size and hidden and heads:
+        from compressor.prune.width import check_width_of
+
+        check_width_of(int(hidden), int(heads), cfg.hidden_size, f"{where}.hidden_size")
+    if cfg.method == "posttrain" and hidden:
+        from compressor.prune.posttrain import Budget, check_budget
+
+        pt = cfg.posttrain
+        check_budget(arch, int(cfg.hidden_size or hidden),
+                     Budget(pt.flops_ratio, pt.params_ratio, pt.seq_len, field=f"{where}.posttrain"))
