@@ -273,17 +273,22 @@ def _part(layer: nn.Module, which: str) -> nn.Module:
 
 @torch.no_grad()
 def reconstruct(pruned: nn.Module, reference: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
-                damp: float = 0.01) -> list[dict[str, float]]:
+                damp: float = 0.01, layer_map: Sequence[int] | None = None) -> list[dict[str, float]]:
     """Re-solve every layer's attention and FFN output projections of ``pruned`` (an encoder) so that the sum
     entering each of its LayerNorms matches ``reference`` (the unpruned encoder) on ``batches`` (non-padding
     tokens), layer by layer in order. Ridge least squares toward the current weights, ``damp`` times the mean
-    diagonal of the inputs' Gram matrix. Returns per layer the relative error of each sum before and after."""
+    diagonal of the inputs' Gram matrix. ``layer_map``: the reference layer each pruned layer stands for (after
+    layers were dropped; default: the same position). Returns per layer the relative error of each sum before
+    and after."""
     was = (pruned.training, reference.training)
     pruned.eval()
     reference.eval()
     out: list[dict[str, float]] = []
+    p_layers, r_layers = encoder_layers(pruned), encoder_layers(reference)
+    pairs = [(p, r_layers[i]) for p, i in zip(p_layers, layer_map)] if layer_map is not None \
+        else list(zip(p_layers, r_layers))
     try:
-        for p_layer, r_layer in zip(encoder_layers(pruned), encoder_layers(reference)):
+        for p_layer, r_layer in pairs:
             errors: dict[str, float] = {}
             for which in ("attention", "ffn"):
                 p_mod, r_mod = _part(p_layer, which), _part(r_layer, which)

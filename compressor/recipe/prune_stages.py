@@ -122,6 +122,11 @@ class PruneStage(Strict):
     recovery_until: RecoveryStop | None = Field(None, description="instead of a fixed recovery_steps: recover until "
                                                 "the dev metric is back, within a budget")
     recovery: PruneRecovery = PruneRecovery()
+    reconstruct: bool = Field(False, description="after each pruning step (before its recovery), re-solve every "
+                              "remaining layer's attention and FFN output projections by least squares so its "
+                              "output matches the input model's layer it stands for, on the importance batches; "
+                              "with drop_num_layers: k and steps: k, layers go one at a time, least important "
+                              "first, each followed by a reconstruction")
     importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     eval_batch_size: int = Field(64, gt=0)

@@ -43,7 +43,8 @@ def run(ctx: StageContext) -> StageResult:
 
     recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
     dev_tasks = _dev_tasks(ctx, cfg, model)
-    needs_data = cfg.method == "iterative" and (cfg.importance == "taylor" or cfg.drop_num_layers > 0)
+    needs_data = cfg.method == "iterative" and (cfg.importance == "taylor" or cfg.drop_num_layers > 0
+                                                or cfg.reconstruct)
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
@@ -56,9 +57,13 @@ def run(ctx: StageContext) -> StageResult:
     width = _cut_width(ctx, cfg, model, tokenizer, seed) if cfg.hidden_size else None
     post = _posttrain(ctx, cfg, model, tokenizer, seed) if cfg.method == "posttrain" else None
     pruner = StructuredPruner(model, cfg, batches)
+    rebuilt: list[dict[str, Any]] = []
+    rebuild = _layer_reconstruction(cfg, model, batches, pruner, rebuilt)
 
     def recover(step: int) -> dict[str, Any] | None:
-        """Distillation after pruning step ``step`` (None without recovery or teacher)."""
+        """Reconstruction (``reconstruct``) and distillation after pruning step ``step`` (None without recovery
+        or teacher)."""
+        rebuild(step)
         if not recovers or teacher is None:
             return None
         kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
@@ -79,6 +84,10 @@ def run(ctx: StageContext) -> StageResult:
     notes = _notes(cfg, before, after, arch_before, arch, pruner.layer_ids, teacher_name, reference, reports)
     if post is not None:
         notes.insert(1, _posttrain_note(cfg, post))
+    if rebuilt:
+        notes.insert(1, f"{cfg.name}: least-squares reconstruction after each of {len(rebuilt)} pruning step(s): "
+                        + "; ".join(f"step {r['step']} (layers {r['layers']}): worst layer output error "
+                                    f"{r['worst_before']:.4f} -> {r['worst_after']:.4f}" for r in rebuilt))
     if width is not None:
         notes.insert(1, f"{cfg.name}: hidden width {width['before']} -> {width['after']} (the most active residual "
                         "channels on the importance batches; embeddings, every layer and the task heads)")
@@ -89,6 +98,7 @@ def run(ctx: StageContext) -> StageResult:
         "steps": [r.to_dict() for r in reports], "dev_before": reference,
         **({"posttrain": post.to_dict()} if post is not None else {}),
         **({"hidden_size": width} if width is not None else {}),
+        **({"reconstruction": rebuilt} if rebuilt else {}),
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
@@ -335,3 +345,22 @@ def preflight(recipe: Any, index: int) -> None:
         pt = cfg.posttrain
         check_budget(arch, int(cfg.hidden_size or hidden),
                      Budget(pt.flops_ratio, pt.params_ratio, pt.seq_len, field=f"{where}.posttrain"))
+
+
+def _layer_reconstruction(cfg: PruneStage, model: MultiTaskModel, batches: Any, pruner: StructuredPruner,
+                          log: list[dict[str, Any]]) -> Any:
+    """The per-step hook of ``reconstruct``: re-solve the output projections against the model as it was before
+    the pruner's first step (the layers each remaining one stands for); appends what it did to ``log``."""
+    if not cfg.reconstruct:
+        return lambda step: None
+    from compressor.prune.posttrain import reconstruct
+
+    reference = copy.deepcopy(model.encoder).eval()
+    calibration = [b for bs in batches.values() for b in bs]
+
+    def rebuild(step: int) -> None:
+        errors = reconstruct(model.encoder, reference, calibration, layer_map=list(pruner.layer_ids))
+        log.append({"step": step, "layers": list(pruner.layer_ids), "errors": errors,
+                    "worst_before": max(e["ffn_before"] for e in errors),
+                    "worst_after": max(e["ffn_after"] for e in errors)})
+    return rebuild
