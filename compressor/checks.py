@@ -20,7 +20,6 @@ from compressor.recipe import Recipe, _line_of
 #: a data file up to this size is read whole by ``check_data``; a larger one only its first lines
 FULL_READ_BYTES = 8 * 1024 * 1024
 HEAD_LINES = 200
-SPLITS = ("train", "dev", "test")
 
 
 def _where(path: Path, loc: list[Any]) -> str:
@@ -100,14 +99,12 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
     """Every data file of every task exists and its first lines parse (small files: all of it); files checked."""
     checked = 0
     for i, spec in enumerate(recipe.tasks):
-        for split in SPLITS:
-            entry = spec.data.get(split)
-            if entry is None:
-                continue
+        for split, entry in spec.split_files().items():
             file = Path(entry.path).expanduser()
             file = file if file.is_absolute() else data_root / file
+            field = ["tests", split[len("test:"):]] if split.startswith("test:") else ["data", split]
             if not file.is_file():
-                raise DataError(file, f"data file not found ({_where(path, ['tasks', i, 'data', split])})")
+                raise DataError(file, f"data file not found ({_where(path, ['tasks', i, *field])})")
             fmt = entry.format or spec.format
             _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'",
                        entry.encoding or spec.encoding)

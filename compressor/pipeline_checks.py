@@ -77,6 +77,13 @@ def check_fitted_labels(data, fitted: list[str]) -> None:
     training file is the one to blame (too small or incomplete), not the first evaluation file that shows it."""
     from compressor.errors import DataError
 
+    for name, task in data.tasks.items():  # an extra test set's labels must be in the schema, fitted or given
+        for split in [s for s in data.eval_splits(name) if s.startswith("test:")]:
+            extra = sorted(set(task.fit_labels(data.examples(name, split))) - set(task.labels or []))
+            if extra and task.labels:
+                raise DataError(data.path(name, split), f"task '{name}': the extra test set '{split[5:]}' has "
+                                f"label(s) {extra} outside the task's label schema {list(task.labels)}; a test set "
+                                "is scored on the labels the model was trained on")
     for name in fitted:
         task = data.tasks[name]
         for split in ("dev", "test"):

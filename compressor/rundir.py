@@ -92,6 +92,16 @@ class SingleTaskStudents:
 
 
 @dataclass(frozen=True)
+class TaskModels:
+    """A finetune stage's per-task models: task -> model directory, and each one's dev metric on its task."""
+
+    models: dict[str, Path] = field(default_factory=dict, hash=False)
+    dev: dict[str, float | None] = field(default_factory=dict, hash=False)
+    KINDS: ClassVar[tuple[str, ...]] = ("finetune",)
+    WHAT: ClassVar[str] = "a finetune stage"
+
+
+@dataclass(frozen=True)
 class TeacherReference:
     """A reference stage's graphs of the teacher: (b) its checked ONNX export and (c) optimum's dynamic INT8."""
 
@@ -107,7 +117,7 @@ class TeacherReference:
     WHAT: ClassVar[str] = "a reference stage"
 
 
-Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TeacherReference
+Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TaskModels | TeacherReference
 A = TypeVar("A")
 
 
@@ -142,6 +152,8 @@ class StageRecord:
             found.append(TeacherReference(Path(out["onnx"]), Path(out["graph"]), Path(out["int8"]),
                                           Path(out["model_dir"]), out.get("int8_matmuls"), out.get("target"),
                                           tuple(out.get("onnx_notes") or ()), tuple(out.get("int8_notes") or ())))
+        elif self.kind == "finetune" and out.get("models"):
+            found.append(TaskModels({t: Path(p) for t, p in out["models"].items()}, dict(out.get("dev") or {})))
         elif self.kind == "distill" and out.get("single_task_students"):
             found.append(SingleTaskStudents({t: Path(p) for t, p in out["single_task_students"].items()}))
         return found

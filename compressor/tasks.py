@@ -252,6 +252,30 @@ _METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
+def with_required(tasks: Mapping[str, TaskPlugin], task: str) -> list[str]:
+    """``task`` first, then every task it needs (``requires()``, transitively), in the order of ``tasks``."""
+    need, todo = {task}, [task]
+    while todo:
+        for req in tasks[todo.pop()].requires():
+            if req not in need:
+                need.add(req)
+                todo.append(req)
+    return [task] + [t for t in tasks if t in need and t != task]
+
+
+def required_by(tasks: Mapping[str, TaskPlugin], task: str) -> list[str]:
+    """``task`` and every task of ``tasks`` that requires it, transitively (their outputs depend on its head)."""
+    found = [task]
+    changed = True
+    while changed:
+        changed = False
+        for name, plugin in tasks.items():
+            if name not in found and any(r in found for r in plugin.requires()):
+                found.append(name)
+                changed = True
+    return found
+
+
 def validate_plugin(name: str, cls: object) -> None:
     """Reject a plugin class that misses a part of the contract or has a part with the wrong signature."""
     if not (isinstance(cls, type) and issubclass(cls, TaskPlugin)):

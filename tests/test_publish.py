@@ -43,3 +43,15 @@ def test_publish_compares_twins_and_checks_student_targets(run_dir, tmp_path):
     text = md.read_text()
     assert text.startswith("# T") and "context line" in text and "test-cpu" in text
     assert "| a | test | f1 | 0.8000 | 0.7000 | +0.1000 |" in text
+
+
+def test_publish_shows_the_fine_tuned_model_and_where_each_head_came_from(run_dir, tmp_path):
+    report = json.loads((run_dir / "report.json").read_text())
+    report["stages"].append({"name": "ft", "kind": "finetune", "wall_s": 3.0, "notes": []})
+    report["outputs"]["teacher"]["training"]["teacher"]["selection"] = {"a": {"head_epoch": 1, "dev": 0.8}}
+    report["rows"].append(row("ft:a", "ft", "a", "test", 0.75, 100, 400, 30.0))
+    (run_dir / "report.json").write_text(json.dumps(report))
+    md, js = publish_runs([run_dir], tmp_path / "out", "T")
+    comp = json.loads(js.read_text())["runs"][0]["comparison"][0]
+    assert comp["fine_tuned"] == 0.75 and comp["head_epoch"] == 1
+    assert "| a | test | f1 | 0.8000 | 0.7000 | +0.1000 | 0.7500 | +0.0500 | 1 |" in md.read_text()

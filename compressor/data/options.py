@@ -37,6 +37,10 @@ class TaskData:
     def source(self, split: str) -> SplitSource | None:
         return self.splits.get(split)
 
+    def eval_splits(self) -> list[str]:
+        """The splits every evaluation scores: dev, test, then each extra test set ('test:<name>')."""
+        return ["dev", "test"] + [s for s in self.splits if s.startswith("test:")]
+
 
 @dataclass(frozen=True)
 class DataOptions:

@@ -81,6 +81,10 @@ class DataStore:
         p = Path(entry.path).expanduser()
         return p if p.is_absolute() else self.root / p
 
+    def eval_splits(self, task: str) -> list[str]:
+        """The splits of ``task`` an evaluation scores (dev, test, extra test sets), those it has."""
+        return [s for s in self.options.task(task).eval_splits() if self.has(task, s)]
+
     def has(self, task: str, split: str) -> bool:
         return self.path(task, split) is not None
 

@@ -54,7 +54,8 @@ def validate_data(options: DataOptions, recipe_path: Path, data_root: Path) -> D
         name = spec.name
         task = store.tasks[name]
         read: dict[str, list[Any]] = {}
-        for split in SPLITS:
+        splits = (*SPLITS, *spec.eval_splits()[2:])  # and the extra test sets ('test:<name>')
+        for split in splits:
             if not store.has(name, split):
                 if split == "dev":
                     check.errors.append(
@@ -78,7 +79,7 @@ def validate_data(options: DataOptions, recipe_path: Path, data_root: Path) -> D
         if not schema and not fitted:
             continue
         known = set(schema)
-        for split in SPLITS:
+        for split in splits:
             if split not in read or (split == "train" and fitted):
                 continue
             where = (f"the label schema of the training split {list(schema)}" if fitted else

@@ -38,9 +38,10 @@ def evaluate_split(forward: OrtForward, plugins: Mapping[str, TaskPlugin], data:
 
 def onnx_rows(path: Path, spec: GraphSpec, plugins: Mapping[str, TaskPlugin], data: Any, tokenizer: Any, *,
               label: str, stage: str, fmt: str, report: Any, threads: int | None,
-              splits: Sequence[str] = ("dev", "test"), batch_size: int = 64,
+              splits: Sequence[str] | None = None, batch_size: int = 64,
               extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per (task, split) of the graph at ``path`` (metrics, params, size on disk, ORT latency)."""
+    """One row per (task, split) of the graph at ``path`` (metrics, params, size on disk, ORT latency); ``splits``
+    default: every split an evaluation scores (dev, test and each task's extra test sets)."""
     from compressor.export.onnx_export import onnx_param_count
     from compressor.report.rows import make_row
 
@@ -54,6 +55,8 @@ def onnx_rows(path: Path, spec: GraphSpec, plugins: Mapping[str, TaskPlugin], da
     params = onnx_param_count(path)
     size = path.stat().st_size
     rows = []
+    if splits is None:
+        splits = list(dict.fromkeys(s for name in plugins if name in data.tasks for s in data.eval_splits(name)))
     for split in splits:
         for name, metrics in evaluate_split(forward, plugins, data, tokenizer, spec.max_length, split,
                                             batch_size=batch_size).items():

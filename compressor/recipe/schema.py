@@ -12,9 +12,9 @@ from compressor.recipe._base import NAME, Strict
 from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage, ReferenceStage
 from compressor.recipe.prune_stages import PruneStage, PruneVocabStage, SearchStage
 from compressor.recipe.tasks import ModelSpec, TaskSpec
-from compressor.recipe.train_stages import AddTaskStage, DistillStage, LoadStage, TrainStage
+from compressor.recipe.train_stages import AddTaskStage, DistillStage, FinetuneStage, LoadStage, TrainStage
 
-Stage = Annotated[Union[TrainStage, LoadStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage,
+Stage = Annotated[Union[TrainStage, LoadStage, FinetuneStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage,
                         BundleStage, ReferenceStage, SearchStage, AddTaskStage],
                   Field(discriminator="kind")]
 
@@ -114,6 +114,10 @@ class Recipe(Strict):
             if stage.kind == "add_task" and stage.task not in names:
                 raise ValueError(f"stages[{i}].task: stage '{stage.name}' adds task '{stage.task}', which the recipe "
                                  f"does not have (tasks: {', '.join(names)})")
+            unknown = [t for t in getattr(stage, "tasks", None) or [] if t not in names] if stage.kind == "finetune" else []
+            if unknown:
+                raise ValueError(f"stages[{i}].tasks: stage '{stage.name}' fine-tunes task(s) {unknown}, which the "
+                                 f"recipe does not have (tasks: {', '.join(names)})")
         return self
 
     def task(self, name: str) -> TaskSpec:
@@ -129,11 +133,8 @@ class Recipe(Strict):
 
 
 def _task_data(spec: TaskSpec) -> TaskData:
-    splits = {}
-    for split in ("train", "dev", "test"):
-        entry = spec.data.get(split)
-        if entry is not None:
-            splits[split] = SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+              for split, entry in spec.split_files().items()}
     return TaskData(name=spec.name, plugin=spec.plugin, splits=splits, format=spec.format, encoding=spec.encoding,
                     labels=spec.labels, limits=spec.limit.model_dump(), dev_from_train=spec.dev_from_train,
                     options=spec.options)

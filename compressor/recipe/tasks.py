@@ -62,6 +62,27 @@ class TaskSpec(Strict):
         None, gt=0, lt=1, description="no dev file: hold out this share of the training file (seeded) as the dev "
         "split; the rest is the training split")
     options: dict[str, Any] = {}
+    tests: dict[str, str | SplitFile] = Field(
+        {}, description="extra test sets beside data.test, by name (e.g. {amazon: reviews.jsonl}): scored by every "
+        "evaluation and reported as their own split 'test:<name>' with retention, to show how a model holds up "
+        "off-domain; a path relative to the data root, or {path, format, encoding}")
+
+    @field_validator("tests")
+    @classmethod
+    def _test_names(cls, tests: dict[str, str | SplitFile]) -> dict[str, str | SplitFile]:
+        import re
+
+        for name in tests:
+            if not re.match(NAME, name) or len(name) > 64:
+                raise ValueError(f"test set name '{name[:80]}' must be a letter or _ followed by letters, digits, "
+                                 "_ or - (at most 64 characters)")
+        return tests
+
+    def split_files(self) -> dict[str, SplitFile]:
+        """Every split of the task by name (train, dev, test and 'test:<name>' for each extra test set)."""
+        files = {s: self.data.get(s) for s in ("train", "dev", "test")}
+        files.update({f"test:{n}": SplitFile(path=v) if isinstance(v, str) else v for n, v in self.tests.items()})
+        return {s: f for s, f in files.items() if f is not None}
 
     @field_validator("encoding")
     @classmethod

@@ -21,6 +21,26 @@ class TrainStage(TrainOptions):
         "multi-task sampler gives its task (same exposure to its data); epochs: one pass over its data per epoch")
 
 
+class FinetuneStage(TrainOptions):
+    """Fine-tune a jointly trained multi-task model on one task at a time (MT-DNN: joint training, then per-task
+    fine-tuning): one model per task, each starting from the source model with that task's head and the heads of
+    the tasks it requires (relations: their entity task), trained on those tasks only. The per-task models are
+    scored beside the joint model (label ``<name>:<task>``) and can teach a distillation per task; the run's
+    current model stays the source model."""
+
+    kind: Literal["finetune"]
+    name: str = Field("finetune", pattern=NAME)
+    source: str | None = Field(None, description="earlier model stage to fine-tune (default: the latest model)")
+    tasks: list[str] | None = Field(None, description="tasks to fine-tune one at a time (default: every task of "
+                                    "the model)")
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(3e-5, gt=0, description="learning rate of the encoder (lower than joint training's: the "
+                      "model is already trained)")
+    head_lr: float = Field(3e-4, gt=0, description="learning rate of the (already trained) heads")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    early_stopping_patience: int | None = Field(1, gt=0)
+
+
 class StudentFromTeacher(Strict):
     """Copy the teacher, keeping some layers (0-based), and optionally fewer heads / FFN neurons per layer."""
 

@@ -24,13 +24,14 @@ def evaluate_rows(
     *,
     label: str,
     stage: str,
-    splits: Sequence[str] = ("dev", "test"),
+    splits: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     model_dir: Path | None = None,
     report: ReportSpec | None = None,
     batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """One row per (task, split) with the task's primary metric, size, parameters and CPU latency."""
+    """One row per (task, split) with the task's primary metric, size, parameters and CPU latency; ``splits``
+    default: every split an evaluation scores (dev, test and the task's extra test sets)."""
     report = report or ReportSpec()
     max_length = data.max_length
     forward = torch_forward(model)
@@ -42,7 +43,7 @@ def evaluate_rows(
         lat = None
         if report.latency:
             lat = _cpu_latency(model, name, report)
-        for split in splits:
+        for split in splits or data.eval_splits(name):
             if not data.has(name, split):
                 continue
             encoded = data.encoded(name, split, tokenizer, max_length)

@@ -45,8 +45,11 @@ def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[s
 
 
 def compare_multi_single(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per train stage, task and split: the multi-task value beside the single-task baseline's."""
+    """Per train stage, task and split: the multi-task value beside the single-task baseline's, and the value of
+    the task's model from a finetune stage of the run (fine-tuned from the joint model) when there is one."""
     out = []
+    tuned = {(r["task"], r["split"]): r for s in data.get("stages", []) if s["kind"] == "finetune"
+             for r in data["rows"] if r["stage"] == s["name"] and r["model"] == f"{s['name']}:{r['task']}"}
     for stage in data.get("stages", []):
         if stage["kind"] != "train":
             continue
@@ -68,6 +71,8 @@ def compare_multi_single(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "single_task_wall_s": training.get(f"single:{r['task']}", {}).get("wall_s"),
                 "multi_task_epochs": training.get(name, {}).get("epochs_run"),
                 "single_task_epochs": training.get(f"single:{r['task']}", {}).get("epochs_run"),
+                "fine_tuned": tuned[(r["task"], r["split"])]["value"] if (r["task"], r["split"]) in tuned else None,
+                "head_epoch": (training.get(name, {}).get("selection") or {}).get(r["task"], {}).get("head_epoch"),
             })
     return out
 
@@ -130,14 +135,22 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
              "this file was written by `compressor publish` from that run's report.json.", ""]
     comp = data["comparison"]
     if comp:
+        tuned = any(c.get("fine_tuned") is not None for c in comp)
         lines += ["### Multi-task vs single-task", "",
-                  "| task | split | metric | multi-task | single-task | delta | wall s (multi / single) | epochs (multi / single) | other metrics (multi / single) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| task | split | metric | multi-task | single-task | delta |"
+                  + (" fine-tuned from multi-task | delta (fine-tuned - single) |" if tuned else "")
+                  + " head epoch | wall s (multi / single) | epochs (multi / single) | other metrics (multi / single) |",
+                  "|---|---|---|---|---|---|" + ("---|---|" if tuned else "") + "---|---|---|---|"]
         for c in comp:
             single = f"{c['single_task']:.4f}" if c["single_task"] is not None else "-"
             delta = f"{c['delta']:+.4f}" if c["delta"] is not None else "-"
-            lines.append(f"| {c['task']} | {c['split']} | {c['metric']} | {c['multi_task']:.4f} | {single} | {delta} | "
-                         f"{c['multi_task_wall_s']} / {c['single_task_wall_s']} | "
+            ft = ""
+            if tuned:
+                value, ref = c.get("fine_tuned"), c["single_task"]
+                ft = (f" {value:.4f} |" if value is not None else " - |") + (
+                    f" {value - ref:+.4f} |" if value is not None and ref is not None else " - |")
+            lines.append(f"| {c['task']} | {c['split']} | {c['metric']} | {c['multi_task']:.4f} | {single} | {delta} |"
+                         f"{ft} {c.get('head_epoch') or '-'} | {c['multi_task_wall_s']} / {c['single_task_wall_s']} | "
                          f"{c['multi_task_epochs']} / {c['single_task_epochs']} | {_others(c)} |")
         lines += ["", "The multi-task wall time trains one model for all tasks; each single-task wall time trains one "
                   "model for one task. One multi-task model serves every task with one encoder; serving the "

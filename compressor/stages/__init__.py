@@ -48,6 +48,8 @@ STAGE_KINDS: Registry[StageKind] = Registry("stage kind")
 for _kind, _spec in {
     "train": StageKind("compressor.stages.train:run", needs=None, gives=frozenset({"teacher", "model"})),
     "load": StageKind("compressor.stages.load:run", needs=None, gives=frozenset({"teacher", "model"})),
+    # one model per task, fine-tuned from an earlier model; the run's current model stays that model
+    "finetune": StageKind("compressor.stages.finetune:run", gives=frozenset(), sources=("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")),
     "distill": StageKind("compressor.stages.distill:run", needs="teacher"),
     "prune": StageKind("compressor.stages.prune:run", preflight="compressor.stages.prune:preflight"),
     "prune_vocab": StageKind("compressor.stages.prune_vocab:run"),
@@ -86,10 +88,11 @@ class StageContext:
         """``(stage name, artefact)``: the artefact of type ``cls`` (:mod:`compressor.rundir`, e.g. ``OnnxGraph``)
         of the earlier stage ``source``, or of the latest earlier stage that left one; a ``RecipeError`` naming
         this stage when there is none."""
-        from compressor.rundir import StageRecord, latest
+        from compressor.rundir import RunDir, StageRecord, latest
 
         earlier = self.recipe.stages[: self.index]
-        records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}) for s in earlier]
+        model_dirs = {r.name: r.model_dir for r in RunDir(self.run_dir).records()}
+        records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}, model_dirs.get(s.name)) for s in earlier]
         return latest(records, cls, source, consumer=self.stage.name)
 
 

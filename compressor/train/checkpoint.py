@@ -17,6 +17,7 @@ from compressor.model.multitask import MultiTaskModel
 from compressor.train.weighting import LossWeighter
 
 CHECKPOINT = "last"
+BEST_HEADS = "best-heads.safetensors"  # each task's head from its own best dev epoch
 
 
 def clear_checkpoint(checkpoint_dir: Path | None) -> None:
@@ -25,7 +26,8 @@ def clear_checkpoint(checkpoint_dir: Path | None) -> None:
 
 
 def save_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, optimizer, scheduler,
-                    sampler, streams: Mapping[str, BatchStream], state: dict, improved: bool) -> None:
+                    sampler, streams: Mapping[str, BatchStream], state: dict, improved: bool,
+                    best_heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,9 @@ def save_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, o
             save_file(weights, str(tmp / "best.safetensors"))
         elif best.is_file():
             shutil.copy2(best, tmp / "best.safetensors")
+        heads = {k: v.contiguous() for weights in (best_heads or {}).values() for k, v in weights.items()}
+        if heads:
+            save_file(heads, str(tmp / BEST_HEADS))
         save_file({k: v.detach().cpu() for k, v in weighter.state_dict().items()} or {"_": torch.zeros(0)},
                   str(tmp / "weighter.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -65,6 +70,15 @@ def load_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, o
         streams[t]._rng.setstate(_as_rng_state(s["rng"]))
     random.setstate(_as_rng_state(trainer.pop("python_rng")))
     return trainer
+
+
+def load_best_heads(path: Path, tasks: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's best-epoch head weights saved by :func:`save_checkpoint` (empty where none was saved)."""
+    from safetensors.torch import load_file
+
+    file = path / BEST_HEADS
+    weights = load_file(str(file)) if file.is_file() else {}
+    return {t: {k: v for k, v in weights.items() if k.startswith(f"heads.{t}.")} for t in tasks}
 
 
 def _as_rng_state(state: list) -> tuple:

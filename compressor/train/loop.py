@@ -10,6 +10,7 @@ same task per step and its own batch, and DDP averages gradients).
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +28,12 @@ from compressor.errors import DataError, TrainingError
 from compressor.model.forward import dev_metrics
 from compressor.model.io import nonfinite
 from compressor.model.multitask import MultiTaskModel
-from compressor.train.checkpoint import CHECKPOINT, clear_checkpoint, load_checkpoint, save_checkpoint
+from compressor.train.checkpoint import (CHECKPOINT, clear_checkpoint, load_best_heads, load_checkpoint,
+                                         save_checkpoint)
 from compressor.train.options import TrainOptions
+from compressor.train.pcgrad import group_draws, project_conflicts
 from compressor.train.pieces import ProgressBar, StepModule, build_optimizer, configure, fmt, schedule
+from compressor.train.selection import head_state, select_heads
 from compressor.train.steps import epoch_steps, make_sampler, rank_slice, stop_tasks, task_quotas
 from compressor.train.weighting import LossWeighter
 
@@ -49,6 +53,7 @@ class TrainResult:
     optimizer_steps: int = 0
     final_lr: float = 0.0
     examples_per_s: float | None = None  # training examples per second of training (evaluation excluded)
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the epoch its head came from
 
 
 def dev_score(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: list[str], max_length: int,
@@ -78,6 +83,7 @@ class _Loop:
     sampler: TaskSampler | QuotaSampler
     streams: dict[str, BatchStream]
     steps_per_epoch: int
+    best_heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its best epoch's head
     core: MultiTaskModel = field(init=False)
     weighter: LossWeighter = field(init=False)
 
@@ -120,10 +126,11 @@ def train_model(
     features = _train_features(model, tokenizer, data)
     loop = _assemble(model, cfg, label, log, accelerator, features, seed)
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
-                             "task_best": {}, "task_bad": {}, "train_s": 0.0, "train_examples": 0}
+                             "task_best": {}, "task_bad": {}, "task_best_epoch": {}, "train_s": 0.0, "train_examples": 0}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt is not None and (ckpt / "trainer.json").is_file():
         state = {**state, **load_checkpoint(ckpt, *loop.checkpoint_parts())}
+        loop.best_heads = load_best_heads(ckpt, list(state["task_best_epoch"]))
         log(f"[{label}] resumed after epoch {state['epoch']}")
 
     best_state: dict[str, torch.Tensor] | None = None
@@ -142,15 +149,17 @@ def train_model(
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in loop.core.state_dict().items()}
         if ckpt is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved)
+            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved, best_heads=loop.best_heads)
         accelerator.wait_for_everyone()
     _restore_best(loop.core, best_state, ckpt)
+    selection = _select(loop, tokenizer, data, state)
     return TrainResult(
         epochs_run=state["epoch"], best_epoch=state["best_epoch"], best_score=state["best_score"],
         history=state["history"], wall_s=time.perf_counter() - started, device=str(accelerator.device),
         mixed_precision=mixed, optimizer_steps=int(loop.scheduler.last_epoch),
         final_lr=float(loop.scheduler.get_last_lr()[0]),
         examples_per_s=round(state["train_examples"] / state["train_s"], 2) if state["train_s"] else None,
+        selection=selection,
     )
 
 
@@ -209,42 +218,67 @@ def _run_epoch(loop: _Loop, epoch: int, n_steps: int) -> tuple[dict[str, float],
     sums = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
     examples = 0
+    pcgrad = cfg.loss_weighting.strategy == "pcgrad"
+    step, carried = 0, None
     with ProgressBar(accelerator, f"{loop.label} epoch {epoch}/{cfg.epochs}", n_steps) as (bar, bar_task):
-        for step in range(n_steps):
-            task = next(loop.sampler)
-            idx = rank_slice(loop.streams[task].next(), rank, world)
-            examples += len(idx) * world
-            batch = loop.core.tasks[task].collate([loop.features[task][i] for i in idx])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            value = _step(loop, task, batch, epoch, step)
-            sums[task] += value
-            counts[task] += 1
+        while step < n_steps:
+            task, carried = carried or next(loop.sampler), None
+            group = [task]
+            if pcgrad:  # one optimizer step per run of different tasks (compressor.train.pcgrad)
+                group, carried = group_draws(task, loop.sampler, min(len(tasks), n_steps - step))
+            batches = []
+            for t in group:
+                idx = rank_slice(loop.streams[t].next(), rank, world)
+                examples += len(idx) * world
+                batch = loop.core.tasks[t].collate([loop.features[t][i] for i in idx])
+                batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
+            for t, value in _step(loop, batches, epoch, step).items():
+                sums[t] += value
+                counts[t] += 1
+            before, step = step, step + len(group)
             if bar is not None:
                 shown = " ".join(f"{t}={sums[t] / counts[t]:.3f}" for t in tasks if counts[t])
-                bar.update(bar_task, advance=1, losses=shown)
-                if not bar.console.is_terminal and (step + 1) % max(1, n_steps // 5) == 0:
-                    loop.log(f"[{loop.label}] epoch {epoch} step {step + 1}/{n_steps} loss {shown}")
+                bar.update(bar_task, advance=len(group), losses=shown)
+                every = max(1, n_steps // 5)
+                if not bar.console.is_terminal and step // every > before // every:
+                    loop.log(f"[{loop.label}] epoch {epoch} step {step}/{n_steps} loss {shown}")
     return sums, counts, examples
 
 
-def _step(loop: _Loop, task: str, batch: dict[str, torch.Tensor], epoch: int, step: int) -> float:
-    """One optimizer step on one task's batch; its (unweighted) loss."""
+def _step(loop: _Loop, batches: list[tuple[str, dict[str, torch.Tensor]]], epoch: int, step: int) -> dict[str, float]:
+    """One optimizer step on the batches of one or more tasks (several: PCGrad); each task's (unweighted) loss.
+    The schedule advances once per batch."""
     cfg, accelerator = loop.cfg, loop.accelerator
-    with accelerator.autocast():
-        loss, total_loss = loop.step_module(task, batch)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"[{loop.label}] task '{task}': the loss is {value} at epoch {epoch} step {step + 1}; training "
-            f"diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good checkpoint "
-            "is kept")
-    accelerator.backward(total_loss)
+    shared = [p for p in loop.core.encoder.parameters() if p.requires_grad] if len(batches) > 1 else []
+    values, grads = {}, []
+    for task, batch in batches:
+        with accelerator.autocast():
+            loss, total_loss = loop.step_module(task, batch)
+        values[task] = float(loss.detach())
+        if not math.isfinite(values[task]):
+            raise TrainingError(
+                f"[{loop.label}] task '{task}': the loss is {values[task]} at epoch {epoch} step {step + 1}; "
+                f"training diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good "
+                "checkpoint is kept")
+        accelerator.backward(total_loss)
+        if shared:  # keep this task's encoder gradient apart; heads keep accumulating their own
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                    for p in shared]).float())
+            for p in shared:
+                p.grad = None
+    if grads:
+        summed = project_conflicts(grads, random.Random(f"{epoch}:{step}"))
+        offset = 0
+        for p in shared:
+            p.grad = summed[offset: offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
     if cfg.grad_clip:
         accelerator.clip_grad_norm_(loop.step_module.parameters(), cfg.grad_clip)
     loop.optimizer.step()
-    loop.scheduler.step()
+    for _ in batches:
+        loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    return value
+    return values
 
 
 def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any], epoch: int,
@@ -272,12 +306,37 @@ def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, 
     else:
         state["bad_epochs"] += 1
     record["stopped"] = stop_tasks(loop.sampler, state, per_task, loop.model, patience)
+    for task in per_task:
+        if state["task_bad"].get(task) == 0:  # this epoch is the task's best so far: keep its head
+            state["task_best_epoch"][task] = epoch
+            loop.best_heads[task] = head_state(loop.core, task)
     state["history"].append(record)
     state["epoch"] = epoch
     loop.log(f"[{loop.label}] epoch {epoch}: loss {fmt(record['train_loss'])} dev {fmt(per_task)}"
              + (" *" if improved else "")
              + (f" (stopped: {', '.join(record['stopped'])})" if record["stopped"] else ""))
     return improved
+
+
+def _select(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-task head selection (``cfg.head_selection``) on the restored best-mean-epoch model."""
+    best_epoch = state["best_epoch"]
+    if not best_epoch or not state["history"]:
+        return {}
+    encoder_dev = state["history"][best_epoch - 1]["dev"]
+    if loop.cfg.head_selection != "per_task" or not encoder_dev:
+        return {t: {"head_epoch": best_epoch, "dev": encoder_dev.get(t)} for t in loop.tasks}
+    best = {t: (state["task_best_epoch"][t], loop.best_heads.get(t, {})) for t in state["task_best_epoch"]}
+
+    def score(tasks: list[str]) -> dict[str, float]:
+        return dev_metrics(loop.core, tokenizer, data, tasks, data.max_length, loop.cfg.eval_batch_size)
+
+    chosen = select_heads(loop.core, best_epoch, encoder_dev, best, score)
+    moved = {t: c["head_epoch"] for t, c in chosen.items() if c["head_epoch"] != best_epoch}
+    loop.log(f"[{loop.label}] encoder from epoch {best_epoch}; "
+             + (", ".join(f"{t} head from epoch {e}" for t, e in moved.items()) if moved
+                else "every head from the same epoch (no other epoch's head scored better on dev)"))
+    return chosen
 
 
 def _restore_best(core: MultiTaskModel, best_state: dict[str, torch.Tensor] | None, ckpt: Path | None) -> None:

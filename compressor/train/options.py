@@ -38,7 +38,11 @@ class Sampling(_Options):
 
 
 class LossWeighting(_Options):
-    strategy: Literal["uniform", "fixed", "uncertainty"] = "uniform"
+    """How the tasks' losses combine: ``uniform``, ``fixed`` weights, learned ``uncertainty`` (Kendall et al.
+    2018), or ``pcgrad`` (Yu et al. 2020: one optimizer step per group of consecutive draws of different tasks,
+    conflicting encoder gradients projected; compressor.train.pcgrad)."""
+
+    strategy: Literal["uniform", "fixed", "uncertainty", "pcgrad"] = "uniform"
     weights: dict[str, float] = {}
 
     @model_validator(mode="after")
@@ -70,3 +74,7 @@ class TrainOptions(_Options):
     early_stopping_patience: int | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    head_selection: Literal["per_task", "best_mean"] = Field(
+        "per_task", description="per_task: the encoder comes from the epoch with the best mean dev metric and each "
+        "task's head from its own best dev epoch when that head scores better on dev with that encoder (tasks that "
+        "decode over it counted too); best_mean: every part from the best mean epoch")
