@@ -43,8 +43,8 @@ def run(ctx: StageContext) -> StageResult:
 
     recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
     dev_tasks = _dev_tasks(ctx, cfg, model)
-    needs_data = cfg.method == "iterative" and (cfg.importance == "taylor" or cfg.drop_num_layers > 0
-                                                or cfg.reconstruct)
+    needs_data = cfg.reconstruct or (cfg.method == "iterative" and (cfg.importance == "taylor"
+                                                                  or cfg.drop_num_layers > 0))
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
