@@ -150,3 +150,19 @@ def test_search_knob_hidden_checks_the_source_and_builds_the_width(tmp_path, tok
     with torch.no_grad():
         out = built("a", **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
     assert out.outputs["logits"].shape == (len(batch["input_ids"]), 2)
+
+
+def test_a_width_cut_model_exports_with_parity(four_tasks, tmp_path):
+    from _export_helpers import make_run
+
+    directory, probe = four_tasks
+    model, tokenizer, _ = load_model(directory)
+    cut_width(model, choose_channels(channel_scores(model), 16), probe)
+    save_model(model, tokenizer, tmp_path / "cut", max_length=48)
+    r = make_run([{"kind": "export", "evaluate": False}], tmp_path / "run", model_dir=tmp_path / "cut")
+    out = r.run_stage(0).outputs  # the export stage refuses a graph that fails its parity check
+    import onnx
+
+    graph = onnx.load(out["onnx"])
+    word = next(i for i in graph.graph.initializer if "word_embeddings" in i.name)
+    assert list(word.dims)[1] == 16
