@@ -1,7 +1,9 @@
-"""Checks of a recipe that need more than its YAML: task plugins and their options, the stage chain, data files.
+"""Checks of a recipe that need more than its YAML: task plugins and their options, the stage chain, the models it
+starts from (encoder config, model-directory manifests), data files.
 
-``compressor validate`` runs all of them; ``compressor run`` runs the first two before it reads any data, so a
-typo fails at once with the file, line and field, not after training. Every error is a ``RecipeError`` or a
+``compressor validate`` runs all of them; ``compressor run`` runs all but the data check before it reads any data
+(and reads every split before training), so a typo, a ``max_length`` beyond the encoder's positions or a bad
+manifest fails at once with the file, line and field, not after training. Every error is a ``RecipeError`` or a
 ``DataError`` naming the recipe file and field (or the data file and line).
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from compressor.errors import CompressorError, DataError, RecipeError
+from compressor.errors import CompressorError, DataError, ModelDirError, RecipeError
 from compressor.recipe import Recipe, _line_of
 
 #: a data file up to this size is read whole by ``check_data``; a larger one only its first lines
@@ -94,6 +96,83 @@ def check_stage_chain(recipe: Recipe, path: Path) -> None:
 
 _NEED_WORDS = {"teacher": "a teacher model", "model": "a model", "export": "an ONNX export", "graph": "an ONNX graph"}
 
+#: stage kinds that name a model directory of their own (``path``)
+_MODEL_DIR_KINDS = ("load", "add_task")
+
+
+def check_models(recipe: Recipe, path: Path, missing_ok: bool = False) -> list[str]:
+    """What the recipe's starting models allow, from their ``config.json`` or manifest (no weights are read):
+
+    * the encoder of a ``train`` stage: ``model.max_length`` within its positions; a model type that only remote
+      code builds is refused (with ``model.trust_remote_code: false`` the code would not run; with ``true`` it
+      would, but a saved model of it could not be reloaded, so no stage could finish);
+    * the model directory of a ``load`` / ``add_task`` stage: every manifest field's type and range, task names
+      that are safe path components, ``model.max_length`` within its positions. A directory that does not
+      exist is an error, or with ``missing_ok`` (``compressor validate``: the run that writes it may come later)
+      a note.
+
+    Returns lines to show the user: the remote code that will run, the directories not checked.
+    """
+    notes: list[str] = []
+    if any(s.kind == "train" for s in recipe.stages):
+        notes += _check_encoder(recipe, path)
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind not in _MODEL_DIR_KINDS or not getattr(stage, "path", None):
+            continue
+        directory = Path(stage.path).expanduser()
+        if missing_ok and not directory.exists():
+            notes.append(f"note: stage '{stage.name}': model directory {directory} does not exist yet; not checked")
+            continue
+        from compressor.model.io import read_manifest  # torch: only for a recipe that names a model directory
+
+        try:
+            manifest = read_manifest(directory.resolve())
+        except ModelDirError as exc:
+            raise RecipeError(f"{_where(path, ['stages', i, 'path'])}: {exc}") from None
+        _check_positions(recipe, path, manifest["encoder"]["config"],
+                         f"the model of stage '{stage.name}' ({directory / 'manifest.json'}: encoder.config)")
+    return notes
+
+
+def _check_encoder(recipe: Recipe, path: Path) -> list[str]:
+    from compressor.model.config import builtin_model_type, read_encoder_config
+
+    name = recipe.model.encoder
+    where = _where(path, ["model", "encoder"])
+    try:
+        config = read_encoder_config(name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    if config is None:
+        return []  # a hub name not in the local cache: the train stage's loader fetches it or says why not
+    notes: list[str] = []
+    remote, home = config.remote_code, config.file.parent
+    if remote is not None:
+        if not builtin_model_type(config.model_type):
+            if not recipe.model.trust_remote_code:
+                raise RecipeError(f"{where}: model type '{config.model_type}' needs remote code, which is refused "
+                                  f"({remote} from {home}; transformers has no such model type); compressor cannot "
+                                  "train such an encoder even with model.trust_remote_code: true: a saved model of "
+                                  "it could not be reloaded without that code")
+            raise RecipeError(f"{where}: model type '{config.model_type}' is built only by remote code ({remote} from "
+                              f"{home}), which model.trust_remote_code: true would run; compressor cannot train such "
+                              "an encoder: a saved model of it could not be reloaded without that code, so no stage "
+                              "could finish")
+        if recipe.model.trust_remote_code:
+            notes.append(f"warning: {where}: model.trust_remote_code is true: the remote code {remote} from {home} "
+                         "will run when the encoder loads; use it only for code you trust")
+    _check_positions(recipe, path, config.fields, f"encoder '{name}' ({config.file})")
+    return notes
+
+
+def _check_positions(recipe: Recipe, path: Path, config: Any, what: str) -> None:
+    from compressor.model.config import usable_positions
+
+    positions = usable_positions(config)
+    if positions is not None and recipe.model.max_length > positions:
+        raise RecipeError(f"{_where(path, ['model', 'max_length'])}: {recipe.model.max_length} is more than the "
+                          f"{positions} positions of {what}; set model.max_length: {positions} or less")
+
 
 def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any]) -> int:
     """Every data file of every task exists and its first lines parse (small files: all of it); files checked."""
@@ -107,18 +186,23 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
                 raise DataError(file, f"data file not found ({_where(path, ['tasks', i, *field])})")
             fmt = entry.format or spec.format
             _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'",
-                       entry.encoding or spec.encoding)
+                       entry.encoding or spec.encoding, split)
             checked += 1
     return checked
 
 
-def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None) -> None:
+def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None,
+               split: str = "train") -> None:
+    """Read a small file whole, a large one's first lines (a large single JSON document: not at all), and check
+    the examples read as the plugin checks a ``split`` (``TaskPlugin.check_split``)."""
     from compressor.data.readers import decode_error
     from compressor.data.store import read_split
 
     if file.stat().st_size <= FULL_READ_BYTES:
-        if not read_split(task, file, fmt, encoding):
+        examples = read_split(task, file, fmt, encoding)
+        if not examples:
             raise DataError(file, f"{what} is empty")
+        task.check_split(examples, split)
         return
     with open(file, "rb") as fh:
         first = fh.read(1 << 16)
@@ -142,7 +226,7 @@ def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str 
         head = tmp / file.name
         head.write_bytes(b"".join(lines))
         try:
-            read_split(task, head, fmt, encoding)
+            task.check_split(read_split(task, head, fmt, encoding), split)
         except DataError as exc:  # name the real file, not the sample
             exc.args = (str(exc).replace(str(head), str(file)),)
             exc.path = file
@@ -152,13 +236,15 @@ def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str 
 
 
 def check_recipe(recipe: Recipe, path: Path, data_root: Path | None = None) -> dict[str, Any]:
-    """Tasks, stage chain and (with ``data_root``) data files; a summary for ``compressor validate``."""
+    """Tasks, stage chain, starting models (a model directory not there yet is a note) and (with ``data_root``)
+    data files; a summary for ``compressor validate``, with ``notes`` to show."""
     tasks = check_tasks(recipe, path)
     for task in tasks.values():
         task.bind(tasks)
     check_stage_chain(recipe, path)
+    notes = check_models(recipe, path, missing_ok=True)
     files = check_data(recipe, path, data_root, tasks) if data_root is not None else 0
-    return {"tasks": len(tasks), "stages": [s.name for s in recipe.stages], "data_files": files}
+    return {"tasks": len(tasks), "stages": [s.name for s in recipe.stages], "data_files": files, "notes": notes}
 
 
 def default_data_root(recipe: Recipe, cli_root: Path | None) -> Path | None:

@@ -49,9 +49,14 @@ class RunLockedError(CompressorError):
 DEBUG_ENV = "COMPRESSOR_DEBUG"
 
 
+#: characters of an error line: a message that quotes a huge value (a 50 MB string) is cut to this
+MAX_LINE = 1000
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    line = lines[0] if lines else ""
+    return line if len(line) <= MAX_LINE else f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"
 
 
 def anticipated(exc: BaseException) -> str | None:

@@ -23,7 +23,7 @@ from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import LOCK_NAME, DirLock, relative_paths
 from compressor.pipeline_checks import check_checkpoints, check_stage_models  # noqa: F401  (public here too)
 from compressor.pipeline_checks import check_fitted_labels as _check_fitted_labels
-from compressor.pipeline_checks import check_out as _check_out
+from compressor.pipeline_checks import check_eval_splits, check_out as _check_out
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
 from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord, teacher
@@ -37,17 +37,22 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     The run directory is locked for the whole run (a second run or resume into it fails at once, naming the
     holder's pid); SIGTERM cleans up like Ctrl-C.
     """
-    from compressor.checks import check_stage_chain, check_tasks
+    from compressor.checks import check_models, check_stage_chain, check_tasks
 
     log = log or say
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     check_tasks(recipe, recipe_path)  # plugin typos and options name the recipe file and field
     check_stage_chain(recipe, recipe_path)  # a stage without its input fails now, not after training
+    for note in check_models(recipe, recipe_path):  # max_length, remote code, manifests: before any training
+        log(note)
     for i, stage in enumerate(recipe.stages):  # e.g. a search space against the loaded model's architecture
         preflight = STAGE_KINDS.get(stage.kind).preflight
         if preflight:
             _load(preflight, f"stage '{stage.kind}' preflight")(recipe, i)
+    from compressor.distill.cache import check_recipe_caches
+
+    check_recipe_caches(recipe)  # teacher-cache folders the recipe names: writable, of this teacher
     run_dir = Path(os.path.abspath(out if out else Path("runs") / recipe.name))
     _check_out(run_dir)
 
@@ -58,6 +63,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     fitted = [t.name for t in recipe.tasks if not data.tasks[t.name].labels]
     data.fit_labels()
     _check_fitted_labels(data, fitted)
+    check_eval_splits(data)
 
     existed = run_dir.exists()
     try:

@@ -1,5 +1,6 @@
-"""The pipeline's checks: ``--out`` before anything is written, fitted label schemas against dev and test, the
-models a stage wrote before it is recorded complete, and a stage's checkpoints before it resumes.
+"""The pipeline's checks: ``--out`` before anything is written, fitted label schemas against dev and test, every
+dev and test split before training, the models a stage wrote before it is recorded complete, and a stage's
+checkpoints before it resumes.
 
 Split out of :mod:`compressor.pipeline`, which re-exports :func:`check_stage_models` and :func:`check_checkpoints`.
 """
@@ -95,3 +96,12 @@ def check_fitted_labels(data, fitted: list[str]) -> None:
                 raise DataError(data.path(name, "train"), f"task '{name}': the training split ({n} example(s)) "
                                 f"has only the labels {task.labels}, but the {split} split ({data.path(name, split)}) "
                                 f"also has {extra}; use a complete training file or give tasks[].labels")
+
+
+def check_eval_splits(data) -> None:
+    """Read every split an evaluation scores (dev, test, extra test sets) before any training, so a malformed
+    line or an example the split cannot use (``TaskPlugin.check_split``: a QA question without an answer) fails
+    now, not after training."""
+    for name in data.tasks:
+        for split in data.eval_splits(name):
+            data.examples(name, split)

@@ -51,6 +51,21 @@ class MetricSpec:
     name: str
     higher_is_better: bool = True
 
+    def retention(self, value: float, reference: float) -> float:
+        """:func:`retention` of ``value`` against ``reference`` under this metric's direction."""
+        return retention(value, reference, self.higher_is_better)
+
+
+def retention(value: float, reference: float, higher_is_better: bool = True) -> float:
+    """How much of ``reference``'s metric ``value`` keeps: value / reference, or reference / value for a
+    lower-is-better metric. Where that divides by zero: 1.0 when ``value`` is at least as good as ``reference``,
+    else 0.0 (a zero reference is matched or missed, never an infinite gain)."""
+    num, den = (value, reference) if higher_is_better else (reference, value)
+    if den:
+        return num / den
+    at_least_as_good = value >= reference if higher_is_better else value <= reference
+    return 1.0 if at_least_as_good else 0.0
+
 
 @dataclass(frozen=True)
 class OnnxOutput:
@@ -124,6 +139,11 @@ class TaskPlugin(ABC):
         self.name = name
         self.plugin_name: str | None = None  # set by build_task: the registry name this instance came from
         self.labels: list[str] = list(labels) if labels else list(self.default_labels)
+        from compressor.inputs import misplaced_bool
+
+        misplaced = misplaced_bool(self.Options, options) if isinstance(options, Mapping) else None
+        if misplaced is not None:  # pydantic's lax mode would read it as 0 or 1
+            raise RecipeError(f"task '{name}': invalid options: {misplaced}: expected a number, got a boolean")
         try:
             self.options = self.Options(**dict(options or {}))
         except ValidationError as exc:
@@ -147,6 +167,11 @@ class TaskPlugin(ABC):
     @abstractmethod
     def read(self, path: Path, format: str | None = None) -> list[Any]:
         """Read one split. Raises ``DataError`` naming the file and line/record for anything malformed."""
+
+    def check_split(self, examples: Sequence[Any], split: str) -> None:
+        """Raise ``DataError`` naming the file and line or record for an example the ``split`` ("train", "dev" or
+        "test") cannot use, before any training (a QA question without a reference answer cannot be scored on
+        dev or test). Default: nothing."""
 
     @abstractmethod
     def fit_labels(self, examples: Sequence[Any]) -> list[str]:
@@ -237,6 +262,7 @@ class TaskPlugin(ABC):
 #: part -> the parameters (after self) the contract passes it
 _METHODS: dict[str, tuple[str, ...]] = {
     "read": ("path", "format"),
+    "check_split": ("examples", "split"),
     "fit_labels": ("examples",),
     "encode": ("examples", "tokenizer", "max_length", "train"),
     "collate": ("features",),

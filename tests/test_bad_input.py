@@ -313,6 +313,36 @@ def _(c):
     return c.run(c.base(stages=stages)), "stages[1].student.from_config"
 
 
+@case("teacher-cache-below-a-file")
+def _(c):
+    blocker = c.file("not-a-dir", "x")
+    stages = f"  - {{kind: train, epochs: 1}}\n  - {{kind: distill, teacher_cache: {{path: {blocker}/cache}}}}\n"
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.path"
+
+
+@case("teacher-cache-of-another-teacher")
+def _(c):
+    c.file("cache/teacher.json", json.dumps({"teacher": "0" * 64}))
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n"
+              f"  - {{kind: distill, teacher_cache: {{path: {c.tmp / 'cache'}}}}}\n")
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.path"
+
+
+@case("recovery-teacher-cache-of-another-teacher")
+def _(c):
+    c.file("cache/teacher.json", json.dumps({"teacher": "0" * 64}))
+    stages = (f"  - {{kind: load, path: {c.world['model']}}}\n"
+              f"  - {{kind: prune, head_ratio: 0.5, recovery_steps: 2, "
+              f"recovery: {{teacher_cache: {{path: {c.tmp / 'cache'}}}}}}}\n")
+    return c.run(c.base(stages=stages)), "stages[1].recovery.teacher_cache.path: "
+
+
+@case("teacher-cache-bad-dtype")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: distill, teacher_cache: {dtype: int8}}\n"
+    return c.run(c.base(stages=stages)), "stages[1].teacher_cache.dtype"
+
+
 @case("recipe-export-opset-too-old")
 def _(c):
     return c.run(c.base(stages="  - {kind: train, epochs: 1}\n  - {kind: export, opset: 9}\n")), "stages[1].opset"
@@ -872,6 +902,207 @@ simple("predict-unknown-task", _predict(lambda c: c.bundle, "--task", "ner", "hi
 simple("predict-empty-text", _predict(lambda c: c.bundle, "--task", "sst", "", expect="empty text"))
 simple("predict-whitespace-text", _predict(lambda c: c.bundle, "--task", "sst", " \t ", expect="empty text"))
 simple("predict-control-characters", _predict(lambda c: c.bundle, "--task", "sst", "\x01\x02\x7f", expect="empty text"))
+
+
+# ---- the recipe loader: duplicate keys, booleans for numbers, huge values, aliases, names ---------------------
+_LOADER_CASES = [
+    ("duplicate-top-key", "seed: 3\n", "seed: 3\nseed: 4\n", ".yaml:3: malformed YAML: duplicate key 'seed' "
+     "(first at line 2)"),
+    ("duplicate-stage-key", "    epochs: 1\n", "    epochs: 1\n    epochs: 2\n", "duplicate key 'epochs'"),
+    ("duplicate-quoted-key", "seed: 3\n", "seed: 3\n'seed': 4\n", "duplicate key 'seed'"),
+    ("seed-true", "seed: 3", "seed: true", "r.yaml:2: seed: Input should be a valid integer (got the boolean true"),
+    ("epochs-yes", "epochs: 1", "epochs: yes", "stages[0].epochs: Input should be a valid integer (got the boolean"),
+    ("lr-true", "    epochs: 1\n", "    epochs: 1\n    lr: true\n", "stages[0].lr: Input should be a valid number"),
+    ("max-length-on", "max_length: 32", "max_length: on", "model.max_length: Input should be a valid integer"),
+    ("limit-false", "    format: label_text\n", "    format: label_text\n    limit: {train: false}\n",
+     "tasks[1].limit.train"),
+    ("sampling-passes-bool", "    epochs: 1\n", "    epochs: 1\n    sampling: {passes: {ner: true}}\n",
+     "stages[0].sampling.passes.ner"),
+    ("plugin-option-bool", "    format: label_text\n", "    format: label_text\n    options: {dropout: true}\n",
+     "tasks[1].options: invalid options: dropout: expected a number, got a boolean"),
+    ("seed-negative", "seed: 3", "seed: -1", "seed: Input should be greater than or equal to 0"),
+    ("seed-above-2-32", "seed: 3", "seed: 4294967296", "seed: Input should be less than or equal to 4294967295"),
+    ("stage-name-300-chars", "    name: teacher\n", "    name: " + "s" * 300 + "\n",
+     "stages[0].name: expected a name: a letter or '_', then letters, digits, '_' or '-', at most 64 characters"),
+    ("task-name-300-chars", "  - name: sst", "  - name: " + "t" * 300, "tasks[1].name: expected a name"),
+    ("recipe-name-300-chars", "name: bad", "name: " + "r" * 300, "name: expected a name"),
+    ("task-name-a-path", "  - name: sst", "  - name: ../../x", "tasks[1].name: expected a name"),
+]
+for _id, _old, _new, _expect in _LOADER_CASES:
+    simple(f"loader-{_id}", _recipe_edit(_old, _new, _expect))
+for _id, _old, _new, _expect in _LOADER_CASES[::2]:
+    simple(f"validate-loader-{_id}", _recipe_edit(_old, _new, _expect, cmd="validate"))
+
+
+@case("loader-huge-value-is-cut")
+def _(c):
+    return c.run(c.base().replace("name: bad", "name: " + "x" * 5_000_000)), "(5000002 characters)"
+
+
+@case("loader-huge-list-is-cut")
+def _(c):
+    return c.run(c.base().replace("seed: 3", "seed: [" + "1, " * 200_000 + "1]")), "(got a list of 200001 items)"
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@case("loader-alias-bomb")
+def _(c):
+    return c.run(_alias_bomb() + c.base()), "r.yaml:8: malformed YAML: aliases (*name) repeat more than 10000 values"
+
+
+@case("validate-loader-alias-bomb")
+def _(c):
+    return c.validate(_alias_bomb() + c.base()), "aliases (*name) repeat more than 10000 values"
+
+
+@case("loader-recursive-alias")
+def _(c):
+    return c.run(c.base() + "x: &x [1, *x]\n"), "a recursive alias"
+
+
+@case("loader-deeply-nested")
+def _(c):
+    return c.run(c.base() + "x: " + "[" * 5000 + "]" * 5000 + "\n"), "r.yaml"
+
+
+# ---- pre-flight: what is knowable before training fails before training ------------------------------------------
+def _both(id: str, build: Callable[[Ctx], tuple[str, str]]) -> None:
+    """A case for ``run`` and one for ``validate``: ``build`` gives the recipe text and the expected text."""
+    simple(f"preflight-{id}", lambda c: (lambda t, e: (c.run(t), e))(*build(c)))
+    simple(f"validate-preflight-{id}", lambda c: (lambda t, e: (c.validate(t), e))(*build(c)))
+
+
+_both("max-length-beyond-encoder-positions", lambda c: (
+    c.base().replace("max_length: 32", "max_length: 512"),
+    ".yaml:4: model.max_length: 512 is more than the 256 positions of encoder"))
+
+
+def _remote_encoder(c: Ctx) -> Path:
+    enc = c.tmp / "remote-encoder"
+    shutil.copytree(c.encoder, enc)
+    cfg = json.loads((enc / "config.json").read_text())
+    cfg.update(model_type="my-custom-bert", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                        "AutoModel": "modeling_x.XModel"})
+    (enc / "config.json").write_text(json.dumps(cfg))
+    (enc / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    return enc
+
+
+_both("remote-code-refused", lambda c: (
+    c.base().replace(str(c.encoder), str(_remote_encoder(c))), "model type 'my-custom-bert' needs remote code"))
+_both("remote-code-trusted-custom-type", lambda c: (
+    c.base().replace(str(c.encoder), str(_remote_encoder(c))).replace("max_length: 32}",
+                                                                     "max_length: 32, trust_remote_code: true}"),
+    "is built only by remote code (modeling_x.XModel"))
+_both("encoder-dir-missing", lambda c: (
+    c.base().replace(str(c.encoder), str(c.tmp / "no-encoder")), "model.encoder: " + str(c.tmp / "no-encoder")))
+_both("encoder-dir-without-config", lambda c: (
+    c.base().replace(str(c.encoder), str((c.tmp / "empty-encoder").mkdir() or c.tmp / "empty-encoder")),
+    "no config.json"))
+
+
+def _qa_dev(c: Ctx, doc: dict) -> str:
+    dev = c.file("qa-dev.json", json.dumps(doc))
+    tasks = (f"  - {{name: qa, plugin: qa, format: squad, data: {{train: {FIXTURES / 'qa_squad.json'}, "
+             f"dev: {dev}}}}}\n")
+    return c.base(tasks=tasks)
+
+
+_NO_ANSWER = {"data": [{"paragraphs": [{"context": _CTX, "qas": [
+    {"id": "q1", "question": "Where does John live?", "answers": [{"text": "Paris", "answer_start": 20}]},
+    {"id": "q2", "question": "Where does John work?", "answers": []}]}]}]}
+_both("qa-dev-question-without-answer", lambda c: (_qa_dev(c, _NO_ANSWER), "qa-dev.json [record q2 at data[0].paragraphs[0].qas[1]]: dev question has no answer"))
+
+
+def _test_split_without_answer(c: Ctx) -> tuple[str, str]:
+    test = c.file("qa-test.jsonl", json.dumps({"id": "t1", "question": "Who?", "context": _CTX, "answers": []}) + "\n")
+    tasks = (f"  - {{name: qa, plugin: qa, format: squad, data: {{train: {FIXTURES / 'qa_squad.json'}, "
+             f"dev: {FIXTURES / 'qa_squad.json'}, test: {{path: {test}, format: jsonl}}}}}}\n")
+    return c.base(tasks=tasks), "qa-test.jsonl:1 (id t1): test question has no answer"
+
+
+_both("qa-test-question-without-answer", _test_split_without_answer)
+
+
+def _extra_test_without_answer(c: Ctx) -> tuple[str, str]:
+    extra = c.file("qa-x.jsonl", json.dumps({"id": "x1", "question": "Who?", "context": _CTX, "answers": []}) + "\n")
+    tasks = (f"  - {{name: qa, plugin: qa, format: squad, data: {{train: {FIXTURES / 'qa_squad.json'}, "
+             f"dev: {FIXTURES / 'qa_squad.json'}}}, tests: {{offdomain: {{path: {extra}, format: jsonl}}}}}}\n")
+    return c.base(tasks=tasks), "qa-x.jsonl:1 (id x1): test:offdomain question has no answer"
+
+
+_both("qa-extra-test-question-without-answer", _extra_test_without_answer)
+
+
+def _load_manifest(edit: Callable[[dict], None], expect: str):
+    """A recipe whose load stage names a model directory with an edited manifest."""
+    def build(c: Ctx) -> tuple[str, str]:
+        model = c.manifest(edit)
+        stages = f"  - {{kind: load, path: {model}, evaluate: false}}\n"
+        tasks = "  - {name: sst, plugin: classification, format: label_text, labels: ['0', '1'], data: {dev: sst.dev.txt}}\n"
+        return c.base(stages=stages, tasks=tasks), expect
+    return build
+
+
+_LOAD_MANIFEST_CASES = {
+    "task-name-a-path": (lambda m: m["tasks"][0].update(name="../../x"), "field 'tasks[0].name' must be a task name"),
+    "task-name-300-chars": (lambda m: m["tasks"][0].update(name="n" * 300), "field 'tasks[0].name'"),
+    "task-name-twice": (lambda m: m["tasks"][0].update(name="sst"), "task 'sst' is given twice"),
+    "vocab-size-1e9": (lambda m: m["architecture"].update(vocab_size=1e9), "field 'architecture.vocab_size'"),
+    "encoder-vocab-size-1e9": (lambda m: m["encoder"]["config"].update(vocab_size=1e9),
+                               "field 'encoder.config.vocab_size' must be an integer from 1 to 16777216"),
+    "encoder-hidden-size-negative": (lambda m: m["encoder"]["config"].update(hidden_size=-32),
+                                     "field 'encoder.config.hidden_size'"),
+    "encoder-layers-zero": (lambda m: m["encoder"]["config"].update(num_hidden_layers=0),
+                            "field 'encoder.config.num_hidden_layers'"),
+    "encoder-positions-bool": (lambda m: m["encoder"]["config"].update(max_position_embeddings=True),
+                               "field 'encoder.config.max_position_embeddings'"),
+    "parameters-negative": (lambda m: m.update(parameters=-1), "field 'parameters'"),
+    "max-length-beyond-model-positions": (lambda m: m["encoder"]["config"].update(max_position_embeddings=16),
+                                          "model.max_length: 32 is more than the 16 positions of the model of stage"),
+}
+for _id, (_edit, _expect) in _LOAD_MANIFEST_CASES.items():
+    _both(f"load-manifest-{_id}", _load_manifest(_edit, _expect))
+
+
+@case("validate-preflight-load-dir-missing-is-a-note")
+def _(c):
+    """validate names a model directory that does not exist yet only as a note; the bad field after it fails."""
+    stages = f"  - {{kind: load, path: {c.tmp / 'later'}}}\n"
+    text = c.base(stages=stages).replace("seed: 3", "seed: yes")
+    return c.validate(text), "seed"
+
+
+_MANIFEST_CASES_MORE = {
+    "task-name-a-path": (lambda m: m["tasks"][1].update(name="../../x"), "field 'tasks[1].name' must be a task name"),
+    "encoder-vocab-size-huge-int": (lambda m: m["encoder"]["config"].update(vocab_size=2**24),
+                                    "field 'encoder.config.vocab_size' 16777216 x 32 embedding values is more than"),
+    "encoder-vocab-size-too-large": (lambda m: m["encoder"]["config"].update(vocab_size=10**9),
+                                     "field 'encoder.config.vocab_size'"),
+    "architecture-hidden-size-negative": (lambda m: m["architecture"].update(hidden_size=-1),
+                                          "field 'architecture.hidden_size'"),
+    "huge-value-is-cut": (lambda m: m["tasks"][1].update(name="x" * 1_000_000), "got str 'xxxxxxxxxx"),
+}
+for _id, (_edit, _expect) in _MANIFEST_CASES_MORE.items():
+    simple(f"model-manifest-{_id}", _manifest_case(_edit, _expect))
+
+
+# ---- tasks check --encoding ------------------------------------------------------------------------------------
+simple("tasks-check-unknown-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
+    "--encoding: unknown text encoding 'klingon'"))
+simple("tasks-check-wrong-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(c.file("l1.txt", "1 caf\u00e9 ok\n".encode("latin-1"))),
+     "--format", "label_text"], "l1.txt:1: not valid UTF-8"))
+simple("tasks-check-utf16-read-as-utf8", lambda c: (
+    ["tasks", "check", "classification", "--data", str(c.file("u16.txt", "1 good\n0 bad\n".encode("utf-16"))),
+     "--format", "label_text", "--encoding", "utf-8"], "u16.txt:1: not valid UTF-8"))
 
 
 # ---- the catalogue as one table-driven test ----------------------------------------------------------------

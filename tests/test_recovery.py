@@ -63,9 +63,9 @@ def context(tmp, root, stage: dict, model_dir):
 
 
 def dev_accuracy(ctx, model, tokenizer) -> float:
-    from compressor.stages.distill import _dev_metrics
+    from compressor.model.forward import dev_metrics
 
-    return _dev_metrics(ctx, model, tokenizer, ["maj"], 64)["maj"]
+    return dev_metrics(model, tokenizer, ctx.data, ["maj"], ctx.recipe.model.max_length, 64)["maj"]
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,18 @@ def test_recovery_until_needs_a_budget_and_dev_splits(tmp_path):
               "stages": [{**PRUNE, "recovery_until": {"max_epochs": 2}}]}
     with pytest.raises(ValidationError, match=r"tasks\[0\]\.data\.dev: task 't' has no dev split"):
         Recipe.model_validate(no_dev)
+
+
+def test_every_recovery_step_of_every_pruning_step_reads_one_teacher_cache(trained, tokenizer):
+    """Two pruning steps, five recovery steps each: the teacher runs once per training feature in all."""
+    from compressor.stages.prune import run
+
+    stage = {"kind": "prune", "importance": "magnitude", "head_ratio": 0.5, "steps": 2, "recovery_steps": 5,
+             "recovery": {"teacher": "input", "lr": 1e-3, "batch_size": 16, "teacher_cache": {}}}
+    ctx = context(trained["tmp"] / "cached", trained["root"], stage, trained["teacher"])
+    result = run(ctx)
+    n_train = len(ctx.data.encoded("maj", "train", tokenizer, 16, train=True).features)
+    stats = result.outputs["teacher_cache"]
+    assert stats["built"] == n_train and stats["loaded"] == 0
+    assert stats["hits"] == 2 * 5 * 16 and stats["misses"] == 0
+    assert stats["path"].startswith(str(ctx.run_dir / "teacher-cache"))

@@ -137,6 +137,28 @@ def test_tasks_check_runs_the_kit_from_the_cli():
     assert res.exit_code == 2 and "plugin 'relation': requires: needs task(s) ner beside it" in res.output
 
 
+def test_tasks_check_reads_the_data_in_its_encoding(tmp_path):
+    """A latin-1 file passes the kit with --encoding latin-1, its accents read as written; without it, one line
+    naming the file and line."""
+    text = (REPO / "tests/fixtures/classification/sst_tiny.txt").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    lines[0] = lines[0] + " caf\u00e9"
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["tasks", "check", "classification", "--data", str(data), "--format", "label_text",
+                              "--encoding", "latin-1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ok"] is True
+    from compressor.data.store import read_split
+    from compressor.tasks import build_task
+
+    first = read_split(build_task("classification", "c"), data, "label_text", "latin-1")[0]
+    assert first.text.endswith("caf\u00e9")
+    res = runner.invoke(app, ["tasks", "check", "classification", "--data", str(data), "--format", "label_text"])
+    assert res.exit_code == 2 and f"{data}:1: not valid UTF-8" in res.stderr, res.output
+
+
 def test_tasks_list_shows_a_broken_plugin_and_the_rest():
     from compressor.tasks import TASKS
 

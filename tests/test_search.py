@@ -104,8 +104,8 @@ def test_search_refuses_when_no_candidate_holds_the_floor(tmp_path, teacher, mon
     miss named, no stage directory."""
     import compressor.search.candidate as candidate
 
-    real = candidate.retention_of
-    monkeypatch.setattr(candidate, "retention_of", lambda v, ref, hib: 0.6 * real(v, ref, hib))
+    real = candidate.retention
+    monkeypatch.setattr(candidate, "retention", lambda v, ref, hib: 0.6 * real(v, ref, hib))
     recipe = search_recipe(tmp_path, teacher, "retention: {ner: 0.9, sst: 0.7}, objective: size, budget: {trials: 2}, "
                            "recovery_steps: 0, early_stop_margin: null, space: {layers: [1], head_ratio: [0.75], "
                            "ffn_ratio: [0.5, 0.75], int8: [none]}")

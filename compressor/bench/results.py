@@ -24,9 +24,10 @@ def ratio_keys(threads: Sequence[int]) -> list[str]:
 
 
 def retention(value: float, ref: float, higher_is_better: bool) -> float | None:
-    if higher_is_better:
-        return value / ref if ref else None
-    return ref / value if value else None
+    """:func:`compressor.tasks.retention`, shown as None (not a number) where it would divide by zero."""
+    from compressor.tasks import retention as shared
+
+    return shared(value, ref, higher_is_better) if (ref if higher_is_better else value) else None
 
 
 def points_better(value: float, ref: float, higher_is_better: bool) -> float:

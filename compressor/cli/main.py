@@ -90,6 +90,8 @@ def validate(
         recipe = load_recipe(path)
         root = default_data_root(recipe, data_root)
         summary = check_recipe(recipe, path, root)
+        for note in summary["notes"]:
+            typer.echo(f"{path}: {note}", err=True)
         data = f", {summary['data_files']} data file(s) read" if root is not None else ", no data root: data not checked"
         typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
 

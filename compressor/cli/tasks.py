@@ -76,18 +76,26 @@ def tasks_check(
     sibling: Annotated[Optional[list[str]], typer.Option("--sibling", help="A task the plugin needs beside it, "
                                                          "NAME=PLUGIN, read from the same file (repeatable).")] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=8)] = 64,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the data file "
+                                                    "(default utf-8), e.g. latin-1, cp1252.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Run a plugin through the whole contract (compressor.testing.check_plugin) on a data file."""
-    from compressor.errors import DataError
+    from compressor.data.readers import check_encoding
+    from compressor.errors import DataError, RecipeError
     from compressor.testing import check_plugin
 
+    if encoding is not None:
+        try:
+            check_encoding(encoding)
+        except ValueError as exc:
+            raise RecipeError(f"--encoding: {exc}") from None
     if not data.is_file():
         raise DataError(data, "data file not found")
     siblings = {k: {"plugin": v, "path": data} for k, v in _options(sibling, "--sibling").items()}
     report = check_plugin(name, data, format=format, options=_options(option, "--option"),
                           labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None,
-                          siblings=siblings, max_length=max_length)
+                          siblings=siblings, max_length=max_length, encoding=encoding)
     if json_out:
         typer.echo(json.dumps({"plugin": report.plugin, "ok": True, "checked": report.checked,
                                "examples": report.examples, "features": report.features, "labels": report.labels,

@@ -128,12 +128,14 @@ class DataStore:
         return examples
 
     def full(self, task: str, split: str) -> list[Any]:
-        """Every example of a split before ``limit`` (the training split without its dev hold-out)."""
+        """Every example of a split before ``limit`` (the training split without its dev hold-out), checked by
+        its plugin for that split (``TaskPlugin.check_split``)."""
         examples = self.read_file(task, split)
-        if not self.held_out(task) or split not in ("train", "dev"):
-            return examples
-        train_idx, dev_idx = self._holdout(task, len(examples))
-        return [examples[i] for i in (dev_idx if split == "dev" else train_idx)]
+        if self.held_out(task) and split in ("train", "dev"):
+            train_idx, dev_idx = self._holdout(task, len(examples))
+            examples = [examples[i] for i in (dev_idx if split == "dev" else train_idx)]
+        self.tasks[task].check_split(examples, split)
+        return examples
 
     def _holdout(self, task: str, n: int) -> tuple[list[int], list[int]]:
         share = self.options.task(task).dev_from_train

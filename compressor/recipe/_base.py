@@ -3,15 +3,19 @@ tolerance test of the stages that keep a change only within a tolerance."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+from compressor.inputs import NAME, NAME_MAX, NAME_RULE, InputModel  # noqa: F401  (recipe models use them)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: a random seed: what numpy, torch and ``random`` all accept
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed, 0..2**32-1")]
+
+
+class Strict(InputModel):
+    """A recipe model: unknown keys and booleans where numbers are expected are refused."""
 
 
 class ToleranceTest(Strict):

@@ -6,9 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from compressor.recipe._base import NAME, Strict, ToleranceTest
-from compressor.recipe.train_stages import DistillWeights
-from compressor.train.options import Sampling
+from compressor.recipe._base import NAME, Seed, Strict, ToleranceTest
+from compressor.recipe.train_stages import DistillOptions
 
 
 class PruneLayerRatios(Strict):
@@ -18,25 +17,16 @@ class PruneLayerRatios(Strict):
     ffn_ratio: float | None = Field(None, ge=0, lt=1)
 
 
-class PruneRecovery(Strict):
-    """Distillation run after each pruning step (``recovery_steps`` steps of it)."""
+class PruneRecovery(DistillOptions):
+    """Distillation run after each pruning step (``recovery_steps`` steps of it); the distill stage's options
+    with recovery's defaults (lr 3e-5, no warm-up, no dropout)."""
 
     teacher: Literal["teacher", "input"] = Field(
         "teacher", description="'teacher': the first train stage's model (falls back to 'input' if none); "
         "'input': the model as it was before this stage"
     )
-    alpha: float = Field(0.5, ge=0, le=1, description="task-loss weight; 1 - alpha weighs distillation")
-    temperature: float = Field(2.0, gt=0)
-    weights: DistillWeights = DistillWeights()
     lr: float = Field(3e-5, gt=0)
-    batch_size: int = Field(16, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0)
-    sampling: Sampling = Sampling()
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
-        "bf16 support, losses compared in fp32); no = fp32")
     dropout: float | None = Field(
         0.0, ge=0, lt=1, description="dropout of the pruned model while it recovers; null: the model's own. 0 by "
         "default: recovery starts next to the teacher, and dropout noise only moves it away (measured on the "
@@ -130,7 +120,7 @@ class PruneStage(Strict):
     importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     eval_batch_size: int = Field(64, gt=0)
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneStage:
@@ -240,7 +230,7 @@ class SearchStage(Strict):
     budget: SearchBudget = SearchBudget(trials=20)
     space: SearchSpace = SearchSpace()
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
     importance: Literal["magnitude", "taylor"] = "taylor"
     cut: Literal["iterative", "posttrain"] = Field(
         "iterative", description="how a trial cuts heads and FFN neurons at its ratios: iterative (the prune "

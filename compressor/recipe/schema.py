@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.data.options import DataOptions, SplitSource, TaskData
 from compressor.errors import RecipeError
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Seed, Strict
 from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage, ReferenceStage
 from compressor.recipe.prune_stages import PruneStage, PruneVocabStage, SearchStage
 from compressor.recipe.tasks import ModelSpec, TaskSpec
@@ -46,7 +46,7 @@ class ReportSpec(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=NAME)
-    seed: int = 42
+    seed: Seed = 42
     data_root: str | None = None
     model: ModelSpec = ModelSpec()
     tasks: list[TaskSpec] = Field(min_length=1)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from compressor.recipe._base import NAME, Strict
+from compressor.recipe._base import NAME, Seed, Strict
 from compressor.train.options import Sampling, TrainOptions
 
 
@@ -102,22 +102,27 @@ class LoadStage(Strict):
     evaluate: bool = True
 
 
-class DistillStage(Strict):
-    """Distil the teacher (the first train stage's model) into a smaller student on all tasks at once."""
+class TeacherCacheOptions(Strict):
+    """The teacher's outputs computed once and read from disk by every step, epoch, recovery and search trial
+    (see docs/distillation.md)."""
 
-    kind: Literal["distill"]
-    name: str = Field("distill", pattern=NAME)
-    student: StudentSpec = StudentSpec(from_teacher=StudentFromTeacher())
-    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (0-based); default uniform")
+    max_mb: float = Field(2048.0, gt=0, description="size cap of the cache (per teacher and set of parts); "
+                          "features beyond it are run through the teacher on the fly")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage of the cached outputs")
+    path: str | None = Field(None, description="a cache folder of its own (relative to the cwd), e.g. shared by "
+                             "several runs of one teacher; null: <run>/teacher-cache, one folder per teacher")
+    build_batch_size: int = Field(64, gt=0, description="batch size of the teacher passes that fill the cache")
+
+
+class DistillOptions(Strict):
+    """The distillation loss and its optimizer: one model for the distill stage, the prune stage's recovery and
+    the search's recovery."""
+
     alpha: float = Field(0.5, ge=0, le=1, description="task-loss weight; 1 - alpha weighs distillation")
     temperature: float = Field(2.0, gt=0)
     weights: DistillWeights = DistillWeights()
     relation_heads: int | None = Field(None, gt=0, description="MiniLM relation heads where head counts differ")
-    epochs: int = Field(3, gt=0)
-    steps: int | None = Field(None, gt=0, description="total steps; overrides epochs * steps_per_epoch")
-    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
     batch_size: int = Field(16, gt=0)
-    eval_batch_size: int = Field(64, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -125,12 +130,28 @@ class DistillStage(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     sampling: Sampling = Sampling()
-    seed: int | None = Field(None, description="default: the recipe's seed")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
         "bf16 support, losses compared in fp32); no = fp32")
     dropout: float | None = Field(None, ge=0, lt=1, description="the student's dropout while it trains; null: "
                                   "the student's own (the teacher's config)")
+    teacher_cache: TeacherCacheOptions | None = Field(
+        None, description="compute the teacher's outputs once and read them from disk; null: the teacher runs at "
+        "every step")
+
+
+class DistillStage(DistillOptions):
+    """Distil the teacher (the first train stage's model) into a smaller student on all tasks at once."""
+
+    kind: Literal["distill"]
+    name: str = Field("distill", pattern=NAME)
+    student: StudentSpec = StudentSpec(from_teacher=StudentFromTeacher())
+    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (0-based); default uniform")
+    epochs: int = Field(3, gt=0)
+    steps: int | None = Field(None, gt=0, description="total steps; overrides epochs * steps_per_epoch")
+    steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
+    eval_batch_size: int = Field(64, gt=0)
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many epochs without a better mean dev retention (student / "
         "teacher dev metric, every task); null: run every epoch")
@@ -138,7 +159,6 @@ class DistillStage(Strict):
     single_task_students: bool = Field(
         False, description="also distil one student per task (same architecture, same teacher, the steps the "
         "multi-head student spent on that task), saved as single-<task>/ for row (d) of `compressor benchmark`")
-
 
 
 class AddTaskStage(Strict):
@@ -167,7 +187,7 @@ class AddTaskStage(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="epochs without a better dev metric")
-    seed: int | None = Field(None, description="default: the recipe's seed")
+    seed: Seed | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
     def _one_base(self) -> AddTaskStage:

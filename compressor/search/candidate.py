@@ -2,7 +2,7 @@
 
 Built with the toolkit's own parts: :class:`compressor.prune.pruner.StructuredPruner` (torch-pruning dependency
 groups) removes layers, heads and FFN neurons; :class:`compressor.distill.trainer.Distiller` recovers it from the
-teacher; ``compressor.prune.vocab`` cuts the vocabulary; ``compressor.export`` writes the ONE ONNX graph (fused
+teacher (reading its outputs from a :class:`~compressor.distill.cache.TeacherCache` when the recipe asks); ``compressor.prune.vocab`` cuts the vocabulary; ``compressor.export`` writes the ONE ONNX graph (fused
 when the fused graph passes parity) and, per the candidate's INT8 mode, quantizes it. Every task is scored on its
 dev split with ONNX Runtime on the graph that is timed; latency is one ``session.run`` at batch 1 and sequence
 ``latency_seq_len`` on ``latency_threads`` thread(s); size is the graph file on disk.
@@ -22,6 +22,7 @@ import torch
 from compressor.model.architecture import encoder_layers
 from compressor.model.multitask import MultiTaskModel
 from compressor.search.space import Knobs, prune_config
+from compressor.tasks import retention
 
 
 class EarlyStopped(Exception):
@@ -30,13 +31,6 @@ class EarlyStopped(Exception):
     def __init__(self, scores: dict[str, float], retention: dict[str, float]):
         super().__init__("early-stopped")
         self.scores, self.retention = scores, retention
-
-
-def retention_of(value: float, reference: float, higher_is_better: bool) -> float:
-    """value / teacher (or teacher / value for lower-is-better metrics); 1.0 when both are 0."""
-    if higher_is_better:
-        return value / reference if reference else (1.0 if value >= reference else 0.0)
-    return reference / value if value else (1.0 if value <= reference else 0.0)
 
 
 @dataclass
@@ -65,11 +59,13 @@ class CandidateBuilder:
         max_length: the recipe's ``model.max_length``.
         teacher_dev: task -> the teacher's dev metric.
         eval_threads: ONNX Runtime threads when scoring (latency always uses ``stage.latency_threads``).
+        teacher_cache: a :class:`~compressor.distill.cache.TeacherCache` of ``teacher`` the recoveries read
+            (None: the teacher runs at every recovery step).
     """
 
     def __init__(self, stage: Any, source: MultiTaskModel, tokenizer: Any, teacher: MultiTaskModel,
                  teacher_layers: list[int] | None, data: Any, max_length: int, teacher_dev: Mapping[str, float],
-                 eval_threads: int | None, seed: int):
+                 eval_threads: int | None, seed: int, teacher_cache: Any = None):
         from compressor.prune.importance import task_batches
 
         self.stage, self.source, self.tokenizer, self.teacher = stage, source, tokenizer, teacher
@@ -78,6 +74,7 @@ class CandidateBuilder:
         self.teacher_dev = dict(teacher_dev)
         self.eval_threads = eval_threads
         self.seed = seed
+        self.teacher_cache = teacher_cache  # the teacher's outputs, computed once for every trial
         self.tasks = list(source.tasks)
         self.higher = {t: source.tasks[t].metric.higher_is_better for t in self.tasks}
         self.num_layers = len(encoder_layers(source.encoder))
@@ -136,25 +133,20 @@ class CandidateBuilder:
         """``steps`` distillation steps from the teacher; with ``floors`` and an early-stop margin, checks the dev
         retention half way and raises :class:`EarlyStopped` when the worst task is more than the margin below.
         An uncut candidate (as many parameters as the source) is not recovered."""
-        from compressor.distill.losses import KDConfig
-        from compressor.distill.trainer import Distiller, TaskBatches
+        from compressor.distill.trainer import batches_for, distiller_for
         from compressor.model.student import default_layer_map
 
         if steps <= 0 or model.num_parameters() == self.source.num_parameters():
             return {}  # nothing was cut: the source as it is (recovery would only move it by optimiser noise)
         rc = self.stage.recovery
-        batches = TaskBatches.from_store(self.data, self.tasks, self.tokenizer, self.max_length, rc.batch_size,
-                                         rc.sampling.strategy, rc.sampling.tau, seed)
+        batches = batches_for(self.data, self.tasks, self.tokenizer, self.max_length, rc, seed)
         to_teacher = [self.teacher_layers[i] for i in kept] if self.teacher_layers is not None else None
         layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(self.teacher.encoder)),
                                       to_teacher)
-        kd = KDConfig(alpha=rc.alpha, temperature=rc.temperature, logits=rc.weights.logits, hidden=rc.weights.hidden,
-                      attention=rc.weights.attention)
         torch.manual_seed(seed)
         device = next(model.parameters()).device
-        distiller = Distiller(model, self.teacher, batches, kd, total_steps=steps, layer_map=layer_map, lr=rc.lr,
-                              weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
-                              device=device, mixed_precision=rc.mixed_precision, dropout=rc.dropout)
+        distiller = distiller_for(model, self.teacher, batches, rc, total_steps=steps, layer_map=layer_map,
+                                  device=device, teacher_cache=self.teacher_cache)
         margin = self.stage.early_stop_margin
         if floors is not None and margin and steps >= 2:
             distiller.run(steps // 2)
@@ -182,7 +174,7 @@ class CandidateBuilder:
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def retention(self, scores: Mapping[str, float]) -> dict[str, float]:
-        return {t: retention_of(scores[t], self.teacher_dev[t], self.higher[t]) for t in self.tasks}
+        return {t: retention(scores[t], self.teacher_dev[t], self.higher[t]) for t in self.tasks}
 
     def torch_dev(self, model: MultiTaskModel, tokenizer: Any) -> dict[str, float]:
         """Every task's primary dev metric with PyTorch."""

@@ -91,8 +91,7 @@ class StageContext:
         from compressor.rundir import RunDir, StageRecord, latest
 
         earlier = self.recipe.stages[: self.index]
-        run = RunDir(self.run_dir)
-        # a stage run outside the pipeline (tests, scripts) has no state.json: no recorded model directories
+        run = RunDir(self.run_dir)  # no state.json yet: no stage has completed on disk
         model_dirs = {r.name: r.model_dir for r in run.records()} if run.state_path.is_file() else {}
         records = [StageRecord(s.name, s.kind, self.outputs.get(s.name) or {}, model_dirs.get(s.name)) for s in earlier]
         return latest(records, cls, source, consumer=self.stage.name)

@@ -1,4 +1,5 @@
-"""The ``distill`` stage: one multi-task student learns every task from the teacher at once."""
+"""The ``distill`` stage: one multi-task student learns every task from the teacher at once (and, with
+``single_task_students``, one student per task on the same budget)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ from typing import Any
 
 import torch
 
+from compressor.distill.cache import open_cache
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
+from compressor.model.forward import dev_metrics, use_bf16
 from compressor.model.io import load_model, save_model
-from compressor.model.forward import use_bf16
-from compressor.model.multitask import MultiTaskModel
+from compressor.model.multitask import MultiTaskModel, keep_tasks
 from compressor.recipe import DistillStage
 from compressor.stages import StageContext, StageResult
-from compressor.stages._distill_singles import _keep_tasks, _with_required  # noqa: F401 (still importable here)
+from compressor.tasks import with_required
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -33,9 +35,11 @@ def run(ctx: StageContext) -> StageResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = use_bf16(cfg.mixed_precision, device)
     tasks = list(student.tasks)
-    teacher_dev = _dev_metrics(ctx, teacher, tokenizer, [t for t in tasks if ctx.data.has(t, "dev")],
-                               cfg.eval_batch_size)
-    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed)
+    teacher_dev = dev_metrics(teacher, tokenizer, ctx.data, [t for t in tasks if ctx.data.has(t, "dev")],
+                              recipe.model.max_length, cfg.eval_batch_size)
+    cache = open_cache(cfg.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].teacher_cache")
+    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed,
+                    teacher_cache=cache)
 
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
@@ -65,10 +69,13 @@ def run(ctx: StageContext) -> StageResult:
         "mixed_precision": "bf16" if mixed else "no",
     }
     if cfg.single_task_students:
-        from compressor.stages._distill_singles import single_task_students
-
         single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
-                             run_, outputs, notes)
+                             run_, outputs, notes, cache)
+    if cache is not None:
+        outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
+        notes.append(f"{cfg.name}: teacher cache {cache.root}: {cache.stats['built']} feature(s) computed into it, "
+                     f"{cache.stats['loaded']} read from an earlier run; {cache.stats['hits']} batch rows answered "
+                     f"from it, {cache.stats['misses']} by the teacher on the fly")
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
 
@@ -107,13 +114,14 @@ def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, param
 
 def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
              layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, seed: int,
-             total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None) -> dict[str, Any]:
+             total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None,
+             teacher_cache: Any = None) -> dict[str, Any]:
     """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
     early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
     the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
     cfg: DistillStage = ctx.stage
     distiller, total, steps_per_epoch = _distiller(ctx, student, teacher, tokenizer, tasks, layer_map, device, seed,
-                                                   total, steps_per_epoch)
+                                                   total, steps_per_epoch, teacher_cache)
     # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
     history: list[dict[str, Any]] = []
@@ -160,23 +168,16 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
 
 def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
                layer_map: dict[int, int], device: torch.device, seed: int, total: int | None,
-               steps_per_epoch: int | None) -> tuple[Any, int, int]:
+               steps_per_epoch: int | None, teacher_cache: Any = None) -> tuple[Any, int, int]:
     """The Distiller for ``tasks`` with the stage config's loss and optimizer, its total steps and steps per epoch."""
-    from compressor.distill.losses import KDConfig
-    from compressor.distill.trainer import Distiller, TaskBatches
+    from compressor.distill.trainer import batches_for, distiller_for
 
     cfg: DistillStage = ctx.stage
-    batches = TaskBatches.from_store(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg.batch_size,
-                                     cfg.sampling.strategy, cfg.sampling.tau, seed)
+    batches = batches_for(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg, seed)
     steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
     total = total or cfg.steps or cfg.epochs * steps_per_epoch
-    loss_config = KDConfig(alpha=cfg.alpha, temperature=cfg.temperature, logits=cfg.weights.logits,
-                           hidden=cfg.weights.hidden, attention=cfg.weights.attention,
-                           relation_heads=cfg.relation_heads)
-    distiller = Distiller(student, teacher, batches, loss_config, total_steps=total, layer_map=layer_map, lr=cfg.lr,
-                          weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                          optimizer=cfg.optimizer, momentum=cfg.momentum, device=device,
-                          mixed_precision=cfg.mixed_precision, dropout=cfg.dropout)
+    distiller = distiller_for(student, teacher, batches, cfg, total_steps=total, layer_map=layer_map, device=device,
+                              teacher_cache=teacher_cache)
     return distiller, total, steps_per_epoch
 
 
@@ -184,9 +185,8 @@ def _score_epoch(ctx: StageContext, student: MultiTaskModel, tokenizer: Any, dev
                  teacher_dev: dict[str, float], entry: dict[str, Any]) -> float:
     """Put the student's dev metrics and retention into the epoch's ``entry``; returns the mean retention."""
     cfg: DistillStage = ctx.stage
-    dev = _dev_metrics(ctx, student, tokenizer, dev_tasks, cfg.eval_batch_size)
-    retention = {t: _retention(dev[t], teacher_dev[t], student.tasks[t].metric.higher_is_better)
-                 for t in dev_tasks}
+    dev = dev_metrics(student, tokenizer, ctx.data, dev_tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
+    retention = {t: student.tasks[t].metric.retention(dev[t], teacher_dev[t]) for t in dev_tasks}
     mean = sum(retention.values()) / len(retention)
     entry.update(dev=dev, retention=retention, mean_retention=mean)
     return mean
@@ -199,21 +199,6 @@ def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
             f"{'kept' if cfg.keep_best else 'best was'} epoch {best[1]}"
             + (f"; stopped after epoch {history[-1]['epoch']} ({cfg.early_stopping_patience} epoch(s) "
                "without improvement)" if run_["stopped_early"] else ""))
-
-
-def _dev_metrics(ctx: StageContext, model: MultiTaskModel, tokenizer: Any, tasks: list[str],
-                 batch_size: int) -> dict[str, float]:
-    from compressor.model.forward import dev_metrics
-
-    return dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, batch_size)
-
-
-def _retention(student: float, teacher: float, higher_is_better: bool = True) -> float:
-    """Student metric as a share of the teacher's (inverted for lower-is-better metrics); 1.0 when both are 0."""
-    num, den = (student, teacher) if higher_is_better else (teacher, student)
-    if den == 0:
-        return 1.0 if num == 0 else float("inf")
-    return num / den
 
 
 def _build_student(ctx: StageContext, teacher: MultiTaskModel, seed: int) -> tuple[MultiTaskModel, list[int] | None, str]:
@@ -263,6 +248,68 @@ def _earlier_kept_layers(ctx: StageContext, num_layers: int) -> list[int] | None
         if kept and len(kept) == num_layers:
             return [int(i) for i in kept]
     return None
+
+
+# ---- single-task students ----------------------------------------------------------------------------------
+def single_task_students(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, tasks: list[str],
+                         layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
+                         device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
+                         notes: list[str], teacher_cache: Any = None) -> None:
+    """Distil, save and evaluate one single-task student per task (with the tasks it requires); fills
+    ``outputs["single_task_students"]`` / ``outputs["single_task_training"]`` and appends to ``notes``."""
+    cfg = ctx.stage
+    outputs["single_task_students"], outputs["single_task_training"] = {}, {}
+    if len(tasks) == 1:
+        notes.append(f"{cfg.name}: single_task_students skipped: the student has one task, so it is its own "
+                     "single-task student")
+    for t in tasks if len(tasks) > 1 else []:
+        _single_task_student(ctx, student, teacher, tokenizer, t, layer_map, kept, teacher_dev, device, seed, run_,
+                             outputs, notes, teacher_cache)
+
+
+def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, t: str,
+                         layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
+                         device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
+                         notes: list[str], teacher_cache: Any = None) -> None:
+    """The single-task student of task ``t``: distilled, saved as ``single-<t>/``, evaluated and noted."""
+    from compressor.report.evaluate import evaluate_rows
+
+    cfg, recipe = ctx.stage, ctx.recipe
+    names = with_required(student.tasks, t)
+    single, _, _ = _build_student(ctx, teacher, seed)
+    keep_tasks(single, names)
+    # the same per-task budget: the steps the multi-head student spent on these tasks (and epochs of the
+    # same share of its epoch, so dev checks and early stopping work alike)
+    steps = sum(run_["task_steps"].get(n, 0) for n in names)
+    share = steps / max(run_["steps_done"], 1)
+    per_epoch = max(1, round(run_["steps_per_epoch"] * share))
+    if steps < 1:
+        notes.append(f"{cfg.name}: single-task student of {t} skipped: the multi-head student took no "
+                     f"step on {', '.join(names)}")
+        return
+    s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
+                     {n: v for n, v in teacher_dev.items() if n in names}, device, seed,
+                     total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}",
+                     teacher_cache=teacher_cache)
+    subdir = f"single-{t}"
+    s_saved = ctx.out_dir / subdir
+    save_model(single, tokenizer, s_saved, recipe.model.max_length,
+               extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
+                                       "single_task": t}})
+    ctx.reporter.extend(evaluate_rows(single, tokenizer, ctx.data, label=f"{cfg.name}:single:{t}",
+                                      stage=cfg.name, tasks=[t], model_dir=s_saved, report=recipe.report,
+                                      batch_size=cfg.eval_batch_size))
+    outputs["single_task_students"][t] = str(ctx.final_dir / subdir)
+    outputs["single_task_training"][t] = {
+        "tasks": names, "steps": steps, "steps_done": s_run["steps_done"], "task_steps": s_run["task_steps"],
+        "params": single.num_parameters(), "best_epoch": s_run["best"][1] if s_run["best"] else None,
+        "epochs": s_run["history"]}
+    notes.append(f"{cfg.name}: single-task student of {t}"
+                 + (f" (with {', '.join(names[1:])}, which it requires)" if len(names) > 1 else "")
+                 + f": {steps} steps (the multi-head student's steps on {', '.join(names)}), "
+                 f"{single.num_parameters():,} parameters, saved as {subdir}/")
+    if s_run["best"] is not None:
+        notes.append(_retention_note(cfg, f"{cfg.name} single:{t}", s_run))
 
 
 class _Progress:

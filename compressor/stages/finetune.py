@@ -12,7 +12,7 @@ from typing import Any
 
 from compressor.errors import RecipeError
 from compressor.model.io import load_model, save_model
-from compressor.model.multitask import MultiTaskModel
+from compressor.model.multitask import MultiTaskModel, keep_tasks
 from compressor.recipe import FinetuneStage
 from compressor.report.evaluate import evaluate_rows
 from compressor.rundir import ModelDir
@@ -76,7 +76,5 @@ def _job_options(cfg: FinetuneStage, names: list[str]) -> FinetuneStage:
 def _subset(path, names: list[str]) -> tuple[MultiTaskModel, Any]:
     """The model at ``path`` with only the heads of ``names`` (weights as trained)."""
     model, tokenizer, _ = load_model(path)
-    subset = MultiTaskModel(model.encoder, {t: model.tasks[t] for t in names})
-    for t in names:
-        subset.heads[t].load_state_dict(model.heads[t].state_dict())
-    return subset, tokenizer
+    keep_tasks(model, names)
+    return model, tokenizer

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from compressor.distill.cache import open_cache
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers, read_architecture
 from compressor.model.io import load_model, save_model
@@ -49,11 +50,13 @@ def run(ctx: StageContext) -> StageResult:
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
     base_map = _base_map(manifest, len(arch_before), same_stack)
+    cache = (open_cache(cfg.recovery.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].recovery.teacher_cache")
+             if teacher is not None else None)
     reference = None
     if cfg.recovery_until is not None:
-        from compressor.stages.distill import _dev_metrics
+        from compressor.model.forward import dev_metrics
 
-        reference = _dev_metrics(ctx, model, tokenizer, dev_tasks, cfg.eval_batch_size)
+        reference = dev_metrics(model, tokenizer, ctx.data, dev_tasks, max_length, cfg.eval_batch_size)
     width = _cut_width(ctx, cfg, model, tokenizer, seed) if cfg.hidden_size else None
     post = _posttrain(ctx, cfg, model, tokenizer, seed) if cfg.method == "posttrain" else None
     pruner = StructuredPruner(model, cfg, batches)
@@ -67,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
         if not recovers or teacher is None:
             return None
         kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
-        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step, reference)
+        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step, reference, cache)
 
     reports = pruner.run(recover)
     model.eval()
@@ -100,6 +103,8 @@ def run(ctx: StageContext) -> StageResult:
         **({"hidden_size": width} if width is not None else {}),
         **({"reconstruction": rebuilt} if rebuilt else {}),
     }
+    if cache is not None:
+        outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
 
@@ -162,7 +167,8 @@ def _teacher(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel,
 
 
 def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any,
-             kept: list[int] | None, seed: int, reference: dict[str, float] | None = None) -> dict[str, Any]:
+             kept: list[int] | None, seed: int, reference: dict[str, float] | None = None,
+             teacher_cache: Any = None) -> dict[str, Any]:
     """Distillation after one pruning step; ``kept`` maps student layers to the teacher's.
 
     Without ``cfg.recovery_until``: ``recovery_steps`` steps; returns the mean loss parts. With it: dev checks
@@ -172,20 +178,15 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     plus ``steps``, ``budget``, ``reached``, ``retention`` / ``dev`` (of the kept weights), ``kept_at`` and
     ``checks`` (every check: steps, dev, retention).
     """
-    from compressor.distill.losses import KDConfig
-    from compressor.distill.trainer import Distiller, TaskBatches
+    from compressor.distill.trainer import batches_for, distiller_for
     from compressor.model.student import default_layer_map
 
     rc = cfg.recovery
-    batches = TaskBatches.from_store(ctx.data, list(model.tasks), tokenizer, ctx.recipe.model.max_length,
-                                     rc.batch_size, rc.sampling.strategy, rc.sampling.tau, seed)
+    batches = batches_for(ctx.data, list(model.tasks), tokenizer, ctx.recipe.model.max_length, rc, seed)
     layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(teacher.encoder)), kept)
-    kd = KDConfig(alpha=rc.alpha, temperature=rc.temperature, logits=rc.weights.logits, hidden=rc.weights.hidden,
-                  attention=rc.weights.attention)
     budget = _recovery_budget(cfg, batches)
-    distiller = Distiller(model, teacher, batches, kd, total_steps=budget, layer_map=layer_map, lr=rc.lr,
-                          weight_decay=rc.weight_decay, warmup_ratio=rc.warmup_ratio, grad_clip=rc.grad_clip,
-                          mixed_precision=rc.mixed_precision, dropout=rc.dropout)
+    distiller = distiller_for(model, teacher, batches, rc, total_steps=budget, layer_map=layer_map,
+                              teacher_cache=teacher_cache)
     if cfg.recovery_until is None:
         parts = distiller.run(budget)
         model.eval()
@@ -209,14 +210,14 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
                    budget: int, reference: dict[str, float]) -> dict[str, Any]:
     """Distil in ``eval_every``-step runs until every task is within the tolerance of ``reference`` or the
     budget is spent; loads the best check's weights. Returns what :func:`_recover` documents."""
-    from compressor.stages.distill import _dev_metrics, _retention
+    from compressor.model.forward import dev_metrics
 
     ru = cfg.recovery_until
     tasks = list(reference)
 
     def check() -> dict[str, Any]:
-        dev = _dev_metrics(ctx, model, tokenizer, tasks, cfg.eval_batch_size)
-        retention = {t: _retention(dev[t], reference[t], model.tasks[t].metric.higher_is_better) for t in tasks}
+        dev = dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
+        retention = {t: model.tasks[t].metric.retention(dev[t], reference[t]) for t in tasks}
         return {"steps": distiller.steps_done, "dev": dev, "retention": retention}
 
     def score(c: dict[str, Any]) -> tuple[float, float]:

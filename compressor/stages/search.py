@@ -53,6 +53,7 @@ def run(ctx: StageContext) -> StageResult:
     import torch
 
     from compressor.console import say
+    from compressor.distill.cache import open_cache
     from compressor.export.quantize import QuantOptions
     from compressor.model.architecture import encoder_layers, read_architecture
     from compressor.model.io import load_model
@@ -78,8 +79,9 @@ def run(ctx: StageContext) -> StageResult:
     ckpt = ctx.checkpoint_dir or (ctx.run_dir / "checkpoints" / cfg.name)
     ckpt.mkdir(parents=True, exist_ok=True)
 
+    cache = open_cache(cfg.recovery.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].recovery.teacher_cache")
     builder = CandidateBuilder(cfg, source, tokenizer, teacher, teacher_layers, ctx.data, recipe.model.max_length,
-                               {}, recipe.report.threads, seed)
+                               {}, recipe.report.threads, seed, teacher_cache=cache)
     _set_teacher_dev(builder, teacher, teacher_tok, ckpt)
 
     fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(exclude={"hidden"} if cfg.space.hidden == [None] else None),

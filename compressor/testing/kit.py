@@ -28,6 +28,7 @@ def check_plugin(
     save_load: bool = True,
     runtime: bool = True,
     runtime_inputs: Mapping[str, Any] | None = None,
+    encoding: str | None = None,
 ) -> CheckReport:
     """Run a plugin through the whole contract on ``data``; raise :class:`ContractError` at the first break.
 
@@ -47,6 +48,8 @@ def check_plugin(
             over two sample sentences (with a sample question and text pair for decoders that want them).
         runtime_inputs: the texts and extra request inputs of that runtime check, e.g. ``{"texts": [...],
             "spans": [...]}`` for a decoder that reads ``spans`` (see ``Bundle.predict``).
+        encoding: the text encoding of ``data`` and the siblings' files, as a recipe's ``encoding:`` (default
+            UTF-8).
 
     Returns:
         A :class:`CheckReport`.
@@ -63,7 +66,7 @@ def check_plugin(
     try:
         setup = CheckSetup(registered or temporary, task_name, Path(data), format, options, labels, siblings,
                            max_length, batch_size, tokenizer, first_subtoken_labels, save_load, runtime,
-                           dict(runtime_inputs or {}))
+                           dict(runtime_inputs or {}), encoding)
         return run_checks(c, setup)
     finally:
         torch.set_num_threads(threads)

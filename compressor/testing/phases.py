@@ -38,6 +38,7 @@ class CheckSetup:
     save_load: bool = True
     runtime: bool = True
     runtime_inputs: dict[str, Any] = field(default_factory=dict)
+    encoding: str | None = None
 
 
 def run_checks(c: Checker, setup: CheckSetup) -> CheckReport:
@@ -72,7 +73,9 @@ def run_checks(c: Checker, setup: CheckSetup) -> CheckReport:
 
 
 def build_and_read(c: Checker, setup: CheckSetup) -> tuple[dict[str, TaskPlugin], list[Any]]:
-    """Build the task and its siblings, bind them, read each one's data and fit missing labels."""
+    """Build the task and its siblings, bind them, read each one's data (in ``setup.encoding``) and fit missing
+    labels."""
+    from compressor.data.store import read_split
     from compressor.tasks import build_task
 
     try:
@@ -94,7 +97,7 @@ def build_and_read(c: Checker, setup: CheckSetup) -> tuple[dict[str, TaskPlugin]
         t.bind(tasks)
     examples: dict[str, list[Any]] = {}
     for tname, t in tasks.items():
-        got = t.read(specs[tname]["path"], specs[tname]["format"])
+        got = read_split(t, specs[tname]["path"], specs[tname]["format"], setup.encoding)
         if not isinstance(got, list):
             raise c.fail("read", f"returned {type(got).__name__}; expected a list of examples")
         if not got:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from compressor.inputs import InputModel
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Options(InputModel):
+    """Unknown keys and booleans where numbers are expected are refused."""
 
 
 class Sampling(_Options):

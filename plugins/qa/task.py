@@ -70,6 +70,15 @@ class QaTask(TaskPlugin):
     def read(self, path: Path, format: str | None = None) -> list[QaExample]:
         return read_qa(Path(path), format, self.options.dev_articles)
 
+    def check_split(self, examples: Sequence[QaExample], split: str) -> None:
+        """Dev and test questions need a reference answer each (scoring has nothing to compare with otherwise)."""
+        if split == "train":
+            return
+        bad = next((ex for ex in examples if not ex.answers), None)
+        if bad is not None:
+            raise DataError(bad.where, f"{split} question has no answer; SQuAD v1.1 evaluation needs at least one "
+                                       "reference answer (unanswerable questions are not supported)")
+
     def fit_labels(self, examples: Sequence[QaExample]) -> list[str]:
         return []  # spans have no label schema
 
