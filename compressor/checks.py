@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from compressor.data.tables import TABLE_FORMATS, ColumnMap, table_format
 from compressor.errors import CompressorError, DataError, ModelDirError, RecipeError
 from compressor.recipe import Recipe, _line_of
 
@@ -182,24 +183,27 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
             file = Path(entry.path).expanduser()
             file = file if file.is_absolute() else data_root / file
             field = ["tests", split[len("test:"):]] if split.startswith("test:") else ["data", split]
-            if not file.is_file():
+            if not file.exists():  # a file, or a datasets save_to_disk directory
                 raise DataError(file, f"data file not found ({_where(path, ['tasks', i, *field])})")
             fmt = entry.format or spec.format
+            columns = ColumnMap(spec.columns if entry.columns is None else entry.columns,
+                                {k: tuple(v) for k, v in spec.label_names.items()})
             _read_head(tasks[spec.name], file, fmt, f"split '{split}' of task '{spec.name}'",
-                       entry.encoding or spec.encoding, split)
+                       entry.encoding or spec.encoding, split, columns)
             checked += 1
     return checked
 
 
 def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str | None = None,
-               split: str = "train") -> None:
+               split: str = "train", columns: ColumnMap | None = None) -> None:
     """Read a small file whole, a large one's first lines (a large single JSON document: not at all), and check
     the examples read as the plugin checks a ``split`` (``TaskPlugin.check_split``)."""
     from compressor.data.readers import decode_error
     from compressor.data.store import read_split
 
-    if file.stat().st_size <= FULL_READ_BYTES:
-        examples = read_split(task, file, fmt, encoding)
+    # tables (parquet, save_to_disk, CSV) have no first lines that parse alone: read whole (columnar, quick)
+    if table_format(file, fmt) in TABLE_FORMATS or file.stat().st_size <= FULL_READ_BYTES:
+        examples = read_split(task, file, fmt, encoding, columns)
         if not examples:
             raise DataError(file, f"{what} is empty")
         task.check_split(examples, split)
@@ -226,7 +230,7 @@ def _read_head(task: Any, file: Path, fmt: str | None, what: str, encoding: str 
         head = tmp / file.name
         head.write_bytes(b"".join(lines))
         try:
-            task.check_split(read_split(task, head, fmt, encoding), split)
+            task.check_split(read_split(task, head, fmt, encoding, columns), split)
         except DataError as exc:  # name the real file, not the sample
             exc.args = (str(exc).replace(str(head), str(file)),)
             exc.path = file

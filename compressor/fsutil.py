@@ -107,6 +107,58 @@ def absolute_paths(obj: Any, base: Path) -> Any:
     return obj
 
 
+# ---- no build-machine paths in artefacts and reports ---------------------------------------------------------
+def run_root(path: Path | str) -> Path | None:
+    """The run directory a path lies in (``<run>/stages/...``, ``<run>/report.json``), or None."""
+    p = Path(os.path.abspath(path))
+    for parent in (p, *p.parents):
+        if (parent / "recipe.yaml").is_file() and (parent / "stages").is_dir():
+            return parent
+    return None
+
+
+def portable(obj: Any, written_at: Path | str | None = None) -> Any:
+    """``obj`` with the build machine's absolute paths taken out of every string, for a file written at
+    ``written_at``: a path inside that file's run directory becomes relative to the run (``stages/01-export/...``;
+    the run itself ``.``), one inside the working directory (the repository) relative to it, one inside the home
+    directory ``~/...``; a string that is a whole absolute path elsewhere keeps only its last part (``.../bert``).
+    Text around the paths (notes, Markdown) is kept."""
+    import re
+
+    rules: list[tuple[str, str, str]] = []  # (prefix, replacement when a path follows, replacement when it ends)
+    run = run_root(written_at) if written_at is not None else None
+    if run is not None:
+        rules.append((str(run), "", "."))
+    cwd = os.getcwd()
+    if cwd not in ("/", ""):
+        rules.append((cwd, "", "."))
+    home = os.path.expanduser("~")
+    if home not in ("/", "", "~") and os.path.isabs(home):
+        rules.append((home, "~/", "~"))
+    pattern = re.compile("|".join(f"(?P<r{i}>{re.escape(prefix)})(?:(?P<s{i}>/)|(?![\\w.-]))"
+                                  for i, (prefix, _, _) in enumerate(rules)))
+
+    def sub(m: re.Match) -> str:
+        i = next(i for i in range(len(rules)) if m.group(f"r{i}") is not None)
+        return rules[i][1] if m.group(f"s{i}") else rules[i][2]
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, str):
+            if "/" not in o:
+                return o
+            out = pattern.sub(sub, o)
+            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1:
+                return f".../{Path(out).name}"
+            return out
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
+
+
 # ---- run-directory lock -----------------------------------------------------------------------------------
 LOCK_NAME = ".lock"
 

@@ -503,7 +503,7 @@ def _(c):
 
 @case("data-unknown-format")
 def _(c):
-    return c.run(c.base().replace("format: label_text", "format: csv")), "unknown classification format 'csv'"
+    return c.run(c.base().replace("format: label_text", "format: xml")), "unknown classification format 'xml'"
 
 
 def _jsonl_sst(lines: str, expect: str):
@@ -566,6 +566,112 @@ simple("data-squad-duplicate-id", _squad({"data": [{"paragraphs": [{"context": _
     {"id": "q", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 20}]}]}]}]},
     "duplicate question id 'q'"))
 simple("data-squad-invalid-json", _squad('{"data": [', "bad.json"))
+
+
+# ---- data through `datasets`: tables, column maps, label names, line separators ------------------------------------
+def _hf_file(c: Ctx, name: str, columns: dict, features: dict | None = None, fmt: str = "parquet") -> Path:
+    """A table written by ``datasets`` itself (``fmt``: jsonl, csv, parquet, arrow = save_to_disk)."""
+    from datasets import Dataset, Features
+
+    datasets_mod = __import__("datasets")
+    datasets_mod.disable_progress_bars()
+    ds = Dataset.from_dict(columns, features=Features(features) if features else None)
+    path = c.tmp / name
+    {"jsonl": ds.to_json, "csv": ds.to_csv, "parquet": ds.to_parquet, "arrow": ds.save_to_disk}[fmt](str(path))
+    return path
+
+
+def _conll_cols() -> tuple[dict, dict]:
+    from datasets import ClassLabel, Sequence, Value
+
+    return ({"tokens": [["John", "lives", "here"], ["Anna", "works"]], "ner_tags": [[1, 0, 0], [1, 0]]},
+            {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=["O", "B-Peop", "I-Peop"]))})
+
+
+def _sst_cols(label=None, names=("negative", "positive")) -> tuple[dict, dict]:
+    from datasets import ClassLabel, Value
+
+    feature = ClassLabel(names=list(names)) if names else ClassLabel(num_classes=2)
+    return ({"sentence": ["a fine film", "dull", "fun", "long"], "label": label or [1, 0, 1, 0]},
+            {"sentence": Value("string"), "label": feature})
+
+
+def _hf(make: Callable[[Ctx], Path], task: str, expect: str, cmd: str = "run"):
+    """A recipe whose one task reads the file ``make`` writes; ``task`` is its YAML with ``{path}``."""
+    def build(c: Ctx):
+        path = make(c)
+        text = c.base(tasks=task.replace("{path}", str(path)))
+        return (c.run(text) if cmd == "run" else c.validate(text)), expect
+    return build
+
+
+_NER_TASK = "  - {{name: ner, plugin: ner, columns: {{tags: {col}}}, data: {{train: {{path}}, dev: {{path}}}}}}\n"
+_SST_TASK = ("  - {{name: sst, plugin: classification, columns: {{text: sentence}}, {extra}"
+             "data: {{train: {{path}}, dev: {{path}}}}}}\n")
+simple("data-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_conll_cols()), _NER_TASK.format(col="ner_tag"),
+    "columns.tags names column 'ner_tag', which the file lacks (it has: tokens, ner_tags)"))
+simple("validate-columns-name-a-column-the-file-lacks", _hf(
+    lambda c: _hf_file(c, "bad", *_conll_cols(), fmt="arrow"), _NER_TASK.format(col="tag"),
+    "columns.tags names column 'tag', which the file lacks", cmd="validate"))
+simple("data-columns-missing-in-a-jsonl-record", _hf(
+    lambda c: c.file("bad.jsonl", '{"sentence": "fine", "label": "1"}\n{"text": "dull", "label": "0"}\n'),
+    _SST_TASK.format(extra=""), "bad.jsonl:2: columns.text names column 'sentence', which this record lacks"))
+simple("data-classlabel-without-names", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(names=None)), _SST_TASK.format(extra=""),
+    "bad.parquet: column 'label' is a ClassLabel without names"))
+simple("data-ner-integer-tags-without-names", _hf(
+    lambda c: _hf_file(c, "bad.jsonl", *_conll_cols(), fmt="jsonl"), _NER_TASK.format(col="ner_tags"),
+    "bad.jsonl:1: field 'tags' holds integer ids without names"))
+simple("data-label-id-outside-the-label-names", _hf(
+    lambda c: _hf_file(c, "bad.csv", {"sentence": ["fine", "dull"], "label": [1, 0]}, fmt="csv"),
+    _SST_TASK.format(extra="label_names: {label: [negative]}, "),
+    "bad.csv [record 0]: field 'label': id 1 is outside its 1 label names"))
+simple("data-unlabelled-glue-test-split", _hf(
+    lambda c: _hf_file(c, "bad.parquet", *_sst_cols(label=[-1, -1, -1, -1])), _SST_TASK.format(extra=""),
+    "id -1 marks an unlabelled example"))
+simple("data-datasetdict-directory", _hf(
+    lambda c: (lambda d: (__import__("datasets").DatasetDict({"train": d, "validation": d}).save_to_disk(
+        str(c.tmp / "dd")), c.tmp / "dd")[1])(__import__("datasets").Dataset.from_dict(_sst_cols()[0])),
+    _SST_TASK.format(extra=""), "is a DatasetDict (train, validation); give one split's directory"))
+simple("data-directory-is-not-save-to-disk", _hf(
+    lambda c: (c.file("plain/x.txt", "1 a\n"), c.tmp / "plain")[1], _SST_TASK.format(extra="format: arrow, "),
+    "plain: is a directory but not a datasets save_to_disk directory"))
+simple("data-parquet-given-as-label-text", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.txt"), c.tmp / "bad.txt")[1])(
+        _hf_file(c, "x.parquet", *_sst_cols())),
+    "  - {name: sst, plugin: classification, format: label_text, data: {train: {path}, dev: {path}}}\n",
+    "bad.txt: is a parquet file, but it was given to a text reader; set format: parquet"))
+simple("data-parquet-given-as-conll", _hf(
+    lambda c: (lambda p: (p.rename(c.tmp / "bad.conll"), c.tmp / "bad.conll")[1])(
+        _hf_file(c, "x.parquet", *_conll_cols())),
+    "  - {name: ner, plugin: ner, data: {train: {path}, dev: {path}}}\n", "bad.conll: is a parquet file"))
+simple("data-columns-on-a-format-that-ignores-them", _hf(
+    lambda c: c.file("bad.txt", "1 fine\n0 dull\n"), _SST_TASK.format(extra="format: label_text, "),
+    "its plugin reads this file (format label_text) without them"))
+simple("data-csv-unreadable", _hf(
+    lambda c: c.file("bad.csv", "sentence,label\nfine,1\ndull,0,extra\n"), _SST_TASK.format(extra=""),
+    "bad.csv: not a readable CSV file"))
+simple("data-csv-list-shortened-by-numpy", _hf(
+    lambda c: c.file("bad.csv", "tokens,ner_tags\n\"['a' 'b' ... 'y' 'z']\",[0 0 ... 0 0]\n"),
+    _NER_TASK.format(col="ner_tags"), "numpy shortened this list"))
+simple("data-line-separator-keeps-line-numbers", _sst("1 a good film\u2028bad for rivals\n0\n", "bad.txt:2:"))
+simple("data-form-feed-keeps-line-numbers", _sst("1 good\x0c\x1cfilm\n0 dull\n1\n", "bad.txt:3:"))
+simple("recipe-label-names-empty", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: []}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-label-names-twice", _recipe_edit("    format: label_text\n",
+                                                "    format: label_text\n    label_names: {label: [a, a]}\n",
+                                                "tasks[1].label_names"))
+simple("recipe-columns-empty-column", _recipe_edit("    format: label_text\n",
+                                                   "    format: label_text\n    columns: {text: ''}\n",
+                                                   "tasks[1].columns"))
+simple("recipe-label-before-empty", _recipe_edit("    format: label_text\n",
+                                                 "    format: label_text\n    options: {label_before: ''}\n",
+                                                 "tasks[1].options"))
+simple("tasks-check-unknown-encoding", lambda c: (
+    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
+    "--encoding: unknown text encoding 'klingon'"))
 
 
 # ---- the output directory ----------------------------------------------------------------------------------
@@ -903,6 +1009,24 @@ simple("predict-empty-text", _predict(lambda c: c.bundle, "--task", "sst", "", e
 simple("predict-whitespace-text", _predict(lambda c: c.bundle, "--task", "sst", " \t ", expect="empty text"))
 simple("predict-control-characters", _predict(lambda c: c.bundle, "--task", "sst", "\x01\x02\x7f", expect="empty text"))
 
+simple("predict-undecodable-bytes", _predict(lambda c: c.bundle, "--task", "sst", "caf\udce9 au lait",
+                                             expect="text 0: not valid UTF-8 text"))
+simple("serve-missing-bundle", lambda c: (["serve", str(c.tmp / "nobundle")], "nobundle: bundle directory does not exist"))
+simple("serve-bad-host", lambda c: (["serve", str(c.bundle), "--host", "no.such.host.invalid", "--port", "0"],
+                                    "--host no.such.host.invalid"))
+simple("evaluate-bundle-unknown-task", lambda c: (c.evaluate(c.bundle, task="sts"), "did you mean 'sst'"))
+simple("evaluate-bundle-bad-data", lambda c: (c.evaluate(c.bundle, data=c.file("bad.txt", "nolabel\n")), "bad.txt:1"))
+
+
+# ---- usage errors: one line, not Typer's usage box ---------------------------------------------------------
+simple("usage-unknown-option", lambda c: (["run", "r.yaml", "--bogus"], "No such option: --bogus"))
+simple("usage-missing-argument", lambda c: (["evaluate", "--task", "sst"], "Missing argument 'path'"))
+simple("usage-missing-option", lambda c: (["evaluate", str(c.bundle), "--data", "x"], "Missing option '--task'"))
+simple("usage-bad-int", lambda c: (["predict", str(c.bundle), "hi", "--threads", "many"], "'--threads'"))
+simple("usage-out-of-range", lambda c: (["serve", str(c.bundle), "--port", "70000"], "'--port'"))
+simple("usage-unknown-command", lambda c: (["evalute"], "No such command 'evalute'"))
+simple("usage-tasks-subcommand", lambda c: (["tasks", "lst"], "No such command 'lst'"))
+simple("usage-option-needs-value", lambda c: (["validate", "r.yaml", "--data-root"], "'--data-root' requires an argument"))
 
 # ---- the recipe loader: duplicate keys, booleans for numbers, huge values, aliases, names ---------------------
 _LOADER_CASES = [
@@ -1233,10 +1357,12 @@ def test_fuzz_recipe_loader_bytes(raw, tmp_path_factory):
 
 _READERS = [("ner", "conll"), ("ner", "jsonl"), ("ner", "conll04"), ("classification", "label_text"),
             ("classification", "tsv"), ("classification", "jsonl"), ("qa", "squad"), ("qa", "jsonl"),
-            ("relation", "conll04")]
+            ("relation", "conll04"), ("classification", "csv"), ("ner", "csv"), ("classification", "parquet"),
+            ("qa", "csv")]
 _lines = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(
     ["John B-Peop", "1 good", "{\"text\": \"a\", \"label\": 1}", "[", "", "\t", "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}",
-     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]'])), max_size=8)
+     '{"data": []}', '[{"tokens": ["a"], "entities": [[0, 1, "X"]]}]', "text,label", "tokens,tags",
+     "\"['a' 'b']\",\"['O' 'B-X']\"", "a\u2028b,1", "[1 2],x"])), max_size=8)
 
 
 @_FUZZ
@@ -1250,3 +1376,20 @@ def test_fuzz_readers(reader, body, tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "data.txt"
     path.write_bytes(body)
     _clean(lambda: task.read(path, fmt))
+
+
+def test_undecodable_bytes_and_usage_errors_through_the_console_script(bundle, tmp_path):
+    """Real argv bytes that are not UTF-8 (Python hands them over as surrogates) and a bad option: one line."""
+    exe = Path(sys.executable).parent / "compressor"
+    env = {**os.environ, "COMPRESSOR_DEBUG": ""}
+    r = subprocess.run([str(exe), "predict", str(bundle), b"caf\xe9 au lait", "--task", "sst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not valid UTF-8" in err, err
+    r = subprocess.run([str(exe), "predict", str(bundle), "hi", "--task", b"s\xffst"], capture_output=True,
+                       timeout=120, env=env)
+    err = r.stderr.decode("utf-8")
+    assert r.returncode == 2 and err.count("\n") == 1 and "does not serve" in err, err
+    r = subprocess.run([str(exe), "run", "x.yaml", "--bogus"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: No such option: --bogus") and r.stderr.count("\n") == 1
+    assert "Usage:" not in r.stderr and "╭" not in r.stderr

@@ -308,7 +308,8 @@ def test_without_single_the_runs_own_single_task_students_are_row_d(bench, tmp_p
                           log=lambda _: None)
     data = json.loads(paths["json"].read_text())
     d = data["models"]["d"]
-    assert [p["source"].split(" ")[0] for p in d["parts"]] == [str(src.singles["ner"]), str(src.singles["sst"])]
+    # the report names the run's models relative to the run (no build-machine paths)
+    assert [p["source"].split(" ")[0] for p in d["parts"]] == [str(src.singles[t].relative_to(run)) for t in ("ner", "sst")]
     assert {r["task"] for r in data["rows"] if r["id"] == "d"} == {"ner", "sst"}
     assert any("single-task students of distill stage 'distill'" in n for n in data["notes"])
     assert any(t["id"] == "vs_d" for t in data["targets"])
@@ -345,8 +346,9 @@ report:"""))
     paths = run_benchmark(run, tmp_path / "b", threads=[1], batch=2, runs=1, seq_len=16, samples=4,
                           log=lambda _: None)
     data = json.loads(paths["json"].read_text())
-    assert str(stage / "teacher.onnx") in data["models"]["b"]["source"]
-    assert str(stage / "teacher.int8.onnx") in data["models"]["c"]["source"]
+    assert str((stage / "teacher.onnx").relative_to(run)) in data["models"]["b"]["source"]
+    assert str((stage / "teacher.int8.onnx").relative_to(run)) in data["models"]["c"]["source"]
+    assert str(run) not in paths["json"].read_text()
     assert data["models"]["c"]["integer_matmuls"] == n_int and data["settings"]["quantization_target"] == "avx2"
     bench_rows = {(r["id"], r["task"]): r for r in data["rows"]}
     for task in ("ner", "sst"):  # the same graphs on the same test data: the same metric

@@ -52,7 +52,7 @@ def test_read_tsv_pairs_and_jsonl():
         ("bad.jsonl", '{"text": "a", "label": null}\n', None, r"bad\.jsonl:1: field 'label'"),
         ("bad.jsonl", '{"text": "a", "text_pair": "b", "label": "x"}\n', None,
          r"bad\.jsonl:1: this record has a text pair .* text_pair: false"),
-        ("x.txt", "1 a\n", "csv", r"x\.txt: unknown classification format 'csv'"),
+        ("x.txt", "1 a\n", "xml", r"x\.txt: unknown classification format 'xml'"),
     ],
 )
 def test_malformed_files_name_file_and_line(tmp_path, name, text, fmt, message):

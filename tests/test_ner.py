@@ -142,8 +142,8 @@ def test_format_detection_and_explicit_format(tmp_path):
     with pytest.raises(DataError, match=r"data\.txt:1: tag .* is not IOB2"):
         make_task().read(p)  # .txt -> conll, whose last column here is not a tag
     assert make_task().read(p, "jsonl")[0].entities == [(0, 1, "X")]
-    with pytest.raises(DataError, match="unknown NER format 'csv'"):
-        make_task().read(p, "csv")
+    with pytest.raises(DataError, match="unknown NER format 'xml'"):
+        make_task().read(p, "xml")
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ def test_labels_are_fitted_on_the_whole_training_file_despite_limit(data):
     assert store.tasks["sst"].labels == ["0", "1", "2"]
     train = store.examples("sst", "train")
     assert len(train) == 3 and "2" not in {ex.label for ex in train}  # the subsample lacks it; the schema does not
-    assert store.sizes()["sst"]["train"] == {"used": 3, "available": 41}
+    assert store.sizes()["sst"]["train"] == {"used": 3, "available": 41, "labels": 3}
     assert validate(write_recipe(data, SST + "\n    limit: {train: 3}")).exit_code == 0
 
 

@@ -225,19 +225,26 @@ def _measure_all(bench: _Bench, cands: list[Candidate], single_cands: list[Candi
                  covered: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Measure every candidate; the single-task students together as row (d)."""
     from compressor.bench.timing import combine_singles, measure_candidate
+    from compressor.console import progress
 
     models: dict[str, dict[str, Any]] = {}
-    for cand in cands:
-        bench.log(f"benchmark: measuring ({cand.key}) {cand.label}")
-        models[cand.key] = measure_candidate(cand, bench.inputs[cand.group], bench.settings, bench.eval_threads)
-    if single_cands:
-        parts = []
-        for cand in single_cands:
+    with progress("benchmark: models", total=len(cands) + len(single_cands)) as advance:
+        for cand in cands:
             bench.log(f"benchmark: measuring ({cand.key}) {cand.label}")
-            # every single model runs on every covered task's inputs: serving a request needs them all
-            task_src = {t: bench.inputs[next(c.group for c in single_cands if c.scored == [t])][t] for t in covered}
-            parts.append(measure_candidate(cand, task_src, bench.settings, bench.eval_threads))
-        models["d"] = combine_singles(single_cands, parts)
+            advance(0, f"({cand.key}) {cand.label}")
+            models[cand.key] = measure_candidate(cand, bench.inputs[cand.group], bench.settings, bench.eval_threads)
+            advance(1)
+        if single_cands:
+            parts = []
+            for cand in single_cands:
+                bench.log(f"benchmark: measuring ({cand.key}) {cand.label}")
+                advance(0, f"({cand.key}) {cand.label}")
+                # every single model runs on every covered task's inputs: serving a request needs them all
+                task_src = {t: bench.inputs[next(c.group for c in single_cands if c.scored == [t])][t]
+                            for t in covered}
+                parts.append(measure_candidate(cand, task_src, bench.settings, bench.eval_threads))
+                advance(1)
+            models["d"] = combine_singles(single_cands, parts)
     return models
 
 

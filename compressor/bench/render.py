@@ -184,8 +184,27 @@ def _real_lines(rows: Sequence[Mapping[str, Any]], s: Mapping[str, Any], threads
     return lines
 
 
-def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path, scale: float = 1.0) -> Path:
-    """Metric (y) against ``x_key`` (x, log scale), one panel per task, one labelled point per model."""
+def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path, scale: float = 1.0,
+         target: float | None = None) -> Path:
+    """Write :func:`metric_figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = metric_figure(rows, x_key, x_label, scale, target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def metric_figure(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, scale: float = 1.0,
+                  target: float | None = None) -> Any:
+    """Metric (y) against ``x_key`` (x, log scale), one panel per task, one labelled point per model.
+
+    The panels share one y-scale (their metrics are all fractions, so heights compare across tasks), and each
+    shows the retention ``target`` as a dotted line at that fraction of model (a)'s metric on its task.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,13 +212,18 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task and r.get(x_key) is not None):
             x = r[x_key] * scale
             ax.scatter([x], [r["value"]], marker=MARKERS.get(r["id"], "o"), s=60, label=f"{r['id']}: {r['label']}")
             ax.annotate(r["id"], (x, r["value"]), textcoords="offset points", xytext=OFFSETS.get(r["id"], (6, 4)),
                         fontsize=8)
+        ref = next((r for r in rows if r["task"] == task and r["id"] == "a"), None)
+        if target is not None and ref is not None and ref.get("value") is not None:
+            hib = ref.get("higher_is_better", True)
+            ax.axhline(ref["value"] * target if hib else ref["value"] / target, color="tab:purple", linestyle=":",
+                       linewidth=1.5, label=f"target: {100 * target:g}% of (a)")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -207,16 +231,17 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path
         ax.set_title(task)
         ax.set_xlabel(x_label)
         ax.set_ylabel(metric)
+        ax.yaxis.set_tick_params(labelleft=True)  # shared scale, but every panel keeps its tick labels
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes[0]:  # a legend entry per model and one for the target line
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return fig
 
 
 def _footprint_lines(fp: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ def write_report(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], h
 
     from compressor.bench.render import plot, render_markdown
     from compressor.bench.results import build_rows, check_targets
-    from compressor.fsutil import atomic_write_text
+    from compressor.fsutil import atomic_write_text, portable
     from compressor.report.machine import describe_machine
 
     settings, thread_list = bench.settings, bench.settings.threads
@@ -37,9 +38,11 @@ def write_report(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], h
     paths = {"latency_plot": Path(f"{out}-metric-vs-latency.png"), "size_plot": Path(f"{out}-metric-vs-size.png"),
              "json": Path(f"{out}.json"), "markdown": Path(f"{out}.md")}
     lat_threads = 1 if 1 in thread_list else thread_list[0]
+    retention = recipe.report.targets.retention
     plot(rows, f"latency_seq_p50_ms_t{lat_threads}",
-         f"p50 latency (ms), batch 1, {settings.seq_len} tokens, {lat_threads} thread(s)", paths["latency_plot"])
-    plot(rows, "size_bytes", "size on disk (MB)", paths["size_plot"], scale=1e-6)
+         f"p50 latency (ms), batch 1, {settings.seq_len} tokens, {lat_threads} thread(s)", paths["latency_plot"],
+         target=retention)
+    plot(rows, "size_bytes", "size on disk (MB)", paths["size_plot"], scale=1e-6, target=retention)
     data_out = {
         "title": f"Benchmark: {recipe.name}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -58,6 +61,8 @@ def write_report(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], h
         "notes": _notes(bench, cands, has_singles),
         "plots": {"metric vs latency": str(paths["latency_plot"]), "metric vs size": str(paths["size_plot"])},
     }
+    data_out = portable(data_out, Path(src.run_dir) / "report.json")  # the run's paths relative to it
+    data_out["run"] = portable(os.path.abspath(src.run_dir))  # the run relative to the repository
     atomic_write_text(paths["json"], json.dumps(data_out, indent=2))
     atomic_write_text(paths["markdown"], render_markdown(data_out) + "\n")
     return paths

@@ -29,16 +29,24 @@ def benchmark(
                                          "latency and throughput.")] = 100,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: the run's "
                                                       "recipe, $COMPRESSOR_DATA_ROOT, then ../shared/data).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the benchmark (rows, targets, paths) as JSON on "
+                                           "stdout; progress goes to stderr.")] = False,
 ) -> None:
     """Measure (a) the fp32 teacher in PyTorch, (b) in ONNX Runtime, (c) with optimum dynamic INT8, (d) single-task
     students and (e) the run's multi-head student (fp32 and INT8) on the same data and machine."""
-    from compressor.bench.benchmark import run_benchmark
-
-    paths = run_benchmark(run, out, singles=singles or [], threads=threads or None, batch=batch, runs=runs,
-                          seq_len=seq_len, samples=samples, data_root=data_root)
     import json
 
-    for t in json.loads(paths["json"].read_text())["targets"]:
+    from compressor.bench.benchmark import run_benchmark
+    from compressor.cli.output import emit_json, stdout_to_stderr
+
+    with stdout_to_stderr(json_out):
+        paths = run_benchmark(run, out, singles=singles or [], threads=threads or None, batch=batch, runs=runs,
+                              seq_len=seq_len, samples=samples, data_root=data_root)
+    result = json.loads(paths["json"].read_text())
+    if json_out:
+        emit_json({"paths": {k: str(v) for k, v in paths.items()}, "benchmark": result})
+        return
+    for t in result["targets"]:
         state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         typer.echo(f"{state}: {t['target']}: {t['detail']}")
     typer.echo(f"wrote {paths['markdown']}, {paths['json']}, {paths['latency_plot']} and {paths['size_plot']}")

@@ -32,21 +32,28 @@ def compress(
                                                       "(e.g. recovery_steps=80, space.layers=[3,4]); repeatable.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: the tasks' recipe's).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run's result (paths, report) as JSON on "
+                                           "stdout; progress goes to stderr.")] = False,
 ) -> None:
     """Search the smallest / fastest student that keeps RETENTION of the teacher on every task, then export,
     quantize and bundle it (exit code 1 when no candidate holds the floor)."""
     recipe_dict, source = build_recipe(teacher_dir, retention, objective, budget, budget_seconds, tasks_from, int8,
                                        set_ or [])
-    from compressor.pipeline import run_recipe
-
     import yaml
+
+    from compressor.cli.output import emit_json, run_result, stdout_to_stderr
+    from compressor.pipeline import run_recipe
 
     run_dir = Path(out) if out else Path("runs") / recipe_dict["name"]
     with tempfile.TemporaryDirectory(prefix="compress-") as tmp:
         path = Path(tmp) / "recipe.yaml"
         header = (f"# written by `compressor compress {teacher_dir}`; tasks and data from {source}\n")
         path.write_text(header + yaml.safe_dump(recipe_dict, sort_keys=False))
-        run_dir = run_recipe(path, out=run_dir, resume=resume, data_root=data_root)
+        with stdout_to_stderr(json_out):
+            run_dir = run_recipe(path, out=run_dir, resume=resume, data_root=data_root)
+    if json_out:
+        emit_json({"recipe": str(Path(run_dir) / "recipe.yaml"), **run_result(Path(run_dir))})
+        return
     typer.echo(f"recipe: {Path(run_dir) / 'recipe.yaml'}")
     typer.echo(f"report: {Path(run_dir) / 'report.md'} (and report.json)")
 

@@ -7,30 +7,81 @@ User errors (``CompressorError``) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """The command group of the CLI: a usage error (unknown option, missing argument, bad value) is one line
+    ``error: ...`` on stderr with exit code 2, like every other user error, not Typer's usage box."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            rv = 1
+        except Exception as exc:  # Click's ClickException family (typer ships its own copy of click)
+            if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+                raise
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `compressor`: the help
+                typer.echo(ctx.get_help())
+            else:
+                typer.echo(f"error: {one_line(exc.format_message())}", err=True)
+            rv = exc.exit_code
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line (text from argv may hold undecodable bytes as surrogates)."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 app = typer.Typer(help="Make multi-task NLP transformers small and fast.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-tasks_app = typer.Typer(help="Task plugins.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, add_completion=False, cls=OneLineErrors)
+tasks_app = typer.Typer(help="Task plugins.", no_args_is_help=True, cls=OneLineErrors)
 app.add_typer(tasks_app, name="tasks")
 
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Data root (default: recipe, "
                                                   "$COMPRESSOR_DATA_ROOT, then ../shared/data).")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress and "
+                                      "messages go to stderr).")]
 
 
 _DEBUG = {"on": False}  # set by --debug for this invocation
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"compressor {compressor_version()}")
+        raise typer.Exit()
+
+
+def compressor_version() -> str:
+    """The installed distribution's version ("unknown" for a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compressor")
+    except PackageNotFoundError:  # pragma: no cover - a checkout on PYTHONPATH without an install
+        return "unknown"
+
+
 @app.callback()
 def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of every error "
-                                                 "(or set COMPRESSOR_DEBUG=1).")] = False) -> None:
+                                                 "(or set COMPRESSOR_DEBUG=1).")] = False,
+             version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
     """Make multi-task NLP transformers small and fast."""
     _DEBUG["on"] = debug
 
@@ -61,7 +112,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 import traceback
 
                 traceback.print_exc()
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {one_line(message)}", err=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # SearchFailed: 1
 
     return wrapper
@@ -75,6 +126,7 @@ def validate(
     data: Annotated[bool, typer.Option("--data", help="Read every split of every task whole: formats, encodings, "
                                        "dev/test labels against the training split's label schema, a dev split "
                                        "for every task; every problem on its own line.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Check recipes without running them: YAML and fields, every task built through its plugin (options
     against the plugin's schema), the stage chain (each stage's input made by an earlier stage, every `source`
@@ -85,15 +137,25 @@ def validate(
     if data:
         from compressor.cli.validate_data import validate_recipes_data
 
-        raise typer.Exit(validate_recipes_data(recipes, data_root))
+        raise typer.Exit(validate_recipes_data(recipes, data_root, json_out))
+    results = []
     for path in recipes:
         recipe = load_recipe(path)
         root = default_data_root(recipe, data_root)
         summary = check_recipe(recipe, path, root)
         for note in summary["notes"]:
             typer.echo(f"{path}: {note}", err=True)
-        data = f", {summary['data_files']} data file(s) read" if root is not None else ", no data root: data not checked"
-        typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
+        results.append({"recipe": str(path), "ok": True, "tasks": summary["tasks"], "stages": summary["stages"],
+                        "data_files": summary["data_files"] if root is not None else None,
+                        "notes": list(summary["notes"])})
+        if not json_out:
+            data = (f", {summary['data_files']} data file(s) read" if root is not None
+                    else ", no data root: data not checked")
+            typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
+    if json_out:
+        from compressor.cli.output import emit_json
+
+        emit_json(results)
 
 
 @app.command()
@@ -104,60 +166,19 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip completed stages, "
                                                           "resume the running one from its last checkpoint.")] = False,
     data_root: DataRoot = None,
-) -> None:
-    """Run a recipe's stages in order and write report.json / report.md into the run directory."""
-    from compressor.pipeline import run_recipe
-
-    run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root)
-    typer.echo(f"report: {run_dir / 'report.md'} (and report.json)")
-
-
-@app.command()
-@guarded
-def evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory written by a stage.")],
-    task: Annotated[str, typer.Option("--task", help="Task name in the model.")],
-    data: Annotated[Path, typer.Option("--data", help="Data file of that task.")],
-    format: Annotated[Optional[str], typer.Option("--format", help="Reader format (default: from the extension).")] = None,
-    encoding: Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the file (default utf-8).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     json_out: JsonOut = False,
 ) -> None:
-    """Score a saved model on one task's data file."""
-    from compressor.errors import DataError, RecipeError
-    from compressor.model.io import load_model
-    from compressor.model.forward import torch_forward
+    """Run a recipe's stages in order and write report.json / report.md into the run directory."""
+    from compressor.cli.output import emit_json, run_result, stdout_to_stderr
+    from compressor.pipeline import run_recipe
 
-    model, tokenizer, manifest = load_model(model_dir)
-    if task not in model.tasks:
-        import difflib
-
-        close = difflib.get_close_matches(task, list(model.tasks), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; it has: {', '.join(model.tasks)}"
-        raise RecipeError(f"{model_dir}: no task '{task}'{hint}")
-    if not data.is_file():
-        raise DataError(data, "data file not found")
-    plugin = model.tasks[task]
-    from compressor.data.readers import check_encoding
-    from compressor.data.store import read_split
-
-    if encoding is not None:
-        try:
-            check_encoding(encoding)
-        except ValueError as exc:
-            raise RecipeError(f"--encoding: {exc}") from None
-    examples = read_split(plugin, data, format, encoding)
-    if not examples:
-        raise DataError(data, "no examples")
-    encoded = plugin.encode(examples, tokenizer, manifest["max_length"], False)
-    metrics, _ = plugin.evaluate(torch_forward(model), encoded, examples, batch_size)
-    result = {"task": task, "data": str(data), "examples": len(examples), "truncated": encoded.truncated,
-              "metric": plugin.metric.name, "metrics": metrics}
+    with stdout_to_stderr(json_out):
+        run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root)
     if json_out:
-        typer.echo(json.dumps(result, indent=2))
+        emit_json(run_result(run_dir))
     else:
-        typer.echo(f"{task} on {data}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                   + f" ({len(examples)} examples, {encoded.truncated} truncated)")
+        typer.echo(f"report: {run_dir / 'report.md'} (and report.json)")
+
 
 
 @app.command()
@@ -168,12 +189,18 @@ def publish(
     title: Annotated[str, typer.Option("--title")] = "",
     stage: Annotated[Optional[list[str]], typer.Option("--stage", help="Keep only these stages' rows.")] = None,
     note: Annotated[Optional[list[str]], typer.Option("--note", help="A line of context at the top.")] = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Write finished runs' reports as one benchmark report (Markdown + JSON) with per-task comparisons."""
     from compressor.report.publish import publish_runs
 
     md, js = publish_runs(runs, to, title, stage, note)
-    typer.echo(f"wrote {md} and {js}")
+    if json_out:
+        from compressor.cli.output import emit_json
+
+        emit_json({"markdown": str(md), "json": str(js)})
+    else:
+        typer.echo(f"wrote {md} and {js}")
 
 
 from compressor.cli.bench import benchmark  # noqa: E402  (typer only at import time)
@@ -188,6 +215,12 @@ tasks_app.command("check")(guarded(tasks_check))
 tasks_app.command("new")(guarded(tasks_new))
 from compressor.cli.compress import compress  # noqa: E402  (typer only at import time)
 app.command(name="compress")(guarded(compress))
+from compressor.cli.evaluate import evaluate  # noqa: E402  (typer only at import time)
+app.command(name="evaluate")(guarded(evaluate))
+from compressor.cli.env import env  # noqa: E402  (typer only at import time)
+app.command(name="env")(guarded(env))
+from compressor.cli.serve import serve  # noqa: E402  (typer only at import time)
+app.command(name="serve")(guarded(serve))
 
 
 def main() -> None:  # pragma: no cover - console script entry

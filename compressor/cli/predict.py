@@ -19,13 +19,14 @@ def predict(
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task to run (repeatable; default: "
                                                       "every task of the bundle).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read texts from a file, one per line "
-                                                 "(blank lines are skipped).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read texts from a UTF-8 file, one per "
+                                                 "line (lines end at \\n or \\r\\n only; blank lines are skipped).")] = None,
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="Question for QA tasks.")] = None,
     pair: Annotated[Optional[str], typer.Option("--pair", help="Second text for text-pair classification.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads.")] = None,
 ) -> None:
     """Predict with an exported bundle (torch-free): entities, relations, labels, answers."""
+    from compressor.data.readers import split_lines
     from compressor.errors import DataError
     from compressor.runtime import Bundle, BundleError
 
@@ -34,10 +35,11 @@ def predict(
         if not file.is_file():
             raise DataError(file, "input file not found")
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            content = file.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise DataError(file, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        texts += [line for line in lines if line.strip()]
+        # one text per line, cut at \n / \r\n only: U+2028, form feed... stay inside their text
+        texts += [line for line in split_lines(content) if line.strip()]
         if not texts:
             raise DataError(file, "no text in the file (every line is blank)")
     if not texts:

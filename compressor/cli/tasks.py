@@ -90,7 +90,7 @@ def tasks_check(
             check_encoding(encoding)
         except ValueError as exc:
             raise RecipeError(f"--encoding: {exc}") from None
-    if not data.is_file():
+    if not data.exists():  # a file, or a datasets save_to_disk directory
         raise DataError(data, "data file not found")
     siblings = {k: {"plugin": v, "path": data} for k, v in _options(sibling, "--sibling").items()}
     report = check_plugin(name, data, format=format, options=_options(option, "--option"),

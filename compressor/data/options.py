@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from compressor.errors import RecipeError
@@ -13,16 +14,20 @@ from compressor.errors import RecipeError
 
 @dataclass(frozen=True)
 class SplitSource:
-    """A split's file: its path (relative to the data root, or absolute), reader format and text encoding."""
+    """A split's file: its path (relative to the data root, or absolute), reader format, text encoding and its
+    own column map (field -> file column; default: the task's)."""
 
     path: str
     format: str | None = None
     encoding: str | None = None
+    columns: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """One task's data: its plugin, its split files, per-split limits and the dev hold-out share."""
+    """One task's data: its plugin, its split files, per-split limits, the dev hold-out share, and how tabular
+    files map onto the plugin's fields (``columns``: field -> file column; ``label_names``: field -> the names of
+    its integer ids)."""
 
     name: str
     plugin: str
@@ -33,6 +38,8 @@ class TaskData:
     limits: dict[str, int | None] = field(default_factory=dict)
     dev_from_train: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    columns: Mapping[str, str] = field(default_factory=dict)
+    label_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def source(self, split: str) -> SplitSource | None:
         return self.splits.get(split)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextvars
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,22 @@ class Location:
         if self.record is not None:
             return f"{self.path} [record {self.record}]"
         return self.path
+
+
+def example_location(example: Any) -> str | None:
+    """Where an example came from, as errors name it (``file:line`` or ``file [record r]``), from what its reader
+    kept: a ``source`` (:class:`Location`), a ``where`` string, or ``path`` and ``line`` attributes (as the
+    plugins ``compressor tasks new`` writes keep them); ``None`` when it kept none of these."""
+    source = getattr(example, "source", None)
+    if source is not None and str(source):
+        return str(source)
+    where = getattr(example, "where", None)
+    if isinstance(where, str) and where:
+        return where
+    path, line = getattr(example, "path", None), getattr(example, "line", None)
+    if isinstance(path, (str, Path)) and str(path):
+        return f"{path}:{line}" if isinstance(line, int) and not isinstance(line, bool) else str(path)
+    return None
 
 
 @contextmanager
@@ -79,8 +96,24 @@ def decode_error(path: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str)
                      line=line)
 
 
+#: leading bytes of binary table files that a text reader must not try to decode
+BINARY_MAGIC = {b"PAR1": ("a parquet file", "parquet"), b"ARROW1": ("an Arrow file", "arrow")}
+
+
+def check_not_binary(path: Path, raw: bytes) -> None:
+    """A ``DataError`` for a parquet or Arrow file handed to a text reader (instead of an "invalid UTF-8" that
+    misleads): it names the format to give instead."""
+    for magic, (what, fmt) in BINARY_MAGIC.items():
+        if raw.startswith(magic):
+            hint = ("give its save_to_disk directory with format: arrow" if fmt == "arrow" else
+                    f"set format: {fmt} on the split or the task (or name the file .{fmt})")
+            raise DataError(path, f"is {what}, but it was given to a text reader; {hint}")
+
+
 def decode_bytes(path: Path, raw: bytes, encoding: str | None = None) -> str:
-    """``raw`` decoded as ``encoding`` (default: :func:`current_encoding`); a UTF-8 BOM is dropped."""
+    """``raw`` decoded as ``encoding`` (default: :func:`current_encoding`); a UTF-8 BOM is dropped; a parquet or
+    Arrow file is a ``DataError`` saying which format to give."""
+    check_not_binary(path, raw)
     encoding = encoding or current_encoding()
     codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
@@ -97,15 +130,35 @@ def read_text(path: Path, encoding: str | None = None) -> str:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a directory, not a text file (a datasets save_to_disk directory is read with "
+                              "format: arrow)") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror or exc}") from exc
     return decode_bytes(path, raw, encoding)
 
 
+def split_lines(text: str) -> list[str]:
+    r"""``text`` cut at ``\n`` only (a ``\r`` before it is dropped), never at the other characters
+    ``str.splitlines`` breaks at (U+2028, U+2029, U+0085, form feed, ``\x1c``-``\x1e``, a lone ``\r``): those
+    stay inside their line. A final newline does not start an empty line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def iter_lines(path: Path, encoding: str | None = None) -> Iterator[tuple[int, str]]:
-    """``(line number, line without its newline)`` for every line, numbered from 1."""
-    for n, line in enumerate(read_text(path, encoding).splitlines(), start=1):
+    r"""``(line number, line without its newline)`` for every line, numbered from 1 (lines end at ``\n`` or
+    ``\r\n`` only, see :func:`split_lines`)."""
+    for n, line in enumerate(split_lines(read_text(path, encoding)), start=1):
         yield n, line
+
+
+def split_columns(line: str) -> list[str]:
+    """The space- or tab-separated columns of a line (other Unicode white space, e.g. U+00A0 or U+2028, stays
+    inside its column)."""
+    return [c for c in re.split(r"[ \t]+", line) if c]
 
 
 def read_jsonl(path: Path, encoding: str | None = None) -> list[tuple[int, dict[str, Any]]]:
@@ -146,7 +199,7 @@ def read_conll_blocks(path: Path, docstart: str = "-DOCSTART-", encoding: str | 
     blocks: list[list[ConllRow]] = []
     current: list[ConllRow] = []
     for n, line in iter_lines(path, encoding):
-        columns = line.split()
+        columns = split_columns(line)
         if not columns or columns[0] == docstart:
             if current:
                 blocks.append(current)

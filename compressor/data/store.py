@@ -3,37 +3,47 @@
 from __future__ import annotations
 
 import inspect
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 from compressor.data.options import DataOptions
 from compressor.data.readers import decode_error, text_encoding
+from compressor.data.tables import RECORD_FORMATS, ColumnMap, column_map
 from compressor.errors import DataError
 from compressor.tasks import Encoded, TaskPlugin, build_task
 
 SPLITS = ("train", "dev", "test")
 
 
-def read_split(task: TaskPlugin, path: Path, fmt: str | None, encoding: str | None = None) -> list[Any]:
-    """``task.read(path, fmt)`` with the split's text encoding.
+def read_split(task: TaskPlugin, path: Path, fmt: str | None, encoding: str | None = None,
+               columns: ColumnMap | None = None) -> list[Any]:
+    """``task.read(path, fmt)`` with the split's text encoding and column map.
 
     The encoding reaches the plugin two ways, so a plugin written before ``encoding:`` existed keeps working:
     every reader of :mod:`compressor.data.readers` (which the built-in plugins use) decodes in it while the call
     runs, and a plugin whose ``read`` takes an ``encoding`` keyword (or ``**kwargs``) is also given it. Text a
     plugin decodes itself and that is not valid in its codec becomes a ``DataError`` naming the file, the line
-    and the byte offset.
+    and the byte offset. The column map (``columns``, ``label_names``) reaches every plugin that reads through
+    :func:`compressor.data.tables.read_records`; one given to a plugin that reads otherwise is an error, not
+    silently ignored.
     """
     kwargs = {"encoding": encoding} if encoding is not None and _takes_encoding(task.read) else {}
-    with text_encoding(encoding):
+    with text_encoding(encoding), column_map(columns) as reading:
         try:
-            return task.read(path, fmt, **kwargs)
+            examples = task.read(path, fmt, **kwargs)
         except UnicodeDecodeError as exc:
             try:
                 raw = Path(path).read_bytes()
             except OSError:
                 raw = b""
             raise decode_error(Path(path), raw, exc, exc.encoding or encoding or "utf-8") from None
+    if columns and not reading.used:
+        raise DataError(path, f"task '{task.name}' has columns/label_names, but its plugin reads this file "
+                              f"(format {fmt or 'by extension'}) without them; use a format it reads as a table "
+                              f"({', '.join(RECORD_FORMATS)}) or drop them")
+    return examples
 
 
 def _takes_encoding(fn: Any) -> bool:
@@ -100,6 +110,13 @@ class DataStore:
         entry = spec.source(self._file_split(task, split))
         return (entry.encoding if entry is not None else None) or spec.encoding
 
+    def columns(self, task: str, split: str) -> ColumnMap:
+        """The column map of a split: its own ``columns`` (else the task's) and the task's ``label_names``."""
+        spec = self.options.task(task)
+        entry = spec.source(self._file_split(task, split))
+        own = entry.columns if entry is not None and entry.columns is not None else spec.columns
+        return ColumnMap(dict(own or {}), dict(spec.label_names or {}))
+
     def held_out(self, task: str) -> bool:
         """Whether the task's dev split is a hold-out of its training file (``dev_from_train``)."""
         spec = self.options.task(task)
@@ -113,12 +130,13 @@ class DataStore:
         path = self.path(task, split)
         if path is None:
             raise DataError(f"recipe task '{task}'", f"no '{split}' file given (tasks[].data.{split})")
-        if not path.is_file():
+        if not path.exists():
             raise DataError(path, f"data file for task '{task}' split '{self._file_split(task, split)}' not found")
         key = (task, f"file:{self._file_split(task, split)}")
         if key in self._files:
             return self._files[key]
-        examples = read_split(self.tasks[task], path, self.format(task, split), self.encoding(task, split))
+        examples = read_split(self.tasks[task], path, self.format(task, split), self.encoding(task, split),
+                              self.columns(task, split))
         if not examples:
             raise DataError(path, f"split '{self._file_split(task, split)}' of task '{task}' is empty")
         file_split = self._file_split(task, split)
@@ -143,8 +161,7 @@ class DataStore:
         if n_dev >= n:
             raise DataError(self.path(task, "train"), f"task '{task}': dev_from_train={share} of {n} example(s) "
                             "leaves no training example; give a dev file or a larger training file")
-        rng = random.Random(f"{self.options.seed}:{task}:dev_from_train")
-        dev = sorted(rng.sample(range(n), n_dev))
+        dev = sorted(self._draw(self._file_key(task, "train"), "dev_from_train", n)[:n_dev])
         chosen = set(dev)
         return [i for i in range(n) if i not in chosen], dev
 
@@ -156,12 +173,30 @@ class DataStore:
             self._full_sizes[key] = len(examples)
             limit = spec.limits.get(split)
             if limit is not None and limit < len(examples):
-                rng = random.Random(f"{self.options.seed}:{task}:{split}")
-                keep = sorted(rng.sample(range(len(examples)), limit))
+                keep = sorted(self._draw(self._file_key(task, split), split, len(examples))[:limit])
                 examples = [examples[i] for i in keep]
             self._examples[key] = examples
             self._drop_file(task, split)
         return self._examples[key]
+
+    def _file_key(self, task: str, split: str) -> str:
+        """What identifies the file behind a split across tasks: its path relative to the data root (as a recipe
+        spells it, so a moved data root draws the same samples)."""
+        path = self.path(task, self._file_split(task, split))
+        resolved = Path(os.path.abspath(path))
+        root = Path(os.path.abspath(self.root))
+        try:
+            return resolved.relative_to(root).as_posix()
+        except ValueError:
+            return resolved.as_posix()
+
+    def _draw(self, file_key: str, what: str, n: int) -> list[int]:
+        """A seeded order of ``range(n)`` shared by every task reading the same file: its first ``k`` entries are
+        the ``k`` examples a ``limit`` (or a dev hold-out) keeps, so two tasks with a limit on one file draw the
+        same examples (the one with the smaller limit, a subset of the other's)."""
+        order = list(range(n))
+        random.Random(f"{self.options.seed}:{file_key}:{what}").shuffle(order)
+        return order
 
     def _drop_file(self, task: str, split: str) -> None:
         """Forget a whole file once every split read from it has its examples (a limit keeps a subsample)."""
@@ -199,10 +234,12 @@ class DataStore:
         return entry[1]
 
     def sizes(self) -> dict[str, dict[str, dict[str, int]]]:
-        """task -> split -> {"used": n, "available": m, "truncated": t} for every split read so far."""
+        """task -> split -> {"used": n, "available": m, "labels": the task's label count, "truncated": t} for
+        every split read so far."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for (task, split), examples in self._examples.items():
-            out.setdefault(task, {})[split] = {"used": len(examples), "available": self._full_sizes[(task, split)]}
+            out.setdefault(task, {})[split] = {"used": len(examples), "available": self._full_sizes[(task, split)],
+                                               "labels": len(self.tasks[task].labels)}
         for (task, split, _tok, _train, _len), enc in self._encoded.items():
             entry = out.setdefault(task, {}).setdefault(split, {})
             entry["truncated"] = max(entry.get("truncated", 0), enc.truncated)

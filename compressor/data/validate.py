@@ -21,6 +21,7 @@ from typing import Any
 
 from compressor.errors import DataError
 from compressor.data.options import DataOptions
+from compressor.data.readers import example_location
 
 SPLITS = ("train", "dev", "test")
 #: label errors listed per file before the rest are counted on one line
@@ -119,12 +120,6 @@ def _label_errors(task: Any, examples: list[Any], known: set[str], path: Path | 
 
 
 def _example_where(ex: Any, path: Path | None, index: int) -> str:
-    """``file:line`` / ``file [record r]`` of an example: its ``source`` (``Location``) or ``where``, else its
-    position in the split."""
-    source = getattr(ex, "source", None)
-    if source is not None and str(source):
-        return str(source)
-    where = getattr(ex, "where", None)
-    if isinstance(where, str) and where:
-        return where
-    return f"{path} [record {index}]"
+    """``file:line`` / ``file [record r]`` of an example, from what its reader kept (see
+    :func:`~compressor.data.readers.example_location`), else its position in the split."""
+    return example_location(ex) or f"{path} [record {index}]"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import ModelDirError
-from compressor.fsutil import atomic_dir
+from compressor.fsutil import atomic_dir, portable
 from compressor.runtime.bundle import MODEL, TASKS, TOKENIZER
 from compressor.runtime.spec import GraphSpec
 
@@ -41,5 +41,5 @@ def write_bundle(directory: Path, graph: Path, spec: GraphSpec, tokenizer_file: 
         shutil.copyfile(graph, tmp / MODEL)
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
         spec.metadata["files"] = {MODEL: (tmp / MODEL).stat().st_size, TOKENIZER: (tmp / TOKENIZER).stat().st_size}
-        (tmp / TASKS).write_text(json.dumps(spec.to_json(), indent=2), encoding="utf-8")
+        (tmp / TASKS).write_text(json.dumps(portable(spec.to_json(), directory), indent=2), encoding="utf-8")
     return Path(directory)

@@ -83,3 +83,73 @@ def calibration_feeds(spec: GraphSpec, plugins: Mapping[str, TaskPlugin], data: 
             batch = {k: v.numpy() for k, v in plugin.collate(features[start : start + batch_size]).items()}
             out.append(build_feeds(spec, batch, [name]))
     return out
+
+
+def bundle_plugins(spec: GraphSpec, source: Path) -> dict[str, TaskPlugin]:
+    """The task plugins of a bundle's ``tasks.json`` (plugin, labels and options of each task), bound to each
+    other as the run's plugins were; ``source`` names errors."""
+    from compressor.errors import CompressorError, ModelDirError
+    from compressor.tasks import build_task
+
+    tasks: dict[str, TaskPlugin] = {}
+    for name, graph in spec.tasks.items():
+        try:
+            tasks[name] = build_task(graph.plugin, name, graph.labels, graph.options)
+        except CompressorError as exc:
+            raise ModelDirError(f"{source}: task '{name}': {exc}") from exc
+    for task in tasks.values():
+        task.bind(tasks)
+    return tasks
+
+
+def bundle_tokenizer(directory: Path, pad_id: int) -> Any:
+    """The bundle's ``tokenizer.json`` as a transformers fast tokenizer (what the plugins encode with); the
+    bundle's ``tokenizer_config.json``, where there is one, sets its special tokens as the model directory's did."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    backend.no_padding()
+    backend.no_truncation()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=backend.id_to_token(int(pad_id)))
+
+
+def evaluate_bundle(directory: Path, task: str, data: Path, fmt: str | None = None, encoding: str | None = None,
+                    batch_size: int = 64, threads: int | None = None) -> dict[str, Any]:
+    """Score an edge bundle's ``model.onnx`` on one data file of ``task`` the way the run report scores a graph
+    (:func:`onnx_rows`): the task's plugin reads and encodes the examples, ONNX Runtime runs the graph, the plugin
+    decodes and scores. ``batch_size`` matches the stage's ``eval_batch_size`` (64 by default): dynamic INT8
+    quantizes each batch with its own scale, so other batch sizes can move the last digits.
+
+    Raises:
+        BundleError: the bundle does not load (missing or inconsistent files) or has no task ``task``.
+        DataError: the data file is missing, malformed or empty.
+    """
+    import difflib
+
+    from compressor.data.store import read_split
+    from compressor.errors import DataError
+    from compressor.runtime import Bundle, BundleError
+
+    bundle = Bundle.load(directory, threads=threads)  # checks the three files against each other
+    spec = bundle.spec
+    if task not in spec.tasks:
+        close = difflib.get_close_matches(task, list(spec.tasks), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"it has: {', '.join(spec.tasks)}"
+        raise BundleError(f"{directory}: no task '{task}'; {hint}")
+    data = Path(data)
+    if not data.is_file():
+        raise DataError(data, "data file not found")
+    plugins = bundle_plugins(spec, Path(directory) / "tasks.json")
+    plugin = plugins[task]
+    examples = read_split(plugin, data, fmt, encoding)
+    if not examples:
+        raise DataError(data, "no examples")
+    encoded = plugin.encode(examples, bundle_tokenizer(directory, bundle.pad_id), spec.max_length, False)
+    metrics, _ = plugin.evaluate(OrtForward(bundle.session, spec), encoded, examples, batch_size)
+    return {"task": task, "examples": len(examples), "truncated": encoded.truncated, "metric": plugin.metric.name,
+            "value": float(metrics[plugin.metric.name]), "metrics": {k: float(v) for k, v in metrics.items()},
+            "runtime": "onnxruntime", "format": spec.metadata.get("format", "onnx"), "batch_size": batch_size}

@@ -48,7 +48,7 @@ def graph_spec(model: MultiTaskModel, max_length: int, plugin_names: dict[str, s
         tasks[name] = TaskGraph(
             name=name, plugin=plugin, labels=list(task.labels),
             outputs={o.name: f"{name}.{o.name}" for o in outputs}, atol={o.name: float(o.atol) for o in outputs},
-            extra_inputs=extras, decoder=dict(task.export_spec()),
+            extra_inputs=extras, decoder=dict(task.export_spec()), options=task.options.model_dump(mode="json"),
         )
     metadata = {
         "vocab_size": model.encoder.get_input_embeddings().num_embeddings,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from compressor.errors import CompressorError, ModelDirError
-from compressor.fsutil import atomic_dir, atomic_write_text
+from compressor.fsutil import atomic_dir, atomic_write_text, portable
 from compressor.inputs import NAME, NAME_RULE
 from compressor.model.architecture import LayerArch, apply_architecture, read_architecture
 from compressor.model.multitask import MultiTaskModel
@@ -65,7 +65,7 @@ def save_model(model: MultiTaskModel, tokenizer: Any, directory: Path, max_lengt
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    manifest = build_manifest(model, max_length, extra)
+    manifest = portable(build_manifest(model, max_length, extra), directory)  # no build-machine paths
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})

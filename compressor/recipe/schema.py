@@ -133,11 +133,12 @@ class Recipe(Strict):
 
 
 def _task_data(spec: TaskSpec) -> TaskData:
-    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding)
+    splits = {split: SplitSource(path=entry.path, format=entry.format, encoding=entry.encoding, columns=entry.columns)
               for split, entry in spec.split_files().items()}
     return TaskData(name=spec.name, plugin=spec.plugin, splits=splits, format=spec.format, encoding=spec.encoding,
                     labels=spec.labels, limits=spec.limit.model_dump(), dev_from_train=spec.dev_from_train,
-                    options=spec.options)
+                    options=spec.options, columns=dict(spec.columns),
+                    label_names={k: tuple(v) for k, v in spec.label_names.items()})
 
 
 def _unique(names: list[str], what: str) -> None:

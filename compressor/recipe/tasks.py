@@ -17,17 +17,32 @@ class ModelSpec(Strict):
 
 class SplitFile(Strict):
     """A split given with its own reader format (e.g. the same SQuAD file read as ``squad-train``/``squad-dev``)
-    and/or its own text encoding (``latin-1``, ``cp1252``...; default: the task's ``encoding``, else UTF-8)."""
+    and/or its own text encoding (``latin-1``, ``cp1252``...; default: the task's ``encoding``, else UTF-8)
+    and/or its own column map (default: the task's ``columns``)."""
 
     path: str
     format: str | None = None
     encoding: str | None = None
+    columns: dict[str, str] | None = Field(None, description="field -> column of this split's file")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return check_columns(v)
 
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, v: str | None) -> str | None:
         return known_codec(v)
 
+
+
+def check_columns(v: dict[str, str] | None) -> dict[str, str] | None:
+    """A column map: non-empty field and column names."""
+    for key, col in (v or {}).items():
+        if not key or not col:
+            raise ValueError(f"columns: field and column names must be non-empty, got {key!r}: {col!r}")
+    return v
 
 
 class Splits(Strict):
@@ -62,6 +77,26 @@ class TaskSpec(Strict):
         None, gt=0, lt=1, description="no dev file: hold out this share of the training file (seeded) as the dev "
         "split; the rest is the training split")
     options: dict[str, Any] = {}
+    columns: dict[str, str] = Field({}, description="tabular files: the plugin's field -> the file's column, e.g. "
+                                    "{tags: ner_tags}")
+    label_names: dict[str, list[str]] = Field({}, description="field -> the names of its integer ids (index = id), "
+                                              "when the file has no ClassLabel feature naming them")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_columns(v) or {}
+
+    @field_validator("label_names")
+    @classmethod
+    def _label_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, names in v.items():
+            if not names or any(not isinstance(n, str) or not n for n in names):
+                raise ValueError(f"label_names.{key} must be a non-empty list of names")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"label_names.{key} names {', '.join(dup)} twice")
+        return v
     tests: dict[str, str | SplitFile] = Field(
         {}, description="extra test sets beside data.test, by name (e.g. {amazon: reviews.jsonl}): scored by every "
         "evaluation and reported as their own split 'test:<name>' with retention, to show how a model holds up "

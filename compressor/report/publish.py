@@ -4,13 +4,14 @@ twins, task by task, with training cost, data sizes and the machine."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from compressor.errors import CompressorError
-from compressor.fsutil import atomic_write_text
+from compressor.fsutil import atomic_write_text, portable
 from compressor.recipe import Targets, load_recipe
-from compressor.report.rows import fmt_value, render_markdown
+from compressor.report.rows import fmt_value, measured_with, render_markdown
 from compressor.rundir import RunDir
 
 
@@ -29,10 +30,11 @@ def publish_runs(run_dirs: list[Path], to: Path, title: str = "", stages: list[s
         if stages:
             data["rows"] = [r for r in data["rows"] if r["stage"] in stages]
             data["stages"] = [s for s in data.get("stages", []) if s["name"] in stages]
-        data["run_dir"] = str(run_dir)
         data["comparison"] = compare_multi_single(data)
         data["compression"] = compression_table(data)
         data["targets"] = student_targets(data, _run_targets(Path(run_dir)))
+        data = portable(data, report_path)  # what is left of the run's paths: relative to it
+        data["run_dir"] = portable(os.path.abspath(run_dir))  # relative to the repository
         sections.append(data)
     md, js = Path(f"{to}.md"), Path(f"{to}.json")
     title = title or "Benchmark: " + ", ".join(d["recipe"] for d in sections)
@@ -160,15 +162,19 @@ def _markdown(data: dict[str, Any], title: str, run_dir: Path) -> str:
                   "was measured.", ""]
     if data.get("compression") and len({c["stage"] for c in data["compression"]}) > 1:
         lines += ["### Teacher vs compressed models (test split)", "",
-                  "| model | format | task | metric | value | retention | params | params ratio | size (MB) | "
+                  "| model | measured with | task | metric | value | retention | params | params ratio | size (MB) | "
                   "size ratio (teacher / model) | latency p50 (ms) | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        runtimes = {measured_with(c["format"]).split(" ")[0] for c in data["compression"]}
         for c in data["compression"]:
             size = f"{c['size_bytes'] / 1e6:.1f}" if c.get("size_bytes") else "-"
-            lines.append(f"| {c['model']} | {c['format']} | {c['task']} | {c['metric']} | {c['value']:.4f} | "
+            lines.append(f"| {c['model']} | {measured_with(c['format'])} | {c['task']} | {c['metric']} | {c['value']:.4f} | "
                          f"{_r(c['retention'])} | {c['params']:,} | {_r(c['params_ratio'])} | {size} | "
                          f"{_r(c['size_ratio'])}x | {_r(c['latency_ms_p50'], 2)} | {_r(c['speedup'], 2)}x |")
         lines.append("")
+        if len(runtimes) > 1:
+            lines += ["Speed-up divides the teacher's latency by the row's; where the two were measured with different "
+                      "runtimes (see 'measured with') it compares runtimes as well as models.", ""]
     t = data.get("targets")
     if t:
         lines += [f"### Targets for the student before quantization (`{t['student']}`)", "",

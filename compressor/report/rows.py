@@ -4,14 +4,15 @@ Schema of ``report.json``::
 
     {
       "recipe": str, "created": ISO time, "machine": {...}, "threads": {...},
-      "data": {task: {split: {"used", "available", "truncated", ...}}},
+      "data": {task: {split: {"used", "available", "labels" (the task's label count), "truncated", ...}}},
       "notes": [str],
       "rows": [
         {"model": "teacher" | "single:<task>" | "<stage name>", "stage": stage name, "task": task,
          "split": "dev" | "test", "metric": primary metric name, "value": float, "metrics": {name: float},
          "params": int (whole model), "task_params": int (encoder + this task's head),
          "size_bytes": int | null (weights file on disk), "latency_ms_p50": float | null,
-         "latency_ms_p95": float | null, "format": "pytorch" | "onnx" | ..., "retention": float | null}
+         "latency_ms_p95": float | null, "format": "pytorch" | "onnx" | "onnx-int8" | ...,
+         "latency_runtime": "pytorch" | "onnxruntime" | null (what measured the latency), "retention": float | null}
       ]
     }
 
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compressor.fsutil import atomic_write_text, dumps_strict
+from compressor.fsutil import atomic_write_text, dumps_strict, portable
 
 ROW_KEYS = ("model", "stage", "task", "split", "metric", "value", "params", "size_bytes", "latency_ms_p50")
 
@@ -41,8 +42,24 @@ def make_row(label: str, stage: str, task: str, split: str, metric: str, metrics
         "metric": metric, "value": float(metrics[metric]), "metrics": {k: float(v) for k, v in metrics.items()},
         "params": params, "task_params": task_params, "size_bytes": size_bytes,
         "latency_ms_p50": latency["p50"] if latency else None, "latency_ms_p95": latency["p95"] if latency else None,
-        "format": fmt, **extra,
+        "format": fmt, "latency_runtime": (runtime_of(fmt) if latency else None), **extra,
     }
+
+
+def runtime_of(fmt: str) -> str:
+    """The runtime that runs (and times) a model of format ``fmt``: ONNX graphs in ONNX Runtime, else PyTorch."""
+    return "onnxruntime" if str(fmt).startswith("onnx") else "pytorch"
+
+
+def measured_with(fmt: str | None) -> str:
+    """A row's runtime and number format in words (``PyTorch fp32``, ``ONNX Runtime INT8``), for report columns."""
+    fmt = fmt or "pytorch"
+    if fmt == "pytorch":
+        return "PyTorch fp32"
+    if fmt.startswith("onnx"):
+        kind = fmt[len("onnx"):].lstrip("-").upper() or "fp32"
+        return f"ONNX Runtime {kind}"
+    return fmt
 
 
 class Reporter:
@@ -90,7 +107,7 @@ class Reporter:
         self.notes = list(data.get("notes", []))
 
     def write(self, run_dir: Path) -> tuple[Path, Path]:
-        data = self.to_json()
+        data = portable(self.to_json(), Path(run_dir) / "report.json")  # paths relative to the run or repository
         js, md = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
         atomic_write_text(js, dumps_strict(data))  # strict JSON: a NaN metric is written as null
         atomic_write_text(md, render_markdown(data))
@@ -116,27 +133,32 @@ def render_markdown(data: dict[str, Any]) -> str:
     if machine:
         lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()] + [""]
     if data.get("threads"):
-        lines += [f"Latency: PyTorch, batch 1, sequence {data.get('latency_seq_len', 128)}, median after warm-up; "
-                  f"threads {data['threads']}.", ""]
+        lines += [f"Latency: CPU, batch 1, sequence {data.get('latency_seq_len', 128)}, median after warm-up; "
+                  f"threads {data['threads']}. Each row's runtime and format are in the 'measured with' column: "
+                  "PyTorch and ONNX Runtime timings are different runtimes, not one model getting faster.", ""]
     rows = data["rows"]
     if rows:
         lines += ["## Results", "",
-                  "| model | stage | task | split | metric | value | retention | params | size (MB) | latency p50 (ms) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | stage | task | split | metric | value | retention | params | size (MB) | latency p50 (ms) "
+                  "| measured with |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else "-"
             lines.append(
                 f"| {r['model']} | {r['stage']} | {r['task']} | {r['split']} | {r['metric']} | {fmt_value(r['value'])} | "
-                f"{fmt_value(r.get('retention'), 3)} | {r['params']:,} | {size} | {fmt_value(r.get('latency_ms_p50'), 2)} |"
+                f"{fmt_value(r.get('retention'), 3)} | {r['params']:,} | {size} | {fmt_value(r.get('latency_ms_p50'), 2)} "
+                f"| {measured_with(r.get('format'))} |"
             )
         lines.append("")
     if data.get("data"):
-        lines += ["## Data", "", "| task | split | used | available | truncated | other |", "|---|---|---|---|---|---|"]
+        lines += ["## Data", "", "| task | split | used | available | labels | truncated | other |",
+                  "|---|---|---|---|---|---|---|"]
         for task, splits in data["data"].items():
             for split, d in splits.items():
-                other = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("used", "available", "truncated"))
+                other = ", ".join(f"{k}={v}" for k, v in d.items()
+                                  if k not in ("used", "available", "labels", "truncated"))
                 lines.append(f"| {task} | {split} | {d.get('used', '-')} | {d.get('available', '-')} | "
-                             f"{d.get('truncated', '-')} | {other or '-'} |")
+                             f"{d.get('labels', '-')} | {d.get('truncated', '-')} | {other or '-'} |")
         lines.append("")
     if data.get("stages"):
         lines += ["## Stages", "", "| stage | kind | wall time (s) | notes |", "|---|---|---|---|"]

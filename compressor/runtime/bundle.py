@@ -110,19 +110,7 @@ class Bundle:
             decoder -> raw outputs.
             Each carries ``"truncated"``: the input did not fit ``max_length`` and its end was cut off.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise BundleError("nothing to predict: no text given")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise BundleError(f"text {i}: expected a string, got {type(t).__name__}")
-            if not any(c.isprintable() and not c.isspace() for c in t):  # control characters only count as empty
-                raise BundleError(f"text {i}: empty text")
-        wanted = list(tasks) if tasks else self.tasks
-        unknown = [t for t in wanted if t not in self.spec.tasks]
-        if unknown:
-            raise BundleError(f"this bundle does not serve task(s) {', '.join(repr(t) for t in unknown)}; "
-                              f"it serves: {', '.join(self.tasks)}")
+        texts, wanted = self.check_request(texts, tasks)
         order = self._order(wanted)
         inputs = {**inputs, "questions": questions, "text_pairs": text_pairs}
         done: dict[str, list[dict[str, Any]]] = {}
@@ -144,6 +132,36 @@ class Bundle:
             results.append({"text": text, "truncated": any(p["truncated"] for p in predictions.values()),
                             "predictions": predictions})
         return results
+
+    def check_request(self, texts: str | Sequence[str], tasks: Sequence[str] | None = None
+                      ) -> tuple[list[str], list[str]]:
+        """(the texts as a list, the task names) of a request, checked before anything runs.
+
+        Raises:
+            BundleError: no text, a text that is not a string, empty (whitespace or control characters only) or
+                not valid Unicode (undecodable bytes from a command line), or a task the bundle does not serve.
+        """
+        if tasks is not None and (isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks)):
+            raise BundleError("tasks: expected a list of task names")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise BundleError("nothing to predict: no text given")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise BundleError(f"text {i}: expected a string, got {type(t).__name__}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates: undecodable argv bytes or a JSON "\udcxx" escape
+                raise BundleError(f"text {i}: not valid UTF-8 text (an undecodable byte at character {exc.start})"
+                                  ) from None
+            if not any(c.isprintable() and not c.isspace() for c in t):  # control characters only count as empty
+                raise BundleError(f"text {i}: empty text")
+        wanted = list(tasks) if tasks else self.tasks
+        unknown = [t for t in wanted if t not in self.spec.tasks]
+        if unknown:
+            raise BundleError(f"this bundle does not serve task(s) {', '.join(repr(t) for t in unknown)}; "
+                              f"it serves: {', '.join(self.tasks)}")
+        return texts, wanted
 
     def decoder(self, task: str) -> Decoder:
         """The decoder of ``task`` (e.g. for :meth:`Decoder.describe`)."""

@@ -44,6 +44,7 @@ class TaskGraph:
     atol: dict[str, float]  # plugin output name -> parity tolerance
     extra_inputs: list[ExtraInput] = field(default_factory=list)
     decoder: dict[str, Any] = field(default_factory=lambda: {"decoder": None})  # plugin.export_spec()
+    options: dict[str, Any] = field(default_factory=dict)  # the plugin's recipe options (rebuilds its plugin)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,7 +58,7 @@ class TaskGraph:
                              tuple(e["example_shape"])) for e in d.get("extra_inputs", [])]
         return cls(name=d["name"], plugin=d["plugin"], labels=list(d.get("labels", [])), outputs=dict(d["outputs"]),
                    atol={k: float(v) for k, v in d.get("atol", {}).items()}, extra_inputs=extras,
-                   decoder=dict(d.get("decoder") or {"decoder": None}))
+                   decoder=dict(d.get("decoder") or {"decoder": None}), options=dict(d.get("options") or {}))
 
 
 @dataclass
@@ -109,9 +110,10 @@ class GraphSpec:
         return cls(list(d["inputs"]), tasks, int(d["max_length"]), dict(d.get("metadata") or {}))
 
     def write(self, path: Path) -> None:
-        from compressor.fsutil import atomic_write_text
+        """Write ``to_json`` atomically; paths in ``metadata`` are stored relative to the run (or repository)."""
+        from compressor.fsutil import atomic_write_text, portable
 
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2))
+        atomic_write_text(Path(path), json.dumps(portable(self.to_json(), path), indent=2))
 
     @classmethod
     def read(cls, path: Path) -> GraphSpec:

@@ -9,7 +9,7 @@ def read_jsonl(path: Path, format: str | None, make) -> list:
     if format not in (None, "jsonl"):
         raise DataError(path, f"unknown format '{format}'; this plugin reads jsonl")
     examples = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in iter_lines(path):  # cut at line feeds only, decoded in the split's encoding
         if not line.strip():
             continue
         try:
@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from compressor.data.collate import pad_inputs
+from compressor.data.readers import iter_lines
 from compressor.errors import DataError
 from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxInput, OnnxOutput, TaskPlugin
 

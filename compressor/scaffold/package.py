@@ -58,11 +58,12 @@ TEST = '''\
 import json
 from pathlib import Path
 
+from compressor.data.readers import iter_lines
 from compressor.testing import contract_test
 from $module.task import $Class
 
 DATA = Path(__file__).resolve().parents[1] / "$module" / "data" / "train.jsonl"
-RECORDS = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+RECORDS = [json.loads(line) for _n, line in iter_lines(DATA) if line.strip()]
 
 test_contract = contract_test($Class, DATA, name="$name"$extra)
 

@@ -72,36 +72,62 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], floo
     return "\n".join(lines)
 
 
-def pareto_plot(rows: Sequence[Mapping[str, Any]], floors: Mapping[str, float], chosen: int | None, path: Path,
-                title: str) -> Path:
-    """Latency and size against the worst task's retention; pass / fail / early-stopped, chosen point marked."""
+def pareto_figure(rows: Sequence[Mapping[str, Any]], floors: Mapping[str, float], chosen: int | None, title: str,
+                  target: float | None = None) -> Any:
+    """The Pareto figure: latency and size against the worst task's dev retention, every trained trial drawn.
+
+    Pass / fail / early-stopped trials get their own markers; a trial without a latency or size (stopped before
+    it was measured) sits on the panel's bottom edge at its retention (hollow marker), and one without any dev
+    score is listed under the panels. The floor(s) are dashed lines, the report's retention target a dotted one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     styles = {"pass": ("tab:green", "o"), "fail": ("tab:red", "x"), "early-stopped": ("tab:gray", "v")}
+    unscored = [r["trial"] for r in rows if r["worst_retention"] is None]
     for ax, key, label in ((axes[0], "latency_ms", "ONNX Runtime latency p50 (ms), batch 1, 1 thread"),
                            (axes[1], "size_bytes", "size on disk (MB)")):
         scale = 1e-6 if key == "size_bytes" else 1.0
+        edge = blended_transform_factory(ax.transData, ax.transAxes)
         for status, (color, marker) in styles.items():
-            pts = [(r["worst_retention"], r[key] * scale) for r in rows
-                   if r["status"] == status and r["worst_retention"] is not None and r[key] is not None]
+            mine = [r for r in rows if r["status"] == status and r["worst_retention"] is not None]
+            pts = [(r["worst_retention"], r[key] * scale) for r in mine if r[key] is not None]
             if pts:
-                ax.scatter(*zip(*pts), c=color, marker=marker, label=status, alpha=0.8)
+                ax.scatter(*zip(*pts), c=color, marker=marker, label=f"{status} ({len(pts)})", alpha=0.8)
+            low = [r["worst_retention"] for r in mine if r[key] is None]
+            if low:
+                ax.scatter(low, [0.02] * len(low), transform=edge, marker=marker, facecolors="none",
+                           edgecolors=color, label=f"{status}, not measured ({len(low)}; bottom edge)", clip_on=False)
         pick = next((r for r in rows if r["trial"] == chosen), None)
-        if pick is not None:
+        if pick is not None and pick[key] is not None:
             ax.scatter([pick["worst_retention"]], [pick[key] * scale], s=260, facecolors="none",
                        edgecolors="black", linewidths=2, label=f"chosen (trial {chosen})")
-        for floor in sorted(set(floors.values())):
-            ax.axvline(floor, color="tab:blue", linestyle="--", linewidth=1)
-        ax.set_xlabel("worst task's dev retention (vs teacher); dashed: floor")
+        for i, floor in enumerate(sorted(set(floors.values()))):
+            ax.axvline(floor, color="tab:blue", linestyle="--", linewidth=1, label="floor" if i == 0 else None)
+        if target is not None:
+            ax.axvline(target, color="tab:purple", linestyle=":", linewidth=1.5, label=f"target {target:g}")
+        ax.set_xlabel("worst task's dev retention (vs teacher)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    axes[0].legend(fontsize=7)
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in styles)
+    fig.suptitle(f"{title}: {len(rows)} trial(s) ({counts})")
+    if unscored:
+        fig.text(0.01, 0.01, "no dev score (not placed): trial(s) " + ", ".join(map(str, unscored)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 if unscored else 0, 1, 1))
+    return fig
+
+
+def pareto_plot(rows: Sequence[Mapping[str, Any]], floors: Mapping[str, float], chosen: int | None, path: Path,
+                title: str, target: float | None = None) -> Path:
+    """Write :func:`pareto_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, floors, chosen, title, target)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

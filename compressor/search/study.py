@@ -99,6 +99,14 @@ class SearchLoop:
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in t.user_attrs]
 
     def run(self) -> dict[str, Any]:
+        """Train trials until a budget is spent or the space is exhausted (a progress bar counts the trials)."""
+        from compressor.console import progress
+
+        with progress("search: trials", total=self.budget.trials) as advance:
+            advance(len(self.trained()), "resumed" if self.trained() else None)
+            return self._run(advance)
+
+    def _run(self, advance: Any) -> dict[str, Any]:
         from optuna.trial import TrialState
 
         started = time.monotonic()
@@ -133,6 +141,7 @@ class SearchLoop:
             trial.set_user_attr("describe", knobs.describe())
             t0 = time.monotonic()
             self.log(f"trial {trial.number}: {knobs.describe()}")
+            advance(0, f"trial {trial.number} training")
             try:
                 measured = self.evaluate(trial.number, knobs)
             except EarlyStopped as stopped:
@@ -141,6 +150,7 @@ class SearchLoop:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 new += 1
                 self.log(f"trial {trial.number}: early-stopped")
+                advance(1, f"trial {trial.number} early-stopped")
                 continue
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -149,5 +159,6 @@ class SearchLoop:
                 trial.set_user_attr(k, v)
             self.study.tell(trial, list(self.values(measured)))
             new += 1
+            advance(1, f"trial {trial.number} done")
         return {"stopped_by": stop, "trained_this_session": new, "trained_total": len(self.trained()),
                 "seconds_this_session": round(time.monotonic() - started, 1)}

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compressor.console import progress
 from compressor.errors import RecipeError
 from compressor.export.checked import export_checked
 from compressor.fsutil import atomic_write_text
@@ -35,20 +36,23 @@ def run(ctx: StageContext) -> StageResult:
     spec.metadata["opset"] = cfg.opset
     threads = ctx.recipe.report.threads or torch.get_num_threads()
     notes: list[str] = []
-    parity, parity_json, opt_info, optimized = _export_graphs(ctx, model, spec, batches, threads, notes)
-    final_name = "model.opt.onnx" if optimized else "model.onnx"
-    spec.metadata["graph_file"] = final_name
-    spec.write(ctx.out_dir / "graph.json")
-    atomic_write_text(ctx.out_dir / "parity.json", json.dumps(parity_json, indent=2))
-    worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
-    notes.insert(0, f"exported {len(spec.output_names)} output(s) of {len(spec.tasks)} task(s) in one graph; "
-                    f"parity max |diff| {worst.max_abs:.2g} ({worst.output})")
-
-    if cfg.evaluate:
-        ctx.reporter.extend(onnx_rows(
-            ctx.out_dir / final_name, spec, model.tasks, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
-            fmt="onnx", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
-        ))
+    with progress(f"{cfg.name}: export", total=2 if cfg.evaluate else 1) as advance:
+        advance(0, "exporting, checking parity, optimising")
+        parity, parity_json, opt_info, optimized = _export_graphs(ctx, model, spec, batches, threads, notes)
+        final_name = "model.opt.onnx" if optimized else "model.onnx"
+        spec.metadata["graph_file"] = final_name
+        spec.write(ctx.out_dir / "graph.json")
+        atomic_write_text(ctx.out_dir / "parity.json", json.dumps(parity_json, indent=2))
+        worst = max(parity.outputs.values(), key=lambda o: o.max_abs)
+        notes.insert(0, f"exported {len(spec.output_names)} output(s) of {len(spec.tasks)} task(s) in one graph; "
+                        f"parity max |diff| {worst.max_abs:.2g} ({worst.output})")
+        advance(1, "evaluating with ONNX Runtime" if cfg.evaluate else "done")
+        if cfg.evaluate:
+            ctx.reporter.extend(onnx_rows(
+                ctx.out_dir / final_name, spec, model.tasks, ctx.data, tokenizer, label=cfg.name, stage=cfg.name,
+                fmt="onnx", report=ctx.recipe.report, threads=threads, batch_size=cfg.eval_batch_size,
+            ))
+            advance(1, "done")
     outputs = {
         "onnx": str(ctx.final_dir / final_name),
         "raw": str(ctx.final_dir / "model.onnx"),

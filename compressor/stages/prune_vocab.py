@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from compressor.data.readers import split_lines
 from compressor.errors import DataError, RecipeError
 from compressor.model.io import load_model, save_model
 from compressor.prune.vocab import (
@@ -286,5 +287,5 @@ def _corpus_texts(ctx: StageContext, cfg: PruneVocabStage) -> list[str]:
         except UnicodeDecodeError as exc:
             raise DataError(path, f"prune_vocab stage '{cfg.name}': extra_files entry is not UTF-8 text "
                             f"({exc.reason} at byte {exc.start})") from exc
-        texts += [line for line in text.splitlines() if line.strip()]
+        texts += [line for line in split_lines(text) if line.strip()]
     return texts

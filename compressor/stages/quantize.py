@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from compressor.console import progress
 from compressor.errors import ModelDirError, RecipeError
-from compressor.fsutil import atomic_write_text
+from compressor.fsutil import atomic_write_text, portable
 from compressor.recipe import QuantizeStage
 from compressor.rundir import OnnxGraph
 from compressor.stages import StageContext, StageResult
@@ -81,6 +82,7 @@ class _Job:
         per_task = max(1, cfg.sensitivity_batches)
         self.sensitivity = self.feeds[:: max(1, len(self.feeds) // (per_task * max(1, len(spec.tasks))))]
         self.predictions: dict[str, dict[str, list[Any]]] = {}  # graph path -> task -> one prediction per example
+        self.tick: Any = lambda n=1, note=None: None  # the progress bar of the mode being quantized
 
     def evaluate(self, path: Path) -> dict[str, float]:
         """Every evaluated task's metric of the graph at ``path`` under ONNX Runtime (its predictions are kept for
@@ -96,6 +98,7 @@ class _Job:
             out[name] = metrics[name][self.plugins[name].metric.name]
         if self.cfg.tolerance_test == "bootstrap":
             self.predictions[str(path)] = kept
+        self.tick(1, "graph evaluated")
         return out
 
     def intervals(self, reference: Path, path: Path) -> dict[str, Any]:
@@ -146,7 +149,10 @@ class _Job:
             results = {}
             for mode in modes:
                 (tmp / mode).mkdir()
-                results[mode] = self.quantize(mode, tmp / mode / "model.int8.onnx", tmp / mode)
+                # each accuracy-aware attempt is one graph evaluated (the fp32 reference first)
+                with progress(f"{cfg.name}: INT8 {mode}, graphs evaluated") as self.tick:
+                    results[mode] = self.quantize(mode, tmp / mode / "model.int8.onnx", tmp / mode)
+                self.tick = lambda n=1, note=None: None
             if len(results) > 1:
                 chosen, compared = choose_mode(results, self.spec, self.threads, ctx.recipe.report)
             else:
@@ -238,7 +244,7 @@ def _write_summary(job: _Job, picked: dict[str, Any], mode: str, compared: dict[
         "calibration": cfg.calibration.model_dump() if mode == "static" else None,
         "integer_matmuls": n_int, **outcome.to_json(),
     }
-    atomic_write_text(out_dir / "quantization.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "quantization.json", json.dumps(portable(summary, out_dir), indent=2))
     spec.metadata["quantization"] = {k: summary[k] for k in ("mode", "target", "per_channel", "integer_matmuls",
                                                              "passed", "fallback_nodes", "op_types", "embedding")}
     spec.metadata["graph_file"] = "model.int8.onnx"

@@ -188,7 +188,7 @@ def _finish(ctx: StageContext, cfg: Any, builder: Any, study: Any, space: Any, f
     held = all(full.retention[t] >= floors[t] for t in tasks)
     notes = _chosen_notes(ctx, cfg, summary, chosen, prediction, held, knobs, space)
     table_md = _write_evidence(ctx.out_dir, rows, tasks, floors, chosen["trial"], cfg, stats, space, markdown_table,
-                               pareto_plot, final_dir=ctx.final_dir)
+                               pareto_plot, final_dir=ctx.final_dir, target=ctx.recipe.report.targets.retention)
     shutil.copyfile(ckpt / "study.db", ctx.out_dir / "study.db")
     outputs: dict[str, Any] = {
         "model_dir": str(ctx.final_dir / "model"), "objective": cfg.objective, "floors": floors,
@@ -209,7 +209,8 @@ def _fail(ctx: StageContext, cfg: Any, rows: list[dict[str, Any]], near: dict[st
     from compressor.search.evidence import markdown_table, pareto_plot
 
     evidence = ckpt / "evidence"
-    table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot)
+    table = _write_evidence(evidence, rows, tasks, floors, None, cfg, stats, space, markdown_table, pareto_plot,
+                            target=ctx.recipe.report.targets.retention)
     if near is None:
         miss = "no trial was scored"
     else:
@@ -270,7 +271,7 @@ def _chosen_notes(ctx: StageContext, cfg: Any, summary: str, chosen: dict[str, A
 
 def _write_evidence(directory: Path, rows: list[dict[str, Any]], tasks: list[str], floors: dict[str, float],
                     chosen: int | None, cfg: Any, stats: dict[str, Any], space: Any, markdown_table: Any,
-                    pareto_plot: Any, final_dir: Path | None = None) -> str:
+                    pareto_plot: Any, final_dir: Path | None = None, target: float | None = None) -> str:
     """trials.md / trials.json / pareto.png in ``directory``; returns the Markdown (or the table's path)."""
     directory.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, tasks, floors, chosen)
@@ -284,7 +285,7 @@ def _write_evidence(directory: Path, rows: list[dict[str, Any]], tasks: list[str
     atomic_write_text(directory / "trials.json", json.dumps({"floors": floors, "objective": cfg.objective,
                                                              "chosen": chosen, "search": stats, "trials": rows},
                                                             indent=2, default=str))
-    pareto_plot(rows, floors, chosen, directory / "pareto.png", f"search '{cfg.name}' ({cfg.objective})")
+    pareto_plot(rows, floors, chosen, directory / "pareto.png", f"search '{cfg.name}' ({cfg.objective})", target)
     if final_dir is None:
         return str(directory / "trials.md")
     return md

@@ -45,7 +45,7 @@ def run_checks(c: Checker, setup: CheckSetup) -> CheckReport:
     """Every phase in turn; the first broken part raises :class:`ContractError`."""
     from compressor.model.multitask import MultiTaskModel
 
-    if not setup.data.is_file():
+    if not setup.data.exists():  # a file, or a datasets save_to_disk directory
         raise c.fail("read", f"fixture {setup.data} does not exist")
     tokenizer = setup.tokenizer if setup.tokenizer is not None else default_tokenizer()
     if not getattr(tokenizer, "is_fast", False):

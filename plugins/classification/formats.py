@@ -1,14 +1,16 @@
-"""Readers of classification files into :class:`TextExample`: ``label text`` lines, TSV and JSON Lines."""
+"""Readers of classification files into :class:`TextExample`: ``label text`` lines, TSV, and records (JSON lines,
+CSV, parquet, ``datasets`` ``save_to_disk`` directories; see :mod:`compressor.data.tables`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.data.readers import Location, iter_lines, read_jsonl
+from compressor.data.readers import Location, iter_lines
+from compressor.data.tables import RECORD_FORMATS, read_records, table_format
 from compressor.errors import DataError
 
-FORMATS = ("label_text", "tsv", "jsonl")
+FORMATS = ("label_text", "tsv", *RECORD_FORMATS)
 
 
 @dataclass
@@ -22,8 +24,9 @@ class TextExample:
 
 
 def detect_format(path: Path) -> str:
-    """``.jsonl`` -> jsonl, ``.tsv`` -> tsv, anything else -> label_text."""
-    return {".jsonl": "jsonl", ".tsv": "tsv"}.get(Path(path).suffix.lower(), "label_text")
+    """A table (a directory, ``.jsonl``, ``.csv``, ``.parquet``) -> its format, ``.tsv`` -> tsv, anything else ->
+    label_text."""
+    return table_format(path) or {".tsv": "tsv"}.get(Path(path).suffix.lower(), "label_text")
 
 
 def read_classification(path: Path, format: str | None = None, encoding: str | None = None) -> list[TextExample]:
@@ -35,8 +38,8 @@ def read_classification(path: Path, format: str | None = None, encoding: str | N
         return read_label_text(path, encoding)
     if fmt == "tsv":
         return read_tsv(path, encoding)
-    if fmt == "jsonl":
-        return read_text_jsonl(path, encoding)
+    if fmt in RECORD_FORMATS:
+        return read_text_records(path, fmt, encoding)
     raise DataError(path, f"unknown classification format '{fmt}'; expected one of {', '.join(FORMATS)}")
 
 
@@ -72,18 +75,28 @@ def read_tsv(path: Path, encoding: str | None = None) -> list[TextExample]:
 
 def read_text_jsonl(path: Path, encoding: str | None = None) -> list[TextExample]:
     """``{"text": str, "text_pair"?: str, "label": str | int}`` per line."""
-    examples = []
-    for n, obj in read_jsonl(path, encoding):
-        loc = Location(str(path), line=n)
-        text, pair, label = obj.get("text"), obj.get("text_pair"), obj.get("label")
-        if not isinstance(text, str) or not text.strip():
-            raise loc.error("field 'text' must be a non-empty string")
-        if pair is not None and (not isinstance(pair, str) or not pair.strip()):
-            raise loc.error("field 'text_pair' must be a non-empty string when given")
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
-            raise loc.error(f"field 'label' must be a string or an integer, got {label!r}")
-        examples.append(TextExample(text, str(label), loc, pair))
-    return examples
+    return read_text_records(path, "jsonl", encoding)
+
+
+def read_text_records(path: Path, fmt: str, encoding: str | None = None) -> list[TextExample]:
+    """One example per record with fields ``text``, ``label`` (a name, or an integer id: named by a ClassLabel
+    feature or the recipe's ``label_names``, else kept as its digits) and optionally ``text_pair``; the recipe's
+    ``columns`` map them onto the file's columns (GLUE's SST-2: ``{text: sentence}``)."""
+    return [text_record(loc, obj) for loc, obj in read_records(path, fmt, encoding)]
+
+
+def text_record(loc: Location, obj: dict) -> TextExample:
+    """The example of one record (see :func:`read_text_records`)."""
+    text, pair, label = obj.get("text"), obj.get("text_pair"), obj.get("label")
+    if not isinstance(text, str) or not text.strip():
+        has = ", ".join(list(obj)[:12]) or "nothing"
+        missing = "" if "text" in obj else f" (the record has: {has}; map one with columns: {{text: <column>}})"
+        raise loc.error(f"field 'text' must be a non-empty string{missing}")
+    if pair is not None and (not isinstance(pair, str) or not pair.strip()):
+        raise loc.error("field 'text_pair' must be a non-empty string when given")
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+        raise loc.error(f"field 'label' must be a string or an integer, got {label!r}")
+    return TextExample(text, str(label), loc, pair)
 
 
 def _clip(line: str, n: int = 60) -> str:

@@ -29,14 +29,26 @@ class ClassificationOptions(BaseModel):
     pooling: Literal["cls", "mean"] = Field("cls", description="first-token state or mean over real tokens")
     dropout: float | None = Field(None, ge=0, lt=1, description="head dropout; default 0.1")
     text_pair: bool = Field(False, description="examples are (text, text_pair); every record must have both")
+    label_before: str | None = Field(None, min_length=1, description="keep the part of each label before this "
+                                     "separator (TREC's 'DESC:manner' -> 'DESC' with ':')")
+    label_map: dict[str, str] = Field({}, description="rename labels (after label_before): {read: used}; labels "
+                                      "not in the table are kept")
+
+    def map_label(self, label: str) -> str:
+        """A label as read -> the label the task trains and scores on."""
+        if self.label_before is not None:
+            label = label.split(self.label_before, 1)[0] or label
+        return self.label_map.get(label, label)
 
 
 class ClassificationTask(TaskPlugin):
     """Single-text or text-pair classification; ``labels`` are label strings (``fit_labels``: sorted unique).
 
     Formats: ``label_text`` (``<label> <text>`` lines, as SST-2's ``stsa.binary.*``), ``tsv``
-    (``label<TAB>text[<TAB>text_pair]``) and ``jsonl`` (``{"text", "text_pair"?, "label"}``); ``None`` picks by
-    extension. Texts longer than ``max_length`` are truncated (longest side first for pairs) and counted.
+    (``label<TAB>text[<TAB>text_pair]``) and records with fields ``text``, ``text_pair``?, ``label``: ``jsonl``,
+    ``csv``, ``parquet``, ``arrow`` (a ``datasets`` ``save_to_disk`` directory); ``None`` picks by extension.
+    Labels pass through the options ``label_before`` and ``label_map`` as they are read. Texts longer than
+    ``max_length`` are truncated (longest side first for pairs) and counted.
     """
 
     metric = MetricSpec("accuracy")
@@ -46,7 +58,10 @@ class ClassificationTask(TaskPlugin):
     # ---- data ---------------------------------------------------------------------------------------------
     def read(self, path: Path, format: str | None = None) -> list[TextExample]:
         examples = read_classification(Path(path), format)
+        mapped = self.options.label_before is not None or self.options.label_map
         for ex in examples:
+            if mapped:
+                ex.label = self.options.map_label(ex.label)
             if self.options.text_pair and ex.text_pair is None:
                 raise ex.source.error(f"task '{self.name}' has option text_pair: true but this record has no text pair")
             if not self.options.text_pair and ex.text_pair is not None:

@@ -1,4 +1,5 @@
-"""Readers of NER files into :class:`NerExample`: CoNLL columns, JSON Lines and CoNLL04 JSON."""
+"""Readers of NER files into :class:`NerExample`: CoNLL columns, CoNLL04 JSON, and records (JSON lines, CSV,
+parquet, ``datasets`` ``save_to_disk`` directories; see :mod:`compressor.data.tables`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor.data.readers import (
-    Location, check_entities, read_conll04, read_conll_blocks, read_jsonl,
-)
+from compressor.data.readers import Location, check_entities, read_conll04, read_conll_blocks
+from compressor.data.tables import RECORD_FORMATS, read_records, table_format
 from compressor.errors import DataError
 from compressor.runtime.decoding import bio_to_spans, repair_iob, spans_to_bio, split_tag
 
-FORMATS = ("conll", "jsonl", "conll04")
+FORMATS = ("conll", "conll04", *RECORD_FORMATS)
 
 
 @dataclass
@@ -30,9 +30,9 @@ class NerExample:
 
 
 def detect_format(path: Path) -> str:
-    """``.json`` -> conll04, ``.jsonl`` -> jsonl, anything else -> conll."""
-    suffix = Path(path).suffix.lower()
-    return {".json": "conll04", ".jsonl": "jsonl"}.get(suffix, "conll")
+    """A table (a directory, ``.jsonl``, ``.csv``, ``.parquet``) -> its format, ``.json`` -> conll04, anything
+    else -> conll."""
+    return table_format(path) or {".json": "conll04"}.get(Path(path).suffix.lower(), "conll")
 
 
 def read_ner(path: Path, format: str | None = None, encoding: str | None = None) -> list[NerExample]:
@@ -42,8 +42,8 @@ def read_ner(path: Path, format: str | None = None, encoding: str | None = None)
     fmt = format or detect_format(path)
     if fmt == "conll":
         return read_conll(path, encoding)
-    if fmt == "jsonl":
-        return read_ner_jsonl(path, encoding)
+    if fmt in RECORD_FORMATS:
+        return read_ner_records(path, fmt, encoding)
     if fmt == "conll04":
         return read_ner_conll04(path, encoding)
     raise DataError(path, f"unknown NER format '{fmt}'; expected one of {', '.join(FORMATS)}")
@@ -67,30 +67,41 @@ def read_conll(path: Path, encoding: str | None = None) -> list[NerExample]:
 
 def read_ner_jsonl(path: Path, encoding: str | None = None) -> list[NerExample]:
     """One object per line: ``{"tokens": [...], "tags": [...]}`` or ``{"tokens": [...], "entities": [...]}``."""
-    examples = []
-    for n, obj in read_jsonl(path, encoding):
-        loc = Location(str(path), line=n)
-        tokens = obj.get("tokens")
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-            raise loc.error("field 'tokens' must be a non-empty list of strings")
-        if "tags" in obj:
-            tags = obj["tags"]
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise loc.error("field 'tags' must be a list of strings")
-            if len(tags) != len(tokens):
-                raise loc.error(f"{len(tokens)} tokens but {len(tags)} tags")
-            for t in tags:
-                _check_tag(t, loc)
-            example = _from_tags(tokens, tags, loc)
-            if "entities" in obj and _entities(obj["entities"], len(tokens), loc) != example.entities:
-                raise loc.error("fields 'tags' and 'entities' disagree; give one of them")
-            examples.append(example)
-        elif "entities" in obj:
-            entities = _entities(obj["entities"], len(tokens), loc)
-            examples.append(NerExample(tokens, spans_to_bio(entities, len(tokens)), entities, loc))
-        else:
-            raise loc.error("expected field 'tags' or 'entities'")
-    return examples
+    return read_ner_records(path, "jsonl", encoding)
+
+
+def read_ner_records(path: Path, fmt: str, encoding: str | None = None) -> list[NerExample]:
+    """One sentence per record: ``tokens`` and either ``tags`` (IOB tag names, or integer ids named by a ClassLabel
+    feature or the recipe's ``label_names``) or ``entities``; the recipe's ``columns`` map them onto the file's
+    columns (CoNLL-2003 from ``datasets``: ``{tags: ner_tags}``)."""
+    return [ner_record(loc, obj) for loc, obj in read_records(path, fmt, encoding)]
+
+
+def ner_record(loc: Location, obj: dict) -> NerExample:
+    """The example of one record (see :func:`read_ner_records`)."""
+    tokens = obj.get("tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise loc.error("field 'tokens' must be a non-empty list of strings")
+    if "tags" in obj:
+        tags = obj["tags"]
+        if isinstance(tags, list) and any(isinstance(t, int) and not isinstance(t, bool) for t in tags):
+            raise loc.error("field 'tags' holds integer ids without names; give them in the recipe: "
+                            "label_names: {tags: [O, B-PER, I-PER, ...]} (index = id)")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise loc.error("field 'tags' must be a list of strings")
+        if len(tags) != len(tokens):
+            raise loc.error(f"{len(tokens)} tokens but {len(tags)} tags")
+        for t in tags:
+            _check_tag(t, loc)
+        example = _from_tags(tokens, tags, loc)
+        if "entities" in obj and _entities(obj["entities"], len(tokens), loc) != example.entities:
+            raise loc.error("fields 'tags' and 'entities' disagree; give one of them")
+        return example
+    if "entities" in obj:
+        entities = _entities(obj["entities"], len(tokens), loc)
+        return NerExample(tokens, spans_to_bio(entities, len(tokens)), entities, loc)
+    raise loc.error(f"expected field 'tags' or 'entities' (the record has: {', '.join(list(obj)[:12])}; map one with "
+                    "columns: {tags: <column>})")
 
 
 def read_ner_conll04(path: Path, encoding: str | None = None) -> list[NerExample]:
@@ -123,4 +134,5 @@ def _entities(raw: Any, num_tokens: int, loc: Location) -> list[tuple[int, int, 
         raise loc.error(str(exc)) from None
 
 
-__all__ = ["FORMATS", "NerExample", "detect_format", "read_conll", "read_ner", "read_ner_conll04", "read_ner_jsonl"]
+__all__ = ["FORMATS", "NerExample", "detect_format", "ner_record", "read_conll", "read_ner", "read_ner_conll04",
+           "read_ner_jsonl", "read_ner_records"]

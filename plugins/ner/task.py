@@ -38,8 +38,9 @@ class NerTask(TaskPlugin):
     predicted) at its first sub-token. A sentence longer than ``max_length`` is truncated, never dropped; the
     words cut off are predicted ``"O"`` while the gold still counts them.
 
-    Formats: ``conll`` (columns, token first, tag last, IOB1 read as IOB2), ``jsonl`` (``{"tokens", "tags"}`` or
-    ``{"tokens", "entities"}``) and ``conll04`` (the CoNLL04 JSON array); ``None`` picks by extension.
+    Formats: ``conll`` (columns, token first, tag last, IOB1 read as IOB2), ``conll04`` (the CoNLL04 JSON array)
+    and records ``{"tokens", "tags"}`` or ``{"tokens", "entities"}``: ``jsonl``, ``csv``, ``parquet``, ``arrow``
+    (a ``datasets`` ``save_to_disk`` directory); ``None`` picks by extension.
     """
 
     metric = MetricSpec("f1")

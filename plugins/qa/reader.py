@@ -5,8 +5,10 @@ Formats:
     [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}``).
     ``squad-train`` / ``squad-dev``: the same file split by articles: the last ``dev_articles`` articles are the
     dev split, the others the training split (deterministic, so the two never share a context).
-    ``jsonl``: one ``{"id", "question", "context", "answers": [{"text", "answer_start"}]}`` per line.
-    ``None``: ``.json`` -> ``squad``, ``.jsonl`` -> ``jsonl``.
+    ``jsonl``, ``csv``, ``parquet``, ``arrow`` (a ``datasets`` ``save_to_disk`` directory): one record ``{"id",
+    "question", "context", "answers"}`` per line or row, ``answers`` as ``[{"text", "answer_start"}]`` or as the
+    Hugging Face SQuAD's ``{"text": [...], "answer_start": [...]}`` (fields renamed by the recipe's ``columns``).
+    ``None``: ``.json`` -> ``squad``, a directory / ``.jsonl`` / ``.csv`` / ``.parquet`` -> that table format.
 
 What is an error and what is not (the reader does not know the split, so it only rejects what no split can use):
     * a missing or mistyped field, an empty context or question, a duplicate id -> ``DataError`` naming the file
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.data.readers import read_json, read_jsonl
+from compressor.data.readers import Location, read_json
+from compressor.data.tables import RECORD_FORMATS, read_records, table_format
 from compressor.errors import DataError
 
-FORMATS = ("squad", "squad-train", "squad-dev", "jsonl")
+FORMATS = ("squad", "squad-train", "squad-dev", *RECORD_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ def resolve_format(path: Path, fmt: str | None) -> str:
         suffix = Path(path).suffix.lower()
         if suffix == ".json":
             return "squad"
-        if suffix == ".jsonl":
-            return "jsonl"
+        table = table_format(path)
+        if table is not None:
+            return table
         raise DataError(path, f"cannot tell the QA format from the extension '{suffix}'; set the task's "
                               f"'format' to one of {', '.join(FORMATS)}")
     if fmt not in FORMATS:
@@ -71,8 +75,8 @@ def read_qa(path: Path, fmt: str | None = None, dev_articles: int = 5, encoding:
     ``encoding``: the file's text encoding (``None``: the split's, set by ``DataStore``; UTF-8 by default)."""
     path = Path(path)
     fmt = resolve_format(path, fmt)
-    if fmt == "jsonl":
-        examples = [_jsonl_record(path, line, obj) for line, obj in read_jsonl(path, encoding)]
+    if fmt in RECORD_FORMATS:
+        examples = [_table_record(path, loc, obj) for loc, obj in read_records(path, fmt, encoding)]
     else:
         examples = _read_squad(path, fmt, dev_articles, encoding)
     seen: dict[str, str] = {}
@@ -117,11 +121,21 @@ def _read_squad(path: Path, fmt: str, dev_articles: int, encoding: str | None = 
     return out
 
 
-def _jsonl_record(path: Path, line: int, obj: dict[str, Any]) -> QaExample:
+def _table_record(path: Path, loc: Location, obj: dict[str, Any]) -> QaExample:
     context = obj.get("context")
     if not isinstance(context, str) or not context.strip():
-        raise DataError(path, "field 'context' must be a non-empty string", line=line)
-    return _question(path, f"line {line}", obj, context, line=line)
+        raise loc.error("field 'context' must be a non-empty string")
+    answers = obj.get("answers")
+    if isinstance(answers, dict) and isinstance(answers.get("text"), list) \
+            and isinstance(answers.get("answer_start"), list):  # the Hugging Face SQuAD shape
+        if len(answers["text"]) != len(answers["answer_start"]):
+            raise loc.error(f"answers has {len(answers['text'])} text(s) but {len(answers['answer_start'])} "
+                            "answer_start(s)")
+        obj = {**obj, "answers": [{"text": t, "answer_start": a}
+                                  for t, a in zip(answers["text"], answers["answer_start"])]}
+    if loc.line is not None:
+        return _question(path, f"line {loc.line}", obj, context, line=loc.line)
+    return _question(path, f"row {loc.record}", obj, context)
 
 
 def _question(path: Path, pos: str, qa: Any, context: str, line: int | None = None) -> QaExample:
