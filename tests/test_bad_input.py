@@ -669,9 +669,6 @@ simple("recipe-columns-empty-column", _recipe_edit("    format: label_text\n",
 simple("recipe-label-before-empty", _recipe_edit("    format: label_text\n",
                                                  "    format: label_text\n    options: {label_before: ''}\n",
                                                  "tasks[1].options"))
-simple("tasks-check-unknown-encoding", lambda c: (
-    ["tasks", "check", "classification", "--data", str(PIPE / "sst.train.txt"), "--encoding", "klingon"],
-    "--encoding: unknown text encoding 'klingon'"))
 
 
 # ---- the output directory ----------------------------------------------------------------------------------
@@ -1227,6 +1224,41 @@ simple("tasks-check-wrong-encoding", lambda c: (
 simple("tasks-check-utf16-read-as-utf8", lambda c: (
     ["tasks", "check", "classification", "--data", str(c.file("u16.txt", "1 good\n0 bad\n".encode("utf-16"))),
      "--format", "label_text", "--encoding", "utf-8"], "u16.txt:1: not valid UTF-8"))
+
+
+# ---- export-hf: the output directory and the model directory -------------------------------------------------
+def _export_hf(model: Callable[[Ctx], Path], expect: str, prepare: Callable[[Ctx], None] = lambda c: None,
+               *extra: str):
+    def build(c: Ctx):
+        prepare(c)
+        return ["export-hf", str(model(c)), "--out", str(c.out), *extra], expect
+    return build
+
+
+def _file_in_out(c: Ctx) -> None:
+    c.out.mkdir()
+    (c.out / "notes.txt").write_text("mine")
+
+
+simple("export-hf-out-not-empty", _export_hf(lambda c: c.world["model"], "out: directory is not empty",
+                                             _file_in_out))
+simple("export-hf-out-is-a-file", _export_hf(lambda c: c.world["model"], "out: exists and is not a directory",
+                                             lambda c: c.out.write_text("x")))
+simple("export-hf-model-dir-missing", _export_hf(lambda c: c.tmp / "nomodel",
+                                                 "nomodel: model directory does not exist"))
+simple("export-hf-manifest-invalid-json", _export_hf(
+    lambda c: (lambda m: ((m / "manifest.json").write_text("{oops"), m)[1])(c.model_copy()),
+    "manifest.json:1: invalid JSON"))
+simple("export-hf-weights-corrupt", _export_hf(
+    lambda c: (lambda m: ((m / "model.safetensors").write_bytes(b"\x00" * 64), m)[1])(c.model_copy()),
+    "model.safetensors: not a readable safetensors file"))
+simple("export-hf-head-size-not-the-configs", _export_hf(  # loads in compressor; transformers has one head size
+    lambda c: c.manifest(lambda m: m["architecture"]["layers"][0].update(head_size=16, heads=2)),
+    "manifest.json: architecture.layers[0] has 2 heads of size 16"))
+simple("export-hf-push-offline", _export_hf(lambda c: c.world["model"], "the Hub is offline here",
+                                            lambda c: None, "--push-to-hub", "someone/tiny"))
+simple("export-hf-push-bad-repo-id", _export_hf(lambda c: c.world["model"], "is not a Hub repository id",
+                                                lambda c: None, "--push-to-hub", "not a repo//id"))
 
 
 # ---- the catalogue as one table-driven test ----------------------------------------------------------------
