@@ -59,6 +59,27 @@ def _first_line(text: str) -> str:
     return line if len(line) <= MAX_LINE else f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"
 
 
+#: how libraries that wrap the OS error (safetensors, torch's zip writer, ONNX Runtime) word a failed write
+_WRITE_FAILURES = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull",
+                   "read-only file system", "file write failed")
+
+
+def os_failure(exc: BaseException) -> str | None:
+    """The reason when ``exc`` is the environment failing a file operation (disk full, quota, permissions, I/O):
+    an ``OSError`` with an errno, or a library's error that wraps a failed write; ``None`` otherwise."""
+    if isinstance(exc, OSError) and (exc.errno is not None or exc.strerror):
+        return exc.strerror or _first_line(str(exc))
+    if isinstance(exc, (CompressorError, KeyboardInterrupt, SystemExit)):
+        return None
+    text = str(exc).lower()
+    for pattern in _WRITE_FAILURES:
+        if pattern in text:
+            if "space" in text or "28" in text or "storagefull" in text:
+                return "No space left on device"
+            return _first_line(str(exc))[:200]
+    return None
+
+
 def anticipated(exc: BaseException) -> str | None:
     """The one-line message for a failure caused by the user's input or environment, or ``None`` for a bug.
 

@@ -1,5 +1,5 @@
-"""Atomic writes (a file or directory appears complete or not at all), strict JSON, run-directory locks and
-paths stored relative to a run directory."""
+"""Atomic writes (a file or directory appears complete or not at all, with the permissions the user's umask
+gives a plain ``open``/``mkdir``), strict JSON, run-directory locks and paths stored relative to a run directory."""
 
 from __future__ import annotations
 
@@ -14,13 +14,38 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path | str, directory: bool = False) -> None:
+    """``tempfile`` creates files 0600 and directories 0700 whatever the umask; give the file or directory the
+    mode a plain ``open``/``mkdir`` would have, so a shipped bundle is readable by whoever the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        _as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,6 +59,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _as_created(tmp, directory=True)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -121,7 +147,8 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
     """``obj`` with the build machine's absolute paths taken out of every string, for a file written at
     ``written_at``: a path inside that file's run directory becomes relative to the run (``stages/01-export/...``;
     the run itself ``.``), one inside the working directory (the repository) relative to it, one inside the home
-    directory ``~/...``; a string that is a whole absolute path elsewhere keeps only its last part (``.../bert``).
+    directory ``~/...``; a string that is a whole absolute path elsewhere on this machine keeps only its last part
+    (``.../bert``); absolute-looking names of nothing on disk (ONNX node names) are kept.
     Text around the paths (notes, Markdown) is kept."""
     import re
 
@@ -147,7 +174,8 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
             if "/" not in o:
                 return o
             out = pattern.sub(sub, o)
-            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1:
+            if os.path.isabs(out) and "\n" not in out and " " not in out and len(Path(out).parts) > 1 \
+                    and _on_disk(out):  # a graph's node names ("/encoder/layer.0/MatMul") look like paths too
                 return f".../{Path(out).name}"
             return out
         if isinstance(o, dict):
@@ -157,6 +185,11 @@ def portable(obj: Any, written_at: Path | str | None = None) -> Any:
         return o
 
     return walk(obj)
+
+
+def _on_disk(path: str) -> bool:
+    """Whether ``path`` names something on this machine, or a file in a directory that exists."""
+    return os.path.exists(path) or os.path.isdir(os.path.dirname(path))
 
 
 # ---- run-directory lock -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ helpers import torch when called.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,15 +44,93 @@ def time_calls(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[
     return times
 
 
-def ort_latency_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median and p95 wall time (ms) of one ``session.run`` of every output."""
+# ---- how loaded the machine was while measuring -------------------------------------------------------------
+def cpu_times() -> tuple[float, float] | None:
+    """``(busy, total)`` CPU time of the whole machine so far (all cores, in clock ticks) from ``/proc/stat``;
+    None where there is no such file."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadWatch:
+    """Measures, around a latency measurement, how many cores other processes kept busy. ``warning`` is a
+    sentence when they competed for the cores the measurement used (``threads``; None: all), else None.
+
+    A machine with ``n`` cores where others use ``o`` cores leaves ``n - o``; the measurement is suspect when
+    ``o`` is at least half a core and ``n - o`` is fewer than the cores it used.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.cores = os.cpu_count() or 1
+        self.threads = min(int(threads), self.cores) if threads else self.cores
+        self.warning: str | None = None
+        self.others: float | None = None
+
+    def __enter__(self) -> LoadWatch:
+        self._stat, self._own, self._wall = cpu_times(), _own_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stat, own, wall = cpu_times(), _own_cpu(), time.perf_counter()
+        elapsed = wall - self._wall
+        if elapsed <= 0:
+            return
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if stat is not None and self._stat is not None and stat[1] > self._stat[1]:
+            busy_cores = (stat[0] - self._stat[0]) / (stat[1] - self._stat[1]) * self.cores
+            others = busy_cores - (own - self._own) / elapsed
+        elif load is not None:
+            others = load - self.threads  # the load average counts this process's busy threads too
+        else:
+            return
+        self.others = max(0.0, others)
+        self.warning = load_warning(self.others, self.cores, self.threads, load)
+
+
+def load_warning(others: float, cores: int, threads: int, load: float | None = None) -> str | None:
+    """The sentence written beside latencies measured while other processes kept ``others`` of ``cores`` cores
+    busy and the measurement used ``threads``; None when they did not compete."""
+    if others < 0.5 or cores - others >= threads:
+        return None
+    avg = f", load average {load:.1f}" if load is not None else ""
+    return (f"measured on a loaded machine: other processes kept {others:.1f} of {cores} CPU core(s) busy{avg} "
+            f"while the measurement used {threads}; these latencies may be inflated")
+
+
+def ort_latency_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Median and p95 wall time (ms) of one ``session.run`` of every output, with ``load_warning`` when other
+    processes competed for the cores (:class:`LoadWatch`; ``threads``: the session's intra-op threads)."""
     feeds = dict(feeds)
-    return percentiles(time_calls(lambda: session.run(None, feeds), runs, warmup))
+    if threads is None:
+        try:
+            threads = int(session.get_session_options().intra_op_num_threads) or None
+        except Exception:  # noqa: BLE001 - a stand-in session without options
+            threads = None
+    with LoadWatch(threads) as watch:
+        out: dict[str, Any] = percentiles(time_calls(lambda: session.run(None, feeds), runs, warmup))
+    if watch.warning:
+        out["load_warning"] = watch.warning
+    return out
 
 
 def torch_latency_ms(model: MultiTaskModel, task: str, seq_len: int = 128, runs: int = 30, warmup: int = 5,
-                     batch: int = 1) -> dict[str, float]:
-    """Median and p95 wall time (ms) of one forward pass of ``task`` (eval mode, no grad, full-length input)."""
+                     batch: int = 1) -> dict[str, Any]:
+    """Median and p95 wall time (ms) of one forward pass of ``task`` (eval mode, no grad, full-length input),
+    with ``load_warning`` when other processes competed for torch's threads (:class:`LoadWatch`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -59,10 +138,13 @@ def torch_latency_ms(model: MultiTaskModel, task: str, seq_len: int = 128, runs:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), LoadWatch(torch.get_num_threads() if device.type == "cpu" else 1) as watch:
         times = time_calls(lambda: model.forward_batch(task, inputs), runs, warmup, sync)
     model.train(was_training)
-    return percentiles(times)
+    out: dict[str, Any] = percentiles(times)
+    if watch.warning:
+        out["load_warning"] = watch.warning
+    return out
 
 
 def dummy_tokens(vocab_size: int, seq_len: int, batch: int = 1) -> dict[str, np.ndarray]:

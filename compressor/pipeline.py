@@ -20,10 +20,11 @@ from typing import Any
 
 from compressor.console import say
 from compressor.errors import CompressorError, RecipeError
-from compressor.fsutil import LOCK_NAME, DirLock, relative_paths
+from compressor.fsutil import LOCK_NAME, DirLock, atomic_write_bytes, relative_paths
 from compressor.pipeline_checks import check_checkpoints, check_stage_models  # noqa: F401  (public here too)
 from compressor.pipeline_checks import check_fitted_labels as _check_fitted_labels
 from compressor.pipeline_checks import check_eval_splits, check_out as _check_out
+from compressor.pipeline_checks import stage_os_error
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
 from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord, teacher
@@ -31,11 +32,13 @@ from compressor.stages import STAGE_KINDS, StageContext, StageResult
 
 
 def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False, data_root: Path | None = None,
-               log=None) -> Path:
+               log=None, rerun_changed: bool = False) -> Path:
     """Run every stage of a recipe; returns the run directory (absolute).
 
     The run directory is locked for the whole run (a second run or resume into it fails at once, naming the
-    holder's pid); SIGTERM cleans up like Ctrl-C.
+    holder's pid); SIGTERM cleans up like Ctrl-C. A resume compares the recipe with what each completed stage
+    computed (:mod:`compressor.resume`): a change is refused, or with ``rerun_changed`` the stages from the
+    first changed one run again.
     """
     from compressor.checks import check_models, check_stage_chain, check_tasks
 
@@ -84,13 +87,15 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
             log(f"took over the lock of process {lock.previous_pid}, which is no longer running")
     try:
         with _sigterm_as_exit():
-            return _run_locked(recipe, recipe_path, run_dir, existed, resume, data, log)
+            return _run_locked(recipe, recipe_path, run_dir, existed, resume, data, log, rerun_changed)
     finally:
         lock.release()
 
 
-def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool, resume: bool, data, log) -> Path:
+def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool, resume: bool, data, log,
+                rerun_changed: bool = False) -> Path:
     from compressor.report.rows import Reporter
+    from compressor.resume import fingerprint, input_fields
 
     run = RunDir(run_dir)
     entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
@@ -100,6 +105,9 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
     train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
+    inputs = input_fields(recipe, data)
+    prints = [fingerprint(inputs, s) for s in recipe.stages]
+    previous = run.recipe_path.read_bytes() if run.recipe_path.is_file() else None
     copied = False
     try:
         if resume and run.state_path.is_file():
@@ -108,21 +116,36 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
                 reporter.load(run.report_json)
                 # the split sizes earlier processes read (a resume that skips stages reads fewer splits itself)
                 reporter.meta["data"] = json.loads(run.report_json.read_text()).get("data") or {}
-        copied = not run.recipe_path.exists()
-        if copied:
-            shutil.copyfile(recipe_path, run.recipe_path)
-        _run_stages(recipe, run, state, data, reporter, resume, log)
-    except BaseException:
+        _plan(recipe, run, state, prints, reporter, rerun_changed, log)
+        # the recipe as run: every completed stage's fingerprint now matches it (what differs changes no result)
+        atomic_write_bytes(run.recipe_path, recipe_path.read_bytes())
+        copied = True
+        _run_stages(recipe, run, state, data, reporter, resume, log, prints, rerun_changed)
+    except BaseException as exc:
         if not state["completed"]:
-            _take_back(run, fresh, existed, copied)
+            _take_back(run, fresh, existed, copied, previous)
+        if isinstance(exc, KeyboardInterrupt | Terminated) and _kept_checkpoints(run):
+            log(f"interrupted; the last checkpoint is kept under {run.path / 'checkpoints'}: continue with --resume")
         raise
     _write_report(reporter, run_dir, recipe, data, state)
     return run_dir
 
 
-def _take_back(run: RunDir, fresh: bool, existed: bool, copied: bool) -> None:
+def _kept_checkpoints(run: RunDir) -> bool:
+    """Whether a stage left an epoch checkpoint (any file but the hidden fingerprint) that --resume continues."""
+    root = run.path / "checkpoints"
+    return root.is_dir() and any(p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                                 for p in root.rglob("*"))
+
+
+def _take_back(run: RunDir, fresh: bool, existed: bool, copied: bool, previous: bytes | None = None) -> None:
     """A run that completed no stage leaves nothing behind: a fresh run removes all it wrote, a resume what this
-    attempt added."""
+    attempt added. An epoch checkpoint is kept (with the recipe), as ``kill -9`` keeps it, so --resume continues."""
+    if fresh and _kept_checkpoints(run):
+        for p in run.path.iterdir():
+            if p.name not in (LOCK_NAME, "checkpoints", run.recipe_path.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
     if fresh:
         if not existed:
             shutil.rmtree(run.path, ignore_errors=True)
@@ -132,17 +155,51 @@ def _take_back(run: RunDir, fresh: bool, existed: bool, copied: bool) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         return
     if copied:
-        run.recipe_path.unlink(missing_ok=True)
+        if previous is not None:
+            atomic_write_bytes(run.recipe_path, previous)
+        else:
+            run.recipe_path.unlink(missing_ok=True)
     for sub in (run.path / "stages", run.path / "checkpoints"):
         if sub.is_dir() and not any(sub.iterdir()):
             sub.rmdir()
 
 
-def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, reporter, resume: bool, log) -> None:
+def _done(recipe: Recipe, run: RunDir, state: dict[str, Any]) -> list[bool]:
+    """Which stages are complete: recorded and in place, and every stage before them too (a stage computes from
+    the ones before it)."""
+    done = {s["name"] for s in state["completed"]}
+    flags, ok = [], True
+    for index, stage in enumerate(recipe.stages):
+        ok = ok and stage.name in done and run.stage_dir(index, stage.name).is_dir()
+        flags.append(ok)
+    return flags
+
+
+def _plan(recipe: Recipe, run: RunDir, state: dict[str, Any], prints, reporter, rerun: bool, log) -> None:
+    """Compare the completed stages' fingerprints with the recipe's; forget the stages that run again."""
+    from compressor.resume import plan_resume
+
+    completed = {s["name"]: s for s in state["completed"]}
+    plan = plan_resume(run.state_path, completed, recipe.stages, prints, _done(recipe, run, state), rerun)
+    if plan.rerun_from is not None:
+        again = {s.name for s in recipe.stages[plan.rerun_from:]}
+        log(f"the recipe changed since the run: {plan.changes}; re-running from stage "
+            f"'{recipe.stages[plan.rerun_from].name}'")
+        state["completed"] = [s for s in state["completed"] if s["name"] not in again]
+        for name in again:
+            reporter.drop_stage(name)
+            shutil.rmtree(run.checkpoint_dir(name), ignore_errors=True)
+        if plan.rerun_from == 0:
+            reporter.meta["data"] = {}  # the split sizes are read again
+
+
+def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, reporter, resume: bool, log,
+                prints=None, rerun: bool = False) -> None:
     done = {s["name"]: s for s in state["completed"]}
+    flags = _done(recipe, run, state)
     records: list[StageRecord] = []  # this recipe's stages so far, done earlier or now
     for index, stage in enumerate(recipe.stages):
-        if stage.name in done and run.stage_dir(index, stage.name).is_dir():
+        if flags[index]:
             entry = done[stage.name]
             log(f"stage {stage.name}: done earlier, skipped")
         else:
@@ -155,38 +212,76 @@ def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, report
                 teacher_dir=first.model_dir if first else None, outputs={r.name: r.outputs for r in records},
                 resume=resume, checkpoint_dir=run.checkpoint_dir(stage.name),
             )
-            entry = _run_stage(ctx)
-            state["completed"] = [s for s in state["completed"] if s["name"] != stage.name] + [entry]
+            entry = _run_stage(ctx, prints[index] if prints else None, rerun)
+            later = {s.name for s in recipe.stages[index:]}  # what ran from earlier stages' outputs is stale now
+            state["completed"] = [s for s in state["completed"] if s["name"] not in later] + [entry]
             run.write_state(state)
             _write_report(reporter, run.path, recipe, data, state)
         records.append(replace(StageRecord.from_json(entry), kind=stage.kind))
 
 
-def _run_stage(ctx: StageContext) -> dict[str, Any]:
+def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: bool = False) -> dict[str, Any]:
     """Run one stage into its partial directory, check its models, move it into place; its ``state.json``
-    record."""
+    record (with its fingerprint). An OS error (disk full, permissions) fails the stage naming the path."""
+    from compressor.resume import check_checkpoint_fingerprint, write_checkpoint_fingerprint
+
     stage, out_dir, final_dir = ctx.stage, ctx.out_dir, ctx.final_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
     started = time.perf_counter()
+    try:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        if print_ is not None and ctx.resume and check_checkpoint_fingerprint(ctx.checkpoint_dir, stage.name,
+                                                                              print_, rerun):
+            shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # written under other settings: start afresh
+    except OSError as exc:
+        raise stage_os_error(exc, stage.name, out_dir) from None
     kill_hook = _test_kill_hook(stage.name, out_dir, ctx.checkpoint_dir)
     try:
         if ctx.resume:
             check_checkpoints(ctx.checkpoint_dir, stage.name)
+        if print_ is not None:  # what the checkpoints this attempt writes are computed with
+            write_checkpoint_fingerprint(ctx.checkpoint_dir, print_)
         result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
         check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
         if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
             kill_hook()
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         ctx.reporter.drop_stage(stage.name)
+        _drop_empty_checkpoints(ctx.checkpoint_dir)
+        failure = stage_os_error(exc, stage.name, ctx.run_dir)  # the file when the error names one
+        if failure is not None:
+            raise failure from None
         raise
-    shutil.rmtree(final_dir, ignore_errors=True)
-    out_dir.rename(final_dir)
+    try:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        out_dir.rename(final_dir)
+    except OSError as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise stage_os_error(exc, stage.name, final_dir) from None
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
-    return {"name": stage.name, "kind": stage.kind, "outputs": result.outputs,
-            "model_dir": str(result.model_dir) if result.model_dir else None,
-            "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes}
+    _drop_empty_checkpoints(ctx.checkpoint_dir)  # and checkpoints/ itself once no stage has one
+    entry = {"name": stage.name, "kind": stage.kind, "outputs": result.outputs,
+             "model_dir": str(result.model_dir) if result.model_dir else None,
+             "wall_s": round(time.perf_counter() - started, 1), "notes": result.notes}
+    if print_ is not None:
+        entry["fingerprint"] = print_
+    return entry
+
+
+def _drop_empty_checkpoints(checkpoint_dir: Path | None) -> None:
+    """A stage without a saved checkpoint leaves no checkpoint folder (its fingerprint alone is not one), and
+    ``checkpoints/`` goes once it is empty."""
+    if checkpoint_dir is None:
+        return
+    if checkpoint_dir.is_dir() and not any(
+            p.is_file() and not any(part.startswith(".") for part in p.relative_to(checkpoint_dir).parts)
+            for p in checkpoint_dir.rglob("*")):
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    try:
+        checkpoint_dir.parent.rmdir()
+    except OSError:
+        pass
 
 
 # ---- TEST ONLY: kill -9 inside a stage -----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The pipeline's checks: ``--out`` before anything is written, fitted label schemas against dev and test, every
-dev and test split before training, the models a stage wrote before it is recorded complete, and a stage's
-checkpoints before it resumes.
+dev and test split before training, the models a stage wrote before it is recorded complete, a stage's
+checkpoints before it resumes, and the one-line error of a stage the environment failed (disk full, permissions).
 
 Split out of :mod:`compressor.pipeline`, which re-exports :func:`check_stage_models` and :func:`check_checkpoints`.
 """
@@ -71,6 +71,26 @@ def check_checkpoints(checkpoint_dir: Path | None, stage: str) -> None:
                 first = "it holds objects other than tensors; refused, unpickling it could run code"
             raise CompressorError(f"{f}: unreadable checkpoint of stage '{stage}' ({first[:200]}); remove "
                                   f"{checkpoint_dir} to restart the stage from scratch") from None
+
+
+def stage_os_error(exc: BaseException, stage: str, where: Path) -> CompressorError | None:
+    """The one-line error of a stage that the environment failed (disk full, permissions, I/O), naming the file
+    (or, when the error names none, the directory the stage was writing to); ``None`` for any other failure."""
+    import errno as _errno
+
+    from compressor.errors import os_failure
+
+    reason = os_failure(exc)
+    if reason is None:
+        return None
+    path = getattr(exc, "filename", None)
+    place = f"{path}" if path is not None else f"writing under {where}"
+    if getattr(exc, "filename2", None) is not None:
+        place += f" -> {exc.filename2}"
+    hint = ""
+    if getattr(exc, "errno", None) in (_errno.ENOSPC, _errno.EDQUOT) or "space" in reason.lower():
+        hint = "; free some space and continue with --resume (the stage was not recorded complete)"
+    return CompressorError(f"stage '{stage}': {place}: {reason}{hint}")
 
 
 def check_fitted_labels(data, fitted: list[str]) -> None:

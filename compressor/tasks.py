@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -113,6 +113,22 @@ class DistillTarget:
 
     logits: torch.Tensor
     mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class HfHead:
+    """How a task's head maps onto a head class of transformers (``compressor export-hf``).
+
+    ``kind``: ``"token-classification"`` (a Linear over every token's last hidden state: ``*ForTokenClassification``),
+    ``"sequence-classification"`` (a Linear over the first token's last hidden state: ``*ForSequenceClassification``)
+    or ``"question-answering"`` (``Linear(hidden, 2)`` giving start and end logits: ``*ForQuestionAnswering``).
+    ``labels``: the class names in logit order (``id2label``; empty for question answering). ``linear``: the dotted
+    name of that Linear inside the head module (e.g. ``"classifier"``).
+    """
+
+    kind: Literal["token-classification", "sequence-classification", "question-answering"]
+    labels: tuple[str, ...]
+    linear: str
 
 
 class NoOptions(BaseModel):
@@ -237,6 +253,11 @@ class TaskPlugin(ABC):
         """
         return {"decoder": None}
 
+    def hf_head(self) -> HfHead | None:
+        """The transformers head class this task's head is exactly, or ``None`` (default) when none is: then
+        ``compressor export-hf`` saves the head's weights beside the encoder in its own documented form."""
+        return None
+
     def input_names(self) -> list[str]:
         return [*BASE_INPUTS, *(i.name for i in self.onnx_inputs())]
 
@@ -275,6 +296,7 @@ _METHODS: dict[str, tuple[str, ...]] = {
     "onnx_outputs": (),
     "onnx_inputs": (),
     "evaluate": ("forward", "encoded", "examples"),
+    "hf_head": (),
 }
 
 

@@ -119,6 +119,11 @@ def make_run(stages: list[dict[str, Any]], root: Path, tasks: tuple[str, ...] = 
     recipe = Recipe.model_validate(recipe_dict(stages, tasks, overrides))
     data = data_store(recipe)
     root.mkdir(parents=True, exist_ok=True)
+    from compressor.rundir import RunDir
+
+    run_dir = RunDir(root)
+    if not run_dir.state_path.is_file():  # ctx.latest reads the records a pipeline run keeps in state.json
+        run_dir.write_state({"completed": []})
     if model_dir is None:
         model_dir = save_tiny_model(recipe, data, root / "model", ln_outlier=ln_outlier)
     return Run(recipe, data, model_dir, root, Reporter(recipe.name))

@@ -991,7 +991,7 @@ simple("bundle-max-length-too-large", _predict(
     "hi", expect="tasks.json: field 'max_length' 100000"))
 simple("bundle-decoder-malformed", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(decoder="clasification")), "hi",
-    expect="tasks.json: tasks.sst: malformed task entry"))
+    expect="tasks.json: field 'tasks.sst.decoder' must be a JSON object"))
 simple("bundle-unknown-decoder", _predict(
     lambda c: c.tasks_json(lambda s: s["tasks"]["sst"]["decoder"].update(decoder="clasification")), "hi",
     expect="tasks.json"))
@@ -1024,6 +1024,120 @@ simple("usage-out-of-range", lambda c: (["serve", str(c.bundle), "--port", "7000
 simple("usage-unknown-command", lambda c: (["evalute"], "No such command 'evalute'"))
 simple("usage-tasks-subcommand", lambda c: (["tasks", "lst"], "No such command 'lst'"))
 simple("usage-option-needs-value", lambda c: (["validate", "r.yaml", "--data-root"], "'--data-root' requires an argument"))
+
+# ---- bundles: the three files against each other, metadata types, the word splitter ----------------------------
+def _tokenizer_edit(edit: Callable[[dict], None], drop_digest: bool = False):
+    def build(c: Ctx):
+        b = c.bundle_copy()
+        tok = json.loads((b / "tokenizer.json").read_text())
+        edit(tok)
+        (b / "tokenizer.json").write_text(json.dumps(tok))
+        if drop_digest:  # a bundle written before tasks.json recorded its vocabulary
+            spec = json.loads((b / "tasks.json").read_text())
+            spec["metadata"].pop("vocab_sha256")
+            (b / "tasks.json").write_text(json.dumps(spec))
+        return ["predict", str(b), "hi"], (
+            "cannot embed id" if drop_digest else "tokenizer.json: not the vocabulary the model was exported with")
+    return build
+
+
+def _swap_two_tokens(tok: dict) -> None:
+    vocab = tok["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+
+
+def _grow_vocabulary(tok: dict) -> None:
+    vocab = tok["model"]["vocab"]
+    for i in range(100):
+        vocab[f"zzextra{i}"] = len(vocab)
+
+
+simple("bundle-tokenizer-other-vocabulary", _tokenizer_edit(_swap_two_tokens))
+simple("bundle-tokenizer-larger-than-the-embedding-table", _tokenizer_edit(_grow_vocabulary, drop_digest=True))
+simple("bundle-labels-more-than-graph-outputs", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"]["decoder"].update(labels=["0", "1", "2"])), "hi",
+    expect="task 'sst' names 3 label(s)"))
+simple("bundle-task-labels-fewer-than-graph-outputs", _predict(
+    lambda c: c.tasks_json(lambda s: (s["tasks"]["sst"]["decoder"].pop("labels", None),
+                                      s["tasks"]["sst"].update(labels=["0"]))), "hi",
+    expect="has 2 classes"))
+simple("bundle-pad-id-string", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(pad_id="0")), "hi",
+    expect="field 'metadata.pad_id' must be a non-negative integer"))
+simple("bundle-pad-id-bool", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(pad_id=True)), "hi", expect="field 'metadata.pad_id'"))
+simple("bundle-pad-id-outside-the-table", _predict(
+    lambda c: c.tasks_json(lambda s: (s["metadata"].update(pad_id=10**9), s["metadata"].pop("vocab_sha256"))), "hi",
+    expect="field 'metadata.pad_id' 1000000000"))
+simple("bundle-metadata-not-an-object", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(metadata=[1, 2])), "hi", expect="field 'metadata' must be a JSON object"))
+simple("bundle-max-length-string", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(max_length="long")), "hi",
+    expect="field 'max_length' must be a positive integer"))
+simple("bundle-inputs-not-a-list", _predict(
+    lambda c: c.tasks_json(lambda s: s.update(inputs=7)), "hi", expect="field 'inputs' must be a list"))
+simple("bundle-task-labels-not-a-list", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(labels=7)), "hi",
+    expect="field 'tasks.sst.labels' must be a list of strings"))
+simple("bundle-task-outputs-not-a-mapping", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"]["sst"].update(outputs=["logits"])), "hi",
+    expect="field 'tasks.sst.outputs' must be a non-empty mapping"))
+simple("bundle-task-entry-not-an-object", _predict(
+    lambda c: c.tasks_json(lambda s: s["tasks"].update(sst=3)), "hi", expect="field 'tasks.sst' must be a JSON object"))
+simple("bundle-word-splitter-unknown", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="nltk")), "hi",
+    expect="field 'metadata.word_splitter': unknown word splitter 'nltk'"))
+simple("bundle-word-splitter-bad-regex", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="regex:(")), "hi",
+    expect="invalid regular expression"))
+simple("bundle-word-splitter-matches-empty", _predict(
+    lambda c: c.tasks_json(lambda s: s["metadata"].update(word_splitter="regex:a*")), "hi",
+    expect="matches the empty string"))
+simple("recipe-bundle-word-splitter-unknown", lambda c: (c.run(c.base(
+    stages="  - {kind: train, epochs: 1}\n  - {kind: export}\n  - {kind: bundle, word_splitter: words}\n")),
+    "unknown word splitter 'words'"))
+
+
+# ---- resume against a changed recipe; OS errors in a stage ----------------------------------------------------------
+def _completed_run(c: Ctx) -> None:
+    """A finished run in ``c.out`` (one load stage, no training) of the base recipe's tasks."""
+    from compressor.pipeline import run_recipe
+
+    path = c.file("done.yaml", c.base(stages=f"  - {{kind: load, path: {c.world['model']}, evaluate: false}}\n"))
+    run_recipe(path, out=c.out, log=lambda *_: None)
+
+
+def _resume_changed(old: str, new: str, expect: str):
+    def build(c: Ctx):
+        _completed_run(c)
+        text = c.base(stages=f"  - {{kind: load, path: {c.world['model']}, evaluate: false}}\n").replace(old, new, 1)
+        return c.run(text, "--resume"), expect
+    return build
+
+
+simple("resume-changed-seed", _resume_changed("seed: 3", "seed: 4", "stage 'teacher' computed: seed (3 -> 4)"))
+simple("resume-changed-limit", _resume_changed(
+    "    format: label_text\n", "    format: label_text\n    limit: {dev: 5}\n", "tasks.sst.limit.dev (null -> 5)"))
+simple("resume-changed-max-length", _resume_changed("max_length: 32", "max_length: 48", "model.max_length (32 -> 48)"))
+simple("resume-changed-stage-field", _resume_changed("evaluate: false", "evaluate: true",
+                                                     "stages.teacher.evaluate (false -> true)"))
+simple("resume-changed-labels", _resume_changed(
+    "    format: label_text\n", "    format: label_text\n    labels: ['0', '1']\n", "tasks.sst.labels"))
+simple("run-rerun-from-changed-without-resume", lambda c: (c.run(c.base(), "--rerun-from-changed"),
+                                                            "--rerun-from-changed continues a run"))
+
+
+@case("run-disk-full-while-training")
+def _(c):
+    import errno
+
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    c.request.getfixturevalue("monkeypatch").setattr(safetensors.torch, "save_file", full)
+    return c.run(c.base()), f"stage 'teacher': writing under {c.out}: No space left on device"
 
 # ---- the recipe loader: duplicate keys, booleans for numbers, huge values, aliases, names ---------------------
 _LOADER_CASES = [

@@ -108,9 +108,12 @@ def test_portable_paths(tmp_path):
     (run / "stages").mkdir(parents=True)
     (run / "recipe.yaml").write_text("name: r\n")
     cwd = os.getcwd()
+    elsewhere = tmp_path / "opt" / "models" / "bert"  # paths of this machine outside the run and repository
+    elsewhere.mkdir(parents=True)
+    Path(f"{run}x/stages").mkdir(parents=True)
     data = {"graph": f"{run}/stages/01-export/model.onnx", "run": str(run), "sibling": f"{run}x/stages/a",
             "note": f"loaded {run}/stages/00-teacher/model; data {cwd}/tests/fixtures", "hub": "bert-base-uncased",
-            "elsewhere": "/opt/models/bert", "home": os.path.expanduser("~/models/x")}
+            "elsewhere": str(elsewhere), "home": os.path.expanduser("~/models/x")}
     out = portable(data, run / "stages" / "01-export" / "graph.json")
     assert out["graph"] == "stages/01-export/model.onnx" and out["run"] == "."
     assert out["note"] == "loaded stages/00-teacher/model; data tests/fixtures"
@@ -158,3 +161,13 @@ report: {{latency_runs: 2, latency_warmup: 1, latency_seq_len: 16}}
     tasks = json.loads(next(run.rglob("bundle/tasks.json")).read_text())
     assert tasks["metadata"]["graph_source"] == "stages/02-quantize/model.int8.onnx"
     assert tasks["metadata"]["source_model"] == "stages/00-teacher/model"
+
+
+def test_portable_keeps_graph_node_names_that_only_look_like_paths(tmp_path):
+    from compressor.fsutil import portable
+
+    model = tmp_path / "elsewhere" / "bert"
+    model.mkdir(parents=True)
+    out = portable({"node": "/encoder/layer.0/attention/self/MatMul", "model": str(model)}, None)
+    assert out["node"] == "/encoder/layer.0/attention/self/MatMul"
+    assert out["model"] == ".../bert"

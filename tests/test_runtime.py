@@ -62,7 +62,8 @@ def _single_word_sentences(examples, tokenizer):
 
 def test_bundle_files_and_tasks_json(run, fp32_bundle):
     bundle_dir = Path(run.outputs["bundle"]["bundle"])
-    assert sorted(p.name for p in bundle_dir.iterdir()) == ["model.onnx", "tasks.json", "tokenizer.json"]
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["config.json", "model.onnx", "special_tokens_map.json",
+                                                            "tasks.json", "tokenizer.json", "tokenizer_config.json"]
     assert (bundle_dir / "model.onnx").read_bytes() == Path(run.outputs["quantize"]["onnx"]).read_bytes()
     assert (fp32_bundle / "model.onnx").read_bytes() == Path(run.outputs["export"]["onnx"]).read_bytes()
     tasks = json.loads((bundle_dir / "tasks.json").read_text())

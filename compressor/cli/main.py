@@ -166,14 +166,20 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip completed stages, "
                                                           "resume the running one from its last checkpoint.")] = False,
     data_root: DataRoot = None,
+    rerun_changed: Annotated[bool, typer.Option("--rerun-from-changed", help="With --resume: when the recipe changed "
+                                                "what a completed stage computed, re-run from that stage instead of "
+                                                "refusing.")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Run a recipe's stages in order and write report.json / report.md into the run directory."""
     from compressor.cli.output import emit_json, run_result, stdout_to_stderr
+    from compressor.errors import RecipeError
     from compressor.pipeline import run_recipe
 
+    if rerun_changed and not resume:
+        raise RecipeError("--rerun-from-changed continues a run: give it with --resume")
     with stdout_to_stderr(json_out):
-        run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root)
+        run_dir = run_recipe(recipe, out=out, resume=resume, data_root=data_root, rerun_changed=rerun_changed)
     if json_out:
         emit_json(run_result(run_dir))
     else:
@@ -221,6 +227,8 @@ from compressor.cli.env import env  # noqa: E402  (typer only at import time)
 app.command(name="env")(guarded(env))
 from compressor.cli.serve import serve  # noqa: E402  (typer only at import time)
 app.command(name="serve")(guarded(serve))
+from compressor.cli.export_hf import export_hf  # noqa: E402  (typer only at import time)
+app.command(name="export-hf")(guarded(export_hf))
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -4,7 +4,9 @@ First choice: the transformer fusions of ``onnxruntime.transformers.optimizer`` 
 and hidden size detected per attention node, which is what pruned encoders with different head counts per
 layer need). If the fused graph fails the parity check (or fusion raises), the fallback is ONNX Runtime's
 basic, hardware-independent graph optimisation (constant folding, redundant-node elimination); if that fails
-too, no optimised graph is written and the raw export is used.
+too, no optimised graph is written and the raw export is used (the notes say why). An optimiser that fails because
+the environment refused a write (disk full, permissions: :func:`compressor.errors.os_failure`) fails the stage
+instead: its graph would be missing for a reason that has nothing to do with the model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from compressor.errors import os_failure
 from compressor.export.parity import ParityReport
 
 #: fused operators worth reporting (the optimizer lists many that never occur in encoders)
@@ -92,9 +95,13 @@ def optimize_checked(src: Path, dst: Path, check: Callable[[Path], ParityReport]
     for level, attempt in attempts:
         try:
             fused = attempt()
-        except Exception as exc:  # noqa: BLE001 - a failing optimiser only costs the optimisation
-            notes.append(f"{level} optimisation raised {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failing optimiser only costs the optimisation ...
             dst.unlink(missing_ok=True)
+            if os_failure(exc) is not None:  # ... but a full disk or a refused write fails the stage
+                if isinstance(exc, OSError) and exc.filename is None:
+                    exc.filename = str(dst)
+                raise
+            notes.append(f"{level} optimisation raised {type(exc).__name__}: {exc}; not used")
             continue
         report = check(dst)
         bad = report.failures()

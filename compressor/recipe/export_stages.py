@@ -145,4 +145,14 @@ class BundleStage(Strict):
     name: str = Field("bundle", pattern=NAME)
     source: str | None = Field(None, description="quantize or export stage whose graph to ship; default: the latest")
     check: bool = Field(True, description="load the written bundle and predict one text per task as a smoke check")
+    word_splitter: str = Field("punct", description="how predict splits raw text into words for token tasks: "
+                               "punct (the tokenizer's pre-tokenisation: whitespace and punctuation), whitespace, "
+                               "or regex:<pattern> (each match a word); see docs/runs.md")
+
+    @field_validator("word_splitter")
+    @classmethod
+    def _known_splitter(cls, v: str) -> str:
+        from compressor.runtime.words import check_splitter
+
+        return check_splitter(v)
 

@@ -42,7 +42,10 @@ def make_row(label: str, stage: str, task: str, split: str, metric: str, metrics
         "metric": metric, "value": float(metrics[metric]), "metrics": {k: float(v) for k, v in metrics.items()},
         "params": params, "task_params": task_params, "size_bytes": size_bytes,
         "latency_ms_p50": latency["p50"] if latency else None, "latency_ms_p95": latency["p95"] if latency else None,
-        "format": fmt, "latency_runtime": (runtime_of(fmt) if latency else None), **extra,
+        "format": fmt, "latency_runtime": (runtime_of(fmt) if latency else None),
+        # beside the latencies it concerns: other processes competed for the cores while they were measured
+        **({"latency_warning": latency["load_warning"]} if latency and latency.get("load_warning") else {}),
+        **extra,
     }
 
 
@@ -144,12 +147,16 @@ def render_markdown(data: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             size = f"{r['size_bytes'] / 1e6:.1f}" if r.get("size_bytes") else "-"
+            loaded = " (loaded!)" if r.get("latency_warning") else ""
             lines.append(
                 f"| {r['model']} | {r['stage']} | {r['task']} | {r['split']} | {r['metric']} | {fmt_value(r['value'])} | "
-                f"{fmt_value(r.get('retention'), 3)} | {r['params']:,} | {size} | {fmt_value(r.get('latency_ms_p50'), 2)} "
-                f"| {measured_with(r.get('format'))} |"
+                f"{fmt_value(r.get('retention'), 3)} | {r['params']:,} | {size} | "
+                f"{fmt_value(r.get('latency_ms_p50'), 2)}{loaded} | {measured_with(r.get('format'))} |"
             )
         lines.append("")
+        warned = sorted({(r["model"], r["latency_warning"]) for r in rows if r.get("latency_warning")})
+        if warned:
+            lines += ["Latencies marked (loaded!):", ""] + [f"- {m}: {w}" for m, w in warned] + [""]
     if data.get("data"):
         lines += ["## Data", "", "| task | split | used | available | labels | truncated | other |",
                   "|---|---|---|---|---|---|---|"]

@@ -7,8 +7,9 @@ decoder settings: the plugin's ``export_spec()``, whose ``"decoder"`` names a de
 ``compressor.decoders``), with the numpy functions of :mod:`compressor.runtime.decoding` that the plugins use on
 PyTorch outputs, so both give the same predictions for the same logits.
 
-Texts are tokenised the way the plugins tokenise them: words are the tokenizer's pre-tokenisation of the text
-(whitespace and punctuation for BERT), so entities come back as character spans of whole words. Tasks whose
+Texts are split into words by the bundle's word splitter (``metadata.word_splitter``, :mod:`compressor.runtime.words`:
+by default the tokenizer's pre-tokenisation, whitespace and punctuation for BERT), then tokenised the way the
+plugins tokenise words, so entities come back as character spans of whole words. Tasks whose
 decoders read the same input share one ``session.run`` (NER, classification over a sentence); a decoder that
 builds on another task's predictions (relation extraction over the entities) costs one more run over the same
 texts; QA (question + context, in overlapping windows) and text-pair classification run on their own encodings.
@@ -28,18 +29,23 @@ from compressor.runtime._bundle_io import (
     MODEL,
     TASKS,
     TOKENIZER,
+    _check_classes,
     _check_graph,
     _check_max_length,
     _open_session,
     _read_spec,
     _read_tokenizer,
+    _check_vocabulary,
+    vocabulary_digest,
 )
 from compressor.runtime.decoders import DECODERS, BundleError, Decoder, get_decoder
 from compressor.runtime.spec import GraphSpec
+from compressor.runtime.words import DEFAULT as DEFAULT_SPLITTER
+from compressor.runtime.words import check_splitter, encode_words
 
 BATCH_SIZE = 32
 
-__all__ = ["Bundle", "BundleError"]
+__all__ = ["Bundle", "BundleError", "vocabulary_digest"]
 
 
 class Bundle:
@@ -54,6 +60,7 @@ class Bundle:
         self.tokenizer = tokenizer
         self.session = session
         self.pad_id = int(spec.metadata.get("pad_id", 0))
+        self.word_splitter: str = spec.metadata.get("word_splitter") or DEFAULT_SPLITTER
         self.decoders: dict[str, Decoder] = dict(decoders) if decoders is not None else \
             make_decoders(spec, Path(directory) / TASKS)
 
@@ -73,10 +80,16 @@ class Bundle:
             if not (directory / name).is_file():
                 raise BundleError(f"{directory}: missing {name} (a bundle holds {', '.join(FILES)})")
         spec = _read_spec(directory / TASKS)
+        try:
+            check_splitter(spec.metadata.get("word_splitter") or DEFAULT_SPLITTER)
+        except ValueError as exc:
+            raise BundleError(f"{directory / TASKS}: field 'metadata.word_splitter': {exc}") from None
         decoders = make_decoders(spec, directory / TASKS)
         tokenizer = _read_tokenizer(directory / TOKENIZER)
         session = _open_session(directory / MODEL, threads)
         _check_graph(directory, spec, session)
+        _check_classes(directory, spec, decoders, session)
+        _check_vocabulary(directory, spec, tokenizer, session)
         _check_max_length(directory, spec, session)
         return cls(directory, spec, tokenizer, session, decoders)
 
@@ -213,8 +226,8 @@ class Bundle:
         tok = self.tokenizer
         tok.enable_truncation(self.max_length)  # longest_first, like the plugins' truncation=True
         try:
-            if pairs is None:
-                return tok.encode_batch(list(texts))
+            if pairs is None:  # words as the bundle's word splitter cuts them (compressor.runtime.words)
+                return encode_words(tok, texts, self.word_splitter)
             return tok.encode_batch(list(zip(texts, pairs)))
         finally:
             tok.no_truncation()

@@ -71,6 +71,11 @@ class Decoder:
     def check(self) -> None:
         """Validate ``settings`` against the graph; raise ``ValueError`` with what is wrong (default: nothing)."""
 
+    def output_classes(self) -> tuple[str, int] | None:
+        """``(output name, classes)``: the output whose last axis must have one entry per class this decoder
+        names (checked against the graph when the bundle loads); None: nothing to check (default)."""
+        return None
+
     def requires(self) -> list[str]:
         """Tasks whose predictions :meth:`predict` needs (decoded first, passed in ``done``)."""
         return []
@@ -167,6 +172,9 @@ class WordTagDecoder(Decoder):
         out = self.settings.get("output")
         if out is not None and out not in self.graph.outputs:
             raise ValueError(f"output {out!r} is not an output of the task ({', '.join(self.graph.outputs)})")
+
+    def output_classes(self):
+        return self.settings.get("output") or next(iter(self.graph.outputs)), len(self.labels())
 
     def decode_batch(self, outputs, encodings, texts):
         labels = self.labels()

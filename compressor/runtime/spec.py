@@ -101,13 +101,29 @@ class GraphSpec:
                 raise ValueError(f"{source}: missing field '{key}'")
         if not isinstance(d["tasks"], dict) or not d["tasks"]:
             raise ValueError(f"{source}: field 'tasks' must be a non-empty mapping of task name -> task")
+        if not isinstance(d["inputs"], list) or not all(isinstance(x, str) for x in d["inputs"]):
+            raise ValueError(f"{source}: field 'inputs' must be a list of input names, got {_short(d['inputs'])}")
+        if not _is_int(d["max_length"]) or d["max_length"] < 1:
+            raise ValueError(f"{source}: field 'max_length' must be a positive integer, got {_short(d['max_length'])}")
+        metadata = d.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"{source}: field 'metadata' must be a JSON object, got {_short(metadata)}")
+        metadata = dict(metadata or {})
+        if "pad_id" in metadata and (not _is_int(metadata["pad_id"]) or metadata["pad_id"] < 0):
+            raise ValueError(f"{source}: field 'metadata.pad_id' must be a non-negative integer (the padding token "
+                             f"id), got {_short(metadata['pad_id'])}")
         tasks = {}
         for name, t in d["tasks"].items():
+            if not isinstance(t, dict):
+                raise ValueError(f"{source}: field 'tasks.{name}' must be a JSON object, got {_short(t)}")
+            problem = _task_problem(t)
+            if problem:
+                raise ValueError(f"{source}: field 'tasks.{name}.{problem}")
             try:
                 tasks[name] = TaskGraph.from_json(t)
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
                 raise ValueError(f"{source}: tasks.{name}: malformed task entry ({exc!r})") from exc
-        return cls(list(d["inputs"]), tasks, int(d["max_length"]), dict(d.get("metadata") or {}))
+        return cls(list(d["inputs"]), tasks, int(d["max_length"]), metadata)
 
     def write(self, path: Path) -> None:
         """Write ``to_json`` atomically; paths in ``metadata`` are stored relative to the run (or repository)."""
@@ -123,3 +139,35 @@ class GraphSpec:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
         return cls.from_json(data, str(path))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _task_problem(t: dict[str, Any]) -> str | None:
+    """What is wrong with one task entry's field types (``<field>' must be ...``), or None."""
+    for key in ("name", "plugin"):
+        if not isinstance(t.get(key), str):
+            return f"{key}' must be a string, got {_short(t.get(key))}"
+    labels = t.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return f"labels' must be a list of strings, got {_short(labels)}"
+    outputs = t.get("outputs")
+    if not isinstance(outputs, dict) or not outputs or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in outputs.items()):
+        return f"outputs' must be a non-empty mapping of output name -> graph output name, got {_short(outputs)}"
+    decoder = t.get("decoder")
+    if decoder is not None and not isinstance(decoder, dict):
+        return f"decoder' must be a JSON object, got {_short(decoder)}"
+    for key in ("atol",):
+        if key in t and not isinstance(t[key], dict):
+            return f"{key}' must be a JSON object, got {_short(t[key])}"
+    if "extra_inputs" in t and not isinstance(t["extra_inputs"], list):
+        return f"extra_inputs' must be a list, got {_short(t['extra_inputs'])}"
+    return None

@@ -31,7 +31,13 @@ def unfused_embedding_source(raw: Path, fused: Path, dst: Path, spec: Any, feeds
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         fuse_transformer(raw, dst, embed_layer_norm=False)
-    except Exception as exc:  # noqa: BLE001 - a failing fusion only costs speed: the raw graph is exact
+    except Exception as exc:  # noqa: BLE001 - a failing fusion only costs speed: the raw graph is exact ...
+        from compressor.errors import os_failure
+
+        if os_failure(exc) is not None:  # ... but a full disk or a refused write fails the stage
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(dst)
+            raise
         return raw, (f"fusion without EmbedLayerNormalization raised {type(exc).__name__}: {exc}; quantizing the "
                      "unfused export so the embedding table can be quantized per row or per block")
     a, b = make_session(fused, threads), make_session(dst, threads)

@@ -1,7 +1,7 @@
 """The ``bundle`` stage: the final graph (INT8 if a quantize stage ran, else fp32) as an edge bundle.
 
-Artefact: ``ctx.out_dir / "bundle"`` (``model.onnx``, ``tokenizer.json``, ``tasks.json``), loaded back with the
-torch-free runtime and run once per task as a check before the stage succeeds.
+Artefact: ``ctx.out_dir / "bundle"`` (``model.onnx``, ``tokenizer.json``, ``tasks.json``, and ``config.json`` +
+tokenizer config for optimum and transformers), loaded back with the torch-free runtime and run once per task as a check before the stage succeeds.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def run(ctx: StageContext) -> StageResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     quantized = "quantization" in spec.metadata
     directory = write_bundle(ctx.out_dir / "bundle", source.onnx, spec, model_dir / "tokenizer.json",
-                             pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"})
+                             pad_id, {"source_stage": source_name, "format": "onnx-int8" if quantized else "onnx"},
+                             model_dir=model_dir, word_splitter=cfg.word_splitter)
 
     notes = []
     if cfg.check:

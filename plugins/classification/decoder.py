@@ -23,6 +23,9 @@ class ClassificationDecoder(Decoder):
         if not self.labels():
             raise ValueError("a classification decoder needs 'labels'")
 
+    def output_classes(self):
+        return next(iter(self.graph.outputs)), len(self.labels())
+
     def decode_batch(self, outputs, encodings, texts):
         labels = self.labels()
         logits = np.asarray(self.output(outputs))

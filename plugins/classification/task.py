@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import classify
-from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
+from compressor.tasks import DistillTarget, Encoded, HfHead, MetricSpec, OnnxOutput, TaskPlugin
 from compressor_plugins.classification.formats import TextExample, read_classification
 
 if TYPE_CHECKING:
@@ -140,6 +140,12 @@ class ClassificationTask(TaskPlugin):
 
     def export_spec(self) -> dict[str, Any]:
         return {"decoder": "classification", "labels": list(self.labels), "text_pair": self.options.text_pair}
+
+    def hf_head(self) -> HfHead | None:
+        """First-token pooling + Linear is sequence classification; mean pooling has no transformers class."""
+        if self.options.pooling != "cls":
+            return None
+        return HfHead("sequence-classification", tuple(self.labels), "classifier")
 
 
 def accuracy(predictions: Sequence[str], gold: Sequence[str]) -> float:

@@ -28,6 +28,9 @@ class BioDecoder(Decoder):
         for tag in tags:
             split_tag(tag)  # ValueError naming a tag that is not IOB2
 
+    def output_classes(self):
+        return next(iter(self.graph.outputs)), len(self.settings["tags"])
+
     def decode_batch(self, outputs, encodings, texts):
         tags = self.settings["tags"]
         logits = np.asarray(self.output(outputs))

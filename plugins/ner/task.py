@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compressor.data.collate import pad_inputs
 from compressor.errors import RecipeError
 from compressor.runtime.decoding import bio_decode, bio_tags, spans_to_bio
-from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
+from compressor.tasks import DistillTarget, Encoded, HfHead, MetricSpec, OnnxOutput, TaskPlugin
 from compressor_plugins.ner.formats import NerExample, read_ner
 
 if TYPE_CHECKING:
@@ -179,3 +179,7 @@ class NerTask(TaskPlugin):
 
     def export_spec(self) -> dict[str, Any]:
         return {"decoder": "bio", "tags": self.tags, "first_subtoken": True}
+
+    def hf_head(self) -> HfHead:
+        """Dropout + Linear over every token is transformers' token classification; ``id2label`` is the tag set."""
+        return HfHead("token-classification", tuple(self.tags), "classifier")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compressor.data.collate import pad_inputs
 from compressor.errors import DataError, RecipeError
 from compressor.runtime.decoding import qa_best_answer, qa_span_candidates
-from compressor.tasks import DistillTarget, Encoded, MetricSpec, OnnxOutput, TaskPlugin
+from compressor.tasks import DistillTarget, Encoded, HfHead, MetricSpec, OnnxOutput, TaskPlugin
 from compressor_plugins.qa.metrics import squad_scores
 from compressor_plugins.qa.reader import QaExample, read_qa
 
@@ -205,6 +205,11 @@ class QaTask(TaskPlugin):
     def onnx_outputs(self) -> list[OnnxOutput]:
         return [OnnxOutput("start_logits", {0: "batch", 1: "sequence"}),
                 OnnxOutput("end_logits", {0: "batch", 1: "sequence"})]
+
+    def hf_head(self) -> HfHead:
+        """``Linear(hidden, 2)`` -> start/end logits is transformers' question answering (which leaves padding
+        positions unmasked)."""
+        return HfHead("question-answering", (), "qa_outputs")
 
     def export_spec(self) -> dict[str, Any]:
         """``doc_stride``/``max_length`` are those of the last encode; without one, ``doc_stride`` is the option

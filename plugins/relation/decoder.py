@@ -33,6 +33,11 @@ class RelationDecoder(Decoder):
             raise ValueError(f"decodes relations over entity task {entity!r}, whose decoder "
                              f"{other.decoder.get('decoder')!r} produces no entity spans (e.g. a bio task)")
 
+    def output_classes(self):
+        dec = self.settings
+        classes = dec.get("classes") or [dec.get("no_relation", NO_RELATION), *self.graph.labels]
+        return next(iter(self.graph.outputs)), len(classes)
+
     def requires(self) -> list[str]:
         return [self.settings["entity_task"]]
 
