@@ -122,7 +122,7 @@ for _name, _kind in {
                           gives=frozenset({"task_models"}), sources=frozenset({"model"})),
     "distill": StageKind(f"{_R}.train_stages:DistillStage", f"{_S}.distill:run", needs="teacher",
                          gives=frozenset({"model", "students"})),
-    "prune": StageKind(f"{_R}.prune_stages:PruneStage", f"{_S}.prune:run"),
+    "prune": StageKind(f"{_R}.prune_stages:PruneStage", f"{_S}.prune:run", preflight=f"{_S}.prune:preflight"),
     "prune_vocab": StageKind(f"{_R}.prune_stages:PruneVocabStage", f"{_S}.prune_vocab:run"),
     "search": StageKind(f"{_R}.prune_stages:SearchStage", f"{_S}.search:run", needs="teacher",
                         gives=frozenset({"model", "search"}), preflight=f"{_S}.search:preflight"),
