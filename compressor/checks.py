@@ -60,42 +60,38 @@ def check_tasks(recipe: Recipe, path: Path) -> dict[str, Any]:
 
 def check_stage_chain(recipe: Recipe, path: Path) -> None:
     """Every stage's input is produced by an earlier stage; every ``source`` names an earlier stage that can be
-    one. The error names the stage."""
-    from compressor.stages import STAGE_KINDS
+    one (both from the stage kinds' registration, ``compressor.stage_kinds``). The error names the stage."""
+    from compressor.stage_kinds import STAGE_KINDS, TOKENS, kinds_giving, stage_needs
 
     given: set[str] = set()
     earlier: list[Any] = []
     for i, stage in enumerate(recipe.stages):
         source = getattr(stage, "source", None)
         spec = STAGE_KINDS.get(stage.kind)
-        kinds = spec.sources
         if source is not None:
             match = [s for s in earlier if s.name == source]
             if not match:
                 names = [s.name for s in earlier]
                 raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
                                   f"'{source}' is not an earlier stage (earlier: {names or 'none'})")
-            if kinds and match[0].kind not in kinds:
+            if spec.sources and not spec.sources & STAGE_KINDS.get(match[0].kind).gives:
+                kinds = sorted({k for token in spec.sources for k in kinds_giving(token)})
                 raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
                                   f"'{source}' is a {match[0].kind} stage; expected {' or '.join(kinds)}")
-        need = spec.needs
-        if stage.kind == "distill" and getattr(stage.student, "from_previous", False):
-            need = "teacher"  # and the previous model, which every teacher stage also gives
-        if stage.kind == "add_task" and getattr(stage, "path", None):
-            need = None  # it brings its own model directory
-        if need is not None and need not in given:
-            makers = sorted(k for k in STAGE_KINDS if need in STAGE_KINDS.get(k).gives)
+        for need, field in stage_needs(stage):
+            if need in given:
+                continue
+            makers = kinds_giving(need)
+            if field is not None:
+                raise RecipeError(f"{_where(path, ['stages', i, field])}: stage '{stage.name}': {field} "
+                                  f"'{getattr(stage, field)}' takes {TOKENS[need]}; no {' or '.join(makers)} "
+                                  "stage comes before it")
             raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
-                              f"{_NEED_WORDS.get(need, need)} from an earlier stage (of kind {', '.join(makers)}); "
+                              f"{TOKENS[need]} from an earlier stage (of kind {', '.join(makers)}); "
                               f"none comes before it")
-        if getattr(stage, "mode", None) == "search" and not any(s.kind == "search" for s in earlier):
-            raise RecipeError(f"{_where(path, ['stages', i, 'mode'])}: stage '{stage.name}': mode 'search' takes "
-                              "the INT8 mode a search stage chose; no search stage comes before it")
         given |= spec.gives
         earlier.append(stage)
 
-
-_NEED_WORDS = {"teacher": "a teacher model", "model": "a model", "export": "an ONNX export", "graph": "an ONNX graph"}
 
 #: stage kinds that name a model directory of their own (``path``)
 _MODEL_DIR_KINDS = ("load", "add_task")

@@ -27,7 +27,8 @@ from compressor.pipeline_checks import check_eval_splits, check_out as _check_ou
 from compressor.pipeline_checks import stage_os_error
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
 from compressor.registry import _load
-from compressor.rundir import TEACHER_KINDS, RunDir, StageRecord, teacher
+from compressor.rundir import RunDir, StageRecord, teacher
+from compressor.stage_kinds import gives
 from compressor.stages import STAGE_KINDS, StageContext, StageResult
 
 
@@ -102,7 +103,7 @@ def _run_locked(recipe: Recipe, recipe_path: Path, run_dir: Path, existed: bool,
     if entries and not resume:
         raise RecipeError(f"{run_dir}: run directory is not empty; pass --resume to continue it or --out for a new one")
     fresh = not entries  # nothing of ours was there: a failure before the first stage completes removes it all
-    train_stages = [s for s in recipe.stages if s.kind in TEACHER_KINDS]
+    train_stages = [s for s in recipe.stages if gives(s.kind, "teacher")]
     reporter = Reporter(recipe.name, teacher_label=train_stages[0].name if train_stages else "teacher")
     state: dict[str, Any] = {"recipe": recipe.name, "completed": []}
     inputs = input_fields(recipe, data)

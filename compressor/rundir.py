@@ -11,8 +11,10 @@ Layout (owned here; the pipeline writes it, ``compressor benchmark`` and ``compr
 Paths inside the run directory are stored in ``state.json`` relative to it, so a run resumes from any working
 directory and the directory can be moved. A stage records its outputs as JSON; :func:`artefacts` reads them back
 as typed artefacts (:class:`ModelDir`, :class:`OnnxGraph`, :class:`Int8Graph`, :class:`Bundle`,
-:class:`SingleTaskStudents`, :class:`TeacherReference`), and :func:`latest` finds the one a later stage (or the
-benchmark) asks for by type.
+:class:`SingleTaskStudents`, :class:`TaskModels`, :class:`TeacherReference`), and :func:`latest` finds the one a
+later stage (or the benchmark) asks for by type. Which stage kinds leave which artefact is not listed here: each
+artefact class names the token (``GIVEN``) that the kinds leaving it declare in their ``gives``
+(``compressor.stage_kinds``).
 ``state.json`` itself keeps the format earlier runs wrote, so they still load, resume and benchmark.
 """
 
@@ -27,9 +29,9 @@ from typing import Any, ClassVar, TypeVar
 
 from compressor.errors import CompressorError, RecipeError
 from compressor.fsutil import absolute_paths, atomic_write_text, dumps_strict, relative_paths
+from compressor.stage_kinds import gives, kinds_giving
 
 STATE = "state.json"
-TEACHER_KINDS = ("train", "load")  # the first stage of these kinds provides the teacher
 
 
 # ---- typed artefacts ------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ class ModelDir:
     """A model directory (manifest, safetensors, tokenizer) a stage wrote or loaded."""
 
     path: Path
-    KINDS: ClassVar[tuple[str, ...]] = ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")
+    GIVEN: ClassVar[str] = "model"
     WHAT: ClassVar[str] = "a model stage"
 
 
@@ -49,7 +51,7 @@ class Graph:
     onnx: Path
     spec: Path
     model_dir: Path
-    KINDS: ClassVar[tuple[str, ...]] = ("export", "quantize")
+    GIVEN: ClassVar[str] = "graph"
     WHAT: ClassVar[str] = "an export (or quantize) stage"
 
 
@@ -58,8 +60,15 @@ class OnnxGraph(Graph):
     """The export stage's fp32 graph (``onnx`` optimised when that passed parity; ``raw`` the plain export)."""
 
     raw: Path | None = None
-    KINDS: ClassVar[tuple[str, ...]] = ("export",)
+    GIVEN: ClassVar[str] = "export"
     WHAT: ClassVar[str] = "an export stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> OnnxGraph | None:
+        if not out.get("onnx"):
+            return None
+        return cls(Path(out["onnx"]), Path(out["graph"]), Path(out["model_dir"]),
+                   Path(out["raw"]) if out.get("raw") else None)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,15 @@ class Int8Graph(Graph):
 
     passed: bool | None = None
     fallback_nodes: tuple[str, ...] = ()
-    KINDS: ClassVar[tuple[str, ...]] = ("quantize",)
+    GIVEN: ClassVar[str] = "int8"
     WHAT: ClassVar[str] = "a quantize stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> Int8Graph | None:
+        if not out.get("onnx"):
+            return None
+        return cls(Path(out["onnx"]), Path(out["graph"]), Path(out["model_dir"]), out.get("passed"),
+                   tuple(out.get("fallback_nodes") or ()))
 
 
 @dataclass(frozen=True)
@@ -78,8 +94,12 @@ class Bundle:
 
     path: Path
     source_stage: str | None = None
-    KINDS: ClassVar[tuple[str, ...]] = ("bundle",)
+    GIVEN: ClassVar[str] = "bundle"
     WHAT: ClassVar[str] = "a bundle stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> Bundle | None:
+        return cls(Path(out["bundle"]), out.get("source_stage")) if out.get("bundle") else None
 
 
 @dataclass(frozen=True)
@@ -87,8 +107,13 @@ class SingleTaskStudents:
     """A distill stage's single-task students: task -> model directory."""
 
     models: dict[str, Path] = field(default_factory=dict, hash=False)
-    KINDS: ClassVar[tuple[str, ...]] = ("distill",)
+    GIVEN: ClassVar[str] = "students"
     WHAT: ClassVar[str] = "a distill stage with single_task_students"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> SingleTaskStudents | None:
+        students = out.get("single_task_students")
+        return cls({t: Path(p) for t, p in students.items()}) if students else None
 
 
 @dataclass(frozen=True)
@@ -97,8 +122,13 @@ class TaskModels:
 
     models: dict[str, Path] = field(default_factory=dict, hash=False)
     dev: dict[str, float | None] = field(default_factory=dict, hash=False)
-    KINDS: ClassVar[tuple[str, ...]] = ("finetune",)
+    GIVEN: ClassVar[str] = "task_models"
     WHAT: ClassVar[str] = "a finetune stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> TaskModels | None:
+        models = out.get("models")
+        return cls({t: Path(p) for t, p in models.items()}, dict(out.get("dev") or {})) if models else None
 
 
 @dataclass(frozen=True)
@@ -113,11 +143,21 @@ class TeacherReference:
     target: str | None = None
     onnx_notes: tuple[str, ...] = ()
     int8_notes: tuple[str, ...] = ()
-    KINDS: ClassVar[tuple[str, ...]] = ("reference",)
+    GIVEN: ClassVar[str] = "reference"
     WHAT: ClassVar[str] = "a reference stage"
+
+    @classmethod
+    def from_outputs(cls, out: dict[str, Any]) -> TeacherReference | None:
+        if not out.get("onnx"):
+            return None
+        return cls(Path(out["onnx"]), Path(out["graph"]), Path(out["int8"]), Path(out["model_dir"]),
+                   out.get("int8_matmuls"), out.get("target"), tuple(out.get("onnx_notes") or ()),
+                   tuple(out.get("int8_notes") or ()))
 
 
 Artefact = ModelDir | Graph | Bundle | SingleTaskStudents | TaskModels | TeacherReference
+#: the artefacts read from a stage's recorded outputs, each when the stage's kind gives its token
+_FROM_OUTPUTS = (OnnxGraph, Int8Graph, Bundle, TeacherReference, TaskModels, SingleTaskStudents)
 A = TypeVar("A")
 
 
@@ -137,25 +177,11 @@ class StageRecord:
 
     def artefacts(self) -> list[Any]:
         """What the stage left, typed (from its recorded outputs; the keys earlier runs wrote)."""
-        out, found = self.outputs, []
-        if self.model_dir is not None:
-            found.append(ModelDir(self.model_dir))
-        if self.kind == "export" and out.get("onnx"):
-            found.append(OnnxGraph(Path(out["onnx"]), Path(out["graph"]), Path(out["model_dir"]),
-                                   Path(out["raw"]) if out.get("raw") else None))
-        elif self.kind == "quantize" and out.get("onnx"):
-            found.append(Int8Graph(Path(out["onnx"]), Path(out["graph"]), Path(out["model_dir"]), out.get("passed"),
-                                   tuple(out.get("fallback_nodes") or ())))
-        elif self.kind == "bundle" and out.get("bundle"):
-            found.append(Bundle(Path(out["bundle"]), out.get("source_stage")))
-        elif self.kind == "reference" and out.get("onnx"):
-            found.append(TeacherReference(Path(out["onnx"]), Path(out["graph"]), Path(out["int8"]),
-                                          Path(out["model_dir"]), out.get("int8_matmuls"), out.get("target"),
-                                          tuple(out.get("onnx_notes") or ()), tuple(out.get("int8_notes") or ())))
-        elif self.kind == "finetune" and out.get("models"):
-            found.append(TaskModels({t: Path(p) for t, p in out["models"].items()}, dict(out.get("dev") or {})))
-        elif self.kind == "distill" and out.get("single_task_students"):
-            found.append(SingleTaskStudents({t: Path(p) for t, p in out["single_task_students"].items()}))
+        found: list[Any] = [ModelDir(self.model_dir)] if self.model_dir is not None else []
+        for cls in _FROM_OUTPUTS:
+            artefact = cls.from_outputs(self.outputs) if gives(self.kind, cls.GIVEN) else None
+            if artefact is not None:
+                found.append(artefact)
         return found
 
     def get(self, cls: type[A]) -> A | None:
@@ -168,8 +194,9 @@ def latest(records: Sequence[StageRecord], cls: type[A], source: str | None = No
 
     ``consumer`` names the stage asking, for its error (a ``RecipeError``) when there is none.
     """
-    earlier = [r for r in records if r.kind in cls.KINDS]  # type: ignore[attr-defined]
-    kinds = " or ".join(cls.KINDS)  # type: ignore[attr-defined]
+    token = cls.GIVEN  # type: ignore[attr-defined]
+    earlier = [r for r in records if gives(r.kind, token)]
+    kinds = " or ".join(kinds_giving(token))
     if source is not None:
         match = [r for r in earlier if r.name == source]
         if not match:
@@ -186,7 +213,7 @@ def latest(records: Sequence[StageRecord], cls: type[A], source: str | None = No
 
 def teacher(records: Iterable[StageRecord]) -> StageRecord | None:
     """The first completed train/load stage with a model: the run's teacher."""
-    return next((r for r in records if r.kind in TEACHER_KINDS and r.model_dir is not None), None)
+    return next((r for r in records if gives(r.kind, "teacher") and r.model_dir is not None), None)
 
 
 # ---- the run directory ----------------------------------------------------------------------------------------

@@ -480,6 +480,50 @@ def _(c):
     return c.run(c.base(stages=stages)), "stages[2].embedding_block_size"
 
 
+@case("recipe-matmul4-block-size-not-a-power-of-two")
+def _(c):
+    stages = ("  - {kind: train, epochs: 1}\n  - {kind: export}\n"
+              "  - {kind: quantize, matmul_int4: {block_size: 48}}\n")
+    return c.run(c.base(stages=stages)), "stages[2].matmul_int4.block_size"
+
+
+@case("recipe-posttrain-without-budget")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: prune, method: posttrain, posttrain: {}}\n"
+    return c.run(c.base(stages=stages)), "stages[1].posttrain"
+
+
+@case("recipe-vocab-if-none-within-unknown")
+def _(c):
+    stages = "  - {kind: train, epochs: 1}\n  - {kind: prune_vocab, if_none_within: prune_anyway}\n"
+    return c.run(c.base(stages=stages)), "stages[1].if_none_within"
+
+
+def _after_load(stage: str, expect: str):
+    """A stage after a load stage of the shared model (hidden 32, 4 heads, 2 layers), refused before any work."""
+    def build(c: Ctx):
+        stages = f"  - {{kind: load, path: {c.world['model']}, evaluate: false}}\n  - {stage}\n"
+        return c.run(c.base(stages=stages)), expect
+    return build
+
+
+for _id, _stage, _expect in (
+    ("prune-width-heads-do-not-divide", "{kind: prune, hidden_size: 30}",
+     "stages[1].hidden_size: 30 is not divisible by the model's 4 attention heads"),
+    ("prune-width-not-smaller", "{kind: prune, hidden_size: 64}",
+     "stages[1].hidden_size: 64 must be smaller than the model's hidden size 32"),
+    ("prune-more-layers-than-the-model", "{kind: prune, drop_num_layers: 2}",
+     "stages[1].drop_num_layers: dropping 2 of the model's 2 layers"),
+    ("prune-drop-a-layer-the-model-lacks", "{kind: prune, drop_layers: [5]}",
+     "stages[1].drop_layers: the model has 2 layers (0-1); no layer 5"),
+    ("prune-posttrain-budget-below-any-candidate", "{kind: prune, method: posttrain, posttrain: {flops_ratio: 0.01}}",
+     "stages[1].posttrain.flops_ratio: 0.01 of the encoder layers' FLOPs"),
+    ("search-width-heads-do-not-divide", "{kind: search, space: {hidden: [null, 30]}}",
+     "stages[1].space.hidden: 30 is not divisible by the source model's 4 attention heads"),
+):
+    CASES.append(Case(_id, _after_load(_stage, _expect)))
+
+
 # ---- recipes: the stage chain --------------------------------------------------------------------------------
 _CHAIN_CASES = [
     ("source-names-no-stage", "  - {kind: train, epochs: 1}\n  - {kind: export}\n  - {kind: quantize, source: nope}\n",

@@ -63,13 +63,13 @@ def setup(tmp_path_factory, tokenizer):
     return root
 
 
-def _context(root, stage: dict, limit: int | None = None):
+def _context(root, stage: dict, limit: int | None = None, dev: str = "c.dev.txt"):
     from compressor.data.store import DataStore
     from compressor.recipe import Recipe
     from compressor.report.rows import Reporter
     from compressor.stages import StageContext
 
-    task = {"name": "c", "plugin": PLUGIN, "data": {"train": "c.train.txt", "dev": "c.dev.txt", "test": "c.test.txt"}}
+    task = {"name": "c", "plugin": PLUGIN, "data": {"train": "c.train.txt", "dev": dev, "test": "c.test.txt"}}
     if limit:
         task["limit"] = {"train": limit}
     recipe = Recipe.model_validate({"name": "vocab", "seed": 0, "data_root": str(root), "model": {"max_length": 32},
@@ -97,7 +97,8 @@ def _texts(path):
 def test_kept_vocabulary_never_takes_tokens_only_dev_or_test_needs(setup, tokenizer):
     from compressor.stages.prune_vocab import run
 
-    ctx = _context(setup, {"keep_chars": "none", "english_words": 0, "extra_files": ["corpus.txt"]}, limit=8)
+    ctx = _context(setup, {"keep_chars": "none", "english_words": 0, "extra_files": ["corpus.txt"], "tolerance": TOL},
+                   limit=8)
     result = run(ctx)
     kept = {tokenizer.convert_tokens_to_ids(t) for t in
             json.loads((ctx.out_dir / "model" / "tokenizer.json").read_text())["model"]["vocab"]}
@@ -116,8 +117,10 @@ def test_kept_vocabulary_never_takes_tokens_only_dev_or_test_needs(setup, tokeni
     # measured on test: "pangolin" and the "zebra"-type words change
     assert result.outputs["test_tokens_changed"] > 0
 
-    subsample = run(_context(setup, {"keep_chars": "none", "english_words": 0, "full_train": False}, limit=8))
-    assert subsample.outputs["vocab_size_after"] < len(train | set(tokenizer.all_special_ids))
+    subsample = run(_context(setup, {"keep_chars": "none", "english_words": 0, "full_train": False, "tolerance": TOL},
+                             limit=8))
+    # candidates from the subsample only (the size then kept depends on the tolerance; it may be the whole vocabulary)
+    assert subsample.outputs["candidates"] < len(train | set(tokenizer.all_special_ids))
 
 
 def test_sweep_keeps_the_smallest_size_within_tolerance(setup, tokenizer):
@@ -173,6 +176,47 @@ def test_sweep_measures_every_candidate_when_no_listed_size_is_within_tolerance(
     assert [r["within_tolerance"] for r in sweep] == [False, True]  # the fallback "every candidate" was measured
     assert result.outputs["chosen_size"] == result.outputs["candidates"]
     assert any(f"within tolerance: {result.outputs['candidates']:,} tokens" in n for n in result.notes)
+
+
+@pytest.fixture(scope="module")
+def unseen_dev(setup, tokenizer):
+    """A dev file whose every sentence has a word no candidate source has, labelled with the model's own
+    predictions: every vocabulary that drops those words changes some predictions (a drop over any tolerance)."""
+    import random
+
+    rng = random.Random(5)
+    dev = [" ".join([*rng.sample(COMMON, 3), rng.choice(DEV_ONLY), rng.choice(DEV_ONLY)]) for _ in range(40)]
+    model, _, _ = load_model(setup / "model")
+    with torch.no_grad():
+        predicted = model("c", **tokenizer(dev, padding=True, return_tensors="pt")).outputs["logits"].argmax(-1)
+    (setup / "c.dev_unseen.txt").write_text("".join(f"{p} {t}\n" for p, t in zip(predicted.tolist(), dev)))
+    return "c.dev_unseen.txt"
+
+
+def test_vocabulary_step_never_costs_more_than_its_tolerance(setup, tokenizer, unseen_dev):
+    from compressor.stages.prune_vocab import run
+
+    stage = {"keep_chars": "none", "english_words": 0, "sizes": [len(set(tokenizer.all_special_ids)) + 2],
+             "tolerance": 0.01}
+    ctx = _context(setup, stage, dev=unseen_dev)
+    result = run(ctx)
+    sweep = result.outputs["sweep"]
+    # the listed size and every candidate were measured, and both fail the tolerance
+    assert [r["within_tolerance"] for r in sweep] == [False, False]
+    assert sweep[-1]["size"] == result.outputs["candidates"] < len(tokenizer)
+    assert max(sweep[-1]["drops"].values()) > 0.01
+    # so the whole vocabulary is kept: the saved model and tokenizer are the unpruned ones
+    assert not result.outputs["pruned"] and result.outputs["vocab_size_after"] == len(tokenizer)
+    model, new_tok, _ = load_model(ctx.out_dir / "model")
+    assert len(new_tok) == len(tokenizer) and new_tok.tokenize("the zebra") == tokenizer.tokenize("the zebra")
+    assert model.encoder.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert any("not even every candidate" in n and "kept the whole vocabulary" in n for n in result.notes)
+
+    ctx = _context(setup, {**stage, "if_none_within": "fail"}, dev=unseen_dev)
+    with pytest.raises(RecipeError, match=r"stage 'prune_vocab': no vocabulary size is within the tolerance of "
+                       r"1\.00%, not even every candidate .*if_none_within is 'fail'"):
+        run(ctx)
+    assert not (ctx.out_dir / "model").exists()  # nothing written
 
 
 def test_english_words_rank_beside_the_training_text(tokenizer):

@@ -1,4 +1,4 @@
-"""Benchmark rows (one per model and task), ratios against (a) and (c), and the issue's targets.
+"""Benchmark rows (one per model and task), ratios against (a) and (c), and the product's targets.
 
 Row keys: ``id`` (a, b, c, d, e-fp32, e-int8), ``label``, ``format``, ``task``, ``split``, ``metric``,
 ``higher_is_better``, ``value``, ``metrics``, ``retention`` (value / (a)'s; (a)'s / value when lower is better),

@@ -1,0 +1,1 @@
+"""The data layer: reading splits from the data root, subsampling, encoding caches and multi-task sampling."""

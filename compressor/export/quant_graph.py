@@ -18,6 +18,7 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.export.embedding_rows import (EMBED_MIN_ELEMENTS, HEAD_SCOPE, INT4_BLOCK_SIZE,
                                               quantize_embedding_rows)
+from compressor.export.matmul4 import MATMUL4_BLOCK_SIZE, matmul4_candidates, quantize_matmuls_4bit
 from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
@@ -33,7 +34,7 @@ DEFAULT_OP_TYPES: dict[str, list[str]] = {
 }
 #: ops that compute with integers in a quantized graph (QDQ MatMuls are counted separately)
 INTEGER_OPS = ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-               "QEmbedLayerNormalization", "QGemm")
+               "QEmbedLayerNormalization", "QGemm", "MatMulNBits")
 
 
 class QuantizationError(CompressorError):
@@ -64,6 +65,12 @@ class QuantOptions:
     embedding: Embedding = "per_row"
     embedding_min_elements: int = EMBED_MIN_ELEMENTS
     embedding_block_size: int = INT4_BLOCK_SIZE
+    #: MatMul node-name patterns (fnmatch) whose constant weights are stored in 4 bits (ORT's MatMulNBits, one
+    #: scale and zero point per ``matmul4_block_size`` elements of a column) instead of INT8; empty: none. The
+    #: accuracy fallback sends such a node to INT8 (not fp32).
+    matmul4: list[str] = field(default_factory=list)
+    matmul4_block_size: int = MATMUL4_BLOCK_SIZE
+    matmul4_accuracy_level: int = 4
 
     def ops(self) -> list[str]:
         """Op types ORT's quantizer handles (per-row and per-block embeddings are done here, not by ORT)."""
@@ -132,7 +139,8 @@ def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[s
     q_model = onnx.load(str(quantized), load_external_data=False)
     q_nodes = {n.name: n for n in q_model.graph.node}
     producers = {o: n.op_type for n in q_model.graph.node for o in n.output}
-    ops = set(options.ops()) | ({"Gather"} if options.lookup_embeddings() else set())
+    ops = (set(options.ops()) | ({"Gather"} if options.lookup_embeddings() else set())
+           | ({"MatMul"} if options.matmul4 else set()))
     out = []
     for node in src_model.graph.node:
         if node.op_type not in ops:
@@ -199,13 +207,17 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
     """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``.
 
     Nodes kept fp32: ``options``' exclusions (op types, name patterns, heads; see :func:`nodes_to_exclude`)
-    plus ``exclude``. ``ranges``: calibration ranges, required for static mode.
+    plus ``exclude``, except that a 4-bit MatMul (``options.matmul4``) in ``exclude`` goes to INT8 instead.
+    ``ranges``: calibration ranges, required for static mode.
     """
     from optimum.onnxruntime import ORTQuantizer
 
     if options.mode == "static" and ranges is None:
         raise QuantizationError("static quantization needs calibration ranges (see calibrate)")
-    exclude = nodes_to_exclude(src, options, exclude)
+    four = matmul4_candidates(src, options.matmul4, nodes_to_exclude(src, options))
+    demoted = set(exclude) & set(four)  # the fallback sends a 4-bit node to INT8 first
+    four = [n for n in four if n not in demoted]
+    exclude = nodes_to_exclude(src, options, [*(n for n in exclude if n not in demoted), *four])
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
         with quiet_loggers("optimum.onnxruntime.quantization", "optimum", ""), contextlib.redirect_stdout(io.StringIO()):
@@ -215,6 +227,8 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         out = Path(tmp) / f"{Path(src).stem}.onnx"
         if not out.is_file():
             raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
+        if four:
+            quantize_matmuls_4bit(out, out, four, options.matmul4_block_size, options.matmul4_accuracy_level)
         if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
                                     skip_heads=not options.quantize_heads, bits=options.embedding_bits(),

@@ -36,9 +36,10 @@ def integer_op_counts(path: Path) -> dict[str, int]:
 
 
 def integer_matmuls(counts: Mapping[str, int]) -> int:
-    """MatMuls that run in integer arithmetic (directly, or QDQ-wrapped for ORT to fuse at load)."""
+    """MatMuls with quantized weights: integer arithmetic (directly, or QDQ-wrapped for ORT to fuse at load) and
+    4-bit ``MatMulNBits``."""
     return sum(counts.get(k, 0) for k in ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul",
-                                          "MatMulIntegerToFloat", "qdq_matmul", "QGemm"))
+                                          "MatMulIntegerToFloat", "qdq_matmul", "QGemm", "MatMulNBits"))
 
 
 def fp32_nodes(src: Path, quantized: Path, options: QuantOptions, fallback: Sequence[str] = (),

@@ -5,8 +5,9 @@ Errors name the YAML path, the line and what was expected::
     recipes/x.yaml:14: stages[0].epochs: Input should be greater than 0 (got -1)
 
 Each stage kind has a config model with ``kind: Literal[...]`` (``train_stages``, ``prune_stages``,
-``export_stages``); ``Stage`` (``schema``) is the union discriminated on ``kind``. A new stage adds its config
-class to ``Stage`` and its kind to ``compressor.stages.STAGE_KINDS``.
+``export_stages``); ``Stage`` (``schema``) is the union of the config models registered in
+``compressor.stage_kinds.STAGE_KINDS``, discriminated on ``kind``. The field descriptions are the stage
+reference (``docs/stages.md``, written by ``python -m compressor.docs``).
 """
 
 from compressor.recipe._base import NAME, Strict

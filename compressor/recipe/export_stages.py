@@ -53,6 +53,28 @@ class QuantCalibration(Strict):
     num_bins: int | None = Field(None, gt=0, description="histogram bins; default 2048 (percentile), 128 (entropy)")
 
 
+class MatMulInt4(Strict):
+    """4-bit MatMul weights (ONNX Runtime's MatMulNBits) for the chosen MatMul nodes; the other MatMuls stay INT8."""
+
+    nodes: list[str] = Field(["*"], min_length=1, description="node-name patterns (fnmatch) of the MatMuls whose "
+                             "constant weights go to 4 bits, e.g. '*/intermediate/*' for the FFN inputs; '*': every "
+                             "MatMul with a constant weight (a fused Attention node is not a MatMul and stays INT8; "
+                             "the heads follow quantize_heads; exclude_nodes wins)")
+    block_size: int = Field(32, description="elements of a weight column that share one scale and zero point (a "
+                            "power of two, at least 16, as ONNX Runtime's MatMulNBits requires)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits accuracy_level: 4 quantizes the activations to 8 bits and multiplies in "
+        "integers (fastest on CPUs with VNNI / AVX2); 0 dequantizes the weights and multiplies in fp32")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"must be a power of two of at least 16, as ONNX Runtime's MatMulNBits requires "
+                             f"(got {v})")
+        return v
+
+
 class QuantizeStage(ToleranceTest):
     """INT8 quantization of the export stage's graph, accuracy-aware: sensitive nodes fall back to fp32."""
 
@@ -81,6 +103,9 @@ class QuantizeStage(ToleranceTest):
         "ORT's per-tensor Gather quantization (per_tensor); or left fp32")
     embedding_block_size: int = Field(32, description="int4_block: elements of a row that share one scale (a power "
                                       "of two, at least 16; smaller blocks are more accurate and store more scales)")
+    matmul_int4: MatMulInt4 | None = Field(
+        None, description="store the weights of the chosen MatMuls in 4 bits (block-wise, MatMulNBits) instead of "
+        "INT8; the accuracy fallback judges them node by node (a sensitive one goes to INT8 first); null: none")
     calibration: QuantCalibration = QuantCalibration()
     tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
     tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
@@ -111,6 +136,10 @@ class QuantizeStage(ToleranceTest):
         if bad:
             raise ValueError(f"tolerances must be >= 0 (got {bad})")
         return v
+
+    def needs(self, default: str | None) -> list[tuple[str, str | None]]:
+        """An export before it; with ``mode: search``, a search stage too (``compressor.stage_kinds``)."""
+        return [(default, None)] + ([("search", "mode")] if self.mode == "search" else [])
 
 
 class BundleStage(Strict):

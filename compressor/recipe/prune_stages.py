@@ -53,6 +53,30 @@ class RecoveryStop(Strict):
         return self
 
 
+class PostTrainPrune(Strict):
+    """Post-training pruning (Kwon et al. 2022): heads and FFN neurons chosen by mask Fisher information within a
+    FLOPs and/or parameter budget, then every layer's output projections re-solved by least squares."""
+
+    flops_ratio: float | None = Field(None, gt=0, lt=1, description="share of the encoder layers' FLOPs per token "
+                                      "(heads at seq_len, FFN) the pruned model may keep")
+    params_ratio: float | None = Field(None, gt=0, lt=1, description="share of the encoder layers' head and FFN "
+                                       "parameters the pruned model may keep")
+    seq_len: int = Field(128, gt=0, description="sequence length the FLOPs of attention are counted at")
+    examples: int = Field(256, gt=0, description="training examples per task: the Fisher information sums their "
+                          "squared mask gradients one example at a time, and the reconstruction is solved on them")
+    batch_size: int = Field(16, gt=0, description="batch size of the reconstruction's forward passes")
+    reconstruct: bool = Field(True, description="re-solve each layer's attention and FFN output projections so the "
+                              "pruned layer matches the unpruned one on the examples (least squares)")
+    damp: float = Field(0.01, ge=0, description="ridge of the reconstruction toward the current weights, as a "
+                        "share of the mean diagonal of the inputs' Gram matrix")
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> PostTrainPrune:
+        if self.flops_ratio is None and self.params_ratio is None:
+            raise ValueError("give flops_ratio and/or params_ratio")
+        return self
+
+
 class PruneStage(Strict):
     """Structured pruning of the shared encoder: attention heads, FFN neurons and whole layers.
 
@@ -61,6 +85,11 @@ class PruneStage(Strict):
 
     kind: Literal["prune"]
     name: str = Field("prune", pattern=NAME)
+    method: Literal["iterative", "posttrain"] = Field(
+        "iterative", description="iterative: the ratios below, by importance, over steps; posttrain: heads and FFN "
+        "neurons by Fisher information within the posttrain budget, with layer-wise reconstruction (then the "
+        "recovery, if any)")
+    posttrain: PostTrainPrune | None = Field(None, description="method posttrain: its budget and options")
     importance: Literal["magnitude", "taylor"] = Field(
         "taylor", description="taylor: |w * grad| of every task's loss on its training batches; magnitude: weight norm"
     )
@@ -74,11 +103,20 @@ class PruneStage(Strict):
     heads: dict[int, list[int]] = Field({}, description="explicit heads to remove: layer -> head indices (0-based)")
     drop_layers: list[int] = Field([], description="layers to remove (0-based, original numbering)")
     drop_num_layers: int = Field(0, ge=0, description="remove this many more layers, least important first")
+    hidden_size: int | None = Field(None, gt=0, description="cut the hidden width (residual stream) to this many "
+                                    "channels, the most active ones on the importance batches, in the embeddings, "
+                                    "every layer and the task heads (head size and count stay; a multiple of the "
+                                    "model's num_attention_heads); applied before the other cuts")
     steps: int = Field(1, gt=0, description="reach the ratios over this many pruning steps")
     recovery_steps: int = Field(0, ge=0, description="distillation steps after each pruning step")
     recovery_until: RecoveryStop | None = Field(None, description="instead of a fixed recovery_steps: recover until "
                                                 "the dev metric is back, within a budget")
     recovery: PruneRecovery = PruneRecovery()
+    reconstruct: bool = Field(False, description="after each pruning step (before its recovery), re-solve every "
+                              "remaining layer's attention and FFN output projections by least squares so its "
+                              "output matches the input model's layer it stands for, on the importance batches; "
+                              "with drop_num_layers: k and steps: k, layers go one at a time, least important "
+                              "first, each followed by a reconstruction")
     importance_batches: int = Field(8, gt=0, description="training batches per task for taylor / layer scores")
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     eval_batch_size: int = Field(64, gt=0)
@@ -86,10 +124,23 @@ class PruneStage(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneStage:
+        if self.method == "posttrain":
+            if self.posttrain is None:
+                raise ValueError("method posttrain needs posttrain: {flops_ratio: ..., params_ratio: ...}")
+            if (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
+                    or self.drop_num_layers or self.steps != 1):
+                raise ValueError("method posttrain chooses heads and FFN neurons by its budget in one step: give no "
+                                 "head_ratio, ffn_ratio, layer_ratios, heads, drop_layers, drop_num_layers or steps "
+                                 "(drop layers in a prune stage before it)")
+            if self.recovery_steps and self.recovery_until is not None:
+                raise ValueError("give recovery_steps (a fixed budget) or recovery_until (a stop rule), not both")
+            return self
+        if self.posttrain is not None:
+            raise ValueError("posttrain is read only with method posttrain")
         if not (self.head_ratio or self.ffn_ratio or self.layer_ratios or self.heads or self.drop_layers
-                or self.drop_num_layers):
-            raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers "
-                             "or drop_num_layers")
+                or self.drop_num_layers or self.hidden_size):
+            raise ValueError("nothing to prune: give head_ratio, ffn_ratio, layer_ratios, heads, drop_layers, "
+                             "drop_num_layers or hidden_size")
         if self.scope == "global" and self.layer_ratios:
             raise ValueError("layer_ratios needs scope 'per_layer'")
         if self.recovery_steps and self.recovery_until is not None:
@@ -125,6 +176,9 @@ class PruneVocabStage(ToleranceTest):
         "every task's metric) and the smallest within tolerance is kept; default 8000, 12000, 16000, 20000")
     tolerance: float = Field(0.01, gt=0, lt=1, description="largest relative drop of a task's dev metric a "
                              "vocabulary size may cost")
+    if_none_within: Literal["keep_full", "fail"] = Field(
+        "keep_full", description="when no size, not even every candidate, is within tolerance: keep_full saves the "
+        "model with its whole vocabulary (and says so); fail stops the run with one line")
     eval_batch_size: int = Field(64, gt=0)
 
 
@@ -160,6 +214,9 @@ class SearchSpace(Strict):
         "least k times (and single characters)")
     int8: list[Literal["dynamic", "static", "none"]] = Field(
         ["dynamic"], min_length=1, description="INT8 mode each trial is measured with ('none': fp32 graph)")
+    hidden: list[Annotated[int, Field(gt=0)] | None] = Field(
+        [None], min_length=1, description="null: keep the hidden width; n: cut the residual stream to its n most "
+        "active channels (embeddings, every layer, the task heads; a multiple of the source's attention heads)")
 
 
 class SearchStage(Strict):
@@ -175,6 +232,11 @@ class SearchStage(Strict):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: Seed | None = Field(None, description="default: the recipe's seed")
     importance: Literal["magnitude", "taylor"] = "taylor"
+    cut: Literal["iterative", "posttrain"] = Field(
+        "iterative", description="how a trial cuts heads and FFN neurons at its ratios: iterative (the prune "
+        "stage's importance); posttrain (mask Fisher information over importance_batches x batch_size single "
+        "examples a task, then every layer's output projections re-solved by least squares, so the recovery "
+        "starts closer to the source)")
     importance_batches: int = Field(4, gt=0)
     batch_size: int = Field(16, gt=0, description="batch size of the importance batches")
     recovery_steps: int = Field(40, ge=0, description="short, fixed distillation of every trial")

@@ -9,14 +9,17 @@ from pydantic import Field, field_validator, model_validator
 from compressor.data.options import DataOptions, SplitSource, TaskData
 from compressor.errors import RecipeError
 from compressor.recipe._base import NAME, Seed, Strict
-from compressor.recipe.export_stages import BundleStage, ExportStage, QuantizeStage, ReferenceStage
-from compressor.recipe.prune_stages import PruneStage, PruneVocabStage, SearchStage
 from compressor.recipe.tasks import ModelSpec, TaskSpec
-from compressor.recipe.train_stages import AddTaskStage, DistillStage, FinetuneStage, LoadStage, TrainStage
+from compressor.stage_kinds import STAGE_KINDS
 
-Stage = Annotated[Union[TrainStage, LoadStage, FinetuneStage, DistillStage, PruneStage, PruneVocabStage, ExportStage, QuantizeStage,
-                        BundleStage, ReferenceStage, SearchStage, AddTaskStage],
-                  Field(discriminator="kind")]
+
+def stage_union() -> Any:
+    """Every registered stage kind's config model, as one union discriminated on ``kind``."""
+    configs = tuple(STAGE_KINDS.get(kind).config_class() for kind in STAGE_KINDS.names())
+    return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007  (a runtime tuple of classes)
+
+
+Stage = stage_union()
 
 
 class Targets(Strict):

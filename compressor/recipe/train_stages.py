@@ -207,3 +207,7 @@ class AddTaskStage(Strict):
             raise ValueError("give source (an earlier stage) or path (a model directory), not both")
         return self
 
+    def needs(self, default: str | None) -> list[tuple[str, str | None]]:
+        """A model before it, unless it brings its own (``path``) (``compressor.stage_kinds``)."""
+        return [] if self.path else [(default, None)]
+

@@ -80,6 +80,7 @@ class CandidateBuilder:
         self.num_layers = len(encoder_layers(source.encoder))
         self.batches = task_batches(data, tokenizer, source.tasks, max_length, stage.importance_batches,
                                     stage.batch_size, seed)
+        self._fisher_batches: Any = None  # single-example batches of ``cut: posttrain``, built on first use
 
     # ---- build and recover ----------------------------------------------------------------------------------
     def build(self, knobs: Knobs, seed: int) -> tuple[MultiTaskModel, list[int]]:
@@ -88,13 +89,44 @@ class CandidateBuilder:
 
         torch.manual_seed(seed)
         model = copy.deepcopy(self.source)
+        if knobs.hidden is not None:
+            from compressor.prune.width import channel_scores, choose_channels, cut_width
+
+            keep = choose_channels(channel_scores(model, self.batches), knobs.hidden)
+            cut_width(model, keep, {t: bs[0] for t, bs in self.batches.items()}, f"{self.stage.name}: hidden")
         cfg = prune_config(knobs, self.stage, self.num_layers)
         if cfg is None:
             return model, list(range(self.num_layers))
+        if getattr(self.stage, "cut", "iterative") == "posttrain":
+            return self._posttrain_build(model, knobs, cfg)
         pruner = StructuredPruner(model, cfg, self.batches)
         pruner.run()
         model.eval()
         return model, list(pruner.layer_ids)
+
+    def _posttrain_build(self, model: MultiTaskModel, knobs: Knobs, cfg: Any) -> tuple[MultiTaskModel, list[int]]:
+        """``cut: posttrain``: the least important layers dropped as usual, then each kept layer's heads and FFN
+        neurons cut at the knob's ratios by mask Fisher information, and every layer reconstructed."""
+        from compressor.prune.importance import task_batches
+        from compressor.prune.posttrain import posttrain_prune
+        from compressor.prune.pruner import StructuredPruner
+
+        kept = list(range(self.num_layers))
+        if knobs.layers < self.num_layers:
+            pruner = StructuredPruner(model, cfg.model_copy(update={"head_ratio": None, "ffn_ratio": None,
+                                                                    "layer_ratios": {}}), self.batches)
+            pruner.run()
+            kept = list(pruner.layer_ids)
+        if any(knobs.head_ratios[i] or knobs.ffn_ratios[i] for i in kept):
+            if self._fisher_batches is None:
+                self._fisher_batches = task_batches(self.data, self.tokenizer, self.source.tasks, self.max_length,
+                                                    self.stage.importance_batches * self.stage.batch_size, 1,
+                                                    self.seed)
+            calibration = [b for bs in self.batches.values() for b in bs]
+            posttrain_prune(model, self._fisher_batches, calibration=calibration,
+                            ratios=([knobs.head_ratios[i] for i in kept], [knobs.ffn_ratios[i] for i in kept]))
+        model.eval()
+        return model, kept
 
     def recover(self, model: MultiTaskModel, kept: list[int], steps: int, seed: int,
                 floors: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """The search space: knobs, their feasibility against the source model, and the optuna distributions.
 
 A candidate (:class:`Knobs`) is: how many layers the source keeps (the least important are dropped), the share of
-attention heads and FFN neurons every layer loses (one ratio for all layers, or one per layer), an optional
-vocabulary cut (keep the tokens the training data uses at least ``k`` times) and the INT8 mode it is measured in.
+attention heads and FFN neurons every layer loses (one ratio for all layers, or one per layer), an optional hidden
+width (the residual stream cut to its most active channels), an optional vocabulary cut (keep the tokens the training data uses at least ``k`` times) and the INT8 mode it is measured in.
 
 Ratios are of each layer's count and rounded like the pruner rounds them (``compressor.prune.select.scheduled``);
 a value that would remove every head (or neuron) of some layer is no candidate. Values that fit no layer are
@@ -30,19 +30,22 @@ class Knobs:
     ffn_ratios: tuple[float, ...]  # per source layer: share of FFN neurons removed
     vocab_min_count: int | None  # None: keep the vocabulary
     int8: str  # dynamic | static | none
+    hidden: int | None = None  # None: keep the hidden width
 
     @property
     def cuts_encoder(self) -> bool:
-        """Whether the candidate removes a layer, a head or an FFN neuron of the source (``head_ratios`` has one
-        entry per source layer); a vocabulary cut alone leaves the encoder as it is."""
-        return self.layers < len(self.head_ratios) or any(self.head_ratios) or any(self.ffn_ratios)
+        """Whether the candidate removes a layer, a head, an FFN neuron or hidden channels of the source
+        (``head_ratios`` has one entry per source layer); a vocabulary cut alone leaves the encoder as it is."""
+        return (self.layers < len(self.head_ratios) or any(self.head_ratios) or any(self.ffn_ratios)
+                or self.hidden is not None)
 
     def describe(self) -> str:
         def ratios(values: tuple[float, ...]) -> str:
             return f"{values[0]:g}" if len(set(values)) == 1 else "/".join(f"{v:g}" for v in values)
 
         vocab = "full" if self.vocab_min_count is None else f"min_count {self.vocab_min_count}"
-        return (f"layers {self.layers}, heads -{ratios(self.head_ratios)}, ffn -{ratios(self.ffn_ratios)}, "
+        width = f", hidden {self.hidden}" if self.hidden is not None else ""
+        return (f"layers {self.layers}{width}, heads -{ratios(self.head_ratios)}, ffn -{ratios(self.ffn_ratios)}, "
                 f"vocab {vocab}, int8 {self.int8}")
 
     def to_json(self) -> dict[str, Any]:
@@ -56,12 +59,14 @@ class Space:
         cfg: the stage's ``SearchSpace``.
         arch: the source model's layers (heads, head size, FFN width).
         where: the recipe path of the space, e.g. ``stages[1].space`` (named in errors).
+        hidden_size, num_heads: the source's hidden size and ``num_attention_heads`` (to check ``hidden``).
 
     Raises:
-        RecipeError: a knob with no feasible value.
+        RecipeError: a knob with no feasible value, or a hidden width the source cannot take.
     """
 
-    def __init__(self, cfg: Any, arch: Sequence[LayerArch], where: str):
+    def __init__(self, cfg: Any, arch: Sequence[LayerArch], where: str, hidden_size: int | None = None,
+                 num_heads: int | None = None):
         self.cfg = cfg
         self.arch = list(arch)
         self.where = where
@@ -79,6 +84,16 @@ class Space:
         self.ffn_choices = self._ratios("ffn_ratio", [a.ffn for a in self.arch], "FFN neurons")
         self.vocab = list(dict.fromkeys(cfg.vocab_min_count))
         self.int8 = list(dict.fromkeys(cfg.int8))
+        self.hidden = list(dict.fromkeys(getattr(cfg, "hidden", None) or [None]))
+        for h in self.hidden:
+            if h is None or hidden_size is None:
+                continue
+            if h >= hidden_size:
+                raise RecipeError(f"{where}.hidden: the source model's hidden size is {hidden_size}; cannot cut it "
+                                  f"to {h}")
+            if num_heads and h % num_heads:
+                raise RecipeError(f"{where}.hidden: {h} is not divisible by the source model's {num_heads} "
+                                  f"attention heads (num_attention_heads); choose a multiple of {num_heads}")
 
     def _ratios(self, key: str, counts: list[int], what: str) -> list[list[float]]:
         """Per source layer, the feasible values of a ratio knob (the same list for every layer when global)."""
@@ -121,6 +136,8 @@ class Space:
             dist["ffn_ratio"] = CategoricalDistribution(self.ffn_choices[0])
         dist["vocab_min_count"] = CategoricalDistribution(self.vocab)
         dist["int8"] = CategoricalDistribution(self.int8)
+        if self.hidden != [None]:  # only then: studies of spaces without the knob keep their parameters
+            dist["hidden"] = CategoricalDistribution(self.hidden)
         return dist
 
     def knobs(self, params: Mapping[str, Any]) -> Knobs:
@@ -132,7 +149,9 @@ class Space:
             heads = (float(params["head_ratio"]),) * n
             ffn = (float(params["ffn_ratio"]),) * n
         vocab = params["vocab_min_count"]
-        return Knobs(int(params["layers"]), heads, ffn, None if vocab is None else int(vocab), str(params["int8"]))
+        hidden = params.get("hidden")
+        return Knobs(int(params["layers"]), heads, ffn, None if vocab is None else int(vocab), str(params["int8"]),
+                     None if hidden is None else int(hidden))
 
     @property
     def size(self) -> int:
@@ -146,7 +165,7 @@ class Space:
         params: dict[str, Any] = {}
         for name, d in dist.items():
             want = (len(self.arch) if name == "layers" else 0.0 if "ratio" in name
-                    else None if name == "vocab_min_count" else d.choices[0])
+                    else None if name in ("vocab_min_count", "hidden") else d.choices[0])
             if want not in d.choices:
                 return None
             params[name] = want
@@ -183,6 +202,8 @@ def prune_config(knobs: Knobs, stage: Any, num_layers: int) -> Any | None:
                                   importance_batches=stage.importance_batches, batch_size=stage.batch_size)
     if knobs.layers < num_layers:
         kwargs["drop_num_layers"] = num_layers - knobs.layers
+    if knobs.hidden is not None:
+        kwargs["hidden_size"] = knobs.hidden  # cut by the candidate builder before the pruner runs
     if len(set(knobs.head_ratios)) == 1 and len(set(knobs.ffn_ratios)) == 1:
         kwargs["head_ratio"] = knobs.head_ratios[0] or None
         kwargs["ffn_ratio"] = knobs.ffn_ratios[0] or None

@@ -1,5 +1,8 @@
 """Recipe stages. Each stage kind is a module with ``run(ctx: StageContext) -> StageResult``.
 
+The kinds themselves (config model, runner, what each takes and hands on) are registered once in
+:mod:`compressor.stage_kinds`; ``STAGE_KINDS`` is re-exported here.
+
 The pipeline gives a stage a :class:`StageContext` (recipe, its own config, the data, the model earlier stages
 produced) and a fresh ``ctx.out_dir``. The stage writes its artefacts there and returns a :class:`StageResult`;
 the pipeline moves ``out_dir`` into place only when the stage succeeds, so a failed stage leaves earlier
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from compressor.registry import Registry
+from compressor.stage_kinds import STAGE_KINDS, StageKind  # noqa: F401  (the registry of stage kinds)
 
 if TYPE_CHECKING:
     from compressor.data.store import DataStore
@@ -20,53 +23,6 @@ if TYPE_CHECKING:
     from compressor.report.rows import Reporter
 
 A = TypeVar("A")
-
-
-@dataclass(frozen=True)
-class StageKind:
-    """What the pipeline and ``compressor validate`` know of a stage kind.
-
-    ``needs``: what it takes from an earlier stage, checked before any work (None: nothing; "teacher": a train or
-    load model; "model": any model; "export": an ONNX export; "graph": an exported or quantized graph).
-    ``gives``: what it hands to later stages. ``sources``: the kinds its ``source`` field may name.
-    ``preflight``: ``"module:function(recipe, index)"`` run before anything is written (checks that need a model
-    on disk). ``runner`` is loaded only when a stage of the kind runs.
-    """
-
-    runner: str
-    needs: str | None = "model"
-    gives: frozenset[str] = frozenset({"model"})
-    sources: tuple[str, ...] = ()
-    preflight: str | None = None
-
-
-_MODEL_SOURCES = ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task", "export", "quantize",
-                  "bundle")
-
-#: every stage kind, registered once (a new kind: its config class in ``compressor.recipe.Stage`` and an entry here)
-STAGE_KINDS: Registry[StageKind] = Registry("stage kind")
-for _kind, _spec in {
-    "train": StageKind("compressor.stages.train:run", needs=None, gives=frozenset({"teacher", "model"})),
-    "load": StageKind("compressor.stages.load:run", needs=None, gives=frozenset({"teacher", "model"})),
-    # one model per task, fine-tuned from an earlier model; the run's current model stays that model
-    "finetune": StageKind("compressor.stages.finetune:run", gives=frozenset(), sources=("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")),
-    "distill": StageKind("compressor.stages.distill:run", needs="teacher",
-                         preflight="compressor.distill.teachers:preflight"),
-    "prune": StageKind("compressor.stages.prune:run"),
-    "prune_vocab": StageKind("compressor.stages.prune_vocab:run"),
-    "export": StageKind("compressor.stages.export:run", gives=frozenset({"export", "graph"})),
-    "quantize": StageKind("compressor.stages.quantize:run", needs="export", gives=frozenset({"graph"}),
-                          sources=("export",)),
-    "bundle": StageKind("compressor.stages.bundle:run", needs="graph", gives=frozenset(),
-                        sources=("export", "quantize")),
-    # the teacher's ONNX export and optimum's INT8 of it (benchmark rows b, c); hands no model on
-    "reference": StageKind("compressor.stages.reference:run", needs="teacher", gives=frozenset()),
-    "search": StageKind("compressor.stages.search:run", needs="teacher",
-                        preflight="compressor.stages.search:preflight"),
-    # needs no earlier model when given a `path` (a model directory from another run)
-    "add_task": StageKind("compressor.stages.add_task:run", sources=_MODEL_SOURCES),
-}.items():
-    STAGE_KINDS.register(_kind, _spec, source="compressor.stages")
 
 
 @dataclass

@@ -11,6 +11,7 @@ Hidden states and attention relations are distilled through the layer map (kept 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +44,8 @@ def run(ctx: StageContext) -> StageResult:
 
     recovers = bool(cfg.recovery_steps or cfg.recovery_until is not None)
     dev_tasks = _dev_tasks(ctx, cfg, model)
-    needs_data = cfg.importance == "taylor" or cfg.drop_num_layers > 0
+    needs_data = cfg.reconstruct or (cfg.method == "iterative" and (cfg.importance == "taylor"
+                                                                  or cfg.drop_num_layers > 0))
     batches = (task_batches(ctx.data, tokenizer, model.tasks, max_length, cfg.importance_batches, cfg.batch_size, seed)
                if needs_data else None)
     teacher, teacher_name, same_stack = _teacher(ctx, cfg, model, device)
@@ -55,10 +57,16 @@ def run(ctx: StageContext) -> StageResult:
         from compressor.model.forward import dev_metrics
 
         reference = dev_metrics(model, tokenizer, ctx.data, dev_tasks, max_length, cfg.eval_batch_size)
+    width = _cut_width(ctx, cfg, model, tokenizer, seed) if cfg.hidden_size else None
+    post = _posttrain(ctx, cfg, model, tokenizer, seed) if cfg.method == "posttrain" else None
     pruner = StructuredPruner(model, cfg, batches)
+    rebuilt: list[dict[str, Any]] = []
+    rebuild = _layer_reconstruction(cfg, model, batches, pruner, rebuilt)
 
     def recover(step: int) -> dict[str, Any] | None:
-        """Distillation after pruning step ``step`` (None without recovery or teacher)."""
+        """Reconstruction (``reconstruct``) and distillation after pruning step ``step`` (None without recovery
+        or teacher)."""
+        rebuild(step)
         if not recovers or teacher is None:
             return None
         kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
@@ -70,18 +78,30 @@ def run(ctx: StageContext) -> StageResult:
     arch = read_architecture(model.encoder)
 
     saved = ctx.out_dir / "model"
-    summary = {"stage": cfg.name, "importance": cfg.importance, "scope": cfg.scope,
+    summary = {"stage": cfg.name, "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
                "layers_kept": pruner.layer_ids, "parameters_before": before}
     save_model(model, tokenizer, saved, max_length, extra={"pruned_by": summary})
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
     notes = _notes(cfg, before, after, arch_before, arch, pruner.layer_ids, teacher_name, reference, reports)
+    if post is not None:
+        notes.insert(1, _posttrain_note(cfg, post))
+    if rebuilt:
+        notes.insert(1, f"{cfg.name}: least-squares reconstruction after each of {len(rebuilt)} pruning step(s): "
+                        + "; ".join(f"step {r['step']} (layers {r['layers']}): worst layer output error "
+                                    f"{r['worst_before']:.4f} -> {r['worst_after']:.4f}" for r in rebuilt))
+    if width is not None:
+        notes.insert(1, f"{cfg.name}: hidden width {width['before']} -> {width['after']} (the most active residual "
+                        "channels on the importance batches; embeddings, every layer and the task heads)")
     outputs: dict[str, Any] = {
         "parameters_before": before, "parameters_after": after,
         "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
         "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
         "steps": [r.to_dict() for r in reports], "dev_before": reference,
+        **({"posttrain": post.to_dict()} if post is not None else {}),
+        **({"hidden_size": width} if width is not None else {}),
+        **({"reconstruction": rebuilt} if rebuilt else {}),
     }
     if cache is not None:
         outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
@@ -247,3 +267,101 @@ def _recovery_line(rec: dict[str, Any] | None) -> str:
             else f"NOT back within {rec['tolerance']:.1%} after the whole budget ({rec['steps']} steps); kept the "
                  f"best check (step {rec['kept_at']}, worst task {min(rec['retention'].values()):.4f})")
     return head + f"{tail}: {_fmt(rec['retention'])}"
+
+
+def _posttrain(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, seed: int) -> Any:
+    """``method: posttrain``: Fisher masks within the budget and layer-wise reconstruction, in place."""
+    from compressor.prune.posttrain import Budget, posttrain_prune
+
+    pt = cfg.posttrain
+    max_length = ctx.recipe.model.max_length
+    fisher = task_batches(ctx.data, tokenizer, model.tasks, max_length, pt.examples, 1, seed)
+    calibration = None
+    if pt.reconstruct:
+        per_task = task_batches(ctx.data, tokenizer, model.tasks, max_length, -(-pt.examples // pt.batch_size),
+                                pt.batch_size, seed)
+        calibration = [b for bs in per_task.values() for b in bs]
+    budget = Budget(pt.flops_ratio, pt.params_ratio, pt.seq_len, field=f"stage '{cfg.name}': posttrain")
+    return posttrain_prune(model, fisher, budget, calibration, pt.damp)
+
+
+def _posttrain_note(cfg: PruneStage, post: Any) -> str:
+    """What the post-training masks kept and what the reconstruction did."""
+    f, p = post.flops, post.params
+    note = (f"{cfg.name}: posttrain (Fisher masks, {cfg.posttrain.examples} examples a task): encoder-layer FLOPs "
+            f"per token {f['before']:,.0f} -> {f['after']:,.0f} ({f['after'] / f['before']:.1%}), head and FFN "
+            f"parameters {p['before']:,.0f} -> {p['after']:,.0f} ({p['after'] / p['before']:.1%}); the kept units "
+            f"hold {post.fisher_kept:.1%} of the Fisher information")
+    if post.reconstruction:
+        worst = max(post.reconstruction, key=lambda r: r["ffn_before"])
+        note += (f"; reconstruction of {len(post.reconstruction)} layer(s): worst layer output error "
+                 f"{worst['ffn_before']:.4f} -> {worst['ffn_after']:.4f} (relative, on the examples)")
+    return note
+
+
+def _cut_width(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, seed: int) -> dict[str, int]:
+    """``hidden_size``: keep the most active residual channels, in place; before and after widths."""
+    from compressor.prune.width import channel_scores, check_width, choose_channels, cut_width
+
+    field = f"stage '{cfg.name}': hidden_size"
+    check_width(model.encoder, cfg.hidden_size, field)  # before any data is read
+    before = model.encoder.config.hidden_size
+    batches = task_batches(ctx.data, tokenizer, model.tasks, ctx.recipe.model.max_length, cfg.importance_batches,
+                           cfg.batch_size, seed)
+    keep = choose_channels(channel_scores(model, batches), cfg.hidden_size)
+    cut_width(model, keep, {t: bs[0] for t, bs in batches.items()}, field)
+    return {"before": before, "after": cfg.hidden_size}
+
+
+def preflight(recipe: Any, index: int) -> None:
+    """Checks made before anything is written when the stage's input is a model directory a ``load`` stage names:
+    the layers to drop exist, ``hidden_size`` fits the model's width and heads, a posttrain budget is reachable."""
+    from compressor.model.architecture import LayerArch
+    from compressor.model.io import read_manifest
+
+    cfg = recipe.stages[index]
+    model_kinds = ("train", "load", "distill", "prune", "prune_vocab", "search", "add_task")
+    prev = next((s for s in reversed(recipe.stages[:index]) if s.kind in model_kinds), None)
+    if prev is None or prev.kind != "load":
+        return
+    manifest = read_manifest(Path(prev.path).expanduser().resolve())
+    config = (manifest.get("encoder") or {}).get("config") or {}
+    arch = [LayerArch(**{k: int(v) for k, v in a.items()}) for a in manifest["architecture"]["layers"]]
+    where = f"stages[{index}]"
+    n = len(arch)
+    bad = sorted({int(i) for i in cfg.drop_layers if int(i) >= n})
+    if bad:
+        raise RecipeError(f"{where}.drop_layers: the model has {n} layers (0-{n - 1}); no layer {bad[0]}")
+    if len(set(cfg.drop_layers)) + cfg.drop_num_layers >= n:
+        raise RecipeError(f"{where}.drop_num_layers: dropping {len(set(cfg.drop_layers)) + cfg.drop_num_layers} "
+                          f"of the model's {n} layers would leave no layer")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if cfg.hidden_size and hidden and heads:
+        from compressor.prune.width import check_width_of
+
+        check_width_of(int(hidden), int(heads), cfg.hidden_size, f"{where}.hidden_size")
+    if cfg.method == "posttrain" and hidden:
+        from compressor.prune.posttrain import Budget, check_budget
+
+        pt = cfg.posttrain
+        check_budget(arch, int(cfg.hidden_size or hidden),
+                     Budget(pt.flops_ratio, pt.params_ratio, pt.seq_len, field=f"{where}.posttrain"))
+
+
+def _layer_reconstruction(cfg: PruneStage, model: MultiTaskModel, batches: Any, pruner: StructuredPruner,
+                          log: list[dict[str, Any]]) -> Any:
+    """The per-step hook of ``reconstruct``: re-solve the output projections against the model as it was before
+    the pruner's first step (the layers each remaining one stands for); appends what it did to ``log``."""
+    if not cfg.reconstruct:
+        return lambda step: None
+    from compressor.prune.posttrain import reconstruct
+
+    reference = copy.deepcopy(model.encoder).eval()
+    calibration = [b for bs in batches.values() for b in bs]
+
+    def rebuild(step: int) -> None:
+        errors = reconstruct(model.encoder, reference, calibration, layer_map=list(pruner.layer_ids))
+        log.append({"step": step, "layers": list(pruner.layer_ids), "errors": errors,
+                    "worst_before": max(e["ffn_before"] for e in errors),
+                    "worst_after": max(e["ffn_after"] for e in errors)})
+    return rebuild

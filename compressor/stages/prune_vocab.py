@@ -12,7 +12,9 @@ and always keeps the special tokens, single characters (``keep_chars``) and ``ex
 size (``sizes``) keeps the top-ranked tokens; for each the stage measures the share of dev sub-tokens that
 tokenise differently and every task's dev metric, and keeps the smallest size whose every task is within
 ``tolerance`` (relative drop) of the unpruned model. It then shrinks the embedding matrix, writes a matching
-fast tokenizer and reports how much of the test text tokenises differently.
+fast tokenizer and reports how much of the test text tokenises differently. The step never costs more than its
+tolerance: when even every candidate together fails it, the stage keeps the whole vocabulary
+(``if_none_within: keep_full``) or stops with one line (``if_none_within: fail``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def run(ctx: StageContext) -> StageResult:
     splits = ("train", "dev", "test") if cfg.keep_eval_splits else ("train",)
     candidates = _candidates(ctx, cfg, tokenizer, tasks, splits, corpus)
     sweep, chosen, sweep_notes = _size_sweep(ctx, cfg, model, tokenizer, candidates)
+    if chosen is None:
+        return _keep_full(ctx, cfg, model, tokenizer, candidates, sweep, sweep_notes)
     kept = candidates.kept(chosen)
 
     # measured with the original tokenizer before anything changes
@@ -85,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
         "kept_sources": candidates.sources, "candidates": candidates.max_size,
         "test_tokens_changed": overall, "test_tokens_changed_per_task": changed,
         "splits_used": list(splits), "full_train": cfg.full_train, "english_words": cfg.english_words,
-        "tolerance": cfg.tolerance, "sweep": sweep, "chosen_size": len(kept),
+        "tolerance": cfg.tolerance, "sweep": sweep, "chosen_size": len(kept), "pruned": True,
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
 
@@ -130,9 +134,37 @@ def _source_notes(cfg: PruneVocabStage, candidates: VocabCandidates, sweep_notes
     return notes
 
 
+def _keep_full(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, candidates: VocabCandidates,
+               sweep: list[dict[str, Any]], sweep_notes: list[str]) -> StageResult:
+    """No size (not even every candidate) is within tolerance: save the model unpruned, or fail as configured."""
+    worst = sweep[-1] if sweep else {"size": candidates.max_size, "drops": {}}
+    drops = ", ".join(f"{t} -{100 * d:.2f}%" for t, d in worst["drops"].items())
+    what = (f"stage '{cfg.name}': no vocabulary size is within the tolerance of {100 * cfg.tolerance:.2f}%, not even "
+            f"every candidate ({worst['size']:,} tokens: {drops})")
+    if cfg.if_none_within == "fail":
+        raise RecipeError(f"{what}; if_none_within is 'fail' (set it to 'keep_full' to keep the whole vocabulary, "
+                          "or raise tolerance)")
+    saved = ctx.out_dir / "model"
+    save_model(model, tokenizer, saved, ctx.recipe.model.max_length)
+    ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
+                                      report=ctx.recipe.report, batch_size=cfg.eval_batch_size))
+    msg = f"{what}; kept the whole vocabulary ({len(tokenizer):,} tokens, if_none_within: keep_full)"
+    ctx.reporter.notes.append(msg)
+    params = model.num_parameters()
+    outputs: dict[str, Any] = {
+        "vocab_size_before": len(tokenizer), "vocab_size_after": len(tokenizer),
+        "parameters_before": params, "parameters_after": params, "kept_sources": candidates.sources,
+        "candidates": candidates.max_size, "test_tokens_changed": 0.0, "test_tokens_changed_per_task": {},
+        "full_train": cfg.full_train, "english_words": cfg.english_words, "tolerance": cfg.tolerance,
+        "sweep": sweep, "chosen_size": len(tokenizer), "pruned": False,
+    }
+    return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs,
+                       notes=[*sweep_notes, f"WARNING: {msg}"])
+
+
 # ---- sizing by measurement ---------------------------------------------------------------------------------
 def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any,
-                candidates: VocabCandidates) -> tuple[list[dict[str, Any]], int, list[str]]:
+                candidates: VocabCandidates) -> tuple[list[dict[str, Any]], int | None, list[str]]:
     """Measure every candidate size on dev; returns (the sweep rows, the chosen size, notes).
 
     Sizes above the number of candidates collapse into "every candidate". The smallest size whose every task's
@@ -195,13 +227,7 @@ def _size_sweep(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: 
             if bootstrap else "")
     notes = [f"{cfg.name}: size sweep on dev (unpruned: {ref}; tolerance {100 * cfg.tolerance:.2f}% relative"
              f"{test}): {rows}"]
-    if chosen is None:
-        chosen = candidates.max_size
-        msg = (f"{cfg.name}: no vocabulary size kept every task within {100 * cfg.tolerance:.2f}% of the unpruned "
-               f"dev metric; kept every candidate ({chosen:,} tokens)")
-        notes.append(f"WARNING: {msg}")
-        ctx.reporter.notes.append(msg)
-    else:
+    if chosen is not None:
         notes.append(f"{cfg.name}: kept the smallest size within tolerance: {chosen:,} tokens")
     return sweep, chosen, notes
 

@@ -21,9 +21,8 @@ from typing import Any, NoReturn
 
 from compressor.errors import RecipeError
 from compressor.fsutil import atomic_write_text
+from compressor.stage_kinds import gives
 from compressor.stages import StageContext, StageResult
-
-MODEL_KINDS = ("train", "load", "distill", "prune", "prune_vocab", "search")
 
 
 def preflight(recipe: Any, index: int) -> None:
@@ -35,13 +34,14 @@ def preflight(recipe: Any, index: int) -> None:
 
     stage = recipe.stages[index]
     for prev in reversed(recipe.stages[:index]):
-        if prev.kind not in MODEL_KINDS:
+        if not gives(prev.kind, "model"):
             continue
         if prev.kind == "load":
             manifest = read_manifest(Path(prev.path).expanduser().resolve())
             layers = (manifest.get("architecture") or {}).get("layers") or []
+            config = (manifest.get("encoder") or {}).get("config") or {}
             Space(stage.space, [LayerArch(**{k: int(v) for k, v in a.items()}) for a in layers],
-                  f"stages[{index}].space")
+                  f"stages[{index}].space", config.get("hidden_size"), config.get("num_attention_heads"))
         return
     raise RecipeError(f"stages[{index}]: search stage '{stage.name}' needs a model: put a load, train or distill "
                       "stage before it")
@@ -70,7 +70,8 @@ def run(ctx: StageContext) -> StageResult:
     source, tokenizer, manifest = load_model(ctx.model_dir)
     _check_source(ctx, cfg, source)
     n = len(encoder_layers(source.encoder))
-    space = Space(cfg.space, read_architecture(source.encoder), f"stages[{ctx.index}].space")
+    space = Space(cfg.space, read_architecture(source.encoder), f"stages[{ctx.index}].space",
+                  source.encoder.config.hidden_size, source.encoder.config.num_attention_heads)
     teacher, teacher_tok, teacher_layers = _teacher_of(ctx, cfg, source, tokenizer, manifest, n)
     tasks = list(source.tasks)
     floors = cfg.floors(tasks)
@@ -82,10 +83,11 @@ def run(ctx: StageContext) -> StageResult:
                                {}, recipe.report.threads, seed, teacher_cache=cache)
     _set_teacher_dev(builder, teacher, teacher_tok, ckpt)
 
-    fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(),
+    fingerprint = {"source": str(ctx.model_dir), "teacher": str(ctx.teacher_dir), "space": cfg.space.model_dump(exclude={"hidden"} if cfg.space.hidden == [None] else None),
                    "recovery_steps": cfg.recovery_steps, "recovery": cfg.recovery.model_dump(),
                    "importance": cfg.importance, "seed": seed, "early_stop_margin": cfg.early_stop_margin,
-                   "int8_per_channel": QuantOptions().per_channel}  # how INT8 trials are quantized
+                   "int8_per_channel": QuantOptions().per_channel,  # how INT8 trials are quantized
+                   **({"cut": cfg.cut} if cfg.cut != "iterative" else {})}  # iterative studies keep their fingerprint
     study = open_study(ckpt / "study.db", fingerprint, cfg.sampler, seed)
     values, attrs, early = _trial_callbacks(cfg, floors, tasks)
     loop = SearchLoop(study, space, lambda number, knobs: builder.trial(knobs, seed + number, floors, ctx.out_dir),
