@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,18 @@ def stage_fields(stage: Any) -> dict[str, Any]:
 
 
 def fingerprint(inputs: Mapping[str, Any], stage: Any) -> dict[str, Any]:
-    """The fingerprint of one stage: the run's inputs and the stage's own fields."""
-    return {**inputs, **stage_fields(stage)}
+    """The fingerprint of one stage: the run's inputs and the stage's own fields. An absolute path (an encoder or
+    model directory given by path) is kept as its portable form plus a digest of the whole path, so state.json
+    holds no build-machine path and a changed path is still seen."""
+    return {k: _no_abs_path(v) for k, v in {**inputs, **stage_fields(stage)}.items()}
+
+
+def _no_abs_path(value: Any) -> Any:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    from compressor.fsutil import portable
+
+    return f"{portable(value)} (path sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]})"
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
