@@ -31,15 +31,9 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a line.")] = False,
 ) -> None:
     """Score a saved model or an edge bundle on one task's data file."""
-    from compressor.errors import RecipeError
+    from compressor.cli.options import column_options, encoding_option
 
-    if encoding is not None:
-        from compressor.data.readers import check_encoding
-
-        try:
-            check_encoding(encoding)
-        except ValueError as exc:
-            raise RecipeError(f"--encoding: {exc}") from None
+    encoding = encoding_option(encoding)
     if (path / "tasks.json").is_file() or (path / "model.onnx").is_file():
         from compressor.export.evaluate import evaluate_bundle
 
@@ -47,7 +41,7 @@ def evaluate(
                   **evaluate_bundle(path, task, data, format, encoding, batch_size, threads)}
     else:
         result = {"path": str(path), "kind": "model",
-                  **_evaluate_model(path, task, data, format, encoding, batch_size, _columns(column))}
+                  **_evaluate_model(path, task, data, format, encoding, batch_size, column_options(column))}
     result["data"] = str(data)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -55,20 +49,6 @@ def evaluate(
     runtime = f"ONNX Runtime, {result['format']}" if result["kind"] == "bundle" else "PyTorch"
     typer.echo(f"{task} on {data} ({runtime}): " + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
                + f" ({result['examples']} examples, {result['truncated']} truncated)")
-
-
-def _columns(pairs: list[str] | None):
-    """``--column FIELD=COLUMN`` options as a column map (None without any)."""
-    from compressor.data.tables import ColumnMap
-    from compressor.errors import RecipeError
-
-    columns = {}
-    for pair in pairs or []:
-        field, sep, col = pair.partition("=")
-        if not sep or not field.strip() or not col.strip():
-            raise RecipeError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. text=sentence")
-        columns[field.strip()] = col.strip()
-    return ColumnMap(columns) if columns else None
 
 
 def _evaluate_model(model_dir: Path, task: str, data: Path, fmt: str | None, encoding: str | None,

@@ -81,15 +81,11 @@ def tasks_check(
     json_out: JsonOut = False,
 ) -> None:
     """Run a plugin through the whole contract (compressor.testing.check_plugin) on a data file."""
-    from compressor.data.readers import check_encoding
-    from compressor.errors import DataError, RecipeError
+    from compressor.cli.options import encoding_option
+    from compressor.errors import DataError
     from compressor.testing import check_plugin
 
-    if encoding is not None:
-        try:
-            check_encoding(encoding)
-        except ValueError as exc:
-            raise RecipeError(f"--encoding: {exc}") from None
+    encoding = encoding_option(encoding)
     if not data.exists():  # a file, or a datasets save_to_disk directory
         raise DataError(data, "data file not found")
     siblings = {k: {"plugin": v, "path": data} for k, v in _options(sibling, "--sibling").items()}
