@@ -50,7 +50,7 @@ class TrainResult:
     wall_s: float = 0.0
     device: str = "cpu"
     mixed_precision: str = "no"
-    optimizer_steps: int = 0
+    optimizer_steps: int = 0  # schedule steps, one per batch drawn (under pcgrad several batches share a step)
     final_lr: float = 0.0
     examples_per_s: float | None = None  # training examples per second of training (evaluation excluded)
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the epoch its head came from
