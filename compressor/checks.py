@@ -18,18 +18,18 @@ import yaml
 
 from compressor.data.tables import TABLE_FORMATS, ColumnMap, table_format
 from compressor.errors import CompressorError, DataError, ModelDirError, RecipeError
-from compressor.recipe import Recipe, _line_of
+from compressor.recipe import Recipe, line_of
 
 #: a data file up to this size is read whole by ``check_data``; a larger one only its first lines
 FULL_READ_BYTES = 8 * 1024 * 1024
 HEAD_LINES = 200
 
 
-def _where(path: Path, loc: list[Any]) -> str:
+def locate(path: Path, loc: list[Any]) -> str:
     """``file:line: dotted.field`` of a recipe location."""
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"))
-        line = _line_of(node, loc)
+        line = line_of(node, loc)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         line = 1
     dotted = ""
@@ -49,12 +49,12 @@ def check_tasks(recipe: Recipe, path: Path) -> dict[str, Any]:
         try:
             TASKS.get(spec.plugin)
         except CompressorError as exc:
-            raise RecipeError(f"{_where(path, ['tasks', i, 'plugin'])}: {exc}") from None
+            raise RecipeError(f"{locate(path, ['tasks', i, 'plugin'])}: {exc}") from None
         try:
             tasks[spec.name] = build_task(spec.plugin, spec.name, spec.labels, spec.options)
         except CompressorError as exc:
             message = str(exc).removeprefix(f"task '{spec.name}': ")
-            raise RecipeError(f"{_where(path, ['tasks', i, 'options'])}: {message}") from None
+            raise RecipeError(f"{locate(path, ['tasks', i, 'options'])}: {message}") from None
     return tasks
 
 
@@ -72,21 +72,21 @@ def check_stage_chain(recipe: Recipe, path: Path) -> None:
             match = [s for s in earlier if s.name == source]
             if not match:
                 names = [s.name for s in earlier]
-                raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
+                raise RecipeError(f"{locate(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
                                   f"'{source}' is not an earlier stage (earlier: {names or 'none'})")
             if spec.sources and not spec.sources & STAGE_KINDS.get(match[0].kind).gives:
                 kinds = sorted({k for token in spec.sources for k in kinds_giving(token)})
-                raise RecipeError(f"{_where(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
+                raise RecipeError(f"{locate(path, ['stages', i, 'source'])}: stage '{stage.name}': source "
                                   f"'{source}' is a {match[0].kind} stage; expected {' or '.join(kinds)}")
         for need, field in stage_needs(stage):
             if need in given:
                 continue
             makers = kinds_giving(need)
             if field is not None:
-                raise RecipeError(f"{_where(path, ['stages', i, field])}: stage '{stage.name}': {field} "
+                raise RecipeError(f"{locate(path, ['stages', i, field])}: stage '{stage.name}': {field} "
                                   f"'{getattr(stage, field)}' takes {TOKENS[need]}; no {' or '.join(makers)} "
                                   "stage comes before it")
-            raise RecipeError(f"{_where(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
+            raise RecipeError(f"{locate(path, ['stages', i])}: stage '{stage.name}' ({stage.kind}) needs "
                               f"{TOKENS[need]} from an earlier stage (of kind {', '.join(makers)}); "
                               f"none comes before it")
         given |= spec.gives
@@ -125,7 +125,7 @@ def check_models(recipe: Recipe, path: Path, missing_ok: bool = False) -> list[s
         try:
             manifest = read_manifest(directory.resolve())
         except ModelDirError as exc:
-            raise RecipeError(f"{_where(path, ['stages', i, 'path'])}: {exc}") from None
+            raise RecipeError(f"{locate(path, ['stages', i, 'path'])}: {exc}") from None
         _check_positions(recipe, path, manifest["encoder"]["config"],
                          f"the model of stage '{stage.name}' ({directory / 'manifest.json'}: encoder.config)")
     return notes
@@ -135,7 +135,7 @@ def _check_encoder(recipe: Recipe, path: Path) -> list[str]:
     from compressor.model.config import builtin_model_type, read_encoder_config
 
     name = recipe.model.encoder
-    where = _where(path, ["model", "encoder"])
+    where = locate(path, ["model", "encoder"])
     try:
         config = read_encoder_config(name)
     except (FileNotFoundError, ValueError) as exc:
@@ -167,7 +167,7 @@ def _check_positions(recipe: Recipe, path: Path, config: Any, what: str) -> None
 
     positions = usable_positions(config)
     if positions is not None and recipe.model.max_length > positions:
-        raise RecipeError(f"{_where(path, ['model', 'max_length'])}: {recipe.model.max_length} is more than the "
+        raise RecipeError(f"{locate(path, ['model', 'max_length'])}: {recipe.model.max_length} is more than the "
                           f"{positions} positions of {what}; set model.max_length: {positions} or less")
 
 
@@ -180,7 +180,7 @@ def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any
             file = file if file.is_absolute() else data_root / file
             field = ["tests", split[len("test:"):]] if split.startswith("test:") else ["data", split]
             if not file.exists():  # a file, or a datasets save_to_disk directory
-                raise DataError(file, f"data file not found ({_where(path, ['tasks', i, *field])})")
+                raise DataError(file, f"data file not found ({locate(path, ['tasks', i, *field])})")
             fmt = entry.format or spec.format
             columns = ColumnMap(spec.columns if entry.columns is None else entry.columns,
                                 {k: tuple(v) for k, v in spec.label_names.items()})

@@ -26,7 +26,7 @@ from compressor.pipeline_checks import check_fitted_labels as _check_fitted_labe
 from compressor.pipeline_checks import check_eval_splits, check_out as _check_out
 from compressor.pipeline_checks import stage_os_error
 from compressor.recipe import Recipe, load_recipe, resolve_data_root
-from compressor.registry import _load
+from compressor.registry import load_target
 from compressor.rundir import RunDir, StageRecord, teacher
 from compressor.stage_kinds import gives
 from compressor.stages import STAGE_KINDS, StageContext, StageResult
@@ -53,7 +53,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     for i, stage in enumerate(recipe.stages):  # e.g. a search space against the loaded model's architecture
         preflight = STAGE_KINDS.get(stage.kind).preflight
         if preflight:
-            _load(preflight, f"stage '{stage.kind}' preflight")(recipe, i)
+            load_target(preflight, f"stage '{stage.kind}' preflight")(recipe, i)
     from compressor.distill.cache import check_recipe_caches
 
     check_recipe_caches(recipe)  # teacher-cache folders the recipe names: writable, of this teacher
@@ -242,7 +242,7 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
             check_checkpoints(ctx.checkpoint_dir, stage.name)
         if print_ is not None:  # what the checkpoints this attempt writes are computed with
             write_checkpoint_fingerprint(ctx.checkpoint_dir, print_)
-        result: StageResult = _load(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
+        result: StageResult = load_target(STAGE_KINDS.get(stage.kind).runner, f"stage '{stage.kind}'")(ctx)
         check_stage_models(result, out_dir, final_dir)  # whatever the stage evaluated: load and check
         if kill_hook is not None:  # TEST ONLY: the stage wrote nothing the watcher saw; die before it is recorded
             kill_hook()

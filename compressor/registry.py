@@ -71,7 +71,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         entry = self._entry(name)
         if isinstance(entry.target, str):
-            obj = _load(entry.target, f"{self.kind} '{name}'")
+            obj = load_target(entry.target, f"{self.kind} '{name}'")
             if self._validate is not None:
                 self._validate(name, obj)
             entry = Entry(name, obj, entry.source)
@@ -94,7 +94,7 @@ class Registry(Generic[T]):
         return self._entries[name]
 
 
-def _load(spec: str, what: str) -> object:
+def load_target(spec: str, what: str) -> object:
     module_name, _, attr = spec.partition(":")
     try:
         obj: object = importlib.import_module(module_name)

@@ -101,10 +101,10 @@ class Run:
 
     def run_stage(self, index: int) -> Any:
         from compressor.stages import STAGE_KINDS
-        from compressor.registry import _load
+        from compressor.registry import load_target
 
         stage = self.recipe.stages[index]
-        result = _load(STAGE_KINDS.get(stage.kind).runner, stage.kind)(self.context(index))
+        result = load_target(STAGE_KINDS.get(stage.kind).runner, stage.kind)(self.context(index))
         self.outputs[stage.name] = result.outputs
         self.results[stage.name] = result
         return result

@@ -382,12 +382,12 @@ class FakeLogits:
 
     @classmethod
     def bundle(cls, directory: Path, logits: dict[str, list[int]]) -> Bundle:
-        from compressor.runtime.bundle import _read_spec, _read_tokenizer
+        from compressor.runtime.bundle import read_spec, read_tokenizer
 
-        spec = _read_spec(directory / "tasks.json")
+        spec = read_spec(directory / "tasks.json")
         fake = cls(spec)
         fake.logits = logits
-        return Bundle(directory, spec, _read_tokenizer(directory / "tokenizer.json"), fake)
+        return Bundle(directory, spec, read_tokenizer(directory / "tokenizer.json"), fake)
 
     def run(self, names, feeds):
         import numpy as np

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor.bench.candidates import Candidate, TaskInputs
+from compressor.bench.candidates import Candidate
+from compressor.bench.state import Bench
 from compressor.bench.timing import Settings
 from compressor.bench.writer import INTERNAL  # noqa: F401  (re-exported: defined here before the split)
 from compressor.bench.writer import write_report as _write
@@ -53,7 +53,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         singles = list(src.singles.values())
     single_srcs = [read_single(Path(p)) for p in singles]
     recipe = load_recipe(src.recipe_path)
-    bench = _Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list),
+    bench = Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list),
                    src.reference.target if src.reference and src.reference.target else cpu_target(),
                    DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root)), log or say)
     if src.singles and [Path(p) for p in singles] == list(src.singles.values()):
@@ -75,22 +75,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     return _write(bench, src, recipe, cands + single_cands, bool(single_cands), models, Path(out), cores)
 
 
-@dataclass
-class _Bench:
-    """What every step of one benchmark shares."""
-
-    settings: Settings
-    eval_threads: int
-    target: str  # optimum's quantization preset for this CPU
-    data: Any
-    log: Callable[[str], None]
-    work: Path = Path(".")
-    inputs: dict[str, dict[str, TaskInputs]] = field(default_factory=dict)  # encoding group -> task -> inputs
-    notes: list[str] = field(default_factory=list)
-    footprint: dict[str, dict[str, Any]] = field(default_factory=dict)  # model key -> edge footprint
-
-
-def _teacher_candidates(bench: _Bench, src: Any) -> list[Candidate]:
+def _teacher_candidates(bench: Bench, src: Any) -> list[Candidate]:
     """(a) the teacher in PyTorch, (b) its checked ONNX export, (c) optimum dynamic INT8 of (b): the run's
     reference stage's graphs, or built here (temporary) through the same module for a run without one."""
     from compressor.bench.candidates import parity_batches, task_inputs
@@ -134,7 +119,7 @@ def _teacher_candidates(bench: _Bench, src: Any) -> list[Candidate]:
     return cands
 
 
-def _student_candidates(bench: _Bench, src: Any) -> list[Candidate]:
+def _student_candidates(bench: Bench, src: Any) -> list[Candidate]:
     """(e) the run's multi-head student: the export stage's graph and the quantize stage's graph."""
     from transformers import AutoTokenizer
 
@@ -169,7 +154,7 @@ def _student_candidates(bench: _Bench, src: Any) -> list[Candidate]:
     return cands
 
 
-def _single_candidates(bench: _Bench, single_srcs: Sequence[Any], tasks: list[str]) -> tuple[list[Candidate],
+def _single_candidates(bench: Bench, single_srcs: Sequence[Any], tasks: list[str]) -> tuple[list[Candidate],
                                                                                               dict[str, str]]:
     """(d) single-task students: their run's graph, or their model directory exported here."""
     from transformers import AutoTokenizer
@@ -221,7 +206,7 @@ def _single_candidates(bench: _Bench, single_srcs: Sequence[Any], tasks: list[st
     return single_cands, covered
 
 
-def _measure_all(bench: _Bench, cands: list[Candidate], single_cands: list[Candidate],
+def _measure_all(bench: Bench, cands: list[Candidate], single_cands: list[Candidate],
                  covered: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Measure every candidate; the single-task students together as row (d)."""
     from compressor.bench.timing import combine_singles, measure_candidate
@@ -248,7 +233,7 @@ def _measure_all(bench: _Bench, cands: list[Candidate], single_cands: list[Candi
     return models
 
 
-def _footprint(bench: _Bench, src: Any, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
+def _footprint(bench: Bench, src: Any, cands: list[Candidate]) -> dict[str, dict[str, Any]]:
     """Resident memory of a torch-free process serving (b) and e-int8 as bundles: load + 100 predictions."""
     from compressor.bench.footprint import measure_footprints, requests_from
 

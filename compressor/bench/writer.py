@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from compressor.bench.benchmark import _Bench
     from compressor.bench.candidates import Candidate
+    from compressor.bench.state import Bench
 
 INTERNAL = ("tasks", "timings", "real_timings", "real_inputs")  # per-model keys the rows already carry
 
 
-def write_report(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], has_singles: bool,
+def write_report(bench: Bench, src: Any, recipe: Any, cands: list[Candidate], has_singles: bool,
                  models: dict[str, dict[str, Any]], out: Path, cores: int) -> dict[str, Path]:
     """Rows, targets, plots, and the report as Markdown and JSON."""
     import onnxruntime
@@ -68,7 +68,7 @@ def write_report(bench: _Bench, src: Any, recipe: Any, cands: list[Candidate], h
     return paths
 
 
-def _notes(bench: _Bench, cands: list[Candidate], has_singles: bool) -> list[str]:
+def _notes(bench: Bench, cands: list[Candidate], has_singles: bool) -> list[str]:
     """The report's notes: the benchmark's, each candidate's, row (d)'s, and splits other than test."""
     notes = list(bench.notes)
     for cand in cands:

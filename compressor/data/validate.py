@@ -46,7 +46,7 @@ def validate_data(options: DataOptions, recipe_path: Path, data_root: Path) -> D
 
     ``options``: the recipe's ``data_options()``; ``recipe_path`` names the file in every message.
     """
-    from compressor.checks import _where
+    from compressor.checks import locate
     from compressor.data.store import DataStore
 
     store = DataStore(options, data_root)
@@ -60,7 +60,7 @@ def validate_data(options: DataOptions, recipe_path: Path, data_root: Path) -> D
             if not store.has(name, split):
                 if split == "dev":
                     check.errors.append(
-                        f"{_where(recipe_path, ['tasks', i, 'data'])}.dev: task '{name}' has no dev split (its dev "
+                        f"{locate(recipe_path, ['tasks', i, 'data'])}.dev: task '{name}' has no dev split (its dev "
                         f"metric, early stopping and dev retention would be missing); give a dev file or set "
                         f"tasks[{i}].dev_from_train: 0.1 to hold out a seeded share of the training file")
                 continue

@@ -51,7 +51,7 @@ def build_manifest(model: MultiTaskModel, max_length: int, extra: Mapping[str, A
             "layers": [a.to_dict() for a in read_architecture(model.encoder)],
         },
         "tasks": [
-            {"plugin": _plugin_name(task), **task.describe()} for task in model.tasks.values()
+            {"plugin": registered_plugin_name(task), **task.describe()} for task in model.tasks.values()
         ],
         "max_length": max_length,
         "parameters": model.num_parameters(),
@@ -290,7 +290,7 @@ def weights_size(directory: Path) -> int:
     return (Path(directory) / WEIGHTS).stat().st_size
 
 
-def _plugin_name(task: Any) -> str:
+def registered_plugin_name(task: Any) -> str:
     if getattr(task, "plugin_name", None):
         return task.plugin_name
     for name in TASKS.names():

@@ -220,12 +220,12 @@ def student_from_config(
     tasks = {}
     for name, plugin in source_tasks.items():
         spec = plugin.describe()
-        tasks[name] = build_task(_plugin_name(plugin), name, spec["labels"], spec["options"])
+        tasks[name] = build_task(registered_plugin_name(plugin), name, spec["labels"], spec["options"])
     return MultiTaskModel(encoder, tasks)
 
 
-def _plugin_name(task: TaskPlugin) -> str:
-    from compressor.model.io import _plugin_name as registered_name  # the name the manifest stores
+def registered_plugin_name(task: TaskPlugin) -> str:
+    from compressor.model.io import registered_plugin_name as registered_name  # the name the manifest stores
 
     return registered_name(task)
 

@@ -13,7 +13,7 @@ reference (``docs/stages.md``, written by ``python -m compressor.docs``).
 from compressor.recipe._base import NAME, Strict
 from compressor.recipe.export_stages import (BundleStage, ExportStage, QuantCalibration, QuantizeStage,
                                              ReferenceStage)
-from compressor.recipe.loader import DATA_ROOT_ENV, _line_of, load_recipe, resolve_data_root
+from compressor.recipe.loader import DATA_ROOT_ENV, line_of, load_recipe, resolve_data_root
 from compressor.recipe.prune_stages import (PruneLayerRatios, PruneRecovery, PruneStage, PruneVocabStage,
                                             RecoveryStop, SearchBudget, SearchRatio, SearchSpace, SearchStage)
 from compressor.recipe.schema import Recipe, ReportSpec, Stage, Targets
@@ -30,5 +30,5 @@ __all__ = [
     "PruneRecovery", "RecoveryStop", "PruneStage",
     "PruneVocabStage", "SearchRatio", "SearchBudget", "SearchSpace", "SearchStage", "ExportStage",
     "QuantCalibration", "QuantizeStage", "BundleStage", "ReferenceStage", "Stage", "Targets", "ReportSpec", "Recipe",
-    "load_recipe", "resolve_data_root", "_line_of", "LossWeighting", "Sampling", "TrainOptions",
+    "load_recipe", "resolve_data_root", "line_of", "LossWeighting", "Sampling", "TrainOptions",
 ]

@@ -86,7 +86,7 @@ def load_recipe(path: Path | str) -> Recipe:
         raw_loc = list(err["loc"])
         loc = [p for k, p in enumerate(raw_loc) if not (
             p == "SplitFile" or (isinstance(p, str) and p in _UNION_TAGS and raw_loc[k - 2 : k - 1] == ["stages"]))]
-        line = _line_of(node, loc)
+        line = line_of(node, loc)
         dotted = _dotted(loc) or "<recipe>"
         got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {_shown(err.get('input'))})"
         msg = err["msg"].removeprefix("Value error, ")
@@ -168,7 +168,7 @@ def _dotted(loc: list[Any]) -> str:
     return out
 
 
-def _line_of(node: Any, loc: list[Any]) -> int:
+def line_of(node: Any, loc: list[Any]) -> int:
     """1-based line of the deepest YAML node along ``loc``."""
     line = (node.start_mark.line + 1) if node is not None else 1
     for part in loc:

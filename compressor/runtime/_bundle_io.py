@@ -22,7 +22,7 @@ TASKS = "tasks.json"
 FILES = (MODEL, TOKENIZER, TASKS)
 
 
-def _read_spec(path: Path) -> GraphSpec:
+def read_spec(path: Path) -> GraphSpec:
     """``tasks.json`` as a :class:`GraphSpec`; unreadable or malformed is a :class:`BundleError` naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -39,7 +39,7 @@ def _read_spec(path: Path) -> GraphSpec:
     return spec
 
 
-def _read_tokenizer(path: Path) -> Any:
+def read_tokenizer(path: Path) -> Any:
     """``tokenizer.json`` as a ``tokenizers.Tokenizer`` without padding or truncation."""
     from tokenizers import Tokenizer
 
@@ -52,7 +52,7 @@ def _read_tokenizer(path: Path) -> Any:
     return tok
 
 
-def _open_session(path: Path, threads: int | None) -> Any:
+def open_session(path: Path, threads: int | None) -> Any:
     """An ONNX Runtime session of ``model.onnx``; unloadable is a :class:`BundleError` naming it."""
     from compressor.runtime.session import make_session
 
@@ -63,7 +63,7 @@ def _open_session(path: Path, threads: int | None) -> Any:
         raise BundleError(f"{path}: not a loadable ONNX model: {first}") from exc
 
 
-def _check_graph(directory: Path, spec: GraphSpec, session: Any) -> None:
+def check_graph(directory: Path, spec: GraphSpec, session: Any) -> None:
     """The outputs ``tasks.json`` names are outputs of the graph, and its inputs are the graph's inputs."""
     outputs = {o.name for o in session.get_outputs()}
     inputs = {i.name for i in session.get_inputs()}
@@ -77,7 +77,7 @@ def _check_graph(directory: Path, spec: GraphSpec, session: Any) -> None:
                           f"{sorted(inputs)}")
 
 
-def _check_max_length(directory: Path, spec: GraphSpec, session: Any) -> None:
+def check_max_length(directory: Path, spec: GraphSpec, session: Any) -> None:
     """One row of ``max_length`` tokens through the graph: a ``max_length`` beyond the model's positions is an
     error naming tasks.json now, not an ONNX Runtime INVALID_ARGUMENT at the first long text."""
     from compressor.runtime.session import build_feeds
@@ -105,7 +105,7 @@ def vocabulary_digest(tokenizer: Any) -> tuple[int, str]:
     return len(vocab), hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any, session: Any) -> None:
+def check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any, session: Any) -> None:
     """``tokenizer.json`` against ``tasks.json`` (the vocabulary the model was exported with) and the graph: one
     row holding the tokenizer's largest id and ``pad_id`` through the graph, so a tokenizer with more tokens than
     the embedding table has rows is refused now, not at the first text that uses a new token."""
@@ -131,7 +131,7 @@ def _check_vocabulary(directory: Path, spec: GraphSpec, tokenizer: Any, session:
                           f"embedding table is smaller; ship the model's own tokenizer.json): {first[:160]}") from None
 
 
-def _check_classes(directory: Path, spec: GraphSpec, decoders: Mapping[str, Any], session: Any) -> None:
+def check_classes(directory: Path, spec: GraphSpec, decoders: Mapping[str, Any], session: Any) -> None:
     """Each decoder's label (tag, class) count against the last axis of the graph output it decodes."""
     shapes = {o.name: o.shape for o in session.get_outputs()}
     for name, decoder in decoders.items():

@@ -29,13 +29,13 @@ from compressor.runtime._bundle_io import (
     MODEL,
     TASKS,
     TOKENIZER,
-    _check_classes,
-    _check_graph,
-    _check_max_length,
-    _open_session,
-    _read_spec,
-    _read_tokenizer,
-    _check_vocabulary,
+    check_classes,
+    check_graph,
+    check_max_length,
+    open_session,
+    read_spec,
+    read_tokenizer,
+    check_vocabulary,
     vocabulary_digest,
 )
 from compressor.runtime.decoders import DECODERS, BundleError, Decoder, get_decoder
@@ -79,18 +79,18 @@ class Bundle:
         for name in FILES:
             if not (directory / name).is_file():
                 raise BundleError(f"{directory}: missing {name} (a bundle holds {', '.join(FILES)})")
-        spec = _read_spec(directory / TASKS)
+        spec = read_spec(directory / TASKS)
         try:
             check_splitter(spec.metadata.get("word_splitter") or DEFAULT_SPLITTER)
         except ValueError as exc:
             raise BundleError(f"{directory / TASKS}: field 'metadata.word_splitter': {exc}") from None
         decoders = make_decoders(spec, directory / TASKS)
-        tokenizer = _read_tokenizer(directory / TOKENIZER)
-        session = _open_session(directory / MODEL, threads)
-        _check_graph(directory, spec, session)
-        _check_classes(directory, spec, decoders, session)
-        _check_vocabulary(directory, spec, tokenizer, session)
-        _check_max_length(directory, spec, session)
+        tokenizer = read_tokenizer(directory / TOKENIZER)
+        session = open_session(directory / MODEL, threads)
+        check_graph(directory, spec, session)
+        check_classes(directory, spec, decoders, session)
+        check_vocabulary(directory, spec, tokenizer, session)
+        check_max_length(directory, spec, session)
         return cls(directory, spec, tokenizer, session, decoders)
 
     @property

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -38,8 +38,26 @@ from compressor.registry import Registry
 from compressor.runtime.decoding import first_subtoken_word_tags, softmax
 
 if TYPE_CHECKING:
-    from compressor.runtime.bundle import Bundle
     from compressor.runtime.spec import GraphSpec, TaskGraph
+
+
+class Bundle(Protocol):
+    """What a decoder's ``predict`` may use of the bundle it serves (:class:`compressor.runtime.Bundle` is one)."""
+
+    batch_size: int
+    tokenizer: Any
+
+    @property
+    def max_length(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Any]: ...
+
+    def pad(self, encs: Sequence[Any]) -> dict[str, np.ndarray]: ...
+
+    def run(self, tasks: Sequence[str], batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]: ...
+
+    @staticmethod
+    def second_inputs(values: str | Sequence[str] | None, n: int, missing: str) -> list[str]: ...
 
 
 class BundleError(CompressorError):
