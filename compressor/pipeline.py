@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -315,8 +316,20 @@ def _test_kill_hook(stage: str, out_dir: Path, checkpoint_dir: Path | None):
             time.sleep(0.005)
         die()
 
+    def before_change(event: str, _args: tuple) -> None:
+        # a loaded machine can starve the watcher thread for a whole epoch: the stage's next change to the disk
+        # after a first file is in place (the next checkpoint, clearing one, saving a model) dies first, so the
+        # kill never lands later than "right after the first write", whatever the scheduling
+        if event in _DISK_CHANGES and written():
+            die()
+
+    sys.addaudithook(before_change)
     threading.Thread(target=watch, daemon=True, name="test-kill-watcher").start()
     return die
+
+
+_DISK_CHANGES = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move", "tempfile.mkdtemp",
+                 "tempfile.mkstemp"}
 
 
 def _is_main_rank() -> bool:
