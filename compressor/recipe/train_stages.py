@@ -131,8 +131,9 @@ class DistillOptions(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     sampling: Sampling = Sampling()
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = on the CPU too (faster on CPUs with "
-        "bf16 support, losses compared in fp32); no = fp32")
+        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU that computes bf16 natively "
+        "(AVX512-BF16, AMX, Arm BF16; losses compared in fp32), fp32 with a warning on one that does not (emulated "
+        "bf16 is many times slower); no = fp32")
     dropout: float | None = Field(None, ge=0, lt=1, description="the student's dropout while it trains; null: "
                                   "the student's own (the teacher's config)")
     teacher_cache: TeacherCacheOptions | None = Field(

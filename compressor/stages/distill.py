@@ -9,10 +9,11 @@ import torch
 
 from compressor.distill.cache import TeacherCache, open_cache
 from compressor.distill.teachers import TaskTeachers, resolve
+from compressor.console import say
 from compressor.distill.trainer import kd_config
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
-from compressor.model.forward import dev_metrics, use_bf16
+from compressor.model.forward import dev_metrics, precision_note, use_bf16
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel, keep_tasks
 from compressor.recipe import DistillStage
@@ -36,6 +37,8 @@ def run(ctx: StageContext) -> StageResult:
     student, kept, origin, layer_map = _student_and_layer_map(ctx, teacher, seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = use_bf16(cfg.mixed_precision, device)
+    if precision_note(cfg.mixed_precision, device):
+        say(f"[{cfg.name}] {precision_note(cfg.mixed_precision, device)}")
     tasks = list(student.tasks)
     per_task = resolve(ctx, student, teacher, tokenizer, kd_config(cfg), layer_map)
     teacher_dev = dev_metrics(teacher, tokenizer, ctx.data,

@@ -25,7 +25,7 @@ from compressor.console import say
 from compressor.data.sampling import BatchStream, QuotaSampler, TaskSampler
 from compressor.data.store import DataStore
 from compressor.errors import DataError, TrainingError
-from compressor.model.forward import dev_metrics
+from compressor.model.forward import dev_metrics, precision_note, use_bf16
 from compressor.model.io import nonfinite
 from compressor.model.multitask import MultiTaskModel
 from compressor.train.checkpoint import (CHECKPOINT, clear_checkpoint, load_best_heads, load_checkpoint,
@@ -169,7 +169,17 @@ def _accelerator(model: MultiTaskModel, cfg: TrainOptions, label: str) -> tuple[
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
-    mixed = "bf16" if cfg.mixed_precision == "bf16" or (cuda and cfg.mixed_precision == "auto") else "no"
+    device = torch.device("cuda" if cuda else "cpu")
+    mixed = "bf16" if use_bf16(cfg.mixed_precision, device) else "no"
+    note = precision_note(cfg.mixed_precision, device)
+    if note:
+        say(f"[{label}] {note}")
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        # accelerate keeps one precision per process; a later stage of the same run may ask for another (the
+        # process group, in PartialState, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision=mixed,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(model.tasks) > 1)],

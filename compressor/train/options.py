@@ -75,7 +75,10 @@ class TrainOptions(_Options):
     loss_weighting: LossWeighting = LossWeighting()
     early_stopping_patience: int | None = Field(None, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU that computes bf16 natively "
+        "(AVX512-BF16, AMX, Arm BF16), fp32 with a warning on one that does not (emulated bf16 is many times "
+        "slower); no = fp32")
     head_selection: Literal["per_task", "best_mean"] = Field(
         "per_task", description="per_task: the encoder comes from the epoch with the best mean dev metric and each "
         "task's head from its own best dev epoch when that head scores better on dev with that encoder (tasks that "
