@@ -16,7 +16,6 @@ from compressor.distill.losses import (
     DistillLoss, KDConfig, capture_qkv, hidden_mse, kl_last_dim, pick_relation_heads, relation_kl,
     relation_log_probs,
 )
-from compressor.distill.trainer import Distiller, TaskBatches, distill_steps
 from compressor.errors import RecipeError
 from compressor.model.io import load_model, save_model
 from compressor.model.student import student_from_config, student_from_teacher
@@ -162,8 +161,23 @@ def evaluate_parts(loss: DistillLoss, student, teacher, batches) -> dict[str, fl
     return {k: sum(float(p[k]) for p in parts) / 2 for k in parts[0]}
 
 
+def kd_engine(student, teacher, store, tokenizer, config: KDConfig, steps: int, *, lr: float, layer_map=None,
+              optimizer: str = "adamw", dropout: float | None = None, batch_size: int = 8, **objective_kwargs):
+    """The training engine distilling ``student`` from ``teacher`` on the store's training data for ``steps``
+    steps (round robin over the tasks, constant lr, no weight decay); returns it and its objective."""
+    from compressor.distill.objective import Distillation
+    from compressor.train.loop import build_engine
+    from compressor.train.options import TrainOptions
+
+    objective = Distillation(student, teacher, config, layer_map=layer_map, **objective_kwargs)
+    cfg = TrainOptions(batch_size=batch_size, lr=lr, head_lr=lr, weight_decay=0.0, warmup_ratio=0.0,
+                       optimizer=optimizer, dropout=dropout, max_steps=steps, steps_per_epoch=steps,
+                       sampling={"strategy": "round_robin"}, mixed_precision="no")
+    return build_engine(student, tokenizer, store, cfg, seed=0, objective=objective), objective
+
+
 @pytest.mark.parametrize("kind", ["from_teacher", "from_config"])
-def test_distillation_lowers_every_kd_term(store, tokenizer, kind):
+def test_distillation_on_the_engine_lowers_every_kd_term(store, tokenizer, kind):
     torch.manual_seed(0)
     teacher = teacher_for(store)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -174,17 +188,17 @@ def test_distillation_lowers_every_kd_term(store, tokenizer, kind):
         student = student_from_config(teacher, hidden_size=16, num_layers=2, heads=2, ffn=32, seed=1)
         lr = 1e-2
     config = KDConfig(alpha=0.0, temperature=2.0, logits=1.0, hidden=1.0, attention=2.0)
-    batches = fixed_batches(store, tokenizer)
-    distiller = Distiller(student, teacher, batches, config, total_steps=30, layer_map={0: 1, 1: 3}, lr=lr,
-                          weight_decay=0.0, grad_clip=1.0)
+    engine, objective = kd_engine(student, teacher, store, tokenizer, config, 30, lr=lr, layer_map={0: 1, 1: 3})
     if kind == "from_config":
-        assert set(distiller.loss.projections) == {"0", "1", "2"}  # embeddings + two student layers
-        proj_before = distiller.loss.projections["2"].weight.detach().clone()
-    before = evaluate_parts(distiller.loss, student, teacher, batches)
+        assert set(objective.loss.projections) == {"0", "1", "2"}  # embeddings + two student layers
+        proj_before = objective.loss.projections["2"].weight.detach().clone()
+    batches = fixed_batches(store, tokenizer)
+    before = evaluate_parts(objective.loss, student, teacher, batches)
     for _ in range(30):
-        parts = distiller.step()
+        parts = engine.run(1).means()
         assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
-    after = evaluate_parts(distiller.loss, student, teacher, batches)
+    assert engine.steps_done == 30
+    after = evaluate_parts(objective.loss, student, teacher, batches)
 
     for term in ("kd_logits", "kd_hidden", "kd_attention", "loss"):
         assert before[term] > 0
@@ -194,7 +208,7 @@ def test_distillation_lowers_every_kd_term(store, tokenizer, kind):
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
     assert not any("projection" in k for k in student.state_dict())
     if kind == "from_config":
-        assert not torch.equal(distiller.loss.projections["2"].weight, proj_before)
+        assert not torch.equal(objective.loss.projections["2"].weight, proj_before)
 
 
 def test_loss_is_alpha_blend_of_the_named_parts(store, tokenizer):
@@ -222,23 +236,22 @@ def test_distill_loss_rejects_a_layer_map_naming_a_missing_layer(store):
         DistillLoss(student, teacher, KDConfig(), layer_map={0: 1, 1: 9})
 
 
-def test_task_batches_sample_tasks_and_distill_steps_trains_in_place(store, tokenizer):
-    batches = TaskBatches.from_store(store, ["ner", "sst"], tokenizer, 32, batch_size=4, strategy="round_robin")
-    seen = [next(batches) for _ in range(4)]
-    assert [t for t, _ in seen] == ["ner", "sst", "ner", "sst"]
-    assert seen[1][1]["input_ids"].shape[0] == 4 and "labels" in seen[1][1]
-    n_ner = len(store.encoded("ner", "train", tokenizer, 32, train=True).features)
-    n_sst = len(store.encoded("sst", "train", tokenizer, 32, train=True).features)
-    assert batches.steps_per_epoch() == math.ceil(n_ner / 4) + math.ceil(n_sst / 4)
+def test_recovery_engine_takes_its_steps_in_chunks_and_trains_in_place(store, tokenizer):
+    from compressor.distill.objective import recovery_engine
+    from compressor.recipe import DistillOptions
 
     teacher = teacher_for(store)
     student = student_from_teacher(teacher, layers=1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    parts = distill_steps(student, teacher, batches, steps=3, loss_config=KDConfig(alpha=0.5), lr=1e-3)
+    opts = DistillOptions(alpha=0.5, lr=1e-3, batch_size=4, sampling={"strategy": "round_robin"})
+    engine = recovery_engine(student, teacher, tokenizer, store, opts, steps=5, seed=0)
+    first = engine.run(3)
+    assert first.counts == {"ner": 2, "sst": 1} and first.examples == 12  # round robin, batches of 4
+    parts = engine.run(10).means()  # only what the schedule has left
+    assert engine.steps_done == 5 and engine.scheduler.get_last_lr()[0] == 0.0
     assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
     assert parts["kd_hidden"] == 0.0 and parts["kd_logits"] > 0 and parts["task"] > 0
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
-    assert not student.training
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------
@@ -417,10 +430,9 @@ def test_recovery_without_dropout_leaves_a_student_equal_to_its_teacher_where_it
             m.dropout_prob = 0.3
     before = {k: v.clone() for k, v in student.state_dict().items()}
     config = KDConfig(alpha=0.0, temperature=2.0, logits=1.0, hidden=1.0)
-    distiller = Distiller(student, teacher, fixed_batches(store, tokenizer), config, total_steps=4,
-                          layer_map={i: i for i in range(4)}, lr=1e-3, weight_decay=0.0, optimizer="sgd",
-                          dropout=dropout)
-    losses = [distiller.step()["loss"] for _ in range(4)]
+    engine, _ = kd_engine(student, teacher, store, tokenizer, config, 4, lr=1e-3, layer_map={i: i for i in range(4)},
+                          optimizer="sgd", dropout=dropout)
+    losses = [engine.run(1).means()["loss"] for _ in range(4)]
     moved = max(float((v.float() - before[k].float()).abs().max()) for k, v in student.state_dict().items())
     if dropout == 0.0:
         assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))

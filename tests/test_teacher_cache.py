@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from plugin_fixtures import PLUGIN_FIXTURES
-from test_distill import store, teacher_for  # noqa: F401 (fixture)
+from test_distill import kd_engine, store, teacher_for  # noqa: F401 (fixture)
 
 from compressor.distill.cache import INDEX_KEY, TeacherCache, teacher_fingerprint
 from compressor.distill.losses import DistillLoss, KDConfig
-from compressor.distill.trainer import Distiller, TaskBatches
 from compressor.errors import RecipeError
 from compressor.model.student import student_from_config, student_from_teacher
 
@@ -41,9 +40,33 @@ def parts_of(loss, student, teacher, batches, n=4):
     return out
 
 
+class RoundRobin:
+    """``(task, batch)`` pairs, the tasks in turn, each batch the next ``batch_size`` features of its task with
+    their indices (``feature_index``, as the engine's batches carry them under a teacher cache)."""
+
+    def __init__(self, features, collate, batch_size):
+        self.features, self.collate, self.batch_size = dict(features), dict(collate), batch_size
+        self._pos = {t: 0 for t in self.features}
+        self._turn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        task = list(self.features)[self._turn % len(self.features)]
+        self._turn += 1
+        feats, start = self.features[task], self._pos[task]
+        idx = [(start + i) % len(feats) for i in range(self.batch_size)]
+        self._pos[task] = (start + self.batch_size) % len(feats)
+        batch = self.collate[task]([feats[i] for i in idx])
+        batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)
+        return task, batch
+
+
 def task_batches(store, tokenizer, batch_size=4):
-    return TaskBatches.from_store(store, ["ner", "sst"], tokenizer, 32, batch_size=batch_size, strategy="round_robin",
-                                  seed=1)
+    tasks = ["ner", "sst"]
+    return RoundRobin({t: store.encoded(t, "train", tokenizer, 32, train=True).features for t in tasks},
+                      {t: store.tasks[t].collate for t in tasks}, batch_size)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
@@ -98,7 +121,7 @@ def test_every_builtin_plugin_reads_the_same_logits_from_the_cache(plugin, token
         for n, p in teacher.heads.named_parameters():
             p.normal_(0, 0.5)
     student = student_from_teacher(teacher, layers=1)
-    batches = TaskBatches(feats, {n: t.collate for n, t in plugins.items()}, batch_size=3, strategy="round_robin")
+    batches = RoundRobin(feats, {n: t.collate for n, t in plugins.items()}, batch_size=3)
     config = KDConfig(alpha=0.0, temperature=1.0)
     cache = TeacherCache.open(tmp_path, teacher, dtype="float32", build_batch_size=7)  # other batch widths
     plain, cached = DistillLoss(student, teacher, config), DistillLoss(student, teacher, config, teacher_cache=cache)
@@ -189,10 +212,10 @@ def test_distillation_with_the_cache_trains_like_without(store, tokenizer, tmp_p
     results = []
     for cache in (None, TeacherCache.open(tmp_path, teacher, dtype="float32")):
         student = student_from_teacher(teacher, layers=[1, 3])
-        distiller = Distiller(student, teacher, task_batches(store, tokenizer), KDConfig(alpha=0.5, hidden=1.0),
-                              total_steps=6, lr=1e-3, dropout=0.0, teacher_cache=cache)
+        engine, _ = kd_engine(student, teacher, store, tokenizer, KDConfig(alpha=0.5, hidden=1.0), 6, lr=1e-3,
+                              dropout=0.0, batch_size=4, teacher_cache=cache)
         passes = Passes(teacher)
-        parts = distiller.run()
+        parts = engine.run(6).means()
         passes.close()
         results.append((parts, student.state_dict(), passes.calls))
     (p0, s0, calls0), (p1, s1, calls1) = results
@@ -202,13 +225,35 @@ def test_distillation_with_the_cache_trains_like_without(store, tokenizer, tmp_p
         torch.testing.assert_close(s1[k], s0[k], atol=2e-4, rtol=1e-3)
 
 
-def test_batches_carry_the_feature_index(store, tokenizer):
-    batches = task_batches(store, tokenizer)
-    task, batch = next(batches)
-    feats = batches.features[task]
-    for row, i in enumerate(batch[INDEX_KEY].tolist()):
-        n = len(feats[i]["input_ids"])
-        assert batch["input_ids"][row, :n].tolist() == feats[i]["input_ids"]
+def test_the_engine_gives_an_objective_that_asks_for_it_the_feature_index_of_every_row(store, tokenizer):
+    """What an outsider's objective sees: the engine's batches carry each row's index into its task's features."""
+    from compressor.train.loop import build_engine
+    from compressor.train.options import TrainOptions
+
+    seen = []
+
+    class Recording:  # a minimal objective: the task loss, recording its batches
+        module = None
+        wants_index = True
+
+        def prepare(self, features, collate, accelerator):
+            self.features = features
+
+        def __call__(self, model, task, batch):
+            seen.append((task, batch))
+            return {"loss": model.tasks[task].loss(model.forward_batch(task, batch).outputs, batch)}
+
+    torch.manual_seed(0)
+    model = teacher_for(store)
+    objective = Recording()
+    cfg = TrainOptions(batch_size=4, max_steps=4, steps_per_epoch=4, sampling={"strategy": "round_robin"})
+    build_engine(model, tokenizer, store, cfg, seed=0, objective=objective).run(4)
+    assert [t for t, _ in seen] == ["ner", "sst", "ner", "sst"]
+    for task, batch in seen:
+        feats = objective.features[task]
+        for row, i in enumerate(batch[INDEX_KEY].tolist()):
+            n = len(feats[i]["input_ids"])
+            assert batch["input_ids"][row, :n].tolist() == feats[i]["input_ids"]
 
 
 def test_distill_stage_fills_the_run_cache_and_a_rerun_reads_it(store, tokenizer, tmp_path):

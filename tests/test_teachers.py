@@ -10,9 +10,8 @@ import torch
 
 from compressor.distill.cache import INDEX_KEY, TeacherCache
 from compressor.distill.losses import KDConfig, logits_kd
-from compressor.distill.trainer import Distiller, TaskBatches
 from compressor.model.student import student_from_teacher
-from test_distill import store, teacher_for  # noqa: F401  (fixture)
+from test_distill import kd_engine, store, teacher_for  # noqa: F401  (fixture)
 from test_pipeline import invoke, recipe_text, tiny_model_path  # noqa: F401  (fixture)
 
 FINETUNE = """  - kind: finetune
@@ -114,17 +113,17 @@ def test_each_task_is_distilled_from_its_own_teacher_and_has_its_own_cache(store
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     student = student_from_teacher(joint, [1, 3])
-    batches = TaskBatches.from_store(store, ["ner", "sst"], tokenizer, 32, batch_size=4, strategy="round_robin")
     cache_joint = TeacherCache.open(tmp_path / "cache", joint, dtype="float32")
     cache_other = TeacherCache.open(tmp_path / "cache", other, dtype="float32")
     assert cache_joint.root != cache_other.root  # keyed per teacher fingerprint
-    distiller = Distiller(student, joint, batches, KDConfig(alpha=0.0), total_steps=2, device="cpu",
-                          teacher_cache=cache_joint, teachers={"sst": other}, teacher_caches={"sst": cache_other})
+    engine, distiller = kd_engine(student, joint, store, tokenizer, KDConfig(alpha=0.0), 2, lr=5e-5, batch_size=4,
+                                  teacher_cache=cache_joint, teachers={"sst": other},
+                                  teacher_caches={"sst": cache_other})
     assert distiller.teacher_of("sst") is other and distiller.teacher_of("ner") is joint
     assert set(cache_joint.keys) == {"ner"} and set(cache_other.keys) == {"sst"}
 
     # the cached KD targets of sst are the other teacher's outputs, not the joint teacher's
-    feats = batches.features["sst"][:4]
+    feats = store.encoded("sst", "train", tokenizer, 32, train=True).features[:4]
     batch = store.tasks["sst"].collate(feats)
     with torch.no_grad():
         want = other.forward_batch("sst", batch).outputs
@@ -149,7 +148,7 @@ def test_each_task_is_distilled_from_its_own_teacher_and_has_its_own_cache(store
                                joint.tasks["sst"].distill_targets(joint_out, batch), 2.0)
     assert torch.allclose(parts["kd_logits"], expected, rtol=1e-4)
     assert not torch.allclose(parts["kd_logits"], from_joint, rtol=1e-2)
-    distiller.run(2)  # trains
+    engine.run(2)  # trains
     assert cache_other.stats["hits"] + cache_other.stats["misses"] >= 1 or cache_joint.stats["hits"] >= 1
 
 

@@ -40,7 +40,7 @@ from compressor.errors import RecipeError
 from compressor.model.multitask import ModelOutput, MultiTaskModel
 
 MANIFEST = "teacher.json"
-INDEX_KEY = "feature_index"  # the batch tensor holding each row's index into its task's feature list
+from compressor.train.pieces import INDEX_KEY  # noqa: E402  (the engine puts it into batches: re-exported here)
 PAD_LOGIT = -1e4  # head outputs past a stored row: padding positions, given no mass (as QA's head masks them)
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 

@@ -132,7 +132,7 @@ def _may_have(stage: Any, task: str, recipe: Any) -> bool:
 def _check_dirs(where: str, reference: Path, other: Path, stage: Any) -> None:
     """Two model directories (the run's teacher's, a named teacher's): the same tokenizer, and the same width
     and enough layers when the loss reads hidden states or attentions."""
-    from compressor.distill.trainer import kd_config
+    from compressor.distill.objective import kd_config
     from compressor.model.io import load_tokenizer, read_manifest
 
     ref_dir, other_dir = reference.expanduser().resolve(), other.expanduser().resolve()

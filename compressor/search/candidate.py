@@ -1,8 +1,10 @@
 """One candidate: built from the source model, recovered by distillation, exported, measured and scored.
 
 Built with the toolkit's own parts: :class:`compressor.prune.pruner.StructuredPruner` (torch-pruning dependency
-groups) removes layers, heads and FFN neurons; :class:`compressor.distill.trainer.Distiller` recovers it from the
-teacher (reading its outputs from a :class:`~compressor.distill.cache.TeacherCache` when the recipe asks); ``compressor.prune.vocab`` cuts the vocabulary; ``compressor.export`` writes the ONE ONNX graph (fused
+groups) removes layers, heads and FFN neurons; the training engine recovers it by distillation from the teacher
+(:func:`compressor.distill.objective.recovery_engine`, reading the teacher's outputs from a
+:class:`~compressor.distill.cache.TeacherCache` when the recipe asks); ``compressor.prune.vocab`` cuts the
+vocabulary; ``compressor.export`` writes the ONE ONNX graph (fused
 when the fused graph passes parity) and, per the candidate's INT8 mode, quantizes it. Every task is scored on its
 dev split with ONNX Runtime on the graph that is timed; latency is one ``session.run`` at batch 1 and sequence
 ``latency_seq_len`` on ``latency_threads`` thread(s); size is the graph file on disk.
@@ -133,28 +135,25 @@ class CandidateBuilder:
         """``steps`` distillation steps from the teacher; with ``floors`` and an early-stop margin, checks the dev
         retention half way and raises :class:`EarlyStopped` when the worst task is more than the margin below.
         An uncut candidate (as many parameters as the source) is not recovered."""
-        from compressor.distill.trainer import batches_for, distiller_for
+        from compressor.distill.objective import recovery_engine
         from compressor.model.student import default_layer_map
 
         if steps <= 0 or model.num_parameters() == self.source.num_parameters():
             return {}  # nothing was cut: the source as it is (recovery would only move it by optimiser noise)
-        rc = self.stage.recovery
-        batches = batches_for(self.data, self.tasks, self.tokenizer, self.max_length, rc, seed)
         to_teacher = [self.teacher_layers[i] for i in kept] if self.teacher_layers is not None else None
         layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(self.teacher.encoder)),
                                       to_teacher)
-        torch.manual_seed(seed)
-        device = next(model.parameters()).device
-        distiller = distiller_for(model, self.teacher, batches, rc, total_steps=steps, layer_map=layer_map,
-                                  device=device, teacher_cache=self.teacher_cache)
+        engine = recovery_engine(model, self.teacher, self.tokenizer, self.data, self.stage.recovery, steps=steps,
+                                 seed=seed, layer_map=layer_map, teacher_cache=self.teacher_cache,
+                                 label="search recovery")
         margin = self.stage.early_stop_margin
         if floors is not None and margin and steps >= 2:
-            distiller.run(steps // 2)
+            engine.run(steps // 2)
             scores = self.torch_dev(model, self.tokenizer)
             retention = self.retention(scores)
             if min(retention[t] - floors[t] for t in self.tasks) < -margin:
                 raise EarlyStopped(scores, retention)
-        parts = distiller.run()
+        parts = engine.run(steps - engine.steps_done).means()
         model.eval()
         return parts
 

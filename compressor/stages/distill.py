@@ -9,11 +9,10 @@ import torch
 
 from compressor.distill.cache import TeacherCache, open_cache
 from compressor.distill.teachers import TaskTeachers, resolve
-from compressor.console import say
-from compressor.distill.trainer import kd_config
+from compressor.distill.objective import kd_config
 from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers
-from compressor.model.forward import dev_metrics, precision_note, use_bf16
+from compressor.model.forward import dev_metrics
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel, keep_tasks
 from compressor.recipe import DistillStage
@@ -35,10 +34,6 @@ def run(ctx: StageContext) -> StageResult:
     _check_tasks(ctx, teacher)
 
     student, kept, origin, layer_map = _student_and_layer_map(ctx, teacher, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mixed = use_bf16(cfg.mixed_precision, device)
-    if precision_note(cfg.mixed_precision, device):
-        say(f"[{cfg.name}] {precision_note(cfg.mixed_precision, device)}")
     tasks = list(student.tasks)
     per_task = resolve(ctx, student, teacher, tokenizer, kd_config(cfg), layer_map)
     teacher_dev = dev_metrics(teacher, tokenizer, ctx.data,
@@ -49,8 +44,8 @@ def run(ctx: StageContext) -> StageResult:
             chosen["dev"] = teacher_dev.get(t)
     cache = open_cache(cfg.teacher_cache, ctx.run_dir, teacher, f"stages[{ctx.index}].teacher_cache")
     own, own_caches = _own_teachers(ctx, per_task, teacher)
-    run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, device, seed,
-                    teacher_cache=cache, teachers=own, teacher_caches=own_caches)
+    student, run_ = _distill(ctx, student, teacher, tokenizer, tasks, layer_map, teacher_dev, seed,
+                             teacher_cache=cache, teachers=own, teacher_caches=own_caches)
 
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
@@ -60,8 +55,7 @@ def run(ctx: StageContext) -> StageResult:
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
     params_s, params_t = student.num_parameters(), teacher.num_parameters()
-    notes = _notes(cfg, run_, origin, len(encoder_layers(student.encoder)), params_s, params_t, layer_map, device,
-                   mixed)
+    notes = _notes(cfg, run_, origin, len(encoder_layers(student.encoder)), params_s, params_t, layer_map)
     outputs: dict[str, Any] = {
         "model_dir": str(ctx.final_dir / "model"),
         "teacher_layers": kept,
@@ -76,13 +70,13 @@ def run(ctx: StageContext) -> StageResult:
         "stopped_early": run_["stopped_early"],
         "steps_done": run_["steps_done"],
         "task_steps": run_["task_steps"],
-        "device": device.type,
-        "mixed_precision": "bf16" if mixed else "no",
+        "device": run_["device"],
+        "mixed_precision": run_["mixed_precision"],
         "teachers": per_task.chosen,
     }
     notes += [f"{cfg.name}: task {t} learns from {c['teacher']} ({c['reason']})" for t, c in per_task.chosen.items()]
     if cfg.single_task_students:
-        single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, device, seed,
+        single_task_students(ctx, student, teacher, tokenizer, tasks, layer_map, kept, teacher_dev, seed,
                              run_, outputs, notes, cache, own, own_caches)
     if cache is not None:
         outputs["teacher_cache"] = {"path": str(cache.root), **cache.stats}
@@ -130,13 +124,14 @@ def _student_and_layer_map(ctx: StageContext, teacher: MultiTaskModel,
 
 
 def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, params_s: int, params_t: int,
-           layer_map: dict[int, int], device: torch.device, mixed: bool) -> list[str]:
+           layer_map: dict[int, int]) -> list[str]:
     """The multi-task student's notes: where it came from, how it was trained, the loss and the dev retention."""
     fmt = ", ".join(f"{k}={v:.4f}" for k, v in run_["loss_last"].items())
     notes = [
         f"{cfg.name}: student = {origin}; {n_s} layers, {params_s:,} parameters "
         f"({params_s / params_t:.1%} of the teacher's {params_t:,})",
-        f"{cfg.name}: {run_['total']} steps on {device.type}{' (bf16)' if mixed else ''}; layer map {layer_map}; "
+        f"{cfg.name}: {run_['steps_done']} of {run_['total']} steps on {run_['device']}"
+        f"{' (bf16)' if run_['mixed_precision'] == 'bf16' else ''}; layer map {layer_map}; "
         f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
         f"attention={cfg.weights.attention}",
         f"{cfg.name}: mean loss parts over the last {run_['last_n']} steps: {fmt}",
@@ -147,88 +142,50 @@ def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, param
 
 
 def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
-             layer_map: dict[int, int], teacher_dev: dict[str, float], device: torch.device, seed: int,
+             layer_map: dict[int, int], teacher_dev: dict[str, float], seed: int,
              total: int | None = None, steps_per_epoch: int | None = None, label: str | None = None,
-             teacher_cache: Any = None, teachers: dict[str, MultiTaskModel] | None = None,
-             teacher_caches: dict[str, TeacherCache] | None = None) -> dict[str, Any]:
-    """Distil ``student`` on ``tasks`` epoch by epoch: dev retention after each epoch, the best epoch's weights kept,
-    early stopping on patience. ``total`` / ``steps_per_epoch`` default to the stage config's. Returns the history,
-    the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
+             subdir: str = "student", teacher_cache: Any = None, teachers: dict[str, MultiTaskModel] | None = None,
+             teacher_caches: dict[str, TeacherCache] | None = None) -> tuple[MultiTaskModel, dict[str, Any]]:
+    """Distil ``student`` on ``tasks`` with the training engine, epoch by epoch: dev retention (student / teacher
+    dev metric) after each epoch, the best epoch's weights kept, early stopping on patience, an epoch checkpoint
+    under ``<checkpoints>/<subdir>`` that ``--resume`` continues from. ``total`` / ``steps_per_epoch`` default to
+    the stage config's. Returns the student (the one trained, or a finished one reloaded on resume) and the
+    history, the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
+    from compressor.distill.objective import Distillation, train_options
+    from compressor.stages.train import train_job
+
     cfg: DistillStage = ctx.stage
-    distiller, total, steps_per_epoch = _distiller(ctx, student, teacher, tokenizer, tasks, layer_map, device, seed,
-                                                   total, steps_per_epoch, teacher_cache, teachers, teacher_caches)
-    # dev retention (student / teacher dev metric) after every epoch; the best epoch's weights are kept
     dev_tasks = [t for t in tasks if t in teacher_dev]
-    history: list[dict[str, Any]] = []
-    best: tuple[float, int] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    stopped_early = False
-    task_steps: dict[str, int] = {t: 0 for t in tasks}
-    # the mean loss parts of the first steps and of the last epoch go into the outputs (the descent)
-    first_n = max(1, total // 10) if total > 1 else total
-    first: dict[str, float] | None = None
-    with _Progress(label or cfg.name, total) as progress:
-        def on_step(step: int, task: str, parts: dict[str, float]) -> None:
-            task_steps[task] = task_steps.get(task, 0) + 1
-            progress.update(step, task, parts)
 
-        while distiller.steps_done < total:
-            n = min(steps_per_epoch, total - distiller.steps_done)
-            if first is None:
-                k = min(n, first_n)
-                first = distiller.run(k, on_step=on_step)
-                rest = distiller.run(n - k, on_step=on_step) if n > k else first
-            else:
-                rest = distiller.run(n, on_step=on_step)
-            entry: dict[str, Any] = {"epoch": len(history) + 1, "steps": distiller.steps_done, "loss": rest}
-            if dev_tasks:
-                mean = _score_epoch(ctx, student, tokenizer, dev_tasks, teacher_dev, entry)
-                if best is None or mean > best[0] + 1e-9:
-                    best = (mean, entry["epoch"])
-                    if cfg.keep_best:
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-            history.append(entry)
-            if (best is not None and cfg.early_stopping_patience
-                    and entry["epoch"] - best[1] >= cfg.early_stopping_patience):
-                stopped_early = distiller.steps_done < total
-                break
-    last_n = history[-1]["steps"] - (history[-2]["steps"] if len(history) > 1 else first_n) or total
-    if best_state is not None and best is not None and best[1] != history[-1]["epoch"]:
-        student.load_state_dict(best_state)
-    student.eval()
-    return {"history": history, "best": best, "stopped_early": stopped_early, "total": total,
-            "steps_per_epoch": steps_per_epoch, "steps_done": distiller.steps_done, "task_steps": task_steps,
-            "loss_first": first, "loss_last": rest, "last_n": last_n}
+    def score(model: MultiTaskModel, dev: dict[str, float]) -> tuple[float, dict[str, Any]]:
+        retention = {t: model.tasks[t].metric.retention(dev[t], teacher_dev[t]) for t in dev_tasks if t in dev}
+        mean = sum(retention.values()) / len(retention) if retention else 0.0
+        return mean, {"retention": retention, "mean_retention": mean}
 
+    def objective(model: MultiTaskModel) -> Distillation:
+        return Distillation(model, teacher, kd_config(cfg), layer_map=layer_map, teacher_cache=teacher_cache,
+                            teachers=teachers, teacher_caches=teacher_caches)
 
-def _distiller(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, tasks: list[str],
-               layer_map: dict[int, int], device: torch.device, seed: int, total: int | None,
-               steps_per_epoch: int | None, teacher_cache: Any = None,
-               teachers: dict[str, MultiTaskModel] | None = None,
-               teacher_caches: dict[str, TeacherCache] | None = None) -> tuple[Any, int, int]:
-    """The Distiller for ``tasks`` with the stage config's loss and optimizer, its total steps and steps per epoch."""
-    from compressor.distill.trainer import batches_for, distiller_for
-
-    cfg: DistillStage = ctx.stage
-    batches = batches_for(ctx.data, tasks, tokenizer, ctx.recipe.model.max_length, cfg, seed)
-    steps_per_epoch = steps_per_epoch or cfg.steps_per_epoch or batches.steps_per_epoch()
-    total = total or cfg.steps or cfg.epochs * steps_per_epoch
-    distiller = distiller_for(student, teacher, batches, cfg, total_steps=total, layer_map=layer_map, device=device,
-                              teacher_cache=teacher_cache,
-                              teachers={t: m for t, m in (teachers or {}).items() if t in tasks},
-                              teacher_caches={t: c for t, c in (teacher_caches or {}).items() if t in tasks})
-    return distiller, total, steps_per_epoch
-
-
-def _score_epoch(ctx: StageContext, student: MultiTaskModel, tokenizer: Any, dev_tasks: list[str],
-                 teacher_dev: dict[str, float], entry: dict[str, Any]) -> float:
-    """Put the student's dev metrics and retention into the epoch's ``entry``; returns the mean retention."""
-    cfg: DistillStage = ctx.stage
-    dev = dev_metrics(student, tokenizer, ctx.data, dev_tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
-    retention = {t: student.tasks[t].metric.retention(dev[t], teacher_dev[t]) for t in dev_tasks}
-    mean = sum(retention.values()) / len(retention)
-    entry.update(dev=dev, retention=retention, mean_retention=mean)
-    return mean
+    options = train_options(cfg, epochs=cfg.epochs, max_steps=total or cfg.steps,
+                            steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
+                            early_stopping_patience=cfg.early_stopping_patience, keep_best=cfg.keep_best,
+                            eval_batch_size=cfg.eval_batch_size)
+    torch.manual_seed(seed)
+    result, student, _ = train_job(ctx, options, label or cfg.name, subdir, lambda: (student, tokenizer),
+                                   objective=objective, score=score if dev_tasks else None, seed=seed)
+    history = [{k: v for k, v in h.items() if k not in ("task_weights", "stopped")} for h in result.history]
+    for h in history:  # steps: done by the end of the epoch; task_steps: the epoch's steps per task
+        h["task_steps"], h["steps"], h["loss"] = h.pop("steps"), h.pop("steps_done"), h.pop("loss_parts", {})
+    task_steps = {t: sum(h["task_steps"].get(t, 0) for h in history) for t in tasks}
+    best = (result.best_score, result.best_epoch) if dev_tasks and result.best_epoch else None
+    last_n = history[-1]["steps"] - (history[-2]["steps"] if len(history) > 1 else 0) if history else 0
+    planned = options.max_steps or result.steps_per_epoch * cfg.epochs
+    return student, {"history": history, "best": best, "total": planned,
+                     "stopped_early": bool(cfg.early_stopping_patience) and result.optimizer_steps < planned,
+                     "device": result.device, "mixed_precision": result.mixed_precision,
+                     "steps_per_epoch": result.steps_per_epoch, "steps_done": result.optimizer_steps,
+                     "task_steps": task_steps, "loss_first": history[0]["loss"] if history else {},
+                     "loss_last": history[-1]["loss"] if history else {}, "last_n": last_n}
 
 
 def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
@@ -292,7 +249,7 @@ def _earlier_kept_layers(ctx: StageContext, num_layers: int) -> list[int] | None
 # ---- single-task students ----------------------------------------------------------------------------------
 def single_task_students(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, tasks: list[str],
                          layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
-                         device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
+                         seed: int, run_: dict[str, Any], outputs: dict[str, Any],
                          notes: list[str], teacher_cache: Any = None,
                          teachers: dict[str, MultiTaskModel] | None = None,
                          teacher_caches: dict[str, TeacherCache] | None = None) -> None:
@@ -304,13 +261,13 @@ def single_task_students(ctx: StageContext, student: Any, teacher: Any, tokenize
         notes.append(f"{cfg.name}: single_task_students skipped: the student has one task, so it is its own "
                      "single-task student")
     for t in tasks if len(tasks) > 1 else []:
-        _single_task_student(ctx, student, teacher, tokenizer, t, layer_map, kept, teacher_dev, device, seed, run_,
+        _single_task_student(ctx, student, teacher, tokenizer, t, layer_map, kept, teacher_dev, seed, run_,
                              outputs, notes, teacher_cache, teachers, teacher_caches)
 
 
 def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenizer: Any, t: str,
                          layer_map: dict[int, int], kept: list[int] | None, teacher_dev: dict[str, float],
-                         device: Any, seed: int, run_: dict[str, Any], outputs: dict[str, Any],
+                         seed: int, run_: dict[str, Any], outputs: dict[str, Any],
                          notes: list[str], teacher_cache: Any = None,
                          teachers: dict[str, MultiTaskModel] | None = None,
                          teacher_caches: dict[str, TeacherCache] | None = None) -> None:
@@ -330,11 +287,11 @@ def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenize
         notes.append(f"{cfg.name}: single-task student of {t} skipped: the multi-head student took no "
                      f"step on {', '.join(names)}")
         return
-    s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
-                     {n: v for n, v in teacher_dev.items() if n in names}, device, seed,
-                     total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}",
-                     teacher_cache=teacher_cache, teachers=teachers, teacher_caches=teacher_caches)
     subdir = f"single-{t}"
+    single, s_run = _distill(ctx, single, teacher, tokenizer, names, layer_map,
+                             {n: v for n, v in teacher_dev.items() if n in names}, seed,
+                             total=steps, steps_per_epoch=per_epoch, label=f"{cfg.name} single:{t}", subdir=subdir,
+                             teacher_cache=teacher_cache, teachers=teachers, teacher_caches=teacher_caches)
     s_saved = ctx.out_dir / subdir
     save_model(single, tokenizer, s_saved, recipe.model.max_length,
                extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
@@ -353,32 +310,3 @@ def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenize
                  f"{single.num_parameters():,} parameters, saved as {subdir}/")
     if s_run["best"] is not None:
         notes.append(_retention_note(cfg, f"{cfg.name} single:{t}", s_run))
-
-
-class _Progress:
-    """A rich progress bar showing the running loss parts."""
-
-    def __init__(self, description: str, total: int):
-        self.description, self.total = description, total
-        self.bar = None
-        self.sums: dict[str, float] = {}
-
-    def __enter__(self) -> _Progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[losses]}"), transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.description, total=self.total, losses="")
-        return self
-
-    def update(self, step: int, task: str, parts: dict[str, float]) -> None:
-        # exponential moving average: per-batch losses jump between tasks
-        self.sums = {k: v if k not in self.sums else 0.95 * self.sums[k] + 0.05 * v for k, v in parts.items()}
-        shown = " ".join(f"{k}={v:.3f}" for k, v in self.sums.items() if k == "loss" or v)
-        self.bar.update(self.task, completed=step, losses=shown)
-
-    def __exit__(self, *exc: Any) -> bool:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False

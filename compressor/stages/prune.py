@@ -178,35 +178,40 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     plus ``steps``, ``budget``, ``reached``, ``retention`` / ``dev`` (of the kept weights), ``kept_at`` and
     ``checks`` (every check: steps, dev, retention).
     """
-    from compressor.distill.trainer import batches_for, distiller_for
+    from compressor.distill.objective import recovery_engine
     from compressor.model.student import default_layer_map
 
     rc = cfg.recovery
-    batches = batches_for(ctx.data, list(model.tasks), tokenizer, ctx.recipe.model.max_length, rc, seed)
     layer_map = default_layer_map(len(encoder_layers(model.encoder)), len(encoder_layers(teacher.encoder)), kept)
-    budget = _recovery_budget(cfg, batches)
-    distiller = distiller_for(model, teacher, batches, rc, total_steps=budget, layer_map=layer_map,
-                              teacher_cache=teacher_cache)
+    budget = _recovery_budget(ctx, cfg, model, tokenizer)
+    engine = recovery_engine(model, teacher, tokenizer, ctx.data, rc, steps=budget, seed=seed, layer_map=layer_map,
+                             teacher_cache=teacher_cache, label=f"{cfg.name} recovery")
     if cfg.recovery_until is None:
-        parts = distiller.run(budget)
+        parts = engine.run(budget).means()
         model.eval()
         return parts
     assert reference is not None
-    return _recover_until(ctx, cfg, model, tokenizer, distiller, budget, reference)
+    return _recover_until(ctx, cfg, model, tokenizer, engine, budget, reference)
 
 
-def _recovery_budget(cfg: PruneStage, batches: Any) -> int:
-    """Distillation steps per pruning step: ``recovery_steps``, or ``recovery_until``'s max_steps / max_epochs."""
+def _recovery_budget(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any) -> int:
+    """Distillation steps per pruning step: ``recovery_steps``, or ``recovery_until``'s max_steps / max_epochs
+    (epochs as the training engine counts them under the recovery's sampling)."""
+    from compressor.distill.objective import train_options
+    from compressor.train.steps import epoch_steps
+
     ru = cfg.recovery_until
     if ru is None:
         return cfg.recovery_steps
     limits = [ru.max_steps] if ru.max_steps else []
     if ru.max_epochs:
-        limits.append(max(1, round(ru.max_epochs * batches.steps_per_epoch())))
+        sizes = {t: len(ctx.data.encoded(t, "train", tokenizer, ctx.recipe.model.max_length, train=True).features)
+                 for t in model.tasks}
+        limits.append(max(1, round(ru.max_epochs * epoch_steps(train_options(cfg.recovery), sizes))))
     return min(limits)
 
 
-def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, distiller: Any,
+def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, engine: Any,
                    budget: int, reference: dict[str, float]) -> dict[str, Any]:
     """Distil in ``eval_every``-step runs until every task is within the tolerance of ``reference`` or the
     budget is spent; loads the best check's weights. Returns what :func:`_recover` documents."""
@@ -218,7 +223,7 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
     def check() -> dict[str, Any]:
         dev = dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
         retention = {t: model.tasks[t].metric.retention(dev[t], reference[t]) for t in tasks}
-        return {"steps": distiller.steps_done, "dev": dev, "retention": retention}
+        return {"steps": engine.steps_done, "dev": dev, "retention": retention}
 
     def score(c: dict[str, Any]) -> tuple[float, float]:
         r = list(c["retention"].values())
@@ -228,9 +233,9 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
     checks = [check()]
     best, best_state = checks[0], _state(model)
     sums: dict[str, float] = {}
-    while score(checks[-1])[0] < floor - 1e-12 and distiller.steps_done < budget:
-        n = min(ru.eval_every, budget - distiller.steps_done)
-        means = distiller.run(n)
+    while score(checks[-1])[0] < floor - 1e-12 and engine.steps_done < budget:
+        n = min(ru.eval_every, budget - engine.steps_done)
+        means = engine.run(n).means()
         sums = {k: sums.get(k, 0.0) + v * n for k, v in means.items()}
         checks.append(check())
         if score(checks[-1]) > score(best):
@@ -238,7 +243,7 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
     if best is not checks[-1]:
         model.load_state_dict(best_state)
     model.eval()
-    done = distiller.steps_done
+    done = engine.steps_done
     parts = {k: v / done for k, v in sums.items()} if done else {}
     return {**parts, "steps": done, "budget": budget, "tolerance": ru.tolerance,
             "reached": score(best)[0] >= floor - 1e-12, "kept_at": best["steps"], "dev": best["dev"],

@@ -11,7 +11,7 @@ from compressor.recipe import TrainStage
 from compressor.report.evaluate import evaluate_rows
 from compressor.stages import StageContext, StageResult
 from compressor.tasks import build_task, with_required
-from compressor.train.loop import TrainResult, clear_checkpoint, train_model
+from compressor.train.loop import Objective, Scorer, TrainResult, clear_checkpoint, train_model
 from compressor.train.options import TrainOptions
 
 
@@ -87,10 +87,15 @@ def _fresh_model(ctx: StageContext, task_names: list[str]) -> tuple[MultiTaskMod
 
 
 def train_job(ctx: StageContext, cfg: TrainOptions, label: str, subdir: str,
-              build: Callable[[], tuple[MultiTaskModel, Any]]) -> tuple[TrainResult, MultiTaskModel, Any]:
+              build: Callable[[], tuple[MultiTaskModel, Any]], *,
+              objective: Callable[[MultiTaskModel], Objective] | None = None, score: Scorer | None = None,
+              seed: int | None = None) -> tuple[TrainResult, MultiTaskModel, Any]:
     """Train the model ``build()`` makes on all its tasks with the engine, resumable: epoch checkpoints under the
-    stage's checkpoint directory, and a finished job (``<subdir>/done``) is reloaded instead of retrained."""
+    stage's checkpoint directory, and a finished job (``<subdir>/done``) is reloaded instead of retrained.
+    ``objective(model)``: what the steps minimise instead of the task loss (distillation); ``score``: how epochs
+    rank (:func:`~compressor.train.loop.train_model`); ``seed``: default the recipe's."""
     recipe = ctx.recipe
+    seed = recipe.seed if seed is None else seed
     checkpoint_dir = ctx.checkpoint_dir / subdir if ctx.checkpoint_dir else None
     done = checkpoint_dir / "done" if checkpoint_dir else None
     if ctx.resume and done is not None and done.is_dir():
@@ -100,10 +105,11 @@ def train_job(ctx: StageContext, cfg: TrainOptions, label: str, subdir: str,
     # seeded before anything random is built (the heads' initial weights), so a recipe and seed give one result
     from accelerate.utils import set_seed
 
-    set_seed(recipe.seed)
+    set_seed(seed)
     model, tokenizer = build()
-    result = train_model(model, tokenizer, ctx.data, cfg, seed=recipe.seed, checkpoint_dir=checkpoint_dir,
-                         resume=ctx.resume, label=label)
+    result = train_model(model, tokenizer, ctx.data, cfg, seed=seed, checkpoint_dir=checkpoint_dir,
+                         resume=ctx.resume, label=label, objective=objective(model) if objective else None,
+                         score=score)
     if done is not None:
         from dataclasses import asdict
 

@@ -18,6 +18,7 @@ from compressor.train.weighting import LossWeighter
 
 CHECKPOINT = "last"
 BEST_HEADS = "best-heads.safetensors"  # each task's head from its own best dev epoch
+OBJECTIVE = "objective.safetensors"  # the training objective's own parameters, when it has some
 
 
 def clear_checkpoint(checkpoint_dir: Path | None) -> None:
@@ -27,7 +28,8 @@ def clear_checkpoint(checkpoint_dir: Path | None) -> None:
 
 def save_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, optimizer, scheduler,
                     sampler, streams: Mapping[str, BatchStream], state: dict, improved: bool,
-                    best_heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+                    best_heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                    extra: torch.nn.Module | None = None) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,9 @@ def save_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, o
             save_file(heads, str(tmp / BEST_HEADS))
         save_file({k: v.detach().cpu() for k, v in weighter.state_dict().items()} or {"_": torch.zeros(0)},
                   str(tmp / "weighter.safetensors"))
+        if extra is not None:  # the objective's own parameters (e.g. distillation's projections)
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.state_dict().items()} or {"_": torch.zeros(0)},
+                      str(tmp / OBJECTIVE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         trainer = {**state, "sampler": sampler.state_dict(),
@@ -53,10 +58,12 @@ def save_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, o
 
 
 def load_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, optimizer, scheduler,
-                    sampler, streams: Mapping[str, BatchStream]) -> dict:
+                    sampler, streams: Mapping[str, BatchStream], extra: torch.nn.Module | None = None) -> dict:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    if extra is not None:
+        extra.load_state_dict({k: v for k, v in load_file(str(path / OBJECTIVE)).items() if k != "_"}, strict=True)
     wstate = {k: v for k, v in load_file(str(path / "weighter.safetensors")).items() if k != "_"}
     weighter.load_state_dict(wstate, strict=True)
     opt = torch.load(path / "optimizer.pt", weights_only=True)

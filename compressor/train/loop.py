@@ -32,13 +32,17 @@ from compressor.train.checkpoint import (CHECKPOINT, clear_checkpoint, load_best
                                          save_checkpoint)
 from compressor.train.options import TrainOptions
 from compressor.train.pcgrad import group_draws, project_conflicts
-from compressor.train.pieces import ProgressBar, StepModule, build_optimizer, configure, fmt, schedule
+from compressor.train.pieces import (INDEX_KEY, Objective, ProgressBar, StepModule, build_optimizer, configure, fmt,
+                                     schedule)
 from compressor.train.selection import head_state, select_heads
 from compressor.train.steps import epoch_steps, make_sampler, rank_slice, stop_tasks, task_quotas
 from compressor.train.weighting import LossWeighter
 
-__all__ = ["CHECKPOINT", "TrainResult", "clear_checkpoint", "dev_score", "epoch_steps", "make_sampler",
-           "task_quotas", "train_model"]
+__all__ = ["CHECKPOINT", "Engine", "Objective", "Ran", "Scorer", "TrainResult", "build_engine", "clear_checkpoint",
+           "dev_score", "epoch_steps", "make_sampler", "task_quotas", "train_model"]
+
+# ranks epochs: (model, dev metric per task) -> (the score, higher is better; fields for the epoch's record)
+Scorer = Callable[[MultiTaskModel, dict[str, float]], tuple[float, dict[str, Any]]]
 
 
 @dataclass
@@ -54,6 +58,7 @@ class TrainResult:
     final_lr: float = 0.0
     examples_per_s: float | None = None  # training examples per second of training (evaluation excluded)
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the epoch its head came from
+    steps_per_epoch: int = 0  # schedule steps of a full epoch (before any task stopped early)
 
 
 def dev_score(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: list[str], max_length: int,
@@ -68,8 +73,27 @@ def dev_score(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: lis
 
 
 @dataclass
-class _Loop:
-    """What a training run holds from epoch to epoch."""
+class Ran:
+    """What :meth:`Engine.run` did: per-task loss sums and step counts, training examples, and (under an
+    objective) the sums of its named loss parts."""
+
+    sums: dict[str, float]
+    counts: dict[str, int]
+    examples: int
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float]:
+        """Mean ``loss`` over the steps and, under an objective, the mean of each of its parts."""
+        steps = max(1, sum(self.counts.values()))
+        return {"loss": sum(self.sums.values()) / steps, **{k: v / steps for k, v in self.parts.items()}}
+
+
+@dataclass
+class Engine:
+    """A model being trained: its optimizer, schedule, task sampler and batch streams, prepared by accelerate.
+    :meth:`run` takes a number of optimizer steps. :func:`train_model` runs it epoch by epoch (dev scores, best
+    epoch, checkpoints); the prune stage's and the search's recovery run it for steps between their own checks.
+    Build one with :func:`build_engine`."""
 
     model: MultiTaskModel
     cfg: TrainOptions
@@ -83,20 +107,83 @@ class _Loop:
     sampler: TaskSampler | QuotaSampler
     streams: dict[str, BatchStream]
     steps_per_epoch: int
+    total_steps: int
+    mixed_precision: str = "no"
     best_heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its best epoch's head
     core: MultiTaskModel = field(init=False)
     weighter: LossWeighter = field(init=False)
+    objective: Objective | None = field(init=False)
 
     def __post_init__(self) -> None:
         unwrapped = self.accelerator.unwrap_model(self.step_module)
-        self.core, self.weighter = unwrapped.model, unwrapped.weighter
+        self.core, self.weighter, self.objective = unwrapped.model, unwrapped.weighter, unwrapped.objective
 
     @property
     def tasks(self) -> list[str]:
         return list(self.features)
 
+    @property
+    def steps_done(self) -> int:
+        """Schedule steps taken (one per batch drawn)."""
+        return int(self.scheduler.last_epoch)
+
     def checkpoint_parts(self) -> tuple:
         return self.core, self.weighter, self.optimizer, self.scheduler, self.sampler, self.streams
+
+    def objective_module(self) -> nn.Module | None:
+        return self.objective.module if self.objective is not None else None
+
+    def run(self, n_steps: int, description: str | None = None) -> Ran:
+        """``n_steps`` optimizer steps (fewer if the schedule ends first); the model is left in train mode."""
+        n_steps = min(n_steps, self.total_steps - self.steps_done)
+        cfg, accelerator, tasks = self.cfg, self.accelerator, self.tasks
+        world, rank = accelerator.num_processes, accelerator.process_index
+        self.step_module.train()
+        ran = Ran({t: 0.0 for t in tasks}, {t: 0 for t in tasks}, 0)
+        pcgrad = cfg.loss_weighting.strategy == "pcgrad"
+        index = self.objective is not None and self.objective.wants_index
+        step, carried = 0, None
+        with ProgressBar(accelerator, description or self.label, n_steps) as (bar, bar_task):
+            while step < n_steps:
+                task, carried = carried or next(self.sampler), None
+                group = [task]
+                if pcgrad:  # one optimizer step per run of different tasks (compressor.train.pcgrad)
+                    group, carried = group_draws(task, self.sampler, min(len(tasks), n_steps - step))
+                batches = []
+                for t in group:
+                    idx = rank_slice(self.streams[t].next(), rank, world)
+                    ran.examples += len(idx) * world
+                    batch = self.core.tasks[t].collate([self.features[t][i] for i in idx])
+                    if index:
+                        batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)
+                    batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
+                for t, (value, parts) in _step(self, batches, step).items():
+                    ran.sums[t] += value
+                    ran.counts[t] += 1
+                    for k, v in (parts or {}).items():
+                        ran.parts[k] = ran.parts.get(k, 0.0) + v
+                before, step = step, step + len(group)
+                if bar is not None:
+                    shown = " ".join(f"{t}={ran.sums[t] / ran.counts[t]:.3f}" for t in tasks if ran.counts[t])
+                    bar.update(bar_task, advance=len(group), losses=shown)
+                    every = max(1, n_steps // 5)
+                    if not bar.console.is_terminal and step // every > before // every:
+                        self.log(f"[{self.label}] {description or 'step'} {step}/{n_steps} loss {shown}")
+        return ran
+
+
+def build_engine(model: MultiTaskModel, tokenizer: Any, data: DataStore, cfg: TrainOptions, *, seed: int,
+                 label: str = "model", log: Callable[[str], None] | None = None,
+                 objective: Objective | None = None) -> Engine:
+    """The :class:`Engine` that trains ``model`` on all of its tasks' training data with ``cfg``: the task loss,
+    or ``objective`` (e.g. distillation). The schedule spans ``cfg.max_steps`` or ``cfg.epochs`` epochs."""
+    accelerator, mixed = _accelerator(model, cfg, label)
+    features = _train_features(model, tokenizer, data)
+    engine = _assemble(model, cfg, label, log or say, accelerator, features, seed, objective)
+    engine.mixed_precision = mixed
+    if objective is not None:
+        objective.prepare(features, {t: model.tasks[t].collate for t in features}, accelerator)
+    return engine
 
 
 def train_model(
@@ -110,8 +197,13 @@ def train_model(
     resume: bool = False,
     label: str = "model",
     log: Callable[[str], None] | None = None,
+    objective: Objective | None = None,
+    score: Scorer | None = None,
 ) -> TrainResult:
     """Train ``model`` on all of its tasks in place; on return it holds the best-dev-epoch weights.
+
+    ``objective``: what a step minimises instead of the task loss (e.g. distillation); ``score``: how an epoch's
+    dev metrics rank epochs instead of their mean (e.g. the mean retention of a teacher's dev metrics).
 
     ``cfg.batch_size`` is the global batch: with N processes (``accelerate launch``) each takes
     ``batch_size / N`` examples of the same batch, so the optimizer steps, the schedule and the result do not
@@ -122,44 +214,48 @@ def train_model(
     log = log or say
     started = time.perf_counter()
     set_seed(seed)
-    accelerator, mixed = _accelerator(model, cfg, label)
-    features = _train_features(model, tokenizer, data)
-    loop = _assemble(model, cfg, label, log, accelerator, features, seed)
+    loop = build_engine(model, tokenizer, data, cfg, seed=seed, label=label, log=log, objective=objective)
+    accelerator = loop.accelerator
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
                              "task_best": {}, "task_bad": {}, "task_best_epoch": {}, "train_s": 0.0, "train_examples": 0}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt is not None and (ckpt / "trainer.json").is_file():
-        state = {**state, **load_checkpoint(ckpt, *loop.checkpoint_parts())}
+        state = {**state, **load_checkpoint(ckpt, *loop.checkpoint_parts(), extra=loop.objective_module())}
         loop.best_heads = load_best_heads(ckpt, list(state["task_best_epoch"]))
         log(f"[{label}] resumed after epoch {state['epoch']}")
 
     best_state: dict[str, torch.Tensor] | None = None
     patience = cfg.early_stopping_patience or math.inf
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    epochs = -(-loop.total_steps // loop.steps_per_epoch) if cfg.max_steps else cfg.epochs
+    for epoch in range(state["epoch"] + 1, epochs + 1):
         if state["bad_epochs"] >= patience:
             break
         n_steps = loop.sampler.epoch_steps() if isinstance(loop.sampler, QuotaSampler) else loop.steps_per_epoch
-        if n_steps == 0:
+        n_steps = min(n_steps, loop.total_steps - loop.steps_done)
+        if n_steps <= 0:
             break
         tic = time.perf_counter()
-        sums, counts, examples = _run_epoch(loop, epoch, n_steps)
+        ran = loop.run(n_steps, f"epoch {epoch}/{epochs}")
         state["train_s"] += time.perf_counter() - tic
-        state["train_examples"] += examples
-        improved = _close_epoch(loop, tokenizer, data, state, epoch, (sums, counts, examples, tic), patience)
+        state["train_examples"] += ran.examples
+        improved = _close_epoch(loop, tokenizer, data, state, epoch, ran, tic, score)
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in loop.core.state_dict().items()}
         if ckpt is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved, best_heads=loop.best_heads)
+            save_checkpoint(ckpt, *loop.checkpoint_parts(), state, improved, best_heads=loop.best_heads,
+                            extra=loop.objective_module())
         accelerator.wait_for_everyone()
-    _restore_best(loop.core, best_state, ckpt)
-    selection = _select(loop, tokenizer, data, state)
+    if cfg.keep_best:
+        _restore_best(loop.core, best_state, ckpt)
+    loop.core.eval()
+    selection = _select(loop, tokenizer, data, state) if cfg.keep_best else {}
     return TrainResult(
         epochs_run=state["epoch"], best_epoch=state["best_epoch"], best_score=state["best_score"],
         history=state["history"], wall_s=time.perf_counter() - started, device=str(accelerator.device),
-        mixed_precision=mixed, optimizer_steps=int(loop.scheduler.last_epoch),
+        mixed_precision=loop.mixed_precision, optimizer_steps=loop.steps_done,
         final_lr=float(loop.scheduler.get_last_lr()[0]),
         examples_per_s=round(state["train_examples"] / state["train_s"], 2) if state["train_s"] else None,
-        selection=selection,
+        selection=selection, steps_per_epoch=loop.steps_per_epoch,
     )
 
 
@@ -200,76 +296,44 @@ def _train_features(model: MultiTaskModel, tokenizer: Any, data: DataStore) -> d
 
 
 def _assemble(model: MultiTaskModel, cfg: TrainOptions, label: str, log: Callable[[str], None], accelerator: Any,
-              features: dict[str, list[Any]], seed: int) -> _Loop:
+              features: dict[str, list[Any]], seed: int, objective: Objective | None = None) -> Engine:
     """Freezing, optimizer, batch streams, task sampler and schedule, prepared by the accelerator."""
     configure(model, cfg)
     weighter = LossWeighter(list(model.tasks), cfg.loss_weighting.strategy, cfg.loss_weighting.weights)
-    optimizer = build_optimizer(model, weighter, cfg)
+    if objective is not None and objective.module is not None:
+        objective.module.to(accelerator.device)
+    optimizer = build_optimizer(model, weighter, cfg, objective.module if objective is not None else None)
     # every process draws the same global batches (same seeds) and keeps its own slice of each
     streams = {t: BatchStream(len(f), cfg.batch_size, seed=seed + i, lengths=[len(x["input_ids"]) for x in f])
                for i, (t, f) in enumerate(features.items())}
     sizes = {t: len(f) for t, f in features.items()}
     sampler = make_sampler(cfg, sizes, seed)
     steps_per_epoch = epoch_steps(cfg, sizes)
-    total = steps_per_epoch * cfg.epochs
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
     # not passed to accelerator.prepare: a prepared scheduler steps once per process per optimizer step
     scheduler = schedule(optimizer, math.ceil(cfg.warmup_ratio * total), total)
-    step_module, optimizer = accelerator.prepare(StepModule(model, weighter), optimizer)
-    return _Loop(model=model, cfg=cfg, label=label, log=log, accelerator=accelerator, features=features,
-                 step_module=step_module, optimizer=optimizer, scheduler=scheduler, sampler=sampler, streams=streams,
-                 steps_per_epoch=steps_per_epoch)
+    step_module, optimizer = accelerator.prepare(StepModule(model, weighter, objective), optimizer)
+    return Engine(model=model, cfg=cfg, label=label, log=log, accelerator=accelerator, features=features,
+                  step_module=step_module, optimizer=optimizer, scheduler=scheduler, sampler=sampler, streams=streams,
+                  steps_per_epoch=steps_per_epoch, total_steps=total)
 
 
-def _run_epoch(loop: _Loop, epoch: int, n_steps: int) -> tuple[dict[str, float], dict[str, int], int]:
-    """``n_steps`` optimizer steps; per-task loss sums and step counts, and the training examples seen."""
-    cfg, accelerator, tasks = loop.cfg, loop.accelerator, loop.tasks
-    world, rank = accelerator.num_processes, accelerator.process_index
-    loop.step_module.train()
-    sums = {t: 0.0 for t in tasks}
-    counts = {t: 0 for t in tasks}
-    examples = 0
-    pcgrad = cfg.loss_weighting.strategy == "pcgrad"
-    step, carried = 0, None
-    with ProgressBar(accelerator, f"{loop.label} epoch {epoch}/{cfg.epochs}", n_steps) as (bar, bar_task):
-        while step < n_steps:
-            task, carried = carried or next(loop.sampler), None
-            group = [task]
-            if pcgrad:  # one optimizer step per run of different tasks (compressor.train.pcgrad)
-                group, carried = group_draws(task, loop.sampler, min(len(tasks), n_steps - step))
-            batches = []
-            for t in group:
-                idx = rank_slice(loop.streams[t].next(), rank, world)
-                examples += len(idx) * world
-                batch = loop.core.tasks[t].collate([loop.features[t][i] for i in idx])
-                batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
-            for t, value in _step(loop, batches, epoch, step).items():
-                sums[t] += value
-                counts[t] += 1
-            before, step = step, step + len(group)
-            if bar is not None:
-                shown = " ".join(f"{t}={sums[t] / counts[t]:.3f}" for t in tasks if counts[t])
-                bar.update(bar_task, advance=len(group), losses=shown)
-                every = max(1, n_steps // 5)
-                if not bar.console.is_terminal and step // every > before // every:
-                    loop.log(f"[{loop.label}] epoch {epoch} step {step}/{n_steps} loss {shown}")
-    return sums, counts, examples
-
-
-def _step(loop: _Loop, batches: list[tuple[str, dict[str, torch.Tensor]]], epoch: int, step: int) -> dict[str, float]:
-    """One optimizer step on the batches of one or more tasks (several: PCGrad); each task's (unweighted) loss.
-    The schedule advances once per batch."""
+def _step(loop: Engine, batches: list[tuple[str, dict[str, torch.Tensor]]],
+          step: int) -> dict[str, tuple[float, dict[str, float] | None]]:
+    """One optimizer step on the batches of one or more tasks (several: PCGrad); each task's (unweighted) loss and,
+    under an objective, its named parts. The schedule advances once per batch."""
     cfg, accelerator = loop.cfg, loop.accelerator
     shared = [p for p in loop.core.encoder.parameters() if p.requires_grad] if len(batches) > 1 else []
     values, grads = {}, []
     for task, batch in batches:
         with accelerator.autocast():
-            loss, total_loss = loop.step_module(task, batch)
-        values[task] = float(loss.detach())
-        if not math.isfinite(values[task]):
+            loss, total_loss, parts = loop.step_module(task, batch)
+        value = float(loss.detach())
+        values[task] = (value, {k: float(v) for k, v in parts.items()} if parts is not None else None)
+        if not math.isfinite(value):
             raise TrainingError(
-                f"[{loop.label}] task '{task}': the loss is {values[task]} at epoch {epoch} step {step + 1}; "
-                f"training diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good "
-                "checkpoint is kept")
+                f"[{loop.label}] task '{task}': the loss is {value} at step {loop.steps_done + 1}; training "
+                f"diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good checkpoint is kept")
         accelerator.backward(total_loss)
         if shared:  # keep this task's encoder gradient apart; heads keep accumulating their own
             grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -277,7 +341,7 @@ def _step(loop: _Loop, batches: list[tuple[str, dict[str, torch.Tensor]]], epoch
             for p in shared:
                 p.grad = None
     if grads:
-        summed = project_conflicts(grads, random.Random(f"{epoch}:{step}"))
+        summed = project_conflicts(grads, random.Random(loop.steps_done))
         offset = 0
         for p in shared:
             p.grad = summed[offset: offset + p.numel()].view_as(p).to(p.dtype)
@@ -291,10 +355,10 @@ def _step(loop: _Loop, batches: list[tuple[str, dict[str, torch.Tensor]]], epoch
     return values
 
 
-def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any], epoch: int,
-                 ran: tuple[dict[str, float], dict[str, int], int, float], patience: float) -> bool:
+def _close_epoch(loop: Engine, tokenizer: Any, data: DataStore, state: dict[str, Any], epoch: int, ran: Ran,
+                 tic: float, score_fn: Scorer | None) -> bool:
     """Check the weights, score dev, record the epoch in ``state`` and log it; whether dev improved."""
-    sums, counts, examples, tic = ran
+    patience = loop.cfg.early_stopping_patience or math.inf
     bad = nonfinite(dict(loop.core.named_parameters()))
     if bad:
         raise TrainingError(f"[{loop.label}] weight '{bad[0]}' is not finite after epoch {epoch}; training diverged "
@@ -302,20 +366,27 @@ def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, 
     score, per_task = dev_score(loop.core, tokenizer, data, loop.tasks, data.max_length, loop.cfg.eval_batch_size)
     record = {
         "epoch": epoch,
-        "train_loss": {t: sums[t] / counts[t] for t in loop.tasks if counts[t]},
-        "steps": dict(counts),
+        "train_loss": {t: ran.sums[t] / ran.counts[t] for t in loop.tasks if ran.counts[t]},
+        "steps": dict(ran.counts),
+        "steps_done": loop.steps_done,
         "lr": loop.scheduler.get_last_lr()[0],
         "dev": per_task,
         "dev_mean": score,
         "task_weights": loop.weighter.current(),
-        "examples_per_s": round(examples / max(time.perf_counter() - tic, 1e-9), 2),
+        "examples_per_s": round(ran.examples / max(time.perf_counter() - tic, 1e-9), 2),
     }
+    if ran.parts:
+        record["loss_parts"] = {k: v for k, v in ran.means().items()}
+    if score_fn is not None and per_task:
+        score, extra = score_fn(loop.core, per_task)
+        record.update(extra)
     improved = score is None or state["best_score"] is None or score > state["best_score"]
     if improved:
         state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
     else:
         state["bad_epochs"] += 1
-    record["stopped"] = stop_tasks(loop.sampler, state, per_task, loop.model, patience)
+    record["stopped"] = stop_tasks(loop.sampler, state, per_task, loop.model,
+                                   patience if loop.cfg.per_task_stopping else math.inf)
     for task in per_task:
         if state["task_bad"].get(task) == 0:  # this epoch is the task's best so far: keep its head
             state["task_best_epoch"][task] = epoch
@@ -328,7 +399,7 @@ def _close_epoch(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, 
     return improved
 
 
-def _select(loop: _Loop, tokenizer: Any, data: DataStore, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _select(loop: Engine, tokenizer: Any, data: DataStore, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-task head selection (``cfg.head_selection``) on the restored best-mean-epoch model."""
     best_epoch = state["best_epoch"]
     if not best_epoch or not state["history"]:

@@ -74,7 +74,12 @@ class TrainOptions(_Options):
     sampling: Sampling = Sampling()
     loss_weighting: LossWeighting = LossWeighting()
     early_stopping_patience: int | None = Field(None, gt=0)
+    per_task_stopping: bool = Field(True, description="under sampling strategy passes, a task whose dev metric has "
+                                    "not improved for early_stopping_patience epochs stops taking steps")
     steps_per_epoch: int | None = Field(None, gt=0, description="default: one pass over all tasks' training batches")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps in all, overriding epochs (the last "
+                                  "epoch is cut short); the schedule spans them")
+    keep_best: bool = Field(True, description="end with the weights of the best dev epoch (else of the last)")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast: auto = on CUDA only; bf16 = also on a CPU that computes bf16 natively "
         "(AVX512-BF16, AMX, Arm BF16), fp32 with a warning on one that does not (emulated bf16 is many times "

@@ -3,7 +3,8 @@ parameter groups, the schedule and the progress bar."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -15,18 +16,58 @@ from compressor.train.options import TrainOptions
 from compressor.train.weighting import LossWeighter
 
 
-class StepModule(nn.Module):
-    """Model + loss weighter as one module, so DDP syncs the learned task weights with the model."""
+INDEX_KEY = "feature_index"  # under an objective that wants it: the batch tensor of each row's feature index
 
-    def __init__(self, model: MultiTaskModel, weighter: LossWeighter):
+
+class Objective(Protocol):
+    """What a training step minimises, when it is not the task loss: e.g. knowledge distillation
+    (:class:`compressor.distill.objective.Distillation`).
+
+    ``module``: trainable parameters of the objective itself (e.g. hidden-state projections), trained, synced
+    across processes and checkpointed with the model; None when it has none. ``wants_index``: batches carry
+    the indices of their features (key ``feature_index``), e.g. for a cache of the teacher's outputs.
+    ``prepare`` runs once before the first step, with every task's training features and the run's accelerate
+    ``Accelerator`` (its device, autocast and processes). ``__call__`` returns the named, detached parts of the
+    loss on one batch plus ``loss`` (to back-propagate).
+    """
+
+    module: nn.Module | None
+    wants_index: bool
+
+    def prepare(self, features: Mapping[str, list[Any]], collate: Mapping[str, Callable[..., Any]],
+                accelerator: Any) -> None: ...
+
+    def __call__(self, model: MultiTaskModel, task: str,
+                 batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class StepModule(nn.Module):
+    """Model + loss weighter (+ the objective's own parameters) as one module, so DDP syncs them together.
+
+    ``forward`` returns the task's loss (for the logs), the loss to back-propagate and, under an objective, its
+    named parts (detached) for the logs."""
+
+    def __init__(self, model: MultiTaskModel, weighter: LossWeighter, objective: Objective | None = None):
         super().__init__()
         self.model = model
         self.weighter = weighter
+        if objective is not None and objective.module is not None:
+            self.objective_module = objective.module
+        self._objective = [objective]  # a plain list: the objective (its teachers) is not part of this module
 
-    def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def objective(self) -> Objective | None:
+        return self._objective[0]
+
+    def forward(self, task: str, batch: Mapping[str, torch.Tensor],
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.objective is not None:
+            parts = self.objective(self.model, task, batch)
+            loss = parts["loss"]
+            return loss.detach(), self.weighter.weighted(task, loss), {k: v for k, v in parts.items() if k != "loss"}
         out = self.model.forward_batch(task, batch)
         loss = self.model.tasks[task].loss(out.outputs, batch)
-        return loss, self.weighter.weighted(task, loss)
+        return loss, self.weighter.weighted(task, loss), None
 
 
 _DROPOUT_ATTRS = ("dropout_prob", "attention_dropout")  # float rates HF attention passes to SDPA / eager kernels
@@ -59,9 +100,13 @@ def configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
                 p.requires_grad_(False)
 
 
-def build_optimizer(model: MultiTaskModel, weighter: LossWeighter, cfg: TrainOptions) -> torch.optim.Optimizer:
+def build_optimizer(model: MultiTaskModel, weighter: LossWeighter, cfg: TrainOptions,
+                    extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW (or SGD): the encoder at ``lr``, the heads at ``head_lr``, no weight decay on biases and LayerNorms;
+    ``extra`` (an objective's own parameters) at ``lr``."""
     decay, no_decay, head_decay, head_no_decay = [], [], [], []
-    for name, p in model.named_parameters():
+    named = list(model.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
+    for name, p in named:
         if not p.requires_grad:
             continue
         plain = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name

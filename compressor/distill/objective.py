@@ -1,0 +1,102 @@
+"""Distillation as an objective of the training engine (:mod:`compressor.train.loop`): the student learns from
+its teacher(s) with the loss of :mod:`compressor.distill.losses`, on the engine's batches, optimizer, schedule,
+precision, processes and checkpoints.
+
+The distill stage trains with it epoch by epoch (``train_model(..., objective=Distillation(...))``); the prune
+stage's and the search's recovery take steps with it between their own checks (:func:`recovery_engine`)::
+
+    objective = Distillation(student, teacher, kd_config(opts), layer_map=..., teacher_cache=cache)
+    engine = build_engine(student, tokenizer, data, train_options(opts, max_steps=200), seed=0, objective=objective)
+    engine.run(200).means()   # {"loss": ..., "task": ..., "kd_logits": ..., "kd_hidden": ..., "kd_attention": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from compressor.distill.cache import TeacherCache
+from compressor.distill.losses import DistillLoss, KDConfig
+from compressor.model.multitask import MultiTaskModel
+from compressor.train.loop import Engine, build_engine
+from compressor.train.options import LossWeighting, TrainOptions
+
+
+class Distillation:
+    """The engine's objective of knowledge distillation: ``student`` learns task t from ``teachers[t]`` (default
+    ``teacher``), with the loss weights of ``config``; teachers are frozen and read under no_grad, from their
+    caches where a cache is given (filled once, by the main process first, in :meth:`prepare`).
+
+    Raises:
+        RecipeError: a layer map naming a layer that does not exist, a teacher without one of the student's tasks.
+    """
+
+    def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel, config: KDConfig, *,
+                 layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None,
+                 teachers: Mapping[str, MultiTaskModel] | None = None,
+                 teacher_caches: Mapping[str, TeacherCache] | None = None):
+        self.teacher = teacher.eval()
+        self.teachers = {t: m.eval() for t, m in (teachers or {}).items() if t in student.tasks}
+        self.loss = DistillLoss(student, teacher, config, layer_map, teacher_cache, self.teachers,
+                                {t: c for t, c in (teacher_caches or {}).items() if t in student.tasks})
+        self.module = self.loss  # its hidden-state projections train with the student
+        self.wants_index = config.alpha < 1 and any(self.loss.cache_for(t) is not None for t in student.tasks)
+
+    def teacher_of(self, task: str) -> MultiTaskModel:
+        return self.teachers.get(task, self.teacher)
+
+    def prepare(self, features: Mapping[str, list[Any]], collate: Mapping[str, Callable[..., Any]],
+                accelerator: Any) -> None:
+        """Teachers onto the training device; each teacher's cache filled with the features of its tasks."""
+        device = accelerator.device
+        for model in {id(m): m for m in (self.teacher, *self.teachers.values())}.values():
+            model.to(device)
+        if not self.wants_index:
+            return
+        by_cache: dict[int, tuple[TeacherCache, MultiTaskModel, list[str]]] = {}
+        for task in features:
+            cache = self.loss.cache_for(task)
+            if cache is not None:
+                by_cache.setdefault(id(cache), (cache, self.teacher_of(task), []))[2].append(task)
+        with accelerator.main_process_first():  # one process computes; the others read what it wrote
+            for cache, teacher, tasks in by_cache.values():
+                cache.prepare(teacher, {t: features[t] for t in tasks}, collate, self.loss.needs(), device,
+                              accelerator.autocast)
+
+    def __call__(self, model: MultiTaskModel, task: str, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.loss(model, self.teacher_of(task), task, batch)
+
+
+# ---- from the recipe's options (the distill stage, prune recovery and search recovery share them) -------------
+def kd_config(opts: Any) -> KDConfig:
+    """The loss weights of a :class:`~compressor.recipe.DistillOptions`."""
+    return KDConfig(alpha=opts.alpha, temperature=opts.temperature, logits=opts.weights.logits,
+                    hidden=opts.weights.hidden, attention=opts.weights.attention, relation_heads=opts.relation_heads)
+
+
+def train_options(opts: Any, **overrides: Any) -> TrainOptions:
+    """The engine options of a :class:`~compressor.recipe.DistillOptions` (distill stage, prune or search
+    recovery): its batch size, optimizer, schedule, sampling, precision and dropout; heads learn at the
+    encoder's rate (they start from the teacher's, not from scratch), task losses are not re-weighted, every
+    task keeps taking steps to the end, and the best epoch is kept whole (``head_selection: best_mean``). ``overrides``: epochs, max_steps, steps_per_epoch,
+    early_stopping_patience, keep_best, eval_batch_size."""
+    fields = {"batch_size": opts.batch_size, "lr": opts.lr, "head_lr": opts.lr, "weight_decay": opts.weight_decay,
+              "warmup_ratio": opts.warmup_ratio, "optimizer": opts.optimizer, "momentum": opts.momentum,
+              "grad_clip": opts.grad_clip, "dropout": opts.dropout, "sampling": opts.sampling,
+              "mixed_precision": opts.mixed_precision, "loss_weighting": LossWeighting(),
+              "head_selection": "best_mean", "per_task_stopping": False, "epochs": 1}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainOptions.model_validate(fields)
+
+
+def recovery_engine(model: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, data: Any, opts: Any, *,
+                    steps: int, seed: int, layer_map: Mapping[int, int] | None = None,
+                    teacher_cache: TeacherCache | None = None, label: str = "recovery") -> Engine:
+    """An engine that distils ``model`` from ``teacher`` for ``steps`` steps in all with the options ``opts`` (a
+    ``DistillOptions``): the recovery of a pruned model. ``engine.run(n)`` takes the next ``n`` of them."""
+    objective = Distillation(model, teacher, kd_config(opts), layer_map=layer_map, teacher_cache=teacher_cache)
+    cfg = train_options(opts, max_steps=steps, steps_per_epoch=steps)
+    torch.manual_seed(seed)
+    return build_engine(model, tokenizer, data, cfg, seed=seed, label=label, objective=objective)
