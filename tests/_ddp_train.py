@@ -1,5 +1,6 @@
 """Run by tests/test_train_ddp.py under ``accelerate launch`` (1 or 2 CPU processes, gloo): trains a tiny
-multi-task model with the train loop and, on the main process, saves it and writes what the test compares."""
+multi-task model with the train loop (mode ``train``) or distils a student from it with the distillation objective
+and a teacher cache (mode ``distill``) and, on the main process, saves it and writes what the test compares."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def main(out: Path, model_path: str, data_root: str) -> None:
+def main(out: Path, model_path: str, data_root: str, mode: str = "train") -> None:
     import torch
     from accelerate import PartialState
 
@@ -38,16 +39,31 @@ def main(out: Path, model_path: str, data_root: str) -> None:
     torch.manual_seed(recipe.seed)
     tasks = {t.name: build_task(t.plugin, t.name, data.tasks[t.name].labels, t.options) for t in recipe.tasks}
     model = MultiTaskModel(encoder, tasks)
-    result = train_model(model, tokenizer, data, recipe.stages[0], seed=recipe.seed, label="ddp")
+    cache = None
+    if mode == "distill":
+        from compressor.distill.cache import TeacherCache
+        from compressor.distill.losses import KDConfig
+        from compressor.distill.objective import Distillation
+        from compressor.model.student import student_from_teacher
+
+        teacher = model.eval()
+        model = student_from_teacher(teacher, [0], heads=1)
+        cache = TeacherCache.open(out / "teacher-cache", teacher, dtype="float32")
+        objective = Distillation(model, teacher, KDConfig(alpha=0.5, hidden=1.0, attention=1.0), teacher_cache=cache)
+        result = train_model(model, tokenizer, data, recipe.stages[0], seed=recipe.seed, label="ddp-kd",
+                             objective=objective, checkpoint_dir=out / "checkpoints")
+    else:
+        result = train_model(model, tokenizer, data, recipe.stages[0], seed=recipe.seed, label="ddp")
     state = PartialState()
     if state.is_main_process:
         save_model(model, tokenizer, out / "model", 32)
         (out / "result.json").write_text(json.dumps({
             "processes": state.num_processes, "optimizer_steps": result.optimizer_steps,
             "final_lr": result.final_lr, "epochs_run": result.epochs_run,
-            "steps": [h["steps"] for h in result.history]}))
+            "steps": [h["steps"] for h in result.history],
+            "cache": cache.stats if mode == "distill" else None}))
     state.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:])
