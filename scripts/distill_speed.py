@@ -87,7 +87,6 @@ else:
     examples = engine.run(steps).examples
     wall, cpu = time.perf_counter() - tic, time.process_time() - cpu_tic
 load_after = os.getloadavg()
-examples = counted[0]
 result = {
     "mode": mode, "steps": steps, "batch_size": cfg.batch_size, "examples": examples, "wall_s": round(wall, 2),
     "examples_per_s": round(examples / wall, 2), "cpu_s": round(cpu, 2),
