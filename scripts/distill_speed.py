@@ -2,7 +2,7 @@
 commit 72fafa9) against the training engine with the distillation objective and the teacher cache
 (reports/distill-speed.*).
 
-    PYTHONPATH=<code> python scripts/distill_speed.py before|after STEPS OUT.json
+    PYTHONPATH=<code> python scripts/distill_speed.py before|after STEPS OUT.json [no|bf16]
 
 Both runs use recipes/quickstart.yaml's tasks (CoNLL04 NER, 400 training sentences; SST-2, 800; max_length 128)
 and its distill stage (student = every other layer of the teacher, alpha 0.5, T 2, logits + hidden-state KD,
@@ -31,6 +31,7 @@ from compressor.recipe import load_recipe, resolve_data_root
 from compressor.tasks import build_task
 
 mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+precision = sys.argv[4] if len(sys.argv) > 4 else "no"  # after only: bf16 where the CPU has it natively
 recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
 data = DataStore(recipe.data_options(), resolve_data_root(recipe.data_root))
 data.fit_labels()
@@ -77,7 +78,7 @@ else:
     tic, cpu_tic = time.perf_counter(), time.process_time()
     cache = TeacherCache.open(Path(tempfile.mkdtemp(prefix="distill-speed-")) / "teacher-cache", teacher)
     objective = Distillation(student, teacher, kd, layer_map=layer_map, teacher_cache=cache)
-    options = train_options(cfg, max_steps=steps + 2, mixed_precision="no")
+    options = train_options(cfg, max_steps=steps + 2, mixed_precision=precision)
     engine = build_engine(student, tokenizer, data, options, seed=recipe.seed, label="after", objective=objective)
     build_s, build_cpu_s = time.perf_counter() - tic, time.process_time() - cpu_tic
     train_features = {t: len(f) for t, f in engine.features.items()}
@@ -88,7 +89,7 @@ else:
     wall, cpu = time.perf_counter() - tic, time.process_time() - cpu_tic
 load_after = os.getloadavg()
 result = {
-    "mode": mode, "steps": steps, "batch_size": cfg.batch_size, "examples": examples, "wall_s": round(wall, 2),
+    "mode": mode, "precision": precision if mode == "after" else "no", "steps": steps, "batch_size": cfg.batch_size, "examples": examples, "wall_s": round(wall, 2),
     "examples_per_s": round(examples / wall, 2), "cpu_s": round(cpu, 2),
     "examples_per_cpu_s": round(examples / cpu, 2), "cache_build_s": round(build_s, 2),
     "cache_build_cpu_s": round(build_cpu_s, 2),
