@@ -24,7 +24,6 @@ from typing import Any
 from compressor.errors import CompressorError, RecipeError
 from compressor.recipe import AddTaskStage
 from compressor.stages import StageContext, StageResult
-from compressor.stages._add_task_head import train_head  # the head's training; re-exported here
 
 #: real batches per existing task compared before / after
 PROBE_BATCHES = 3
@@ -50,7 +49,7 @@ def run(ctx: StageContext) -> StageResult:
     before = _outputs(model, probe)
 
     head_params, head_bytes = _add_head(ctx, cfg, model, seed)
-    history = train_head(model, tokenizer, ctx.data, cfg, max_length, seed)
+    model, history = _train_head(ctx, cfg, model, tokenizer, max_length, seed)
 
     torch_diff, onnx_diff = _check_unchanged(cfg, model, base_dir, max_length, probe, existing, before_state, before)
 
@@ -79,6 +78,28 @@ def run(ctx: StageContext) -> StageResult:
         "comparison": comparison,
     }
     return StageResult(model_dir=ctx.final_dir / "model", outputs=outputs, notes=notes)
+
+
+def _train_head(ctx: StageContext, cfg: AddTaskStage, model: Any, tokenizer: Any, max_length: int,
+                seed: int) -> tuple[Any, list[dict[str, Any]]]:
+    """Train the new head (the only parameters with ``requires_grad``) with the training engine on the task's
+    training split, the frozen encoder in eval mode (no dropout); the model ends with the head of the best dev
+    epoch (the last without a dev split). Resumable: epoch checkpoints, and a finished head is reloaded. Returns
+    the model (reloaded on resume) and the per-epoch history."""
+    from compressor.stages.train import train_job
+    from compressor.train.options import TrainOptions
+
+    options = TrainOptions(epochs=cfg.epochs, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                           eval_batch_size=cfg.eval_batch_size, lr=cfg.lr, head_lr=cfg.lr,
+                           weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                           early_stopping_patience=cfg.early_stopping_patience, head_selection="best_mean")
+    result, model, _ = train_job(ctx, options, cfg.name, "head", lambda: (model, tokenizer), seed=seed,
+                                 tasks=[cfg.task], max_length=max_length)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    history = [{"epoch": h["epoch"], "train_loss": h["train_loss"].get(cfg.task), "steps": h["steps"].get(cfg.task, 0),
+                **({"dev": h["dev"][cfg.task]} if cfg.task in h["dev"] else {})} for h in result.history]
+    return model, history
 
 
 def _check_new_task(ctx: StageContext, cfg: AddTaskStage, model: Any, base_dir: Path) -> None:

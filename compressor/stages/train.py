@@ -89,11 +89,13 @@ def _fresh_model(ctx: StageContext, task_names: list[str]) -> tuple[MultiTaskMod
 def train_job(ctx: StageContext, cfg: TrainOptions, label: str, subdir: str,
               build: Callable[[], tuple[MultiTaskModel, Any]], *,
               objective: Callable[[MultiTaskModel], Objective] | None = None, score: Scorer | None = None,
-              seed: int | None = None) -> tuple[TrainResult, MultiTaskModel, Any]:
+              seed: int | None = None, tasks: list[str] | None = None,
+              max_length: int | None = None) -> tuple[TrainResult, MultiTaskModel, Any]:
     """Train the model ``build()`` makes on all its tasks with the engine, resumable: epoch checkpoints under the
     stage's checkpoint directory, and a finished job (``<subdir>/done``) is reloaded instead of retrained.
     ``objective(model)``: what the steps minimise instead of the task loss (distillation); ``score``: how epochs
-    rank (:func:`~compressor.train.loop.train_model`); ``seed``: default the recipe's."""
+    rank, ``tasks`` which take steps, ``max_length`` of the inputs (:func:`~compressor.train.loop.train_model`);
+    ``seed``: default the recipe's."""
     recipe = ctx.recipe
     seed = recipe.seed if seed is None else seed
     checkpoint_dir = ctx.checkpoint_dir / subdir if ctx.checkpoint_dir else None
@@ -109,10 +111,11 @@ def train_job(ctx: StageContext, cfg: TrainOptions, label: str, subdir: str,
     model, tokenizer = build()
     result = train_model(model, tokenizer, ctx.data, cfg, seed=seed, checkpoint_dir=checkpoint_dir,
                          resume=ctx.resume, label=label, objective=objective(model) if objective else None,
-                         score=score)
+                         score=score, tasks=tasks, max_length=max_length)
     if done is not None:
         from dataclasses import asdict
 
-        save_model(model, tokenizer, done, recipe.model.max_length, extra={"train_result": asdict(result)})
+        save_model(model, tokenizer, done, max_length or recipe.model.max_length,
+                   extra={"train_result": asdict(result)})
         clear_checkpoint(checkpoint_dir)
     return result, model, tokenizer

@@ -67,7 +67,10 @@ def load_checkpoint(path: Path, model: MultiTaskModel, weighter: LossWeighter, o
     wstate = {k: v for k, v in load_file(str(path / "weighter.safetensors")).items() if k != "_"}
     weighter.load_state_dict(wstate, strict=True)
     opt = torch.load(path / "optimizer.pt", weights_only=True)
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(opt["optimizer"])
+    for group, kernel in zip(optimizer.param_groups, kernels):  # this run's kernel choice, not the checkpoint's
+        group.update(kernel)
     scheduler.load_state_dict(opt["scheduler"])
     torch.set_rng_state(opt["torch_rng"])
     trainer = json.loads((path / "trainer.json").read_text())

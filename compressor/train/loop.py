@@ -109,6 +109,7 @@ class Engine:
     steps_per_epoch: int
     total_steps: int
     mixed_precision: str = "no"
+    max_length: int = 0  # of the encoded inputs, training and dev
     best_heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> its best epoch's head
     core: MultiTaskModel = field(init=False)
     weighter: LossWeighter = field(init=False)
@@ -139,6 +140,8 @@ class Engine:
         cfg, accelerator, tasks = self.cfg, self.accelerator, self.tasks
         world, rank = accelerator.num_processes, accelerator.process_index
         self.step_module.train()
+        if not any(p.requires_grad for p in self.core.encoder.parameters()):
+            self.core.encoder.eval()  # a frozen encoder is a feature extractor: no dropout in it
         ran = Ran({t: 0.0 for t in tasks}, {t: 0 for t in tasks}, 0)
         pcgrad = cfg.loss_weighting.strategy == "pcgrad"
         index = self.objective is not None and self.objective.wants_index
@@ -174,13 +177,16 @@ class Engine:
 
 def build_engine(model: MultiTaskModel, tokenizer: Any, data: DataStore, cfg: TrainOptions, *, seed: int,
                  label: str = "model", log: Callable[[str], None] | None = None,
-                 objective: Objective | None = None) -> Engine:
-    """The :class:`Engine` that trains ``model`` on all of its tasks' training data with ``cfg``: the task loss,
-    or ``objective`` (e.g. distillation). The schedule spans ``cfg.max_steps`` or ``cfg.epochs`` epochs."""
+                 objective: Objective | None = None, tasks: list[str] | None = None,
+                 max_length: int | None = None) -> Engine:
+    """The :class:`Engine` that trains ``model`` on its tasks' training data with ``cfg``: the task loss, or
+    ``objective`` (e.g. distillation). The schedule spans ``cfg.max_steps`` or ``cfg.epochs`` epochs. ``tasks``:
+    the tasks that take steps (default every task of the model); ``max_length``: of the encoded inputs (default
+    the data's)."""
     accelerator, mixed = _accelerator(model, cfg, label)
-    features = _train_features(model, tokenizer, data)
+    features = _train_features(model, tokenizer, data, tasks or list(model.tasks), max_length or data.max_length)
     engine = _assemble(model, cfg, label, log or say, accelerator, features, seed, objective)
-    engine.mixed_precision = mixed
+    engine.mixed_precision, engine.max_length = mixed, max_length or data.max_length
     if objective is not None:
         objective.prepare(features, {t: model.tasks[t].collate for t in features}, accelerator)
     return engine
@@ -199,11 +205,15 @@ def train_model(
     log: Callable[[str], None] | None = None,
     objective: Objective | None = None,
     score: Scorer | None = None,
+    tasks: list[str] | None = None,
+    max_length: int | None = None,
 ) -> TrainResult:
     """Train ``model`` on all of its tasks in place; on return it holds the best-dev-epoch weights.
 
     ``objective``: what a step minimises instead of the task loss (e.g. distillation); ``score``: how an epoch's
-    dev metrics rank epochs instead of their mean (e.g. the mean retention of a teacher's dev metrics).
+    dev metrics rank epochs instead of their mean (e.g. the mean retention of a teacher's dev metrics); ``tasks``:
+    the tasks that train and are scored (default all; the others' heads stay as they are); ``max_length``: of the
+    encoded inputs (default the data's).
 
     ``cfg.batch_size`` is the global batch: with N processes (``accelerate launch``) each takes
     ``batch_size / N`` examples of the same batch, so the optimizer steps, the schedule and the result do not
@@ -214,7 +224,8 @@ def train_model(
     log = log or say
     started = time.perf_counter()
     set_seed(seed)
-    loop = build_engine(model, tokenizer, data, cfg, seed=seed, label=label, log=log, objective=objective)
+    loop = build_engine(model, tokenizer, data, cfg, seed=seed, label=label, log=log, objective=objective,
+                        tasks=tasks, max_length=max_length)
     accelerator = loop.accelerator
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
                              "task_best": {}, "task_bad": {}, "task_best_epoch": {}, "train_s": 0.0, "train_examples": 0}
@@ -287,8 +298,9 @@ def _accelerator(model: MultiTaskModel, cfg: TrainOptions, label: str) -> tuple[
     return accelerator, mixed
 
 
-def _train_features(model: MultiTaskModel, tokenizer: Any, data: DataStore) -> dict[str, list[Any]]:
-    features = {t: data.encoded(t, "train", tokenizer, data.max_length, train=True).features for t in model.tasks}
+def _train_features(model: MultiTaskModel, tokenizer: Any, data: DataStore, tasks: list[str],
+                    max_length: int) -> dict[str, list[Any]]:
+    features = {t: data.encoded(t, "train", tokenizer, max_length, train=True).features for t in tasks}
     for t, f in features.items():
         if not f:
             raise DataError(data.path(t, "train"), f"task '{t}': no training features after encoding")
@@ -299,7 +311,7 @@ def _assemble(model: MultiTaskModel, cfg: TrainOptions, label: str, log: Callabl
               features: dict[str, list[Any]], seed: int, objective: Objective | None = None) -> Engine:
     """Freezing, optimizer, batch streams, task sampler and schedule, prepared by the accelerator."""
     configure(model, cfg)
-    weighter = LossWeighter(list(model.tasks), cfg.loss_weighting.strategy, cfg.loss_weighting.weights)
+    weighter = LossWeighter(list(features), cfg.loss_weighting.strategy, cfg.loss_weighting.weights)
     if objective is not None and objective.module is not None:
         objective.module.to(accelerator.device)
     optimizer = build_optimizer(model, weighter, cfg, objective.module if objective is not None else None)
@@ -363,7 +375,7 @@ def _close_epoch(loop: Engine, tokenizer: Any, data: DataStore, state: dict[str,
     if bad:
         raise TrainingError(f"[{loop.label}] weight '{bad[0]}' is not finite after epoch {epoch}; training diverged "
                             "(lower lr / head_lr); the last good checkpoint is kept")
-    score, per_task = dev_score(loop.core, tokenizer, data, loop.tasks, data.max_length, loop.cfg.eval_batch_size)
+    score, per_task = dev_score(loop.core, tokenizer, data, loop.tasks, loop.max_length, loop.cfg.eval_batch_size)
     record = {
         "epoch": epoch,
         "train_loss": {t: ran.sums[t] / ran.counts[t] for t in loop.tasks if ran.counts[t]},
@@ -410,7 +422,7 @@ def _select(loop: Engine, tokenizer: Any, data: DataStore, state: dict[str, Any]
     best = {t: (state["task_best_epoch"][t], loop.best_heads.get(t, {})) for t in state["task_best_epoch"]}
 
     def score(tasks: list[str]) -> dict[str, float]:
-        return dev_metrics(loop.core, tokenizer, data, tasks, data.max_length, loop.cfg.eval_batch_size)
+        return dev_metrics(loop.core, tokenizer, data, tasks, loop.max_length, loop.cfg.eval_batch_size)
 
     chosen = select_heads(loop.core, best_epoch, encoder_dev, best, score)
     moved = {t: c["head_epoch"] for t, c in chosen.items() if c["head_epoch"] != best_epoch}
