@@ -225,7 +225,7 @@ def _run_stages(recipe: Recipe, run: RunDir, state: dict[str, Any], data, report
 def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: bool = False) -> dict[str, Any]:
     """Run one stage into its partial directory, check its models, move it into place; its ``state.json``
     record (with its fingerprint). An OS error (disk full, permissions) fails the stage naming the path."""
-    from compressor.resume import check_checkpoint_fingerprint, write_checkpoint_fingerprint
+    from compressor.resume import check_checkpoint_fingerprint, stage_defaults, write_checkpoint_fingerprint
 
     stage, out_dir, final_dir = ctx.stage, ctx.out_dir, ctx.final_dir
     started = time.perf_counter()
@@ -233,7 +233,7 @@ def _run_stage(ctx: StageContext, print_: dict[str, Any] | None = None, rerun: b
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         if print_ is not None and ctx.resume and check_checkpoint_fingerprint(ctx.checkpoint_dir, stage.name,
-                                                                              print_, rerun):
+                                                                              print_, rerun, stage_defaults(stage)):
             shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # written under other settings: start afresh
     except OSError as exc:
         raise stage_os_error(exc, stage.name, out_dir) from None

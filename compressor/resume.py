@@ -80,9 +80,36 @@ def _no_abs_path(value: Any) -> Any:
     return f"{portable(value)} (path sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]})"
 
 
-def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """The fields whose values differ (or that one side lacks), sorted."""
-    return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+def stage_defaults(stage: Any) -> dict[str, Any]:
+    """Every field of ``stage`` that has a default, flattened as :func:`stage_fields` flattens the stage."""
+    out: dict[str, Any] = {}
+    _defaults(type(stage), f"stages.{stage.name}", out)
+    return out
+
+
+def _defaults(cls: Any, prefix: str, out: dict[str, Any]) -> None:
+    from pydantic import BaseModel
+
+    for name, info in cls.model_fields.items():
+        if name == "name" or info.is_required():
+            continue
+        default = info.get_default(call_default_factory=True)
+        _flat(f"{prefix}.{name}", default.model_dump(mode="json") if isinstance(default, BaseModel) else default, out)
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any],
+                   defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """The fields whose values differ (or that one side lacks), sorted. A field one side lacks and the other holds
+    at its default (``defaults``: an option a newer version added, left as it was) is no change."""
+    defaults = defaults or {}
+
+    def differs(k: str) -> bool:
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        if a is _MISSING or b is _MISSING:
+            return (b if a is _MISSING else a) != defaults.get(k, _MISSING)
+        return a != b
+
+    return sorted(k for k in set(old) | set(new) if differs(k))
 
 
 _MISSING = object()
@@ -119,7 +146,7 @@ def plan_resume(state_path: Path, completed: Mapping[str, Mapping[str, Any]], st
         old = completed[stage.name].get("fingerprint")
         if not isinstance(old, Mapping):
             continue
-        fields = changed_fields(old, prints[i])
+        fields = changed_fields(old, prints[i], stage_defaults(stage))
         if not fields:
             continue
         changes = describe_changes(old, prints[i], fields)
@@ -132,7 +159,7 @@ def plan_resume(state_path: Path, completed: Mapping[str, Mapping[str, Any]], st
 
 
 def check_checkpoint_fingerprint(checkpoint_dir: Path | None, stage: str, print_: Mapping[str, Any],
-                                 rerun: bool) -> bool:
+                                 rerun: bool, defaults: Mapping[str, Any] | None = None) -> bool:
     """Before a stage continues from its checkpoints: were they written under the same fingerprint? A change is
     refused unless ``rerun`` (then returns True: the caller discards the checkpoints)."""
     if checkpoint_dir is None:
@@ -146,7 +173,7 @@ def check_checkpoint_fingerprint(checkpoint_dir: Path | None, stage: str, print_
         old = {}
     if not isinstance(old, Mapping):
         old = {}
-    fields = changed_fields(old, print_)
+    fields = changed_fields(old, print_, defaults)
     if not fields:
         return False
     if not rerun:

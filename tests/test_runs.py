@@ -106,6 +106,19 @@ def test_fields_that_change_no_completed_stage_do_not_block_resume(model_dir, tm
     assert (out / "recipe.yaml").read_text() == recipe.read_text()  # the recipe as run from now on
 
 
+def test_an_option_a_newer_version_added_at_its_default_is_no_change_but_a_set_one_is():
+    from compressor.recipe import TrainStage
+    from compressor.resume import changed_fields, stage_defaults, stage_fields
+
+    stage = TrainStage.model_validate({"kind": "train", "name": "teacher", "epochs": 2})
+    new = stage_fields(stage)
+    old = {k: v for k, v in new.items() if k != "stages.teacher.keep_best"}  # written before the field existed
+    assert changed_fields(old, new, stage_defaults(stage)) == []
+    assert changed_fields(old, new) == ["stages.teacher.keep_best"]  # without the defaults: refused as before
+    kept_last = stage_fields(stage.model_copy(update={"keep_best": False}))
+    assert changed_fields(old, kept_last, stage_defaults(stage)) == ["stages.teacher.keep_best"]
+
+
 def test_rerun_from_changed_runs_again_from_the_first_affected_stage_and_the_report_says_what_ran(model_dir, tmp_path):
     out = tmp_path / "out"
     assert invoke("run", two_loads(tmp_path, model_dir), "--out", out).exit_code == 0
