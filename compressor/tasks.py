@@ -216,6 +216,16 @@ class TaskPlugin(ABC):
     ) -> dict[str, DistillTarget]:
         """The logits distillation compares between teacher and student, with their masks."""
 
+    def transfer_targets(
+        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, DistillTarget] | None:
+        """The logits to distil this head on a batch of *another* task (``transfer`` in a distillation): the
+        head's ``outputs`` on that batch, which holds only the shared inputs (``input_ids``, ``attention_mask``,
+        ``token_type_ids``) and none of this task's labels or extra inputs. A sentence classifier can be taught
+        on any sentence and a token tagger on any tokens; ``None`` (the default) says this head needs inputs of
+        its own (e.g. a question with its context, or candidate pairs) and cannot be."""
+        return None
+
     # ---- predictions --------------------------------------------------------------------------------------
     @abstractmethod
     def decode(

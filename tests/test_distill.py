@@ -13,7 +13,7 @@ from test_student import make_teacher
 
 from compressor.data.store import DataStore
 from compressor.distill.losses import (
-    DistillLoss, KDConfig, capture_qkv, hidden_mse, kl_last_dim, pick_relation_heads, relation_kl,
+    PARTS, DistillLoss, KDConfig, capture_qkv, hidden_mse, kl_last_dim, pick_relation_heads, relation_kl,
     relation_log_probs,
 )
 from compressor.errors import RecipeError
@@ -196,7 +196,7 @@ def test_distillation_on_the_engine_lowers_every_kd_term(store, tokenizer, kind)
     before = evaluate_parts(objective.loss, student, teacher, batches)
     for _ in range(30):
         parts = engine.run(1).means()
-        assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+        assert set(parts) == set(PARTS)
     assert engine.steps_done == 30
     after = evaluate_parts(objective.loss, student, teacher, batches)
 
@@ -222,11 +222,84 @@ def test_loss_is_alpha_blend_of_the_named_parts(store, tokenizer):
     parts = loss(student, teacher, task, batch)
     kd = 0.5 * parts["kd_logits"] + 2.0 * parts["kd_hidden"] + 0.25 * parts["kd_attention"]
     torch.testing.assert_close(parts["loss"].detach(), 0.3 * parts["task"] + 0.7 * kd)
-    assert parts["loss"].requires_grad and all(float(parts[k].detach()) > 0 for k in parts)
+    assert parts["loss"].requires_grad and all(float(parts[k].detach()) > 0 for k in parts if k != "kd_transfer")
+    assert float(parts["kd_transfer"]) == 0.0  # no transfer asked
     # the task part is the plugin's own loss
     with torch.no_grad():
         expected_task = student.tasks[task].loss(student.forward_batch(task, batch).outputs, batch)
     torch.testing.assert_close(parts["task"], expected_task)
+
+
+def test_transfer_distils_a_head_on_another_tasks_inputs_against_its_teacher(store, tokenizer):
+    from compressor.distill.losses import logits_kd
+    from compressor.tasks import DistillTarget
+
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=2, heads=2)
+    config = KDConfig(alpha=0.0, logits=1.0, transfer={"sst": ("ner",)}, transfer_weight=0.5)
+    loss = DistillLoss(student, teacher, config)
+    assert loss.transfer_heads == {"ner": ["sst"]}
+    student.eval()
+    batches = dict(itertools.islice(fixed_batches(store, tokenizer), 2))
+    ner = batches["ner"]
+    parts = loss(student, teacher, "ner", ner)
+    with torch.no_grad():  # by hand: the sst heads of both models on the NER sentences
+        inputs = {k: ner[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in ner}
+        s = student.heads["sst"](student.encoder(**inputs).last_hidden_state, ner["attention_mask"])["logits"]
+        t = teacher.heads["sst"](teacher.encoder(**inputs).last_hidden_state, ner["attention_mask"])["logits"]
+        expected = logits_kd({"logits": DistillTarget(s)}, {"logits": DistillTarget(t)}, 2.0)
+    torch.testing.assert_close(parts["kd_transfer"], expected)
+    assert float(expected) > 0
+    torch.testing.assert_close(parts["loss"].detach(), parts["kd_logits"] + 0.5 * parts["kd_transfer"])
+    assert float(loss(student, teacher, "sst", batches["sst"])["kd_transfer"]) == 0.0  # nothing taught on sst
+
+    # "all": every other task's inputs; a student equal to its teacher has nothing to learn from them
+    import copy
+
+    same = copy.deepcopy(teacher)
+    both = DistillLoss(same, teacher, KDConfig(alpha=0.0, transfer={"sst": "all", "ner": "all"}))
+    assert both.transfer_heads == {"ner": ["sst"], "sst": ["ner"]}
+    assert float(both(same, teacher, "sst", batches["sst"])["kd_transfer"]) < 1e-6
+
+
+def test_transfer_refuses_a_head_that_needs_inputs_of_its_own_and_unknown_tasks(store):
+    from compressor.tasks import TaskPlugin
+
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=1)
+    with pytest.raises(RecipeError, match="transfer.sst: the student has no task 'qa'"):
+        DistillLoss(student, teacher, KDConfig(transfer={"sst": ("qa",)}))
+    plugin = student.tasks["sst"]
+    own_inputs = type("PairsOnly", (type(plugin),), {"transfer_targets": TaskPlugin.transfer_targets})
+    plugin.__class__ = own_inputs
+    with pytest.raises(RecipeError, match="transfer.sst: task 'sst' .*PairsOnly.* cannot be taught on other tasks"):
+        DistillLoss(student, teacher, KDConfig(transfer={"sst": "all"}))
+
+
+def test_a_recipe_naming_an_unknown_task_or_the_head_itself_in_transfer_is_refused():
+    base = tiny_recipe().model_dump(mode="json")
+    for transfer, message in (({"sst": ["trec"]}, "transfer.sst names task 'trec'"),
+                              ({"sst": ["sst"]}, "transfer.sst lists 'sst' itself")):
+        spec = {**base, "stages": [{"kind": "train"}, {"kind": "distill", "steps": 4, "transfer": transfer}]}
+        with pytest.raises(ValueError, match=message):
+            Recipe.model_validate(spec)
+
+
+def test_transfer_on_the_engine_lowers_kd_transfer(store, tokenizer):
+    torch.manual_seed(0)
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=[1, 3], heads=4)
+    config = KDConfig(alpha=0.0, logits=0.0, transfer={"sst": ("ner",)})  # the sst head learns from NER inputs only
+    engine, objective = kd_engine(student, teacher, store, tokenizer, config, 20, lr=2e-3)
+    ner = dict(itertools.islice(fixed_batches(store, tokenizer), 2))["ner"]
+    student.eval()
+    with torch.no_grad():
+        before = float(objective.loss(student, teacher, "ner", ner)["kd_transfer"])
+    engine.run(20)
+    student.eval()
+    with torch.no_grad():
+        after = float(objective.loss(student, teacher, "ner", ner)["kd_transfer"])
+    assert before > 0 and after < 0.75 * before, (before, after)
 
 
 def test_distill_loss_rejects_a_layer_map_naming_a_missing_layer(store):
@@ -249,7 +322,7 @@ def test_recovery_engine_takes_its_steps_in_chunks_and_trains_in_place(store, to
     assert first.counts == {"ner": 2, "sst": 1} and first.examples == 12  # round robin, batches of 4
     parts = engine.run(10).means()  # only what the schedule has left
     assert engine.steps_done == 5 and engine.scheduler.get_last_lr()[0] == 0.0
-    assert set(parts) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+    assert set(parts) == set(PARTS)
     assert parts["kd_hidden"] == 0.0 and parts["kd_logits"] > 0 and parts["task"] > 0
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
@@ -290,7 +363,7 @@ def test_distill_stage_saves_evaluates_and_reports_the_student(store, tokenizer,
     assert manifest["distilled_by"]["teacher_layers"] == [1, 3]
     assert result.outputs["teacher_layers"] == [1, 3] and result.outputs["steps"] == 6
     assert result.outputs["params"] == student.num_parameters() < result.outputs["teacher_params"]
-    assert set(result.outputs["loss_last"]) == {"loss", "task", "kd_logits", "kd_hidden", "kd_attention"}
+    assert set(result.outputs["loss_last"]) == set(PARTS)
     rows = ctx.reporter.rows
     assert {(r["model"], r["task"], r["split"]) for r in rows} == {
         ("small", t, s) for t in ("ner", "sst") for s in ("dev", "test")}

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from compressor.model.multitask import ModelOutput, MultiTaskModel
 from compressor.model.student import check_layer_map, default_layer_map
 from compressor.tasks import DistillTarget
 
-PARTS = ("loss", "task", "kd_logits", "kd_hidden", "kd_attention")
+PARTS = ("loss", "task", "kd_logits", "kd_hidden", "kd_attention", "kd_transfer")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class KDConfig:
         relation_heads: relation heads of the MiniLM-v2 transfer (where head counts differ); default: the
             student's head count if it divides the teacher's width, else the teacher's if it divides the
             student's, else gcd of both head counts.
+        transfer: head -> the tasks whose batches also teach it (or ``"all"``: every other task), through its
+            plugin's ``transfer_targets`` on those inputs (``kd_transfer``).
+        transfer_weight: weight of ``kd_transfer``.
     """
 
     alpha: float = 0.5
@@ -57,13 +61,15 @@ class KDConfig:
     hidden: float = 0.0
     attention: float = 0.0
     relation_heads: int | None = None
+    transfer: Mapping[str, tuple[str, ...] | str] = field(default_factory=dict)
+    transfer_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"distillation alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise RecipeError(f"distillation temperature must be > 0, got {self.temperature}")
-        if min(self.logits, self.hidden, self.attention) < 0:
+        if min(self.logits, self.hidden, self.attention, self.transfer_weight) < 0:
             raise RecipeError("distillation weights must be >= 0")
 
 
@@ -224,6 +230,9 @@ class DistillLoss(nn.Module):
         missing = sorted(t for t in student.tasks if t not in teachers.get(t, teacher).tasks)
         if missing:
             raise RecipeError(f"distillation: the teacher has no task '{missing[0]}' (teacher tasks: {sorted(teacher.tasks)})")
+        self.transfer_heads = _transfer_heads(student, config.transfer)  # input task -> heads taught on it
+        # each taught head's teacher (a plain dict: the teachers are no part of this module's parameters)
+        self.transfer_teachers = {h: teachers.get(h, teacher) for hs in self.transfer_heads.values() for h in hs}
         s_w, t_w = student.config.hidden_size, teacher.config.hidden_size
         self.projections = nn.ModuleDict()
         if s_w != t_w and config.hidden > 0:
@@ -243,14 +252,17 @@ class DistillLoss(nn.Module):
         need_teacher = want_logits or want_hidden or want_attention
         s_layers = sorted(self.layer_map) if want_attention else []
         t_layers = sorted(set(self.layer_map.values())) if want_attention else []
+        taught = self.transfer_heads.get(task, []) if kd_weight > 0 and cfg.transfer_weight > 0 else []
 
         with capture_qkv(student, s_layers) as s_qkv:
-            s_out = student.forward_batch(task, batch, output_hidden_states=want_hidden)
+            s_out = student.forward_batch(task, batch, output_hidden_states=want_hidden or bool(taught))
         plugin = student.tasks[task]
         task_loss = plugin.loss(s_out.outputs, batch).float() if cfg.alpha > 0 else None
         zero = torch.zeros((), device=batch["input_ids"].device)
         parts = {"task": task_loss if task_loss is not None else zero, "kd_logits": zero, "kd_hidden": zero,
-                 "kd_attention": zero}
+                 "kd_attention": zero, "kd_transfer": zero}
+        if taught:
+            parts["kd_transfer"] = self._transfer(student, batch, s_out.hidden_states[-1], taught)
 
         if need_teacher:
             if teacher.training:
@@ -269,13 +281,35 @@ class DistillLoss(nn.Module):
                 parts.update(self._kd_terms(student, teacher, task, batch, s_out, t_out, s_qkv, t_qkv, mask,
                                             want_logits, want_hidden, want_attention))
 
-        kd = cfg.logits * parts["kd_logits"] + cfg.hidden * parts["kd_hidden"] + cfg.attention * parts["kd_attention"]
+        kd = (cfg.logits * parts["kd_logits"] + cfg.hidden * parts["kd_hidden"] + cfg.attention * parts["kd_attention"]
+              + cfg.transfer_weight * parts["kd_transfer"])
         total = kd_weight * kd
         if task_loss is not None:
             total = total + cfg.alpha * task_loss
         out = {k: v.detach() for k, v in parts.items()}
         out["loss"] = total
         return out
+
+    def _transfer(self, student: MultiTaskModel, batch: Mapping[str, torch.Tensor], s_last: torch.Tensor,
+                  heads: list[str]) -> torch.Tensor:
+        """``kd_transfer``: the mean logits KL of ``heads`` on this batch of another task, each head against its
+        own teacher's head on the same inputs (the teacher's encoder runs on the fly: its cache holds each
+        task's own outputs only)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        mask = batch["attention_mask"]
+        encoded: dict[int, torch.Tensor] = {}
+        terms = []
+        for head in heads:
+            teacher = self.transfer_teachers[head]
+            with torch.no_grad():
+                if id(teacher) not in encoded:
+                    encoded[id(teacher)] = teacher.encoder(**inputs, return_dict=True).last_hidden_state
+                t_out = teacher.heads[head](encoded[id(teacher)], mask)
+            s_out = student.heads[head](s_last, mask)
+            with torch.autocast(mask.device.type, enabled=False):
+                terms.append(logits_kd(student.tasks[head].transfer_targets(s_out, batch),
+                                       teacher.tasks[head].transfer_targets(t_out, batch), self.config.temperature))
+        return torch.stack(terms).mean()
 
     def cache_for(self, task: str) -> TeacherCache | None:
         """The teacher cache of ``task``'s teacher (None: its teacher runs on every batch)."""
@@ -320,3 +354,27 @@ class DistillLoss(nn.Module):
             if terms:
                 parts["kd_attention"] = torch.stack(terms).mean()
         return parts
+
+
+def _transfer_heads(student: MultiTaskModel, transfer: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``transfer`` (head -> the tasks whose inputs teach it, or ``"all"``) turned around: input task -> the
+    heads taught on its batches. Raises RecipeError for a task the student lacks or a head whose plugin cannot be
+    taught on other tasks' inputs."""
+    from compressor.tasks import TaskPlugin
+
+    out: dict[str, list[str]] = {}
+    for head, sources in transfer.items():
+        if head not in student.tasks:
+            raise RecipeError(f"transfer.{head}: the student has no task '{head}' (tasks: {', '.join(student.tasks)})")
+        plugin = student.tasks[head]
+        if type(plugin).transfer_targets is TaskPlugin.transfer_targets:
+            raise RecipeError(f"transfer.{head}: task '{head}' (plugin {type(plugin).__name__}) cannot be taught on "
+                              "other tasks' inputs: its plugin defines no transfer_targets (it needs inputs of its "
+                              "own, e.g. a question with a context, or candidate pairs)")
+        for source in ([t for t in student.tasks if t != head] if sources == "all" else sources):
+            if source not in student.tasks:
+                raise RecipeError(f"transfer.{head}: the student has no task '{source}' "
+                                  f"(tasks: {', '.join(student.tasks)})")
+            if source != head:
+                out.setdefault(source, []).append(head)
+    return out

@@ -73,7 +73,9 @@ class Distillation:
 def kd_config(opts: Any) -> KDConfig:
     """The loss weights of a :class:`~compressor.recipe.DistillOptions`."""
     return KDConfig(alpha=opts.alpha, temperature=opts.temperature, logits=opts.weights.logits,
-                    hidden=opts.weights.hidden, attention=opts.weights.attention, relation_heads=opts.relation_heads)
+                    hidden=opts.weights.hidden, attention=opts.weights.attention, relation_heads=opts.relation_heads,
+                    transfer={h: tuple(t) if t != "all" else "all" for h, t in opts.transfer.items()},
+                    transfer_weight=opts.weights.transfer)
 
 
 def train_options(opts: Any, **overrides: Any) -> TrainOptions:

@@ -77,6 +77,16 @@ class Recipe(Strict):
                 if task not in names:
                     raise ValueError(f"stage '{stage.name}': sampling.passes names task '{task}', which the recipe "
                                      f"does not have (tasks: {', '.join(names)})")
+            for options in (stage, getattr(stage, "recovery", None)):
+                for head, sources in (getattr(options, "transfer", None) or {}).items():
+                    field = f"stage '{stage.name}': transfer.{head}"
+                    unknown = [t for t in [head, *([] if sources == "all" else sources)] if t not in names]
+                    if unknown:
+                        raise ValueError(f"{field} names task '{unknown[0]}', which the recipe does not have "
+                                         f"(tasks: {', '.join(names)})")
+                    if sources != "all" and head in sources:
+                        raise ValueError(f"{field} lists '{head}' itself: its own inputs teach it anyway; list the "
+                                         "other tasks whose inputs should")
         return self
 
     @model_validator(mode="after")

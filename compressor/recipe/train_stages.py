@@ -88,6 +88,8 @@ class DistillWeights(Strict):
     logits: float = Field(1.0, ge=0)
     hidden: float = Field(0.0, ge=0)
     attention: float = Field(0.0, ge=0)
+    transfer: float = Field(1.0, ge=0, description="weight of kd_transfer: heads distilled on other tasks' inputs "
+                            "(see transfer)")
 
 
 class LoadStage(Strict):
@@ -122,6 +124,10 @@ class DistillOptions(Strict):
     temperature: float = Field(2.0, gt=0)
     weights: DistillWeights = DistillWeights()
     relation_heads: int | None = Field(None, gt=0, description="MiniLM relation heads where head counts differ")
+    transfer: dict[str, list[str] | Literal["all"]] = Field(
+        default_factory=dict, description="head -> the tasks whose training inputs also teach it, or all: on each "
+        "batch of such a task the head is distilled from its teacher's soft labels (no gold labels needed; "
+        "kd_transfer). Heads that read any text (classification, NER) can; QA and relations need inputs of their own")
     batch_size: int = Field(16, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)

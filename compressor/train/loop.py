@@ -346,7 +346,8 @@ def _step(loop: Engine, batches: list[tuple[str, dict[str, torch.Tensor]]],
             raise TrainingError(
                 f"[{loop.label}] task '{task}': the loss is {value} at step {loop.steps_done + 1}; training "
                 f"diverged (is lr {cfg.lr:g} / head_lr {cfg.head_lr:g} too high?); the last good checkpoint is kept")
-        accelerator.backward(total_loss)
+        if total_loss.requires_grad:  # an objective may have nothing to learn on a batch (all its terms off)
+            accelerator.backward(total_loss)
         if shared:  # keep this task's encoder gradient apart; heads keep accumulating their own
             grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                     for p in shared]).float())

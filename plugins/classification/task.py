@@ -121,6 +121,11 @@ class ClassificationTask(TaskPlugin):
     ) -> dict[str, DistillTarget]:
         return {"logits": DistillTarget(outputs["logits"])}
 
+    def transfer_targets(
+        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, DistillTarget]:
+        return {"logits": DistillTarget(outputs["logits"])}  # any text is a sentence to classify
+
     # ---- predictions --------------------------------------------------------------------------------------
     def decode(
         self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], features: Sequence[dict[str, Any]]

@@ -125,6 +125,19 @@ class NerTask(TaskPlugin):
     ) -> dict[str, DistillTarget]:
         return {"logits": DistillTarget(outputs["logits"], mask=batch["labels"] != IGNORE)}
 
+    def transfer_targets(
+        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> dict[str, DistillTarget]:
+        """Every real token of another task's input but the first and the last ([CLS] and [SEP] in BERT-style
+        inputs), sub-words included: there are no word starts to pick without this task's own encoding."""
+        import torch
+
+        mask = batch["attention_mask"].bool().clone()
+        mask[:, 0] = False
+        last = mask.long().sum(dim=1).clamp(min=1)  # the last real token's position (padding is on the right)
+        mask[torch.arange(mask.shape[0], device=mask.device), last] = False
+        return {"logits": DistillTarget(outputs["logits"], mask=mask)}
+
     # ---- predictions --------------------------------------------------------------------------------------
     def decode(
         self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], features: Sequence[dict[str, Any]]
