@@ -177,17 +177,9 @@ class CandidateBuilder:
 
     def torch_dev(self, model: MultiTaskModel, tokenizer: Any) -> dict[str, float]:
         """Every task's primary dev metric with PyTorch."""
-        from compressor.model.forward import torch_forward
+        from compressor.model.forward import dev_metrics
 
-        forward = torch_forward(model)
-        model.eval()
-        out = {}
-        for t in self.tasks:
-            plugin = model.tasks[t]
-            encoded = self.data.encoded(t, "dev", tokenizer, self.max_length)
-            metrics, _ = plugin.evaluate(forward, encoded, self.data.examples(t, "dev"), self.stage.eval_batch_size)
-            out[t] = float(metrics[plugin.metric.name])
-        return out
+        return dev_metrics(model, tokenizer, self.data, self.tasks, self.max_length, self.stage.eval_batch_size)
 
     def measure(self, model: MultiTaskModel, tokenizer: Any, int8: str, workdir: Path | None = None,
                 keep: Path | None = None) -> Measured:
