@@ -133,7 +133,9 @@ def _notes(cfg: DistillStage, run_: dict[str, Any], origin: str, n_s: int, param
         f"{cfg.name}: {run_['steps_done']} of {run_['total']} steps on {run_['device']}"
         f"{' (bf16)' if run_['mixed_precision'] == 'bf16' else ''}; layer map {layer_map}; "
         f"alpha {cfg.alpha}, T {cfg.temperature}, weights logits={cfg.weights.logits} hidden={cfg.weights.hidden} "
-        f"attention={cfg.weights.attention}",
+        f"attention={cfg.weights.attention}"
+        + (f" transfer={cfg.weights.transfer} ({', '.join(f'{h} on {t}' for h, t in cfg.transfer.items())})"
+           if cfg.transfer else ""),
         f"{cfg.name}: mean loss parts over the last {run_['last_n']} steps: {fmt}",
     ]
     if run_["best"] is not None:

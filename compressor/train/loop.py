@@ -146,7 +146,7 @@ class Engine:
         pcgrad = cfg.loss_weighting.strategy == "pcgrad"
         index = self.objective is not None and self.objective.wants_index
         step, carried = 0, None
-        with ProgressBar(accelerator, description or self.label, n_steps) as (bar, bar_task):
+        with ProgressBar(accelerator, f"{self.label} {description or 'steps'}", n_steps) as (bar, bar_task):
             while step < n_steps:
                 task, carried = carried or next(self.sampler), None
                 group = [task]
@@ -160,7 +160,7 @@ class Engine:
                     if index:
                         batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)
                     batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
-                for t, (value, parts) in _step(self, batches, step).items():
+                for t, (value, parts) in _step(self, batches).items():
                     ran.sums[t] += value
                     ran.counts[t] += 1
                     for k, v in (parts or {}).items():
@@ -273,6 +273,7 @@ def train_model(
 def _accelerator(model: MultiTaskModel, cfg: TrainOptions, label: str) -> tuple[Any, str]:
     """The accelerator (bf16 autocast: on CUDA under ``auto``, anywhere under ``bf16``) and its precision."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
@@ -281,8 +282,6 @@ def _accelerator(model: MultiTaskModel, cfg: TrainOptions, label: str) -> tuple[
     note = precision_note(cfg.mixed_precision, device)
     if note:
         say(f"[{label}] {note}")
-    from accelerate.state import AcceleratorState
-
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
         # accelerate keeps one precision per process; a later stage of the same run may ask for another (the
         # process group, in PartialState, is kept)
@@ -331,7 +330,7 @@ def _assemble(model: MultiTaskModel, cfg: TrainOptions, label: str, log: Callabl
 
 
 def _step(loop: Engine, batches: list[tuple[str, dict[str, torch.Tensor]]],
-          step: int) -> dict[str, tuple[float, dict[str, float] | None]]:
+          ) -> dict[str, tuple[float, dict[str, float] | None]]:
     """One optimizer step on the batches of one or more tasks (several: PCGrad); each task's (unweighted) loss and,
     under an objective, its named parts. The schedule advances once per batch."""
     cfg, accelerator = loop.cfg, loop.accelerator
