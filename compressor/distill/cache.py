@@ -7,7 +7,8 @@ term compares, in fp16 by default) in shard files, and answers later batches fro
 steps, search trials and a resumed run read the teacher instead of running it::
 
     cache = TeacherCache.open(run_dir / "teacher-cache", teacher, max_mb=2048)
-    distiller = Distiller(student, teacher, batches, kd, total_steps=1000, teacher_cache=cache)
+    objective = Distillation(student, teacher, kd, teacher_cache=cache)   # compressor.distill.objective
+    train_model(student, tokenizer, data, options, seed=0, objective=objective)  # the engine fills it first
 
 Keys: a cache directory belongs to one teacher (a SHA-256 of its weights, head layout and labels, see
 :func:`teacher_fingerprint`); below it one folder per set of cached parts (which hidden states and Q/K/V
@@ -38,9 +39,9 @@ import torch
 
 from compressor.errors import RecipeError
 from compressor.model.multitask import ModelOutput, MultiTaskModel
+from compressor.train.pieces import INDEX_KEY  # the engine puts it into batches (re-exported here)
 
 MANIFEST = "teacher.json"
-from compressor.train.pieces import INDEX_KEY  # noqa: E402  (the engine puts it into batches: re-exported here)
 PAD_LOGIT = -1e4  # head outputs past a stored row: padding positions, given no mass (as QA's head masks them)
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
