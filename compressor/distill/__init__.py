@@ -1,1 +1,2 @@
-"""Knowledge distillation: losses (``losses``) and a multi-task distillation loop (``trainer``)."""
+"""Knowledge distillation: the losses (``losses``), the objective the training engine trains with
+(``objective``), the teacher-output cache (``cache``) and per-task teachers (``teachers``)."""
