@@ -513,3 +513,82 @@ def test_recovery_without_dropout_leaves_a_student_equal_to_its_teacher_where_it
         assert max(abs(x) for x in losses) < 1e-6 and moved < 1e-6, (losses, moved)
     else:
         assert min(losses) > 1e-3 and moved > 1e-4, (losses, moved)
+
+
+# ---- unlabeled text as a transfer source ----------------------------------------------------------------------
+def test_unlabeled_text_teaches_the_heads_that_name_it_one_batch_a_step_in_a_fixed_order(store, tokenizer, tmp_path):
+    from compressor.distill.objective import Distillation, unlabeled_features
+    from compressor.recipe import DistillOptions
+
+    (tmp_path / "reviews.txt").write_text("a fine film .\n\n  \nthe plot is thin .\nJohn Smith lives in Paris .\n"
+                                          "dull .\nwhat a ride !\n")
+    opts = DistillOptions(unlabeled={"reviews": {"path": str(tmp_path / "reviews.txt"), "limit": 4}},
+                          transfer={"sst": ["reviews"]}, batch_size=3)
+    feats = unlabeled_features(opts, store, tokenizer, 32)
+    assert len(feats["reviews"]) == 4  # blank lines skipped, the first 4 texts
+    teacher = teacher_for(store)
+    student = student_from_teacher(teacher, layers=2, heads=2)
+    objective = Distillation(student, teacher, KDConfig(alpha=0.0, transfer={"sst": ("reviews",)}),
+                             unlabeled=feats, batch_size=3, seed=1)
+    assert objective.loss.transfer_heads == {"reviews": ["sst"]}
+    first = [objective._unlabeled_batch(s)[1]["input_ids"].tolist() for s in range(4)]
+    assert first == [objective._unlabeled_batch(s)[1]["input_ids"].tolist() for s in range(4)]  # a function of the step
+    seen = {tuple(x for x in row if x) for rows in first[:2] for row in rows}  # two batches of 3 cover a pass of 4
+    assert len(seen) == 4
+
+    student.eval()
+    batch = dict(itertools.islice(fixed_batches(store, tokenizer), 2))["ner"]
+    with torch.no_grad():
+        alone = float(objective(student, "ner", batch)["kd_transfer"])  # no step told yet: no unlabeled batch
+        objective.at_step(0)
+        parts = objective(student, "ner", batch)
+        _, texts = objective._unlabeled_batch(0)
+        expected = float(objective.loss.transfer_on(student, texts, ["sst"]))
+    assert alone == 0.0 and expected > 0
+    assert float(parts["kd_transfer"]) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(float(parts["kd_logits"]) + expected, rel=1e-5)
+
+
+def test_an_empty_unlabeled_file_is_named_and_a_single_task_student_keeps_its_own_transfer(store, tokenizer, tmp_path):
+    from compressor.distill.objective import Distillation, unlabeled_features
+    from compressor.errors import DataError
+    from compressor.model.multitask import keep_tasks
+    from compressor.recipe import DistillOptions
+
+    (tmp_path / "empty.txt").write_text("\n \n")
+    opts = DistillOptions(unlabeled={"x": {"path": str(tmp_path / "empty.txt")}}, transfer={"sst": ["x"]})
+    with pytest.raises(DataError, match="empty.txt.*unlabeled.x: no text"):
+        unlabeled_features(opts, store, tokenizer, 32)
+    teacher = teacher_for(store)
+    single = student_from_teacher(teacher, layers=1)
+    keep_tasks(single, ["ner"])
+    objective = Distillation(single, teacher, KDConfig(alpha=0.5, transfer={"sst": ("ner",), "ner": ("sst",)}))
+    assert objective.loss.transfer_heads == {}  # neither the sst head nor sst batches are in it
+
+
+def test_a_recipe_checks_the_unlabeled_sets_against_transfer():
+    base = tiny_recipe().model_dump(mode="json")
+    for stage, message in (
+            ({"unlabeled": {"sst": {"path": "x.txt"}}, "transfer": {"ner": ["sst"]}}, "unlabeled.sst has the name of a task"),
+            ({"unlabeled": {"web": {"path": "x.txt"}}}, "unlabeled.web is named by no transfer"),
+            ({"transfer": {"ner": ["web"]}}, "transfer.ner names task 'web'.*unlabeled sets: none")):
+        spec = {**base, "stages": [{"kind": "train"}, {"kind": "distill", "steps": 4, **stage}]}
+        with pytest.raises(ValueError, match=message):
+            Recipe.model_validate(spec)
+    ok = {**base, "stages": [{"kind": "train"}, {"kind": "distill", "steps": 4, "transfer": {"ner": ["web", "sst"]},
+                                                  "unlabeled": {"web": {"path": "x.txt"}}}]}
+    Recipe.model_validate(ok)
+
+
+def test_distill_stage_transfers_on_other_tasks_and_on_unlabeled_text_from_the_data_root(store, tokenizer, tmp_path):
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {
+        "name": "tr", "student": {"from_teacher": {"layers": 2}}, "steps": 6, "batch_size": 4, "lr": 1e-3,
+        "transfer": {"sst": ["ner", "web"], "ner": "all"}, "unlabeled": {"web": {"path": "sst.dev.txt"}},
+    }, teacher_dir=teacher_dir)  # the set's path is relative to the data root (tests/fixtures/pipeline)
+    result = run(ctx)
+    assert result.outputs["loss_last"]["kd_transfer"] > 0 and result.outputs["steps_done"] == 6
+    assert any("transfer=1.0 (sst on ['ner', 'web'], ner on all)" in n for n in result.notes)

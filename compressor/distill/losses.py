@@ -18,7 +18,7 @@ attention dropout. (Relative position scores, which BERT-family checkpoints rare
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +219,7 @@ class DistillLoss(nn.Module):
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel, config: KDConfig,
                  layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None,
                  teachers: Mapping[str, MultiTaskModel] | None = None,
-                 teacher_caches: Mapping[str, TeacherCache] | None = None):
+                 teacher_caches: Mapping[str, TeacherCache] | None = None, unlabeled: Sequence[str] = ()):
         super().__init__()
         self.config = config
         self.teacher_cache = teacher_cache
@@ -230,7 +230,8 @@ class DistillLoss(nn.Module):
         missing = sorted(t for t in student.tasks if t not in teachers.get(t, teacher).tasks)
         if missing:
             raise RecipeError(f"distillation: the teacher has no task '{missing[0]}' (teacher tasks: {sorted(teacher.tasks)})")
-        self.transfer_heads = _transfer_heads(student, config.transfer)  # input task -> heads taught on it
+        # input task (or unlabeled text set) -> the heads taught on its batches
+        self.transfer_heads = _transfer_heads(student, config.transfer, unlabeled)
         # each taught head's teacher (a plain dict: the teachers are no part of this module's parameters)
         self.transfer_teachers = {h: teachers.get(h, teacher) for hs in self.transfer_heads.values() for h in hs}
         s_w, t_w = student.config.hidden_size, teacher.config.hidden_size
@@ -289,6 +290,12 @@ class DistillLoss(nn.Module):
         out = {k: v.detach() for k, v in parts.items()}
         out["loss"] = total
         return out
+
+    def transfer_on(self, student: MultiTaskModel, batch: Mapping[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
+        """``kd_transfer`` of ``heads`` on a batch of inputs alone (e.g. unlabeled text), the student's encoder
+        run here."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return self._transfer(student, batch, student.encoder(**inputs, return_dict=True).last_hidden_state, heads)
 
     def _transfer(self, student: MultiTaskModel, batch: Mapping[str, torch.Tensor], s_last: torch.Tensor,
                   heads: list[str]) -> torch.Tensor:
@@ -356,10 +363,11 @@ class DistillLoss(nn.Module):
         return parts
 
 
-def _transfer_heads(student: MultiTaskModel, transfer: Mapping[str, Any]) -> dict[str, list[str]]:
-    """``transfer`` (head -> the tasks whose inputs teach it, or ``"all"``) turned around: input task -> the
-    heads taught on its batches. Raises RecipeError for a task the student lacks or a head whose plugin cannot be
-    taught on other tasks' inputs."""
+def _transfer_heads(student: MultiTaskModel, transfer: Mapping[str, Any],
+                    unlabeled: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``transfer`` (head -> the tasks or ``unlabeled`` text sets whose inputs teach it, or ``"all"``: every other
+    task) turned around: input task or text set -> the heads taught on its batches. Raises RecipeError for a
+    source that is neither, or a head whose plugin cannot be taught on other inputs."""
     from compressor.tasks import TaskPlugin
 
     out: dict[str, list[str]] = {}
@@ -372,9 +380,10 @@ def _transfer_heads(student: MultiTaskModel, transfer: Mapping[str, Any]) -> dic
                               "other tasks' inputs: its plugin defines no transfer_targets (it needs inputs of its "
                               "own, e.g. a question with a context, or candidate pairs)")
         for source in ([t for t in student.tasks if t != head] if sources == "all" else sources):
-            if source not in student.tasks:
+            if source not in student.tasks and source not in unlabeled:
                 raise RecipeError(f"transfer.{head}: the student has no task '{source}' "
-                                  f"(tasks: {', '.join(student.tasks)})")
+                                  f"(tasks: {', '.join(student.tasks)}; unlabeled sets: "
+                                  f"{', '.join(unlabeled) or 'none'})")
             if source != head:
                 out.setdefault(source, []).append(head)
     return out

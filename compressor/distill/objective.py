@@ -12,6 +12,7 @@ stage's and the search's recovery take steps with it between their own checks (:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,13 +37,22 @@ class Distillation:
     def __init__(self, student: MultiTaskModel, teacher: MultiTaskModel, config: KDConfig, *,
                  layer_map: Mapping[int, int] | None = None, teacher_cache: TeacherCache | None = None,
                  teachers: Mapping[str, MultiTaskModel] | None = None,
-                 teacher_caches: Mapping[str, TeacherCache] | None = None):
+                 teacher_caches: Mapping[str, TeacherCache] | None = None,
+                 unlabeled: Mapping[str, list[dict[str, Any]]] | None = None, batch_size: int = 16, seed: int = 0):
         self.teacher = teacher.eval()
         self.teachers = {t: m.eval() for t, m in (teachers or {}).items() if t in student.tasks}
+        config = _transfer_within(config, student, unlabeled or {})
         self.loss = DistillLoss(student, teacher, config, layer_map, teacher_cache, self.teachers,
-                                {t: c for t, c in (teacher_caches or {}).items() if t in student.tasks})
+                                {t: c for t, c in (teacher_caches or {}).items() if t in student.tasks},
+                                unlabeled=list(unlabeled or {}))
         self.module = self.loss  # its hidden-state projections train with the student
         self.wants_index = config.alpha < 1 and any(self.loss.cache_for(t) is not None for t in student.tasks)
+        # unlabeled text sets that teach some head (drawn in turn, one batch per step: see _unlabeled_batch)
+        self.unlabeled = {n: f for n, f in (unlabeled or {}).items() if n in self.loss.transfer_heads
+                          and config.alpha < 1 and config.transfer_weight > 0}
+        self.batch_size, self.seed = batch_size, seed
+        self.step: int | None = None
+        self.rank, self.world, self.device = 0, 1, torch.device("cpu")
 
     def teacher_of(self, task: str) -> MultiTaskModel:
         return self.teachers.get(task, self.teacher)
@@ -51,6 +61,7 @@ class Distillation:
                 accelerator: Any) -> None:
         """Teachers onto the training device; each teacher's cache filled with the features of its tasks."""
         device = accelerator.device
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, device
         for model in {id(m): m for m in (self.teacher, *self.teachers.values())}.values():
             model.to(device)
         if not self.wants_index:
@@ -65,8 +76,54 @@ class Distillation:
                 cache.prepare(teacher, {t: features[t] for t in tasks}, collate, self.loss.needs(), device,
                               accelerator.autocast)
 
+    def at_step(self, steps_done: int) -> None:
+        """The engine tells the objective which step comes next (the unlabeled batches are a function of it, so a
+        resumed run draws what an uninterrupted one would)."""
+        self.step = steps_done
+
     def __call__(self, model: MultiTaskModel, task: str, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.loss(model, self.teacher_of(task), task, batch)
+        parts = self.loss(model, self.teacher_of(task), task, batch)
+        if self.unlabeled and self.step is not None:
+            name, texts = self._unlabeled_batch(self.step)
+            term = self.loss.transfer_on(model, texts, self.loss.transfer_heads[name])
+            cfg = self.loss.config
+            parts["loss"] = parts["loss"] + (1.0 - cfg.alpha) * cfg.transfer_weight * term
+            parts["kd_transfer"] = parts["kd_transfer"] + term.detach()
+        return parts
+
+    def _unlabeled_batch(self, step: int) -> tuple[str, dict[str, torch.Tensor]]:
+        """Step ``step``'s batch of unlabeled text: the sets in turn, each read in a seeded shuffled order pass
+        after pass, this process's share of it."""
+        from compressor.data.collate import pad_inputs
+        from compressor.train.steps import rank_slice
+
+        names = sorted(self.unlabeled)
+        name = names[step % len(names)]
+        feats = self.unlabeled[name]
+        start = (step // len(names)) * self.batch_size
+        idx = []
+        for k in range(start, start + self.batch_size):
+            n_pass, pos = divmod(k, len(feats))
+            order = random.Random(f"{self.seed}:{name}:{n_pass}").sample(range(len(feats)), len(feats))
+            idx.append(order[pos])
+        batch = pad_inputs([feats[i] for i in rank_slice(idx, self.rank, self.world)])
+        return name, {k: v.to(self.device) for k, v in batch.items()}
+
+
+def _transfer_within(config: KDConfig, student: MultiTaskModel, unlabeled: Mapping[str, Any]) -> KDConfig:
+    """``config.transfer`` cut to what ``student`` has: a single-task student (or one with fewer tasks) keeps the
+    transfer of its own heads from its own tasks and the text sets (the recipe checked every name)."""
+    from dataclasses import replace
+
+    kept = {}
+    for head, sources in config.transfer.items():
+        if head not in student.tasks:
+            continue
+        if sources != "all":
+            sources = tuple(s for s in sources if s in student.tasks or s in unlabeled)
+        if sources:
+            kept[head] = sources
+    return replace(config, transfer=kept)
 
 
 # ---- from the recipe's options (the distill stage, prune recovery and search recovery share them) -------------
@@ -93,12 +150,35 @@ def train_options(opts: Any, **overrides: Any) -> TrainOptions:
     return TrainOptions.model_validate(fields)
 
 
+def unlabeled_features(opts: Any, data: Any, tokenizer: Any, max_length: int) -> dict[str, list[dict[str, Any]]]:
+    """The texts of every ``opts.unlabeled`` set (one per line, blank lines skipped, paths relative to the data
+    root), tokenized as plain inputs. Raises DataError naming the file when it holds no text."""
+    from pathlib import Path
+
+    from compressor.data.readers import iter_lines
+    from compressor.errors import DataError
+
+    out = {}
+    for name, spec in opts.unlabeled.items():
+        path = Path(spec.path) if Path(spec.path).is_absolute() else Path(data.root) / spec.path
+        texts = [line.strip() for _, line in iter_lines(path, spec.encoding) if line.strip()][: spec.limit]
+        if not texts:
+            raise DataError(path, f"unlabeled.{name}: no text in the file (one text per line expected)")
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        out[name] = [{**{k: list(enc[k][i]) for k in keys}, "pad_id": tokenizer.pad_token_id or 0}
+                     for i in range(len(texts))]
+    return out
+
+
 def recovery_engine(model: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any, data: Any, opts: Any, *,
                     steps: int, seed: int, layer_map: Mapping[int, int] | None = None,
                     teacher_cache: TeacherCache | None = None, label: str = "recovery") -> Engine:
     """An engine that distils ``model`` from ``teacher`` for ``steps`` steps in all with the options ``opts`` (a
     ``DistillOptions``): the recovery of a pruned model. ``engine.run(n)`` takes the next ``n`` of them."""
-    objective = Distillation(model, teacher, kd_config(opts), layer_map=layer_map, teacher_cache=teacher_cache)
+    objective = Distillation(model, teacher, kd_config(opts), layer_map=layer_map, teacher_cache=teacher_cache,
+                             unlabeled=unlabeled_features(opts, data, tokenizer, data.max_length),
+                             batch_size=opts.batch_size, seed=seed)
     cfg = train_options(opts, max_steps=steps, steps_per_epoch=steps)
     torch.manual_seed(seed)
     return build_engine(model, tokenizer, data, cfg, seed=seed, label=label, objective=objective)

@@ -78,15 +78,7 @@ class Recipe(Strict):
                     raise ValueError(f"stage '{stage.name}': sampling.passes names task '{task}', which the recipe "
                                      f"does not have (tasks: {', '.join(names)})")
             for options in (stage, getattr(stage, "recovery", None)):
-                for head, sources in (getattr(options, "transfer", None) or {}).items():
-                    field = f"stage '{stage.name}': transfer.{head}"
-                    unknown = [t for t in [head, *([] if sources == "all" else sources)] if t not in names]
-                    if unknown:
-                        raise ValueError(f"{field} names task '{unknown[0]}', which the recipe does not have "
-                                         f"(tasks: {', '.join(names)})")
-                    if sources != "all" and head in sources:
-                        raise ValueError(f"{field} lists '{head}' itself: its own inputs teach it anyway; list the "
-                                         "other tasks whose inputs should")
+                _check_transfer(stage.name, options, names)
         return self
 
     @model_validator(mode="after")
@@ -161,3 +153,29 @@ def _unique(names: list[str], what: str) -> None:
             raise ValueError(f"{what} name '{n}' is used twice")
         seen.add(n)
 
+
+def _check_transfer(stage: str, options: Any, names: list[str]) -> None:
+    """A distillation's ``transfer`` names tasks of the recipe or its own ``unlabeled`` sets, never the head itself;
+    every unlabeled set is named by some transfer and is no task's name."""
+    transfer = getattr(options, "transfer", None) or {}
+    unlabeled = getattr(options, "unlabeled", None) or {}
+    for name in unlabeled:
+        if name in names:
+            raise ValueError(f"stage '{stage}': unlabeled.{name} has the name of a task; give the text set a name "
+                             "of its own")
+    for head, sources in transfer.items():
+        field = f"stage '{stage}': transfer.{head}"
+        if head not in names:
+            raise ValueError(f"{field} names task '{head}', which the recipe does not have (tasks: {', '.join(names)})")
+        for source in [] if sources == "all" else sources:
+            if source == head:
+                raise ValueError(f"{field} lists '{head}' itself: its own inputs teach it anyway; list the other "
+                                 "tasks whose inputs should")
+            if source not in names and source not in unlabeled:
+                raise ValueError(f"{field} names task '{source}', which the recipe does not have (tasks: "
+                                 f"{', '.join(names)}; unlabeled sets: {', '.join(unlabeled) or 'none'})")
+    used = {s for sources in transfer.values() if sources != "all" for s in sources}
+    for name in unlabeled:
+        if name not in used:
+            raise ValueError(f"stage '{stage}': unlabeled.{name} is named by no transfer source; add it to the heads "
+                             f"it should teach, e.g. transfer: {{<head>: [{name}]}}")

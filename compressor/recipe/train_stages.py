@@ -116,6 +116,14 @@ class TeacherCacheOptions(Strict):
     build_batch_size: int = Field(64, gt=0, description="batch size of the teacher passes that fill the cache")
 
 
+class UnlabeledText(Strict):
+    """A file of unlabeled text that teaches heads through ``transfer``: one text per line (blank lines skipped)."""
+
+    path: str = Field(description="the file, relative to the data root (or absolute)")
+    encoding: str = Field("utf-8", description="its text encoding")
+    limit: int | None = Field(None, gt=0, description="read at most this many texts (the first ones)")
+
+
 class DistillOptions(Strict):
     """The distillation loss and its optimizer: one model for the distill stage, the prune stage's recovery and
     the search's recovery."""
@@ -127,7 +135,11 @@ class DistillOptions(Strict):
     transfer: dict[str, list[str] | Literal["all"]] = Field(
         default_factory=dict, description="head -> the tasks whose training inputs also teach it, or all: on each "
         "batch of such a task the head is distilled from its teacher's soft labels (no gold labels needed; "
-        "kd_transfer). Heads that read any text (classification, NER) can; QA and relations need inputs of their own")
+        "kd_transfer). Heads that read any text (classification, NER) can; QA and relations need inputs of their own. "
+        "A source may also name an unlabeled text set (unlabeled)")
+    unlabeled: dict[str, UnlabeledText] = Field(
+        default_factory=dict, description="name -> a file of unlabeled text, one per line: every step also draws a "
+        "batch of it and distils the heads whose transfer names it")
     batch_size: int = Field(16, gt=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -153,7 +153,7 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
     under ``<checkpoints>/<subdir>`` that ``--resume`` continues from. ``total`` / ``steps_per_epoch`` default to
     the stage config's. Returns the student (the one trained, or a finished one reloaded on resume) and the
     history, the best (mean retention, epoch), the steps done (in all and per task) and the mean loss parts."""
-    from compressor.distill.objective import Distillation, train_options
+    from compressor.distill.objective import Distillation, train_options, unlabeled_features
     from compressor.stages.train import train_job
 
     cfg: DistillStage = ctx.stage
@@ -164,9 +164,12 @@ def _distill(ctx: StageContext, student: MultiTaskModel, teacher: MultiTaskModel
         mean = sum(retention.values()) / len(retention) if retention else 0.0
         return mean, {"retention": retention, "mean_retention": mean}
 
+    unlabeled = unlabeled_features(cfg, ctx.data, tokenizer, ctx.recipe.model.max_length)
+
     def objective(model: MultiTaskModel) -> Distillation:
         return Distillation(model, teacher, kd_config(cfg), layer_map=layer_map, teacher_cache=teacher_cache,
-                            teachers=teachers, teacher_caches=teacher_caches)
+                            teachers=teachers, teacher_caches=teacher_caches, unlabeled=unlabeled,
+                            batch_size=cfg.batch_size, seed=seed)
 
     options = train_options(cfg, epochs=cfg.epochs, max_steps=total or cfg.steps,
                             steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,

@@ -145,6 +145,7 @@ class Engine:
         ran = Ran({t: 0.0 for t in tasks}, {t: 0 for t in tasks}, 0)
         pcgrad = cfg.loss_weighting.strategy == "pcgrad"
         index = self.objective is not None and self.objective.wants_index
+        at_step = getattr(self.objective, "at_step", None)  # optional: an objective that follows the step count
         step, carried = 0, None
         with ProgressBar(accelerator, f"{self.label} {description or 'steps'}", n_steps) as (bar, bar_task):
             while step < n_steps:
@@ -160,6 +161,8 @@ class Engine:
                     if index:
                         batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)
                     batches.append((t, {k: v.to(accelerator.device) for k, v in batch.items()}))
+                if at_step is not None:
+                    at_step(self.steps_done)
                 for t, (value, parts) in _step(self, batches).items():
                     ran.sums[t] += value
                     ran.counts[t] += 1

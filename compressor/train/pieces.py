@@ -28,7 +28,8 @@ class Objective(Protocol):
     the indices of their features (key ``feature_index``), e.g. for a cache of the teacher's outputs.
     ``prepare`` runs once before the first step, with every task's training features and the run's accelerate
     ``Accelerator`` (its device, autocast and processes). ``__call__`` returns the named, detached parts of the
-    loss on one batch plus ``loss`` (to back-propagate).
+    loss on one batch plus ``loss`` (to back-propagate). An objective may also define ``at_step(steps_done)``,
+    called before each optimizer step with the schedule steps done so far.
     """
 
     module: nn.Module | None
