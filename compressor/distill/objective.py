@@ -52,6 +52,7 @@ class Distillation:
                           and config.alpha < 1 and config.transfer_weight > 0}
         self.batch_size, self.seed = batch_size, seed
         self.step: int | None = None
+        self._orders: dict[str, tuple[int, list[int]]] = {}  # text set -> (pass, its order), the latest pass only
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")
 
     def teacher_of(self, task: str) -> MultiTaskModel:
@@ -91,6 +92,13 @@ class Distillation:
             parts["kd_transfer"] = parts["kd_transfer"] + term.detach()
         return parts
 
+    def _order(self, name: str, n_pass: int) -> list[int]:
+        """The seeded order of text set ``name`` in pass ``n_pass``, shuffled once per pass (not per row)."""
+        if self._orders.get(name, (None,))[0] != n_pass:
+            n = len(self.unlabeled[name])
+            self._orders[name] = (n_pass, random.Random(f"{self.seed}:{name}:{n_pass}").sample(range(n), n))
+        return self._orders[name][1]
+
     def _unlabeled_batch(self, step: int) -> tuple[str, dict[str, torch.Tensor]]:
         """Step ``step``'s batch of unlabeled text: the sets in turn, each read in a seeded shuffled order pass
         after pass, this process's share of it."""
@@ -104,8 +112,7 @@ class Distillation:
         idx = []
         for k in range(start, start + self.batch_size):
             n_pass, pos = divmod(k, len(feats))
-            order = random.Random(f"{self.seed}:{name}:{n_pass}").sample(range(len(feats)), len(feats))
-            idx.append(order[pos])
+            idx.append(self._order(name, n_pass)[pos])
         batch = pad_inputs([feats[i] for i in rank_slice(idx, self.rank, self.world)])
         return name, {k: v.to(self.device) for k, v in batch.items()}
 
