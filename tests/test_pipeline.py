@@ -257,6 +257,7 @@ def test_single_task_twin_of_relation_extraction_keeps_its_entity_task(tmp_path,
     recipe = tmp_path / "re.yaml"
     recipe.write_text(f"""\
 name: re-twins
+data_root: {FIXTURES}
 model: {{encoder: {tiny_model_path}, max_length: 48}}
 tasks:
   - {{name: ner, plugin: ner, format: conll04, data: {{train: {re_file}, dev: {re_file}, test: {re_file}}}}}
