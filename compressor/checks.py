@@ -171,13 +171,17 @@ def _check_positions(recipe: Recipe, path: Path, config: Any, what: str) -> None
                           f"{positions} positions of {what}; set model.max_length: {positions} or less")
 
 
-def check_data(recipe: Recipe, path: Path, data_root: Path, tasks: dict[str, Any]) -> int:
-    """Every data file of every task exists and its first lines parse (small files: all of it); files checked."""
+def check_data(recipe: Recipe, path: Path, data_root: Path | None, tasks: dict[str, Any]) -> int:
+    """Every data file of every task exists and its first lines parse (small files: all of it); files checked.
+    With no ``data_root`` only the absolute paths are checked."""
     checked = 0
     for i, spec in enumerate(recipe.tasks):
         for split, entry in spec.split_files().items():
             file = Path(entry.path).expanduser()
-            file = file if file.is_absolute() else data_root / file
+            if not file.is_absolute():
+                if data_root is None:
+                    continue
+                file = data_root / file
             field = ["tests", split[len("test:"):]] if split.startswith("test:") else ["data", split]
             if not file.exists():  # a file, or a datasets save_to_disk directory
                 raise DataError(file, f"data file not found ({locate(path, ['tasks', i, *field])})")
@@ -248,15 +252,12 @@ def check_recipe(recipe: Recipe, path: Path, data_root: Path | None = None) -> d
 
             check_teachers(recipe, i)
     notes = check_models(recipe, path, missing_ok=True)
-    files = check_data(recipe, path, data_root, tasks) if data_root is not None else 0
+    files = check_data(recipe, path, data_root, tasks)
     return {"tasks": len(tasks), "stages": [s.name for s in recipe.stages], "data_files": files, "notes": notes}
 
 
 def default_data_root(recipe: Recipe, cli_root: Path | None) -> Path | None:
-    """The data root a run would use, or ``None`` when there is none (validate then skips the data files)."""
+    """The data root a run would use, or ``None`` when there is none (validate then checks absolute paths only)."""
     from compressor.recipe import resolve_data_root
 
-    try:
-        return resolve_data_root(recipe.data_root, cli_root)
-    except RecipeError:
-        return None
+    return resolve_data_root(recipe.data_root, cli_root, required=False)

@@ -64,7 +64,7 @@ def run_recipe(recipe_path: Path, out: Path | None = None, resume: bool = False,
     from compressor.data.store import DataStore
 
     # read and check every training split before anything is written
-    data = DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root))
+    data = DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root, required=False))
     fitted = [t.name for t in recipe.tasks if not data.tasks[t.name].labels]
     data.fit_labels()
     _check_fitted_labels(data, fitted)

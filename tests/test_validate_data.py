@@ -219,3 +219,28 @@ def test_evaluate_command_reads_a_file_in_the_given_encoding(tmp_path, tokenizer
                                "--encoding", "latin-1", "--json"])
     assert good.exit_code == 0, good.output
     assert '"examples": 2' in good.stdout
+
+
+def test_absolute_paths_need_no_data_root_and_a_relative_one_is_named_when_there_is_none(data, monkeypatch):
+    """A recipe whose data paths are all absolute reads with no data root anywhere; without one, a relative
+    path fails on first use naming its task and split (not 'no data root' before anything is read)."""
+    import compressor.recipe.loader as loader
+
+    monkeypatch.delenv("COMPRESSOR_DATA_ROOT", raising=False)
+    monkeypatch.chdir(data)
+    monkeypatch.setattr(loader, "__file__", str(data / "a" / "b" / "loader.py"))  # no ../shared beside a checkout
+    assert loader.resolve_data_root(None, required=False) is None
+    absolute = "data: {" + ", ".join(f"{s}: {data / f'sst.{s}.txt'}" for s in ("train", "dev", "test")) + "}"
+    ner = "data: {" + ", ".join(f"{s}: {data / f'ner.{s}.conll'}" for s in ("train", "dev", "test")) + "}"
+    recipe = write_recipe(data, absolute, ner)
+    recipe.write_text(recipe.read_text().replace(f"data_root: {data}\n", ""))
+    result = validate(recipe)
+    assert result.exit_code == 0, result.output
+    assert "6 split(s) read whole" in result.stdout
+    store = DataStore(load_recipe(recipe).data_options(), None)
+    assert len(store.full("sst", "train")) == len(SST_TRAIN)
+
+    recipe.write_text(recipe.read_text().replace(str(data / "sst.dev.txt"), "sst.dev.txt"))
+    result = validate(recipe)
+    assert result.exit_code == 2
+    assert "task 'sst', split 'dev': sst.dev.txt is relative to the data root, and there is none" in result.output

@@ -146,11 +146,11 @@ def validate(
         for note in summary["notes"]:
             typer.echo(f"{path}: {note}", err=True)
         results.append({"recipe": str(path), "ok": True, "tasks": summary["tasks"], "stages": summary["stages"],
-                        "data_files": summary["data_files"] if root is not None else None,
+                        "data_files": summary["data_files"],
                         "notes": list(summary["notes"])})
         if not json_out:
-            data = (f", {summary['data_files']} data file(s) read" if root is not None
-                    else ", no data root: data not checked")
+            data = f", {summary['data_files']} data file(s) read" + (
+                "" if root is not None else " (no data root: relative data paths not checked)")
             typer.echo(f"{path}: ok ({summary['tasks']} task(s), stages: {', '.join(summary['stages'])}{data})")
     if json_out:
         from compressor.cli.output import emit_json

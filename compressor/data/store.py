@@ -11,7 +11,7 @@ from typing import Any
 from compressor.data.options import DataOptions
 from compressor.data.readers import decode_error, text_encoding
 from compressor.data.tables import RECORD_FORMATS, ColumnMap, column_map
-from compressor.errors import DataError
+from compressor.errors import DataError, RecipeError
 from compressor.tasks import Encoded, TaskPlugin, build_task
 
 SPLITS = ("train", "dev", "test")
@@ -54,6 +54,11 @@ def _takes_encoding(fn: Any) -> bool:
     return any(p.name == "encoding" and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
 
 
+# what to do when no data root was found (the recipe layer's resolve_data_root says the same)
+NO_DATA_ROOT = ("set data_root in the recipe, pass --data-root, or set $COMPRESSOR_DATA_ROOT "
+                "(the default ../shared/data was not found)")
+
+
 class DataStore:
     """Reads each split lazily, applies the task's ``limit`` (seeded subsample) and caches encodings.
 
@@ -62,13 +67,13 @@ class DataStore:
     rest as the training split. Labels are fitted on the whole training file, never on a ``limit`` subsample.
     """
 
-    def __init__(self, options: DataOptions, data_root: Path):
+    def __init__(self, options: DataOptions, data_root: Path | None):
         if not isinstance(options, DataOptions):
             raise TypeError(f"DataStore takes DataOptions (a recipe gives them: recipe.data_options()), "
                             f"got {type(options).__name__}")
         self.options = options
         self.max_length = options.max_length
-        self.root = Path(data_root)
+        self.root = Path(data_root) if data_root is not None else None
         self.tasks: dict[str, TaskPlugin] = {
             t.name: build_task(t.plugin, t.name, t.labels, t.options) for t in options.tasks
         }
@@ -88,8 +93,18 @@ class DataStore:
             entry = spec.source("train")
         if entry is None:
             return None
-        p = Path(entry.path).expanduser()
-        return p if p.is_absolute() else self.root / p
+        return self.resolve(entry.path, f"task '{task}', split '{split}'")
+
+    def resolve(self, path: str | Path, what: str) -> Path:
+        """``path`` as given when absolute, else under the data root; with no data root a relative path is an
+        error naming ``what`` reads it."""
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        if self.root is None:
+            raise RecipeError(f"{what}: {p} is relative to the data root, and there is none: {NO_DATA_ROOT}, "
+                              "or give an absolute path")
+        return self.root / p
 
     def eval_splits(self, task: str) -> list[str]:
         """The splits of ``task`` an evaluation scores (dev, test, extra test sets), those it has."""
@@ -184,6 +199,8 @@ class DataStore:
         spells it, so a moved data root draws the same samples)."""
         path = self.path(task, self._file_split(task, split))
         resolved = Path(os.path.abspath(path))
+        if self.root is None:
+            return resolved.as_posix()
         root = Path(os.path.abspath(self.root))
         try:
             return resolved.relative_to(root).as_posix()

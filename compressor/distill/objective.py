@@ -160,14 +160,13 @@ def train_options(opts: Any, **overrides: Any) -> TrainOptions:
 def unlabeled_features(opts: Any, data: Any, tokenizer: Any, max_length: int) -> dict[str, list[dict[str, Any]]]:
     """The texts of every ``opts.unlabeled`` set (one per line, blank lines skipped, paths relative to the data
     root), tokenized as plain inputs. Raises DataError naming the file when it holds no text."""
-    from pathlib import Path
 
     from compressor.data.readers import iter_lines
     from compressor.errors import DataError
 
     out = {}
     for name, spec in opts.unlabeled.items():
-        path = Path(spec.path) if Path(spec.path).is_absolute() else Path(data.root) / spec.path
+        path = data.resolve(spec.path, f"unlabeled.{name}")
         texts = [line.strip() for _, line in iter_lines(path, spec.encoding) if line.strip()][: spec.limit]
         if not texts:
             raise DataError(path, f"unlabeled.{name}: no text in the file (one text per line expected)")

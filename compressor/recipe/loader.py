@@ -9,6 +9,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import ValidationError
 
+from compressor.data.store import NO_DATA_ROOT
 from compressor.errors import RecipeError
 from compressor.inputs import BoolNotNumber
 from compressor.recipe._base import NAME, NAME_RULE
@@ -186,8 +187,12 @@ def line_of(node: Any, loc: list[Any]) -> int:
     return line
 
 
-def resolve_data_root(recipe_root: str | None, cli_root: str | Path | None = None) -> Path:
-    """CLI option > recipe field > $COMPRESSOR_DATA_ROOT > ../shared/data (from the cwd or the checkout)."""
+def resolve_data_root(recipe_root: str | None, cli_root: str | Path | None = None,
+                      required: bool = True) -> Path | None:
+    """CLI option > recipe field > $COMPRESSOR_DATA_ROOT > ../shared/data (from the cwd or the checkout).
+
+    With none of them: an error, or ``None`` when not ``required`` (a recipe whose data paths are all absolute
+    needs no root; ``DataStore`` then fails on the first relative path, naming it)."""
     for candidate in (cli_root, recipe_root, os.environ.get(DATA_ROOT_ENV)):
         if candidate:
             return Path(candidate).expanduser()
@@ -195,7 +200,6 @@ def resolve_data_root(recipe_root: str | None, cli_root: str | Path | None = Non
         default = base.parent / "shared" / "data"
         if default.is_dir():
             return default
-    raise RecipeError(
-        f"no data root: set data_root in the recipe, pass --data-root, or set ${DATA_ROOT_ENV} "
-        "(default ../shared/data was not found)"
-    )
+    if not required:
+        return None
+    raise RecipeError(f"no data root: {NO_DATA_ROOT}")

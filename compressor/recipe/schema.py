@@ -50,7 +50,10 @@ class ReportSpec(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=NAME)
     seed: Seed = 42
-    data_root: str | None = None
+    data_root: str | None = Field(
+        None, description="folder the tasks' relative data paths are read from (relative to the cwd); null: "
+                          "--data-root, $COMPRESSOR_DATA_ROOT, then ../shared/data; not needed when every path is "
+                          "absolute")
     model: ModelSpec = ModelSpec()
     tasks: list[TaskSpec] = Field(min_length=1)
     stages: list[Stage] = Field(min_length=1)

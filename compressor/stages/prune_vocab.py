@@ -20,7 +20,6 @@ tolerance: when even every candidate together fails it, the stage keeps the whol
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -274,8 +273,7 @@ def _corpus_texts(ctx: StageContext, cfg: PruneVocabStage) -> list[str]:
     """Non-empty lines of the ``extra_files``; a file that is missing or not text is an error naming the field."""
     texts = []
     for name in cfg.extra_files:
-        path = Path(name).expanduser()
-        path = path if path.is_absolute() else ctx.data.root / path
+        path = ctx.data.resolve(name, f"prune_vocab stage '{cfg.name}': extra_files entry")
         if not path.is_file():
             raise DataError(path, f"prune_vocab stage '{cfg.name}': extra_files entry not found")
         raw = path.read_bytes()
