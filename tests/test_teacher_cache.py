@@ -208,11 +208,12 @@ def test_an_interrupted_build_is_resumed_from_its_finished_shards(store, tokeniz
 
 def test_distillation_with_the_cache_trains_like_without(store, tokenizer, tmp_path):
     torch.manual_seed(0)
+    lr = 1e-3
     teacher = teacher_for(store)
     results = []
     for cache in (None, TeacherCache.open(tmp_path, teacher, dtype="float32")):
         student = student_from_teacher(teacher, layers=[1, 3])
-        engine, _ = kd_engine(student, teacher, store, tokenizer, KDConfig(alpha=0.5, hidden=1.0), 6, lr=1e-3,
+        engine, _ = kd_engine(student, teacher, store, tokenizer, KDConfig(alpha=0.5, hidden=1.0), 6, lr=lr,
                               dropout=0.0, batch_size=4, teacher_cache=cache)
         passes = Passes(teacher)
         parts = engine.run(6).means()
@@ -221,8 +222,11 @@ def test_distillation_with_the_cache_trains_like_without(store, tokenizer, tmp_p
     (p0, s0, calls0), (p1, s1, calls1) = results
     assert calls0 == 6 and calls1 == 0  # the teacher ran at every step without the cache, never with it
     assert p1["loss"] == pytest.approx(p0["loss"], rel=1e-4)
-    for k in s0:  # Adam scales near-zero gradients up: batching-order noise moves a weight by << one lr step
-        torch.testing.assert_close(s1[k], s0[k], atol=2e-4, rtol=1e-3)
+    # Adam normalises every step to about lr, so float-rounding noise on a near-zero gradient (the cached and the
+    # computed teacher outputs agree to rounding, not bit for bit, on every CPU) can move a weight by a fraction
+    # of one step (2.3e-4 seen on an AMD EPYC), never by the several steps a wrong teacher output would
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], atol=lr / 2, rtol=1e-3)
 
 
 def test_the_engine_gives_an_objective_that_asks_for_it_the_feature_index_of_every_row(store, tokenizer):
