@@ -55,7 +55,8 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     recipe = load_recipe(src.recipe_path)
     bench = Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list),
                    src.reference.target if src.reference and src.reference.target else cpu_target(),
-                   DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root, required=False)), log or say)
+                   DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root, required=False)),
+                   log or say)
     if src.singles and [Path(p) for p in singles] == list(src.singles.values()):
         bench.notes.append(f"(d) the single-task students of distill stage '{src.singles_stage}' (same architecture "
                            "as its multi-head student, same teacher, the steps the multi-head student spent on each "

@@ -160,7 +160,6 @@ def train_options(opts: Any, **overrides: Any) -> TrainOptions:
 def unlabeled_features(opts: Any, data: Any, tokenizer: Any, max_length: int) -> dict[str, list[dict[str, Any]]]:
     """The texts of every ``opts.unlabeled`` set (one per line, blank lines skipped, paths relative to the data
     root), tokenized as plain inputs. Raises DataError naming the file when it holds no text."""
-
     from compressor.data.readers import iter_lines
     from compressor.errors import DataError
 
