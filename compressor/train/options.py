@@ -44,7 +44,9 @@ class LossWeighting(_Options):
     2018), or ``pcgrad`` (Yu et al. 2020: one optimizer step per group of consecutive draws of different tasks,
     conflicting encoder gradients projected; compressor.train.pcgrad)."""
 
-    strategy: Literal["uniform", "fixed", "uncertainty", "pcgrad"] = "uniform"
+    strategy: Literal["uniform", "fixed", "uncertainty", "pcgrad"] = Field("uncertainty", description=(
+        "default uncertainty: measured ahead of uniform and pcgrad on every task's dev set of the four-task data "
+        "(reports/balancing-ab.md); a distillation's own loss parts always add uniformly"))
     weights: dict[str, float] = {}
 
     @model_validator(mode="after")
