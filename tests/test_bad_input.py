@@ -193,6 +193,8 @@ _FIELD_CASES = [
      "stages[0].sampling.strategy"),
     ("fixed-weighting-without-weights", "    epochs: 1\n", "    epochs: 1\n    loss_weighting: {strategy: fixed}\n",
      "stages[0].loss_weighting"),
+    ("weights-without-fixed-weighting", "    epochs: 1\n", "    epochs: 1\n    loss_weighting: {weights: {ner: 2}}\n",
+     "stages[0].loss_weighting"),
     ("bad-optimizer", "    epochs: 1\n", "    epochs: 1\n    optimizer: adam\n", "stages[0].optimizer"),
     ("dropout-1", "    epochs: 1\n", "    epochs: 1\n    dropout: 1.0\n", "stages[0].dropout"),
     ("recipe-name-with-space", "name: bad", "name: my run", "name"),

@@ -53,6 +53,9 @@ class LossWeighting(_Options):
     def _fixed_needs_weights(self) -> LossWeighting:
         if self.strategy == "fixed" and not self.weights:
             raise ValueError("strategy 'fixed' needs 'weights' (task name -> weight)")
+        if self.weights and self.strategy != "fixed":  # they would be ignored (the default strategy is uncertainty)
+            raise ValueError(f"'weights' are read by strategy 'fixed' only; this one is '{self.strategy}': add "
+                             "strategy: fixed, or drop the weights")
         return self
 
 
