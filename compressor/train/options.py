@@ -45,8 +45,8 @@ class LossWeighting(_Options):
     conflicting encoder gradients projected; compressor.train.pcgrad)."""
 
     strategy: Literal["uniform", "fixed", "uncertainty", "pcgrad"] = Field("uncertainty", description=(
-        "default uncertainty: measured ahead of uniform and pcgrad on every task's dev set of the four-task data "
-        "(reports/balancing-ab.md); a distillation's own loss parts always add uniformly"))
+        "default uncertainty: above or level with uniform, and above pcgrad, on every task's dev set of the "
+        "four-task data (reports/balancing-ab.md); a distillation's own loss parts always add uniformly"))
     weights: dict[str, float] = {}
 
     @model_validator(mode="after")
