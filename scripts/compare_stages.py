@@ -1,7 +1,7 @@
-"""Two models of one finished run, task by task on one split, with the paired-bootstrap interval of the drop
-(``compressor.significance``): is B's difference from A more than the split's examples can resolve?
+"""Two models of one finished run, task by task on the dev split, with the paired-bootstrap interval of the drop
+(``compressor.significance``): is B's difference from A more than the dev examples can resolve?
 
-    python scripts/compare_stages.py RUN_DIR STAGE_A STAGE_B [--split dev] [--samples 1000] [--out FILE.json]
+    python scripts/compare_stages.py RUN_DIR STAGE_A STAGE_B [--samples 1000] [--out FILE.json]
 
 Reads the run's own recipe (``RUN_DIR/recipe.yaml``) and data root (the recipe's, $COMPRESSOR_DATA_ROOT, then
 ../shared/data), loads ``stages/NN-<stage>/model`` of both stages and scores every task they share. Prints one
@@ -33,7 +33,6 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("a")
     parser.add_argument("b")
-    parser.add_argument("--split", default="dev", choices=["dev"])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -53,7 +52,7 @@ def main() -> None:
     intervals = task_intervals({t: plugins[t] for t in tasks}, examples,
                                {t: predictions[args.a][t] for t in tasks}, {t: predictions[args.b][t] for t in tasks},
                                samples=args.samples, seed=recipe.seed)
-    result = {"run": args.run.name, "split": args.split, "a": args.a, "b": args.b, "tasks": {
+    result = {"run": args.run.name, "split": "dev", "a": args.a, "b": args.b, "tasks": {
         t: {"metric": plugins[t].metric.name, "a": scored[args.a][t], "b": scored[args.b][t],
             "examples": len(examples[t]), **intervals[t].to_json()} for t in tasks}}
     text = json.dumps(result, indent=2)
