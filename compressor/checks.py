@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from compressor.data.store import under_root
 from compressor.data.tables import TABLE_FORMATS, ColumnMap, table_format
 from compressor.errors import CompressorError, DataError, ModelDirError, RecipeError
 from compressor.recipe import Recipe, line_of
@@ -177,11 +178,9 @@ def check_data(recipe: Recipe, path: Path, data_root: Path | None, tasks: dict[s
     checked = 0
     for i, spec in enumerate(recipe.tasks):
         for split, entry in spec.split_files().items():
-            file = Path(entry.path).expanduser()
-            if not file.is_absolute():
-                if data_root is None:
-                    continue
-                file = data_root / file
+            file = under_root(entry.path, data_root)
+            if file is None:  # relative, and no data root to read it under
+                continue
             field = ["tests", split[len("test:"):]] if split.startswith("test:") else ["data", split]
             if not file.exists():  # a file, or a datasets save_to_disk directory
                 raise DataError(file, f"data file not found ({locate(path, ['tasks', i, *field])})")

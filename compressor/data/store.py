@@ -59,6 +59,15 @@ NO_DATA_ROOT = ("set data_root in the recipe, pass --data-root, or set $COMPRESS
                 "(the default ../shared/data was not found)")
 
 
+def under_root(path: str | Path, root: Path | None) -> Path | None:
+    """A recipe's data path: as given when absolute, else under ``root``; ``None`` when it is relative and there
+    is no root."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return None if root is None else Path(root) / p
+
+
 class DataStore:
     """Reads each split lazily, applies the task's ``limit`` (seeded subsample) and caches encodings.
 
@@ -98,13 +107,11 @@ class DataStore:
     def resolve(self, path: str | Path, what: str) -> Path:
         """``path`` as given when absolute, else under the data root; with no data root a relative path is an
         error naming ``what`` reads it."""
-        p = Path(path).expanduser()
-        if p.is_absolute():
-            return p
-        if self.root is None:
-            raise RecipeError(f"{what}: {p} is relative to the data root, and there is none: {NO_DATA_ROOT}, "
-                              "or give an absolute path")
-        return self.root / p
+        resolved = under_root(path, self.root)
+        if resolved is None:
+            raise RecipeError(f"{what}: {Path(path).expanduser()} is relative to the data root, and there is none: "
+                              f"{NO_DATA_ROOT}, or give an absolute path")
+        return resolved
 
     def eval_splits(self, task: str) -> list[str]:
         """The splits of ``task`` an evaluation scores (dev, test, extra test sets), those it has."""
