@@ -2,7 +2,7 @@
 
 Encodes every task's training split first (not timed), then trains the recipe's first train stage for
 ``--steps`` optimizer steps (the recipe has no dev splits, so nothing is evaluated) and prints one JSON line: examples/s of the loop, the
-machine's threads, the mixed precision used. Used for the throughput figures in reports/teacher.md.
+machine's threads, the mixed precision used. Used for the throughput figures of the teacher reports.
 """
 
 from __future__ import annotations
