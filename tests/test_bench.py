@@ -151,6 +151,26 @@ def test_ratios_are_value_over_reference(bench):
     assert all(rows[("a", t)]["vs_a"]["size_bytes"] == 1.0 for t in ("ner", "sst"))
 
 
+def test_retention_has_a_paired_bootstrap_interval_on_the_same_test_examples(bench):
+    rows = bench["rows"]
+    for (mid, task), r in rows.items():
+        ci = r["retention_interval"]
+        if mid == "a" or not rows[("a", task)]["value"]:
+            assert ci is None
+            continue
+        assert ci["samples"] == 1000 and ci["confidence"] == 0.95
+        # the point retention lies in (or at the edge of) its percentile interval of resampled retentions
+        assert ci["low"] <= ci["high"]
+        assert ci["low"] - 0.02 <= r["retention"] <= ci["high"] + 0.02, (mid, task, r["retention"], ci)
+    for task in ("ner", "sst"):
+        if rows[("a", task)]["value"]:
+            # (b) predicts exactly what (a) does, so every resample scores both alike: no drop, no width
+            ci = rows[("b", task)]["retention_interval"]
+            assert ci["low"] == pytest.approx(1.0) and ci["high"] == pytest.approx(1.0)
+    md = Path(f"{bench['out']}.md").read_text()
+    assert "retention vs (a) [95% interval]" in md and "100.0% [100.0, 100.0]" in md
+
+
 def test_single_task_row_sums_its_models(bench):
     d = bench["data"]["models"]["d"]
     parts = d["parts"]

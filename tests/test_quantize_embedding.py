@@ -289,3 +289,41 @@ def test_recipe_refuses_an_int4_block_size_ort_cannot_read():
 
     with pytest.raises(ValueError, match="(?s)embedding_block_size.*power of two of at least 16"):
         QuantizeStage.model_validate({"kind": "quantize", "embedding": "int4_block", "embedding_block_size": 48})
+
+
+def _head_graph(path: Path) -> Path:
+    """x -> encoder MatMul (300 x 300) -> head hidden MatMul (300 x 300, a relation head's pair layer) -> logits
+    MatMul (300 x 5): the head nodes under ``/heads/re/`` as the exporter names them."""
+    rng = np.random.default_rng(0)
+    weights = {"enc_w": (300, 300), "hid_w": (300, 300), "out_w": (300, 5)}
+    nodes = [helper.make_node("MatMul", ["x", "enc_w"], ["h"], name="/encoder/layer.0/MatMul"),
+             helper.make_node("MatMul", ["h", "hid_w"], ["g"], name="/heads/re/hidden/MatMul"),
+             helper.make_node("MatMul", ["g", "out_w"], ["logits"], name="/heads/re/out/MatMul")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 300])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 5])],
+        [numpy_helper.from_array((rng.standard_normal(s) * 0.05).astype(np.float32), n) for n, s in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("heads, int8_nodes", [
+    ("large", {"/encoder/layer.0/MatMul", "/heads/re/hidden/MatMul"}),
+    (True, {"/encoder/layer.0/MatMul", "/heads/re/hidden/MatMul", "/heads/re/out/MatMul"}),
+    (False, {"/encoder/layer.0/MatMul"}),
+])
+def test_large_head_matrices_are_quantized_and_the_logit_layer_stays_fp32(tmp_path, heads, int8_nodes):
+    src = _head_graph(tmp_path / "fp32.onnx")
+    options = QuantOptions(quantize_heads=heads, embedding="fp32")
+    assert QuantOptions().quantize_heads == "large"  # the default
+    q = quantize_graph(src, tmp_path / "int8.onnx", options)
+    assert set(quantized_nodes(src, q, options)) == int8_nodes
+    left = {e["node"]: e["reason"] for e in fp32_nodes(src, q, options)}
+    assert set(left) == {n.name for n in onnx.load(str(src)).graph.node} - int8_nodes
+    if heads == "large":
+        assert left["/heads/re/out/MatMul"].startswith("task head (quantize_heads: large; 1,500 weight elements")
+    # the quantized graph still computes what the fp32 one does
+    x = np.random.default_rng(1).standard_normal((4, 300)).astype(np.float32)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()

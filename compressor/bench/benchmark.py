@@ -70,6 +70,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
             cands = _teacher_candidates(bench, src) + _student_candidates(bench, src)
             single_cands, covered = _single_candidates(bench, single_srcs, list(bench.inputs["teacher"]))
             models = _measure_all(bench, cands, single_cands, covered)
+            _retention_intervals(bench, cands[0], models)
             bench.footprint = _footprint(bench, src, cands)
     finally:
         torch.set_num_threads(torch_threads)
@@ -232,6 +233,32 @@ def _measure_all(bench: Bench, cands: list[Candidate], single_cands: list[Candid
                 advance(1)
             models["d"] = combine_singles(single_cands, parts)
     return models
+
+
+def _retention_intervals(bench: Bench, teacher: Candidate, models: dict[str, dict[str, Any]],
+                         samples: int = 1000, confidence: float = 0.95) -> None:
+    """Each model's paired-bootstrap interval of its retention against (a), per task, into
+    ``models[m]["tasks"][t]["retention_interval"]``: the test examples are resampled with replacement, the same
+    resample scoring both models, so a retention that only differs from 100% by noise shows an interval that
+    holds 100%."""
+    from compressor.significance import paired_bootstrap_drop
+
+    ref = models["a"].get("predictions", {})
+    bench.log(f"benchmark: paired-bootstrap intervals of retention against (a) ({samples} resamples)")
+    for mid, m in models.items():
+        if mid == "a":
+            continue
+        for t, entry in m["tasks"].items():
+            preds, gold = m.get("predictions", {}).get(t), bench.inputs["teacher"].get(t)
+            if t not in ref or preds is None or gold is None or len(preds) != len(gold.examples):
+                continue
+            plugin = teacher.plugins[t]
+            metric = plugin.metric
+            drop = paired_bootstrap_drop(lambda p, ex, plugin=plugin, name=metric.name: plugin.score(p, ex)[name],
+                                         gold.examples, ref[t], preds, metric.higher_is_better, samples=samples,
+                                         confidence=confidence, seed=0)
+            entry["retention_interval"] = {"low": 1.0 - drop.high, "high": 1.0 - drop.low,
+                                           "confidence": confidence, "samples": samples}
 
 
 def _footprint(bench: Bench, src: Any, cands: list[Candidate]) -> dict[str, dict[str, Any]]:

@@ -84,8 +84,10 @@ class Candidate:
         finally:
             torch.set_num_threads(before)
 
-    def evaluate(self, task: str, inputs: TaskInputs, threads: int, batch_size: int = 64) -> dict[str, float]:
-        """The task's metrics on ``inputs`` through the plugin's ``evaluate``."""
+    def evaluate(self, task: str, inputs: TaskInputs, threads: int,
+                 batch_size: int = 64) -> tuple[dict[str, float], list[Any]]:
+        """The task's metrics on ``inputs`` through the plugin's ``evaluate``, and its predictions (one per
+        example of ``inputs.examples``, as the plugin's ``score`` takes them)."""
         if self.model is not None:
             import torch
 
@@ -95,13 +97,14 @@ class Candidate:
             torch.set_num_threads(threads)
             try:
                 forward = torch_forward(self.model.to("cpu").eval(), "cpu")
-                metrics, _ = self.plugins[task].evaluate(forward, inputs.encoded, inputs.examples, batch_size)
+                metrics, predictions = self.plugins[task].evaluate(forward, inputs.encoded, inputs.examples,
+                                                                   batch_size)
             finally:
                 torch.set_num_threads(before)
         else:
             forward = OrtForward(make_session(self.path, threads), self.spec)
-            metrics, _ = self.plugins[task].evaluate(forward, inputs.encoded, inputs.examples, batch_size)
-        return {k: float(v) for k, v in metrics.items()}
+            metrics, predictions = self.plugins[task].evaluate(forward, inputs.encoded, inputs.examples, batch_size)
+        return {k: float(v) for k, v in metrics.items()}, list(predictions)
 
 
 @dataclass

@@ -125,11 +125,14 @@ def _target_lines(targets: Sequence[Mapping[str, Any]]) -> list[str]:
 def _quality_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The quality table: one line per task and model."""
     lines = ["## Quality (test split)", "",
-             "| task | model | metric | value | retention vs (a) | points vs (a) | points vs (c) |",
+             "| task | model | metric | value | retention vs (a) [95% interval] | points vs (a) | points vs (c) |",
              "|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
         for r in (r for r in rows if r["task"] == task):
             ret = f"{100 * r['retention']:.1f}%" if r["retention"] is not None else "-"
+            ci = r.get("retention_interval")
+            if ci and r["retention"] is not None:
+                ret += f" [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
             pa = f"{r['points_vs_a']:+.2f}" if r["points_vs_a"] is not None else "-"
             pc = f"{r['points_vs_c']:+.2f}" if r["points_vs_c"] is not None else "-"
             lines.append(f"| {task} | {r['id']} | {r['metric']} ({r['split']}) | {r['value']:.4f} | {ret} | {pa} | "

@@ -2,6 +2,8 @@
 
 Row keys: ``id`` (a, b, c, d, e-fp32, e-int8), ``label``, ``format``, ``task``, ``split``, ``metric``,
 ``higher_is_better``, ``value``, ``metrics``, ``retention`` (value / (a)'s; (a)'s / value when lower is better),
+``retention_interval`` (the paired-bootstrap interval of ``1 - relative drop`` against (a) on the same test
+examples, which is the retention when higher is better: ``{low, high, confidence, samples}``; None for (a)),
 ``size_bytes``, ``params``, ``integer_matmuls``, ``real_n``, ``real_mean_length``, the timing keys of
 :mod:`compressor.bench.timing` per thread count, ``vs_a`` and ``vs_c`` ({key: row[key] / reference[key]} for
 every key in :func:`ratio_keys`) and ``points_vs_a`` / ``points_vs_c`` (100 x how much better the metric is;
@@ -56,7 +58,8 @@ def build_rows(models: Mapping[str, Mapping[str, Any]], threads: Sequence[int]) 
                 "metric": t["metric"], "higher_is_better": t["higher_is_better"], "value": t["value"],
                 "metrics": t["metrics"], "size_bytes": m["size_bytes"], "params": m["params"],
                 "integer_matmuls": m.get("integer_matmuls"), "real_n": t["real_n"],
-                "real_mean_length": t["real_mean_length"], **m["timings"], **t["timings"],
+                "real_mean_length": t["real_mean_length"], "retention_interval": t.get("retention_interval"),
+                **m["timings"], **t["timings"],
             })
     keys = ratio_keys(threads)
     by = {(r["id"], r["task"]): r for r in rows}

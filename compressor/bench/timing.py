@@ -113,11 +113,13 @@ def combine(parts: Sequence[Mapping[str, float | None]]) -> dict[str, float | No
 # ---- one candidate, every measurement; the single-task models together -----------------------------------
 def measure_candidate(cand: Candidate, inputs: dict[str, TaskInputs], settings: Settings, eval_threads: int) -> dict[str, Any]:
     """Metrics on the candidate's scored tasks (default: every task of ``inputs`` it has) and timings at every
-    thread count: dummy-input ones, and real-input ones on every task of ``inputs``."""
+    thread count: dummy-input ones, and real-input ones on every task of ``inputs``. The per-example predictions
+    are under ``"predictions"`` ({task: list}, for the paired bootstrap; not written to the report)."""
     scored = [t for t in (cand.scored or inputs) if t in cand.plugins and t in inputs]
     tasks: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[Any]] = {}
     for t in scored:
-        metrics = cand.evaluate(t, inputs[t], eval_threads)
+        metrics, predictions[t] = cand.evaluate(t, inputs[t], eval_threads)
         metric = cand.plugins[t].metric
         tasks[t] = {"split": inputs[t].split, "metric": metric.name, "higher_is_better": metric.higher_is_better,
                     "value": metrics[metric.name], "metrics": metrics}
@@ -134,7 +136,7 @@ def measure_candidate(cand: Candidate, inputs: dict[str, TaskInputs], settings: 
             tasks[t].update({"real_n": len(ti.ones), "real_mean_length": ti.mean_length, "timings": real[t]})
     return {"label": cand.label, "format": cand.format, "size_bytes": cand.size_bytes, "params": cand.params,
             "integer_matmuls": cand.integer_matmuls, "source": cand.source or str(cand.path), "notes": cand.notes,
-            "timings": timings, "tasks": tasks, "real_timings": real,
+            "timings": timings, "tasks": tasks, "real_timings": real, "predictions": predictions,
             "real_inputs": {t: {"n": len(ti.ones), "mean_length": ti.mean_length} for t, ti in inputs.items()}}
 
 
@@ -151,5 +153,6 @@ def combine_singles(cands: Sequence[Candidate], parts: Sequence[dict[str, Any]])
         "integer_matmuls": None if any(i is None for i in ints) else sum(ints),  # type: ignore[arg-type]
         "source": ", ".join(p["source"] for p in parts), "notes": [],
         "timings": combine([p["timings"] for p in parts]), "tasks": tasks,
+        "predictions": {t: preds for p in parts for t, preds in p.get("predictions", {}).items()},
         "parts": [{k: p[k] for k in ("label", "format", "size_bytes", "params", "source", "timings")} for p in parts],
     }

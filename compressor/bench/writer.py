@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from compressor.bench.candidates import Candidate
     from compressor.bench.state import Bench
 
-INTERNAL = ("tasks", "timings", "real_timings", "real_inputs")  # per-model keys the rows already carry
+INTERNAL = ("tasks", "timings", "real_timings", "real_inputs", "predictions")  # per-model keys the rows carry (predictions: the bootstrap's)
 
 
 def write_report(bench: Bench, src: Any, recipe: Any, cands: list[Candidate], has_singles: bool,

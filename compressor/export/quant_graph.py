@@ -32,6 +32,18 @@ DEFAULT_OP_TYPES: dict[str, list[str]] = {
     "dynamic": ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
     "static": ["MatMul", "Gather"],
 }
+#: ``quantize_heads: large``: a head's weight matrix of at least this many elements is quantized (a 256 x 256
+#: matrix); smaller ones (those that write a handful of logits) stay fp32
+HEAD_MIN_ELEMENTS = 65_536
+
+
+def head_weight_elements(node: Any, initializers: Mapping[str, Any]) -> int:
+    """Elements of the largest constant weight among a node's inputs (0 when it has none)."""
+    import math
+
+    return max((math.prod(initializers[i].dims) for i in node.input if i in initializers), default=0)
+
+
 #: ops that compute with integers in a quantized graph (QDQ MatMuls are counted separately)
 INTEGER_OPS = ("MatMulInteger", "QAttention", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                "QEmbedLayerNormalization", "QGemm", "MatMulNBits")
@@ -52,7 +64,11 @@ class QuantOptions:
     op_types: list[str] | None = None  # None: DEFAULT_OP_TYPES[mode]
     exclude_op_types: list[str] = field(default_factory=list)  # kept fp32 (e.g. Gather, LayerNormalization)
     exclude_nodes: list[str] = field(default_factory=list)  # fnmatch patterns on node names, e.g. "*/layer.5/*"
-    quantize_heads: bool = False  # heads are tiny and write straight into the logits: fp32 by default
+    #: task heads (nodes under ``/heads/``): True quantizes them like the encoder, False keeps them fp32, "large"
+    #: quantizes a head's weight matrices of at least ``HEAD_MIN_ELEMENTS`` elements (a relation head's hidden
+    #: layer over pair features) and keeps the small ones that write the logits fp32; head tables (Gather) are
+    #: quantized only with True
+    quantize_heads: bool | Literal["large"] = "large"
     calibration: Method = "minmax"
     percentile: float = 99.999
     num_bins: int | None = None  # None: 2048 (percentile), 128 (entropy)
@@ -71,6 +87,15 @@ class QuantOptions:
     matmul4: list[str] = field(default_factory=list)
     matmul4_block_size: int = MATMUL4_BLOCK_SIZE
     matmul4_accuracy_level: int = 4
+
+    def head_fp32(self, node: Any, initializers: Mapping[str, Any]) -> bool:
+        """Whether ``node`` is a task-head node kept fp32 by ``quantize_heads`` (``initializers``: name -> the
+        graph's ``TensorProto``)."""
+        if HEAD_SCOPE not in node.name or self.quantize_heads is True:
+            return False
+        if self.quantize_heads is False:
+            return True
+        return head_weight_elements(node, initializers) < HEAD_MIN_ELEMENTS
 
     def ops(self) -> list[str]:
         """Op types ORT's quantizer handles (per-row and per-block embeddings are done here, not by ORT)."""
@@ -119,11 +144,12 @@ def nodes_to_exclude(path: Path, options: QuantOptions, extra: Iterable[str] = (
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
     out: list[str] = []
     for node in model.graph.node:
         if (node.op_type in options.exclude_op_types
                 or any(fnmatch.fnmatchcase(node.name, p) for p in options.exclude_nodes)
-                or (not options.quantize_heads and HEAD_SCOPE in node.name)):
+                or options.head_fp32(node, inits)):
             out.append(node.name)
             if node.op_type == "Gemm":  # ORT's dynamic quantizer splits Gemm into "<name>_MatMul" + "<name>_Add"
                 out.append(f"{node.name}_MatMul")
@@ -231,7 +257,7 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
             quantize_matmuls_4bit(out, out, four, options.matmul4_block_size, options.matmul4_accuracy_level)
         if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
-                                    skip_heads=not options.quantize_heads, bits=options.embedding_bits(),
+                                    skip_heads=options.quantize_heads is not True, bits=options.embedding_bits(),
                                     block_size=options.embedding_block_size)
         shutil.move(str(out), str(dst))
     return dst

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from compressor.export.embedding_rows import HEAD_SCOPE
-from compressor.export.quant_graph import INTEGER_OPS, QuantOptions, quantized_nodes
+from compressor.export.quant_graph import (HEAD_MIN_ELEMENTS, INTEGER_OPS, QuantOptions, head_weight_elements,
+                                          quantized_nodes)
 
 
 def integer_op_counts(path: Path) -> dict[str, int]:
@@ -69,8 +69,10 @@ def fp32_nodes(src: Path, quantized: Path, options: QuantOptions, fallback: Sequ
             why = "exclude_op_types"
         elif any(fnmatch.fnmatchcase(node.name, p) for p in options.exclude_nodes):
             why = "exclude_nodes pattern"
-        elif HEAD_SCOPE in node.name and not options.quantize_heads:
-            why = "task head (quantize_heads: false; tiny, writes the logits)"
+        elif options.head_fp32(node, inits):
+            why = ("task head (quantize_heads: false)" if options.quantize_heads is False else
+                   f"task head (quantize_heads: large; {head_weight_elements(node, inits):,} weight elements < "
+                   f"{HEAD_MIN_ELEMENTS:,}, writes the logits)")
         elif table and options.lookup_embeddings() and elements < options.embedding_min_elements:
             why = f"small table ({elements} elements < {options.embedding_min_elements})"
         elif table and options.embedding == "fp32":

@@ -3,7 +3,7 @@ reference graphs of the teacher (its export and optimum's INT8 of it) that the s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 from pydantic import Field, field_validator
 
@@ -94,7 +94,10 @@ class QuantizeStage(ToleranceTest):
                                        "Gather, EmbedLayerNormalization; static: MatMul, Gather")
     exclude_op_types: list[str] = Field([], description="op types kept in fp32, e.g. [Gather, LayerNormalization]")
     exclude_nodes: list[str] = Field([], description="node-name patterns kept in fp32 (fnmatch), e.g. '*/layer.0/*'")
-    quantize_heads: bool = Field(False, description="also quantize the task heads (tiny; they write the logits)")
+    quantize_heads: Union[Literal["large"], bool] = Field(
+        "large", description="task heads: 'large' quantizes a head's weight matrices of at least 65,536 elements (a "
+        "relation head's hidden layer over pair features) and keeps the small ones that write the logits fp32; "
+        "true quantizes every head node like the encoder; false keeps every head node fp32")
     embedding: Literal["per_row", "int4_block", "per_tensor", "fp32"] = Field(
         "per_row", description="embedding tables: INT8 with one scale per row, dequantized after the lookup "
         "(per_row); the word table (the largest) INT4 with one scale per embedding_block_size elements of a row, "
