@@ -132,9 +132,22 @@ def test_int4_goes_to_the_largest_table_only_even_when_it_is_excluded(tmp_path):
     assert {r.table: r.bits for r in records} == {"words": 4, "positions": 8}
     ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert ops["word_lookup/int4_blocks"] == "GatherBlockQuantized" and "position_lookup/int8_rows/Gather" in ops
-    # the accuracy fallback keeps the word table fp32: the position table does not take its 4 bits
+    # an exclusion keeps the word table fp32: the position table does not take its 4 bits
     records = quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q2.onnx", bits=4, exclude={"word_lookup"})
     assert {r.table: r.bits for r in records} == {"positions": 8}
+    # the accuracy fallback's first step for the 4-bit table is INT8 per row, not fp32 (a 4x larger table);
+    # an 8-bit table the fallback names still goes to fp32
+    records = quantize_embedding_rows(tmp_path / "g.onnx", tmp_path / "q3.onnx", bits=4,
+                                      exclude={"word_lookup", "position_lookup"},
+                                      int8_instead={"word_lookup", "position_lookup"})
+    assert {r.table: r.bits for r in records} == {"words": 8}
+    q3 = onnx.load(str(tmp_path / "q3.onnx"))
+    assert {i.name for i in q3.graph.initializer} == {"words_int8_rows", "words_row_scales", "positions"}
+    ids, pos = np.array([[5, 1999, 0]]), np.array([[0, 1, 2]])
+    got = ort.InferenceSession(str(tmp_path / "q3.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids, "pos": pos})[0]
+    step = np.abs(words).max(axis=1) / 127.0
+    assert np.all(np.abs(got - (words[ids] + positions[pos])) <= step[ids][..., None] / 2 + 1e-6)
 
 
 @pytest.mark.parametrize("block", [0, 24, 8])
@@ -212,6 +225,20 @@ def test_dynamic_int8_of_every_big_tensor(rows_source, tmp_path):
     assert {e["node"]: e["reason"] for e in fp32_nodes(rows_source, excluded,
                                                       QuantOptions(exclude_nodes=["*word_embeddings*"]))}[WORD_GATHER] \
         == "exclude_nodes pattern"
+
+
+def test_the_fallback_sends_the_4_bit_word_table_to_int8_and_an_excluded_one_to_fp32(rows_source, tmp_path):
+    four = QuantOptions(embedding="int4_block", embedding_block_size=16)
+    q = quantize_graph(rows_source, tmp_path / "q4.onnx", four)
+    assert integer_op_counts(q)["int4_gather"] == 1
+    fallback = quantize_graph(rows_source, tmp_path / "fb.onnx", four, exclude=[WORD_GATHER])
+    counts = integer_op_counts(fallback)
+    assert counts.get("int4_gather", 0) == 0 and counts["int8_gather"] == 2  # word table INT8 per row, positions
+    assert WORD_GATHER in quantized_nodes(rows_source, fallback, four)
+    pattern = QuantOptions(embedding="int4_block", embedding_block_size=16, exclude_nodes=["*word_embeddings*"])
+    kept = quantize_graph(rows_source, tmp_path / "kept.onnx", pattern, exclude=[WORD_GATHER])
+    assert integer_op_counts(kept).get("int4_gather", 0) == 0 and integer_op_counts(kept)["int8_gather"] == 1
+    assert WORD_TABLE in {i.name for i in onnx.load(str(kept)).graph.initializer}  # a user's exclusion stays fp32
 
 
 def test_stage_quantizes_the_embedding_per_row_and_says_what_stayed_fp32(run):

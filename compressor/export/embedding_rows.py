@@ -89,8 +89,8 @@ def int4_blocks(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.nd
 
 
 def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), min_elements: int = EMBED_MIN_ELEMENTS,
-                            skip_heads: bool = True, bits: int = 8,
-                            block_size: int = INT4_BLOCK_SIZE) -> list[RowQuantized]:
+                            skip_heads: bool = True, bits: int = 8, block_size: int = INT4_BLOCK_SIZE,
+                            int8_instead: Iterable[str] = ()) -> list[RowQuantized]:
     """Store every embedding table of ``src`` quantized: INT8 with one fp32 scale per row (``bits=8``, symmetric,
     max |w| / 127); with ``bits=4`` the largest table (the word table) INT4 with one fp32 scale per ``block_size``
     elements of a row (:func:`int4_blocks`) and the smaller ones (positions) still INT8 per row: they are a few
@@ -100,7 +100,9 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
     ids))``; with 4 bits, ``com.microsoft.GatherBlockQuantized(packed, ids, scales)``. Either keeps the output name,
     so the table stays quantized in memory and only the looked-up rows are dequantized. A table that another node
     also reads (tied weights) keeps its fp32 copy for that node. Nodes named in ``exclude`` (and the heads, with
-    ``skip_heads``) are left alone. Writes ``dst`` (may be ``src``); returns what changed.
+    ``skip_heads``) are left alone, except that a node in both ``exclude`` and ``int8_instead`` that reads the
+    4-bit table gets that table INT8 per row (the accuracy fallback's first step for the 4-bit table, as for a
+    4-bit MatMul). Writes ``dst`` (may be ``src``); returns what changed.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -114,15 +116,17 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
     exclude = set(exclude)
     candidates = {n: t for n, t in embedding_tables(model, min_elements).items()
                   if not (skip_heads and HEAD_SCOPE in n)}
-    tables = {n: t for n, t in candidates.items() if n not in exclude}
+    inits = {i.name: i for i in graph.initializer}
+    # the largest table of the encoder (an excluded one too: excluding the word table leaves positions INT8)
+    largest = max(set(candidates.values()), key=lambda t: (math.prod(inits[t].dims), t)) if candidates else None
+    demoted = {n for n in set(int8_instead) & exclude if bits == 4 and candidates.get(n) == largest}
+    tables = {n: t for n, t in candidates.items() if n not in exclude or n in demoted}
     if not tables:
         if Path(src) != Path(dst):
             onnx.save(model, str(dst))
         return []
-    inits = {i.name: i for i in graph.initializer}
-    # the largest table of the encoder (an excluded one too: excluding the word table leaves positions INT8)
-    largest = max(set(candidates.values()), key=lambda t: (math.prod(inits[t].dims), t))
-    table_bits = {t: bits if t == largest else 8 for t in tables.values()}
+    four = bits == 4 and not any(tables.get(n) == largest for n in demoted)
+    table_bits = {t: 4 if four and t == largest else 8 for t in tables.values()}
     done: dict[str, tuple[str, str]] = {}  # table -> (quantized table name, scales name)
     records: list[RowQuantized] = []
     new_nodes = []

@@ -233,15 +233,18 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
     """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``.
 
     Nodes kept fp32: ``options``' exclusions (op types, name patterns, heads; see :func:`nodes_to_exclude`)
-    plus ``exclude``, except that a 4-bit MatMul (``options.matmul4``) in ``exclude`` goes to INT8 instead.
-    ``ranges``: calibration ranges, required for static mode.
+    plus ``exclude``, except that a 4-bit MatMul (``options.matmul4``) or the lookup of the 4-bit word table
+    (``embedding: int4_block``) in ``exclude`` goes to INT8 instead. ``ranges``: calibration ranges, required for
+    static mode.
     """
     from optimum.onnxruntime import ORTQuantizer
 
     if options.mode == "static" and ranges is None:
         raise QuantizationError("static quantization needs calibration ranges (see calibrate)")
-    four = matmul4_candidates(src, options.matmul4, nodes_to_exclude(src, options))
-    demoted = set(exclude) & set(four)  # the fallback sends a 4-bit node to INT8 first
+    fixed = nodes_to_exclude(src, options)
+    fallback = set(exclude) - set(fixed)  # what the caller (the accuracy fallback) asks to keep fp32
+    four = matmul4_candidates(src, options.matmul4, fixed)
+    demoted = fallback & set(four)  # the fallback sends a 4-bit node to INT8 first
     four = [n for n in four if n not in demoted]
     exclude = nodes_to_exclude(src, options, [*(n for n in exclude if n not in demoted), *four])
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +261,6 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
                                     skip_heads=options.quantize_heads is not True, bits=options.embedding_bits(),
-                                    block_size=options.embedding_block_size)
+                                    block_size=options.embedding_block_size, int8_instead=fallback)
         shutil.move(str(out), str(dst))
     return dst

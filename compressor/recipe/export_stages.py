@@ -102,7 +102,8 @@ class QuantizeStage(ToleranceTest):
         "per_row", description="embedding tables: INT8 with one scale per row, dequantized after the lookup "
         "(per_row); the word table (the largest) INT4 with one scale per embedding_block_size elements of a row, "
         "looked up by ONNX Runtime's GatherBlockQuantized, and the smaller tables per_row (int4_block: about 5/8 "
-        "of the word table's per_row bytes, coarser; the accuracy check and fallback apply as for every node); "
+        "of the word table's per_row bytes, coarser; the accuracy check applies as for every node, and the fallback "
+        "sends the word table to INT8 per row, not to fp32); "
         "ORT's per-tensor Gather quantization (per_tensor); or left fp32")
     embedding_block_size: int = Field(32, description="int4_block: elements of a row that share one scale (a power "
                                       "of two, at least 16; smaller blocks are more accurate and store more scales)")

@@ -259,12 +259,13 @@ def _notes(ctx: StageContext, outcome: Any, mode: str, compared: dict[str, Any],
     tables = f"{final.integer_ops.get('int8_gather', 0)} INT8"
     if cfg.embedding == "int4_block":
         tables = f"{final.integer_ops.get('int4_gather', 0)} INT4 (blocks of {cfg.embedding_block_size}) and {tables}"
+    four_bits = cfg.matmul_int4 is not None or cfg.embedding == "int4_block"
     four = final.integer_ops.get("MatMulNBits", 0)
     four_note = (f" ({four} of them 4-bit MatMulNBits, blocks of {cfg.matmul_int4.block_size}; a 4-bit node "
                  "the fallback moves goes to INT8)" if cfg.matmul_int4 else "")
     notes = [f"{mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
              f"MatMul(s){four_note}, {tables} embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
-             f"node(s) {'moved by the fallback (4-bit ones to INT8)' if cfg.matmul_int4 else 'moved back to fp32'} after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
+             f"node(s) {'moved by the fallback (4-bit ones to INT8)' if four_bits else 'moved back to fp32'} after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
     if compared:
         notes.append("static vs dynamic: " + "; ".join(
             f"{m}: p50 {c['latency_ms_p50']:.2f} ms, {'within' if c['passed'] else 'OVER'} tolerance, "
