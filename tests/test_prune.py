@@ -10,7 +10,7 @@ import torch
 from _prune_helpers import PLUGIN, stage_context
 from compressor.errors import RecipeError
 from compressor.model.architecture import read_architecture
-from compressor.model.io import load_model, save_model
+from compressor.model.io import load_model, read_manifest, save_model
 from compressor.model.multitask import MultiTaskModel
 from compressor.prune import select
 from compressor.prune.groups import check_architecture, remove_heads
@@ -244,6 +244,32 @@ def test_prune_stage_end_to_end_with_recovery(tmp_path, tokenizer):
     first, second = (s["recovery"]["kd_logits"] for s in result.outputs["steps"])
     assert second < first
     assert kd_gap(ctx) < 0.25 * gap_plain
+
+
+def test_a_second_prune_stage_distils_each_layer_against_the_teacher_layer_it_came_from(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    # depth (teacher -> layers kept) then width on that model: the width recovery must compare hidden states
+    # with the teacher layers the depth stage kept, not a uniform map; each manifest records them
+    from compressor.distill import objective
+    from compressor.stages.prune import run
+
+    save_model(make_model(layers=4, vocab=len(tokenizer)), tokenizer, tmp_path / "teacher", max_length=32)
+    depth = {"kind": "prune", "drop_layers": [1, 2], "importance_batches": 2, "batch_size": 4}
+    ctx = stage_context(tmp_path / "depth", depth, tmp_path / "teacher", tmp_path / "teacher")
+    run(ctx)
+    depth_dir = ctx.out_dir / "model"
+    assert read_manifest(depth_dir)["teacher_layers"] == [0, 3]
+
+    maps = []
+    engine = objective.recovery_engine
+    monkeypatch.setattr(objective, "recovery_engine", lambda *a, **k: maps.append(k["layer_map"]) or engine(*a, **k))
+    width = {"kind": "prune", "head_ratio": 0.5, "importance_batches": 2, "batch_size": 4, "recovery_steps": 2,
+             "recovery": {"alpha": 0.0, "batch_size": 4, "weights": {"hidden": 1.0}}}
+    ctx = stage_context(tmp_path / "width", width, depth_dir, tmp_path / "teacher")
+    result = run(ctx)
+    assert maps == [{0: 0, 1: 3}]  # the uniform map of 2 layers in 4 would be {0: 1, 1: 3}
+    assert result.outputs["teacher_layers"] == [0, 3]
+    assert read_manifest(ctx.out_dir / "model")["teacher_layers"] == [0, 3]
 
 
 def test_prune_stage_needs_a_model(tmp_path):

@@ -234,6 +234,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def recorded_teacher_layers(manifest: Mapping[str, Any], num_layers: int) -> list[int] | None:
+    """The run-teacher layer each of a saved model's ``num_layers`` layers stands for, as the stage that made it
+    recorded (``teacher_layers``: distill, prune, prune_vocab; models saved before that key: the distill stage's
+    ``distilled_by.teacher_layers``); None when not recorded or not one per layer."""
+    recorded = manifest.get("teacher_layers")
+    if recorded is None:
+        recorded = (manifest.get("distilled_by") or {}).get("teacher_layers")
+    return [int(i) for i in recorded] if recorded and len(recorded) == num_layers else None
+
+
 def default_layer_map(student_layers: int, teacher_layers: int, kept: Sequence[int] | None = None) -> dict[int, int]:
     """Student layer -> teacher layer: the kept layers when known, else uniform (student top = teacher top)."""
     if kept is not None and len(kept) == student_layers:

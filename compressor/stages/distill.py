@@ -49,7 +49,8 @@ def run(ctx: StageContext) -> StageResult:
 
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
-               extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map}})
+               extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map},
+                      **({"teacher_layers": kept} if kept is not None else {})})
     teacher.to("cpu")
     ctx.reporter.extend(evaluate_rows(student, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
@@ -204,7 +205,8 @@ def _retention_note(cfg: DistillStage, label: str, run_: dict[str, Any]) -> str:
 
 def _build_student(ctx: StageContext, teacher: MultiTaskModel, seed: int) -> tuple[MultiTaskModel, list[int] | None, str]:
     """The student the config asks for, the teacher layers it kept (when known) and a line saying where it came from."""
-    from compressor.model.student import select_layers, student_from_config, student_from_teacher
+    from compressor.model.student import (recorded_teacher_layers, select_layers, student_from_config,
+                                          student_from_teacher)
 
     spec = ctx.stage.student
     if spec.from_teacher is not None:
@@ -222,8 +224,7 @@ def _build_student(ctx: StageContext, teacher: MultiTaskModel, seed: int) -> tup
     if student.encoder.get_input_embeddings().num_embeddings != teacher.encoder.get_input_embeddings().num_embeddings:
         raise RecipeError(f"the model in {ctx.model_dir} has another vocabulary than the teacher; distil before prune_vocab")
     n = len(encoder_layers(student.encoder))
-    recorded = (manifest.get("distilled_by") or {}).get("teacher_layers")
-    kept = [int(i) for i in recorded] if recorded and len(recorded) == n else _earlier_kept_layers(ctx, n)
+    kept = recorded_teacher_layers(manifest, n) or _earlier_kept_layers(ctx, n)
     return student, kept, f"previous model {ctx.model_dir}"
 
 
@@ -300,7 +301,7 @@ def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenize
     s_saved = ctx.out_dir / subdir
     save_model(single, tokenizer, s_saved, recipe.model.max_length,
                extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
-                                       "single_task": t}})
+                                       "single_task": t}, **({"teacher_layers": kept} if kept is not None else {})})
     ctx.reporter.extend(evaluate_rows(single, tokenizer, ctx.data, label=f"{cfg.name}:single:{t}",
                                       stage=cfg.name, tasks=[t], model_dir=s_saved, report=recipe.report,
                                       batch_size=cfg.eval_batch_size))

@@ -80,7 +80,9 @@ def run(ctx: StageContext) -> StageResult:
     saved = ctx.out_dir / "model"
     summary = {"stage": cfg.name, "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
                "layers_kept": pruner.layer_ids, "parameters_before": before}
-    save_model(model, tokenizer, saved, max_length, extra={"pruned_by": summary})
+    teacher_layers = _teacher_layers(ctx, manifest, len(arch_before), list(pruner.layer_ids))
+    save_model(model, tokenizer, saved, max_length, extra={
+        "pruned_by": summary, **({"teacher_layers": teacher_layers} if teacher_layers is not None else {})})
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
@@ -97,7 +99,7 @@ def run(ctx: StageContext) -> StageResult:
     outputs: dict[str, Any] = {
         "parameters_before": before, "parameters_after": after,
         "architecture_before": [a.to_dict() for a in arch_before], "architecture": [a.to_dict() for a in arch],
-        "layers_kept": pruner.layer_ids, "teacher": teacher_name if recovers else None,
+        "layers_kept": pruner.layer_ids, "teacher_layers": teacher_layers, "teacher": teacher_name if recovers else None,
         "steps": [r.to_dict() for r in reports], "dev_before": reference,
         **({"posttrain": post.to_dict()} if post is not None else {}),
         **({"hidden_size": width} if width is not None else {}),
@@ -119,11 +121,22 @@ def _dev_tasks(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel) -> lis
 
 
 def _base_map(manifest: dict[str, Any], n_layers: int, same_stack: bool) -> list[int] | None:
-    """The teacher layer each input layer stands for: the input model's own layers, or the layers a distill stage
-    kept from the run's teacher (so hidden-state / attention KD compares matching depths); None when unknown."""
-    distilled = (manifest.get("distilled_by") or {}).get("teacher_layers")
-    return (list(range(n_layers)) if same_stack
-            else [int(i) for i in distilled] if distilled and len(distilled) == n_layers else None)
+    """The teacher layer each input layer stands for: the input model's own layers, or the run-teacher layers an
+    earlier distill or prune stage recorded (so hidden-state / attention KD compares matching depths); None when
+    unknown."""
+    from compressor.model.student import recorded_teacher_layers
+
+    return list(range(n_layers)) if same_stack else recorded_teacher_layers(manifest, n_layers)
+
+
+def _teacher_layers(ctx: StageContext, manifest: dict[str, Any], n_layers: int, kept: list[int]) -> list[int] | None:
+    """The run-teacher layers the pruned model's layers stand for (recorded in its manifest for later stages): the
+    input's own record, or its layers when the input is the run's teacher, composed with the layers kept."""
+    from compressor.model.student import recorded_teacher_layers
+
+    is_teacher = ctx.teacher_dir is not None and Path(ctx.teacher_dir).resolve() == Path(ctx.model_dir).resolve()
+    base = list(range(n_layers)) if is_teacher else recorded_teacher_layers(manifest, n_layers)
+    return [base[i] for i in kept] if base is not None else None
 
 
 def _notes(cfg: PruneStage, before: int, after: int, arch_before: list[Any], arch: list[Any], layers_kept: list[int],

@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> StageResult:
     max_length = recipe.model.max_length
     corpus = _corpus_texts(ctx, cfg)  # bad files fail before anything heavy runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_model(ctx.model_dir, device)
+    model, tokenizer, manifest = load_model(ctx.model_dir, device)
     tasks = list(model.tasks)
     too_big = [s for s in cfg.sizes or () if s > len(tokenizer)]
     if too_big:
@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
     candidates = _candidates(ctx, cfg, tokenizer, tasks, splits, corpus)
     sweep, chosen, sweep_notes = _size_sweep(ctx, cfg, model, tokenizer, candidates)
     if chosen is None:
-        return _keep_full(ctx, cfg, model, tokenizer, candidates, sweep, sweep_notes)
+        return _keep_full(ctx, cfg, model, tokenizer, candidates, sweep, sweep_notes, _layers_record(manifest))
     kept = candidates.kept(chosen)
 
     # measured with the original tokenizer before anything changes
@@ -73,7 +73,8 @@ def run(ctx: StageContext) -> StageResult:
     saved = ctx.out_dir / "model"
     save_model(model, new_tokenizer, saved, max_length,
                extra={"vocab_pruned_by": {"stage": cfg.name, "vocab_before": before_vocab,
-                                          "kept_sources": candidates.sources}})
+                                          "kept_sources": candidates.sources},
+                      **_layers_record(manifest)})
     ctx.reporter.extend(evaluate_rows(model, new_tokenizer, ctx.data, label=cfg.name, stage=cfg.name,
                                       model_dir=saved, report=recipe.report, batch_size=cfg.eval_batch_size))
 
@@ -133,8 +134,14 @@ def _source_notes(cfg: PruneVocabStage, candidates: VocabCandidates, sweep_notes
     return notes
 
 
+def _layers_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The input's record of the teacher layers its layers stand for, carried over (the vocabulary cut keeps every
+    layer)."""
+    return {"teacher_layers": manifest["teacher_layers"]} if "teacher_layers" in manifest else {}
+
+
 def _keep_full(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, candidates: VocabCandidates,
-               sweep: list[dict[str, Any]], sweep_notes: list[str]) -> StageResult:
+               sweep: list[dict[str, Any]], sweep_notes: list[str], extra: dict[str, Any]) -> StageResult:
     """No size (not even every candidate) is within tolerance: save the model unpruned, or fail as configured."""
     worst = sweep[-1] if sweep else {"size": candidates.max_size, "drops": {}}
     drops = ", ".join(f"{t} -{100 * d:.2f}%" for t, d in worst["drops"].items())
@@ -144,7 +151,7 @@ def _keep_full(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: A
         raise RecipeError(f"{what}; if_none_within is 'fail' (set it to 'keep_full' to keep the whole vocabulary, "
                           "or raise tolerance)")
     saved = ctx.out_dir / "model"
-    save_model(model, tokenizer, saved, ctx.recipe.model.max_length)
+    save_model(model, tokenizer, saved, ctx.recipe.model.max_length, extra=extra)
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=ctx.recipe.report, batch_size=cfg.eval_batch_size))
     msg = f"{what}; kept the whole vocabulary ({len(tokenizer):,} tokens, if_none_within: keep_full)"

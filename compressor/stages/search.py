@@ -111,13 +111,13 @@ def _teacher_of(ctx: StageContext, cfg: Any, source: Any, tokenizer: Any, manife
                 n: int) -> tuple[Any, Any, list[int] | None]:
     """The recovery teacher, its tokenizer and the teacher layers the source kept (when known)."""
     from compressor.model.io import load_model
+    from compressor.model.student import recorded_teacher_layers
 
     same = Path(ctx.teacher_dir).resolve() == Path(ctx.model_dir).resolve()
     if same or cfg.recovery.teacher == "input":
         return source, tokenizer, list(range(n))
     teacher, teacher_tok, _ = load_model(ctx.teacher_dir)
-    recorded = (manifest.get("distilled_by") or {}).get("teacher_layers")
-    teacher_layers = [int(i) for i in recorded] if recorded and len(recorded) == n else None
+    teacher_layers = recorded_teacher_layers(manifest, n)
     if teacher.encoder.get_input_embeddings().num_embeddings != source.encoder.get_input_embeddings().num_embeddings:
         raise RecipeError(f"stage '{cfg.name}': the model in {ctx.model_dir} has another vocabulary than the "
                           "teacher; search before prune_vocab (the space has vocab_min_count)")
