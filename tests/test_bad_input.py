@@ -1420,6 +1420,10 @@ _LOAD_MANIFEST_CASES = {
     "encoder-positions-bool": (lambda m: m["encoder"]["config"].update(max_position_embeddings=True),
                                "field 'encoder.config.max_position_embeddings'"),
     "parameters-negative": (lambda m: m.update(parameters=-1), "field 'parameters'"),
+    "teacher-layers-strings": (lambda m: m.update(teacher_layers=["a"] * len(m["architecture"]["layers"])),
+                               "field 'teacher_layers' must be a list of"),
+    "teacher-layers-one-short": (lambda m: m.update(teacher_layers=[0] * (len(m["architecture"]["layers"]) - 1)),
+                                 "non-negative integers (one per layer)"),
     "max-length-beyond-model-positions": (lambda m: m["encoder"]["config"].update(max_position_embeddings=16),
                                           "model.max_length: 32 is more than the 16 positions of the model of stage"),
 }

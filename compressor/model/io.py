@@ -134,6 +134,10 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     if "parameters" in m:
         need(is_int(m["parameters"]) and m["parameters"] >= 0, "parameters", "a non-negative integer",
              m["parameters"])
+    if "teacher_layers" in m:  # the teacher layer each layer came from (compressor.model.student)
+        tl = m["teacher_layers"]
+        need(isinstance(tl, list) and len(tl) == len(layers) and all(is_int(v) and v >= 0 for v in tl),
+             "teacher_layers", f"a list of {len(layers)} non-negative integers (one per layer)", tl)
     tasks = m["tasks"]
     need(isinstance(tasks, list) and bool(tasks), "tasks", "a non-empty list", tasks)
     names: set[str] = set()

@@ -16,7 +16,7 @@ from compressor.runtime.spec import ExtraInput, GraphSpec
 
 #: ONNX Runtime graph optimisers every session leaves out: ``SkipLayerNormFusion`` would fuse the residual ``Add``
 #: and ``LayerNormalization`` pairs our exports keep apart, into a CPU kernel measured 3-7x slower (see
-#: :func:`compressor.export.optimize.fuse_transformer`); without it an INT8 student ran 28% faster.
+#: :func:`compressor.export.optimize.fuse_transformer`); with the pairs apart an INT8 student ran 28% faster.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
