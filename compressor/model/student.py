@@ -244,6 +244,12 @@ def recorded_teacher_layers(manifest: Mapping[str, Any], num_layers: int) -> lis
     return [int(i) for i in recorded] if recorded and len(recorded) == num_layers else None
 
 
+def teacher_layers_entry(teacher_layers: Sequence[int] | None) -> dict[str, list[int]]:
+    """The manifest entry :func:`recorded_teacher_layers` reads (for ``save_model``'s ``extra``); empty when the
+    teacher layers are unknown."""
+    return {"teacher_layers": [int(i) for i in teacher_layers]} if teacher_layers is not None else {}
+
+
 def default_layer_map(student_layers: int, teacher_layers: int, kept: Sequence[int] | None = None) -> dict[int, int]:
     """Student layer -> teacher layer: the kept layers when known, else uniform (student top = teacher top)."""
     if kept is not None and len(kept) == student_layers:

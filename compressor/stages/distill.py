@@ -15,6 +15,7 @@ from compressor.model.architecture import encoder_layers
 from compressor.model.forward import dev_metrics
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel, keep_tasks
+from compressor.model.student import teacher_layers_entry
 from compressor.recipe import DistillStage
 from compressor.stages import StageContext, StageResult
 from compressor.tasks import with_required
@@ -50,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
     saved = ctx.out_dir / "model"
     save_model(student, tokenizer, saved, recipe.model.max_length,
                extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map},
-                      **({"teacher_layers": kept} if kept is not None else {})})
+                      **teacher_layers_entry(kept)})
     teacher.to("cpu")
     ctx.reporter.extend(evaluate_rows(student, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
@@ -301,7 +302,7 @@ def _single_task_student(ctx: StageContext, student: Any, teacher: Any, tokenize
     s_saved = ctx.out_dir / subdir
     save_model(single, tokenizer, s_saved, recipe.model.max_length,
                extra={"distilled_by": {"stage": cfg.name, "teacher_layers": kept, "layer_map": layer_map,
-                                       "single_task": t}, **({"teacher_layers": kept} if kept is not None else {})})
+                                       "single_task": t}, **teacher_layers_entry(kept)})
     ctx.reporter.extend(evaluate_rows(single, tokenizer, ctx.data, label=f"{cfg.name}:single:{t}",
                                       stage=cfg.name, tasks=[t], model_dir=s_saved, report=recipe.report,
                                       batch_size=cfg.eval_batch_size))

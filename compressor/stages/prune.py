@@ -21,6 +21,7 @@ from compressor.errors import RecipeError
 from compressor.model.architecture import encoder_layers, read_architecture
 from compressor.model.io import load_model, save_model
 from compressor.model.multitask import MultiTaskModel
+from compressor.model.student import recorded_teacher_layers, teacher_layers_entry
 from compressor.prune.importance import task_batches
 from compressor.prune.pruner import StructuredPruner
 from compressor.recipe import PruneStage
@@ -81,8 +82,7 @@ def run(ctx: StageContext) -> StageResult:
     summary = {"stage": cfg.name, "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
                "layers_kept": pruner.layer_ids, "parameters_before": before}
     teacher_layers = _teacher_layers(ctx, manifest, len(arch_before), list(pruner.layer_ids))
-    save_model(model, tokenizer, saved, max_length, extra={
-        "pruned_by": summary, **({"teacher_layers": teacher_layers} if teacher_layers is not None else {})})
+    save_model(model, tokenizer, saved, max_length, extra={"pruned_by": summary, **teacher_layers_entry(teacher_layers)})
     ctx.reporter.extend(evaluate_rows(model, tokenizer, ctx.data, label=cfg.name, stage=cfg.name, model_dir=saved,
                                       report=recipe.report, batch_size=cfg.eval_batch_size))
 
@@ -124,16 +124,12 @@ def _base_map(manifest: dict[str, Any], n_layers: int, same_stack: bool) -> list
     """The teacher layer each input layer stands for: the input model's own layers, or the run-teacher layers an
     earlier distill or prune stage recorded (so hidden-state / attention KD compares matching depths); None when
     unknown."""
-    from compressor.model.student import recorded_teacher_layers
-
     return list(range(n_layers)) if same_stack else recorded_teacher_layers(manifest, n_layers)
 
 
 def _teacher_layers(ctx: StageContext, manifest: dict[str, Any], n_layers: int, kept: list[int]) -> list[int] | None:
     """The run-teacher layers the pruned model's layers stand for (recorded in its manifest for later stages): the
     input's own record, or its layers when the input is the run's teacher, composed with the layers kept."""
-    from compressor.model.student import recorded_teacher_layers
-
     is_teacher = ctx.teacher_dir is not None and Path(ctx.teacher_dir).resolve() == Path(ctx.model_dir).resolve()
     base = list(range(n_layers)) if is_teacher else recorded_teacher_layers(manifest, n_layers)
     return [base[i] for i in kept] if base is not None else None

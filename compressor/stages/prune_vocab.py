@@ -27,6 +27,7 @@ import torch
 from compressor.data.readers import split_lines
 from compressor.errors import DataError, RecipeError
 from compressor.model.io import load_model, save_model
+from compressor.model.student import teacher_layers_entry
 from compressor.prune.vocab import (
     VocabCandidates, changed_tokens, english_words, prune_embeddings, prune_tokenizer, rank_vocab,
 )
@@ -57,8 +58,9 @@ def run(ctx: StageContext) -> StageResult:
     splits = ("train", "dev", "test") if cfg.keep_eval_splits else ("train",)
     candidates = _candidates(ctx, cfg, tokenizer, tasks, splits, corpus)
     sweep, chosen, sweep_notes = _size_sweep(ctx, cfg, model, tokenizer, candidates)
+    layers = teacher_layers_entry(manifest.get("teacher_layers"))  # the vocabulary cut keeps every layer
     if chosen is None:
-        return _keep_full(ctx, cfg, model, tokenizer, candidates, sweep, sweep_notes, _layers_record(manifest))
+        return _keep_full(ctx, cfg, model, tokenizer, candidates, sweep, sweep_notes, layers)
     kept = candidates.kept(chosen)
 
     # measured with the original tokenizer before anything changes
@@ -74,7 +76,7 @@ def run(ctx: StageContext) -> StageResult:
     save_model(model, new_tokenizer, saved, max_length,
                extra={"vocab_pruned_by": {"stage": cfg.name, "vocab_before": before_vocab,
                                           "kept_sources": candidates.sources},
-                      **_layers_record(manifest)})
+                      **layers})
     ctx.reporter.extend(evaluate_rows(model, new_tokenizer, ctx.data, label=cfg.name, stage=cfg.name,
                                       model_dir=saved, report=recipe.report, batch_size=cfg.eval_batch_size))
 
@@ -132,12 +134,6 @@ def _source_notes(cfg: PruneVocabStage, candidates: VocabCandidates, sweep_notes
     else:
         notes.append(f"{cfg.name}: no test split, so the share of changed test tokens is not measured")
     return notes
-
-
-def _layers_record(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The input's record of the teacher layers its layers stand for, carried over (the vocabulary cut keeps every
-    layer)."""
-    return {"teacher_layers": manifest["teacher_layers"]} if "teacher_layers" in manifest else {}
 
 
 def _keep_full(ctx: StageContext, cfg: PruneVocabStage, model: Any, tokenizer: Any, candidates: VocabCandidates,
