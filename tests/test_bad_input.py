@@ -485,8 +485,8 @@ def _(c):
 @case("recipe-matmul4-block-size-not-a-power-of-two")
 def _(c):
     stages = ("  - {kind: train, epochs: 1}\n  - {kind: export}\n"
-              "  - {kind: quantize, matmul_int4: {block_size: 48}}\n")
-    return c.run(c.base(stages=stages)), "stages[2].matmul_int4.block_size"
+              "  - {kind: quantize, matmul_nbits: [{nodes: ['*/intermediate/*']}, {bits: 8, block_size: 48}]}\n")
+    return c.run(c.base(stages=stages)), "stages[2].matmul_nbits[1].block_size"
 
 
 @case("recipe-posttrain-without-budget")

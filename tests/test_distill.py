@@ -382,8 +382,36 @@ def test_distill_stage_saves_evaluates_and_reports_the_student(store, tokenizer,
         run(bad)
 
 
+def test_word_table_int4_puts_the_table_on_the_export_grid_and_trains_around_it(store, tokenizer, tmp_path):
+    import numpy as np
+
+    from compressor.export.embedding_rows import int4_blocks
+    from compressor.stages.distill import run
+
+    teacher = teacher_for(store)
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher", max_length=32)
+    ctx = make_ctx(store, tmp_path, {"student": {"from_teacher": {"layers": 2}}, "steps": 4, "batch_size": 4,
+                                     "lr": 1e-3, "warmup_ratio": 0.0, "word_table_int4": 16}, teacher_dir=teacher_dir)
+    run(ctx)
+    student, _, _ = load_model(ctx.out_dir / "model")
+    table = student.encoder.get_input_embeddings().weight.detach().numpy()
+    before = teacher.encoder.get_input_embeddings().weight.detach().numpy()
+    _, _, on_grid = int4_blocks(before, 16)
+    # the teacher's table snapped to the INT4 grid (the export's own function) and left there by training ...
+    assert np.array_equal(table, on_grid) and not np.array_equal(table, before)
+    _, _, again = int4_blocks(table, 16)
+    assert np.array_equal(again, table)  # ... so the quantize stage's int4_block stores it exactly
+    # while the rest trained, the other embedding tables included (copied from the teacher, then moved)
+    positions = "embeddings.position_embeddings.weight"
+    assert not torch.equal(dict(student.encoder.named_parameters())[positions],
+                           dict(teacher.encoder.named_parameters())[positions])
+
+
 def test_distill_stage_config_is_validated():
     from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="word_table_int4\n.*power of two of at least 16"):
+        DistillStage.model_validate({"kind": "distill", "word_table_int4": 48})
 
     with pytest.raises(ValidationError, match="exactly one of"):
         DistillStage.model_validate({"kind": "distill", "student": {"from_previous": True,

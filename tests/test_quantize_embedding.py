@@ -98,7 +98,8 @@ def test_int4_block_lookup_within_half_a_block_step_of_fp32(tmp_path):
     _, _, deq = int4_blocks(table, 32)
     assert np.allclose(got, deq[ids], atol=1e-7)
 
-    # stored as packed 4-bit values (two per byte) with fp32 block scales; the fp32 table is gone
+    # stored as packed 4-bit values (two per byte) with fp32 block scales (some of this table's scales are below
+    # fp16's normal range: see the next test for fp16 scales); the fp32 table is gone
     model = onnx.load(str(tmp_path / "int4.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     assert set(inits) == {"table_int4_blocks", "table_block_scales"}
@@ -114,6 +115,27 @@ def test_int4_block_lookup_within_half_a_block_step_of_fp32(tmp_path):
     # 50 + 16 bytes a row against 100 + 4: at 100 columns the fp32 block scales are a quarter of the INT4 bytes
     assert (tmp_path / "int4.onnx").stat().st_size < 0.65 * (tmp_path / "int8.onnx").stat().st_size
     assert records[0].max_abs_error > int8[0].max_abs_error  # coarser: what the stage's accuracy check is for
+
+
+def test_int4_block_scales_are_stored_as_fp16_when_they_fit_and_lose_nothing(tmp_path):
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((2000, 64)) * 0.05).astype(np.float32)  # a word table's magnitude
+    src = _lookup_graph(tmp_path / "fp32.onnx", table)
+    records = quantize_embedding_rows(src, tmp_path / "int4.onnx", bits=4, block_size=32)
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits["table_block_scales"].data_type == TensorProto.FLOAT16
+    assert [n.op_type for n in model.graph.node] == ["Cast", "GatherBlockQuantized"]
+    assert records[0].quantized_bytes == 2000 * 32 + 2000 * 2 * 2  # 2 bytes a scale
+    ids = rng.integers(0, 2000, size=(3, 20))
+    got = _run(tmp_path / "int4.onnx", ids)
+    _, scales, deq = int4_blocks(table, 32)
+    assert scales.dtype == np.float16
+    # the 4-bit values were computed with the rounded scales: ONNX Runtime returns the reference bit for bit,
+    # within half a (rounded) step of fp32
+    assert np.array_equal(got, deq[ids])
+    step = np.repeat(scales.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(deq - table) <= 0.5 * step * (1 + 1e-6))
 
 
 def test_int4_goes_to_the_largest_table_only_even_when_it_is_excluded(tmp_path):

@@ -151,6 +151,7 @@ def train_options(opts: Any, **overrides: Any) -> TrainOptions:
     fields = {"batch_size": opts.batch_size, "lr": opts.lr, "head_lr": opts.lr, "weight_decay": opts.weight_decay,
               "warmup_ratio": opts.warmup_ratio, "optimizer": opts.optimizer, "momentum": opts.momentum,
               "grad_clip": opts.grad_clip, "dropout": opts.dropout, "sampling": opts.sampling,
+              "word_table_int4": opts.word_table_int4,
               "mixed_precision": opts.mixed_precision, "loss_weighting": LossWeighting(strategy="uniform"),
               "head_selection": "best_mean", "per_task_stopping": False, "epochs": 1}
     fields.update({k: v for k, v in overrides.items() if v is not None})

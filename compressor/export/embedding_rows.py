@@ -3,8 +3,9 @@
 - INT8 per row: ``Gather(int8 table)`` + ``Gather(scales)`` -> ``Cast`` -> ``Mul`` (standard ONNX ops; per-tensor
   INT8 gives every row the range of the table's largest value);
 - INT4 per block: ONNX Runtime's ``com.microsoft.GatherBlockQuantized`` on a table of packed 4-bit values with
-  one fp32 scale per ``block_size`` elements of a row (about 5/8 of INT8's bytes at blocks of 32, the scales
-  included; coarser, so measure what it costs).
+  one scale per ``block_size`` elements of a row (about 9/16 of INT8's bytes at blocks of 32, the scales
+  included; coarser, so measure what it costs). The scales are stored as fp16 when every one fits its normal
+  range (the 4-bit grid is computed with the rounded scales, so nothing is lost) and cast to fp32 once, at load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 EMBED_MIN_ELEMENTS = 4096
 #: elements of a row that share one scale in INT4 tables (ORT wants a power of two, at least 16)
 INT4_BLOCK_SIZE = 32
+#: fp16's range without subnormals: INT4 block scales inside it are stored in 2 bytes
+FP16_NORMAL_MIN, FP16_MAX = 2.0 ** -14, 65504.0
 HEAD_SCOPE = "/heads/"  # TorchScript scope of the heads in node names (ExportWrapper.model.heads.<task>)
 
 
@@ -35,6 +38,11 @@ class RowQuantized:
     quantized_bytes: int  # table + scales
     max_abs_error: float  # largest |w - dequantized w| over the table (<= half the row's or block's scale)
     bits: int = 8
+
+
+def inits_dtype(graph: Any, name: str) -> int | None:
+    """The data type of initializer ``name`` of ``graph`` (None when it is not one)."""
+    return next((i.data_type for i in graph.initializer if i.name == name), None)
 
 
 def embedding_tables(model: Any, min_elements: int = EMBED_MIN_ELEMENTS) -> dict[str, str]:
@@ -71,7 +79,9 @@ def check_int4_block_size(block_size: int) -> None:
 def int4_blocks(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric INT4 of a 2-D table, one scale per ``block_size`` elements of a row (max |w| / 7, values in
     [-7, 7]), packed as ``GatherBlockQuantized`` reads uint8 data: value + 8, two per byte, the first in the low
-    nibble. Returns (packed uint8 [rows, ceil(cols / 2)], scales [rows, ceil(cols / block_size)], dequantized)."""
+    nibble. Returns (packed uint8 [rows, ceil(cols / 2)], scales [rows, ceil(cols / block_size)], dequantized).
+    The scales are fp16 (rounded first, the values quantized with the rounded ones) when all of them lie in fp16's
+    normal range, else fp32; ``dequantized`` is exactly what ONNX Runtime computes from them."""
     check_int4_block_size(block_size)
     rows, cols = w.shape
     blocks = -(-cols // block_size)
@@ -79,8 +89,10 @@ def int4_blocks(w: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.nd
     padded[:, :cols] = w
     scale = np.abs(padded.reshape(rows, blocks, block_size)).max(axis=2) / 7.0
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(padded.reshape(rows, blocks, block_size) / scale[..., None]), -7, 7)
-    deq = (q * scale[..., None]).reshape(rows, -1)[:, :cols].astype(np.float32)
+    if scale.size and FP16_NORMAL_MIN <= scale.min() and scale.max() <= FP16_MAX:
+        scale = scale.astype(np.float16)
+    q = np.clip(np.rint(padded.reshape(rows, blocks, block_size) / scale[..., None].astype(np.float32)), -7, 7)
+    deq = (q * scale[..., None].astype(np.float32)).reshape(rows, -1)[:, :cols].astype(np.float32)
     u = (q.reshape(rows, -1)[:, :cols] + 8).astype(np.uint8)
     if cols % 2:
         u = np.pad(u, ((0, 0), (0, 1)))
@@ -147,6 +159,13 @@ def quantize_embedding_rows(src: Path, dst: Path, exclude: Iterable[str] = (), m
                                         int(q.nbytes + scale.nbytes), error, table_bits[table]))
         q_name, s_name = done[table]
         ids, out = node.input[1], node.output[0]
+        if table_bits[table] == 4 and inits_dtype(graph, s_name) == onnx.TensorProto.FLOAT16:
+            # fp16 scales on disk, cast once (ONNX Runtime folds the Cast of a constant at load)
+            cast = f"{s_name}/fp32"
+            new_nodes.append(helper.make_node("Cast", [s_name], [cast], name=f"{s_name}/Cast",
+                                              to=onnx.TensorProto.FLOAT))
+            done[table] = (q_name, cast)
+            s_name = cast
         if table_bits[table] == 4:
             new_nodes.append(helper.make_node(
                 "GatherBlockQuantized", [q_name, ids, s_name], [out], name=f"{node.name}/int4_blocks",

@@ -18,7 +18,7 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.export.embedding_rows import (EMBED_MIN_ELEMENTS, HEAD_SCOPE, INT4_BLOCK_SIZE,
                                               quantize_embedding_rows)
-from compressor.export.matmul4 import MATMUL4_BLOCK_SIZE, matmul4_candidates, quantize_matmuls_4bit
+from compressor.export.matmul4 import NBitsGroup, nbits_assignment, quantize_matmuls_4bit
 from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
@@ -81,12 +81,10 @@ class QuantOptions:
     embedding: Embedding = "per_row"
     embedding_min_elements: int = EMBED_MIN_ELEMENTS
     embedding_block_size: int = INT4_BLOCK_SIZE
-    #: MatMul node-name patterns (fnmatch) whose constant weights are stored in 4 bits (ORT's MatMulNBits, one
-    #: scale and zero point per ``matmul4_block_size`` elements of a column) instead of INT8; empty: none. The
-    #: accuracy fallback sends such a node to INT8 (not fp32).
-    matmul4: list[str] = field(default_factory=list)
-    matmul4_block_size: int = MATMUL4_BLOCK_SIZE
-    matmul4_accuracy_level: int = 4
+    #: MatMuls whose constant weights are stored block-wise in 4 or 8 bits (ORT's MatMulNBits, one scale and
+    #: zero point per block of a column) instead of per-column INT8; the first group choosing a node wins; empty:
+    #: none. The accuracy fallback sends such a node to per-column INT8 (not fp32).
+    matmul_nbits: list[NBitsGroup] = field(default_factory=list)
 
     def head_fp32(self, node: Any, initializers: Mapping[str, Any]) -> bool:
         """Whether ``node`` is a task-head node kept fp32 by ``quantize_heads`` (``initializers``: name -> the
@@ -166,7 +164,7 @@ def quantized_nodes(src: Path, quantized: Path, options: QuantOptions) -> list[s
     q_nodes = {n.name: n for n in q_model.graph.node}
     producers = {o: n.op_type for n in q_model.graph.node for o in n.output}
     ops = (set(options.ops()) | ({"Gather"} if options.lookup_embeddings() else set())
-           | ({"MatMul"} if options.matmul4 else set()))
+           | ({"MatMul"} if options.matmul_nbits else set()))
     out = []
     for node in src_model.graph.node:
         if node.op_type not in ops:
@@ -233,7 +231,7 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
     """Quantize the prepared graph ``src`` into ``dst`` with ``ORTQuantizer``.
 
     Nodes kept fp32: ``options``' exclusions (op types, name patterns, heads; see :func:`nodes_to_exclude`)
-    plus ``exclude``, except that a 4-bit MatMul (``options.matmul4``) or the lookup of the 4-bit word table
+    plus ``exclude``, except that a block-wise MatMul (``options.matmul_nbits``) or the lookup of the 4-bit word table
     (``embedding: int4_block``) in ``exclude`` goes to INT8 instead. ``ranges``: calibration ranges, required for
     static mode.
     """
@@ -243,9 +241,9 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         raise QuantizationError("static quantization needs calibration ranges (see calibrate)")
     fixed = nodes_to_exclude(src, options)
     fallback = set(exclude) - set(fixed)  # what the caller (the accuracy fallback) asks to keep fp32
-    four = matmul4_candidates(src, options.matmul4, fixed)
-    demoted = fallback & set(four)  # the fallback sends a 4-bit node to INT8 first
-    four = [n for n in four if n not in demoted]
+    nbits = nbits_assignment(src, options.matmul_nbits, fixed)
+    demoted = fallback & set(nbits)  # the fallback sends a block-wise node to per-column INT8 first
+    four = [n for n in nbits if n not in demoted]
     exclude = nodes_to_exclude(src, options, [*(n for n in exclude if n not in demoted), *four])
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
@@ -256,8 +254,10 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         out = Path(tmp) / f"{Path(src).stem}.onnx"
         if not out.is_file():
             raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
-        if four:
-            quantize_matmuls_4bit(out, out, four, options.matmul4_block_size, options.matmul4_accuracy_level)
+        for group in options.matmul_nbits:
+            chosen = [n for n in four if nbits[n] is group]
+            if chosen:
+                quantize_matmuls_4bit(out, out, chosen, group.block_size, group.accuracy_level, group.bits)
         if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
                                     skip_heads=options.quantize_heads is not True, bits=options.embedding_bits(),

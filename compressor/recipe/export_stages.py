@@ -3,9 +3,9 @@ reference graphs of the teacher (its export and optimum's INT8 of it) that the s
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.recipe._base import NAME, Strict, ToleranceTest
 
@@ -53,15 +53,19 @@ class QuantCalibration(Strict):
     num_bins: int | None = Field(None, gt=0, description="histogram bins; default 2048 (percentile), 128 (entropy)")
 
 
-class MatMulInt4(Strict):
-    """4-bit MatMul weights (ONNX Runtime's MatMulNBits) for the chosen MatMul nodes; the other MatMuls stay INT8."""
+class MatMulNBits(Strict):
+    """Block-wise 4- or 8-bit MatMul weights (ONNX Runtime's MatMulNBits) for the MatMuls the patterns choose; the
+    other MatMuls stay per-column INT8."""
 
     nodes: list[str] = Field(["*"], min_length=1, description="node-name patterns (fnmatch) of the MatMuls whose "
-                             "constant weights go to 4 bits, e.g. '*/intermediate/*' for the FFN inputs; '*': every "
+                             "constant weights go block-wise, e.g. '*/intermediate/*' for the FFN inputs; '*': every "
                              "MatMul with a constant weight (a fused Attention node is not a MatMul and stays INT8; "
                              "the heads follow quantize_heads; exclude_nodes wins)")
     block_size: int = Field(32, description="elements of a weight column that share one scale and zero point (a "
                             "power of two, at least 16, as ONNX Runtime's MatMulNBits requires)")
+    bits: Literal[4, 8] = Field(4, description="bits a weight: 4, or 8 (one byte a weight, a scale per block "
+                                "instead of per column; with accuracy_level 4 the activations too get a scale per "
+                                "block rather than one per tensor, which is what loses less than dynamic INT8)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits accuracy_level: 4 quantizes the activations to 8 bits and multiplies in "
         "integers (fastest on CPUs with VNNI / AVX2); 0 dequantizes the weights and multiplies in fp32")
@@ -107,9 +111,11 @@ class QuantizeStage(ToleranceTest):
         "ORT's per-tensor Gather quantization (per_tensor); or left fp32")
     embedding_block_size: int = Field(32, description="int4_block: elements of a row that share one scale (a power "
                                       "of two, at least 16; smaller blocks are more accurate and store more scales)")
-    matmul_int4: MatMulInt4 | None = Field(
-        None, description="store the weights of the chosen MatMuls in 4 bits (block-wise, MatMulNBits) instead of "
-        "INT8; the accuracy fallback judges them node by node (a sensitive one goes to INT8 first); null: none")
+    matmul_nbits: list[MatMulNBits] | None = Field(
+        None, description="store the weights of the chosen MatMuls block-wise in 4 or 8 bits (MatMulNBits) instead "
+        "of per-column INT8: one group, or a list where the first group whose patterns choose a node wins (e.g. "
+        "the FFN in 4 bits, every other MatMul in 8); the accuracy fallback judges them node by node (a sensitive "
+        "one goes to per-column INT8 first); null: none. `matmul_int4` (one group) is the older name")
     calibration: QuantCalibration = QuantCalibration()
     tolerance: float = Field(0.01, ge=0, description="largest relative drop of a task's metric vs the fp32 graph")
     tolerances: dict[str, float] = Field({}, description="per-task override of tolerance")
@@ -132,6 +138,20 @@ class QuantizeStage(ToleranceTest):
             raise ValueError(f"must be a power of two of at least 16, as ONNX Runtime's GatherBlockQuantized "
                              f"requires (got {v})")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "matmul_int4" in data:
+            if "matmul_nbits" in data:
+                raise ValueError("give matmul_nbits or its older name matmul_int4, not both")
+            data = {("matmul_nbits" if k == "matmul_int4" else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("matmul_nbits", mode="before")
+    @classmethod
+    def _one_group(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
 
     @field_validator("tolerances")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.recipe._base import NAME, Seed, Strict
 from compressor.train.options import Sampling, TrainOptions
@@ -154,9 +154,22 @@ class DistillOptions(Strict):
         "bf16 is many times slower); no = fp32")
     dropout: float | None = Field(None, ge=0, lt=1, description="the student's dropout while it trains; null: "
                                   "the student's own (the teacher's config)")
+    word_table_int4: int | None = Field(
+        None, description="quantization-aware recovery of the word table: snap the student's word-embedding table to "
+        "the INT4 grid a later quantize stage with `embedding: int4_block` and this `embedding_block_size` stores "
+        "it on, and keep it frozen while the rest learns around it (the 4-bit table then costs nothing more at "
+        "quantization); null: the table trains in fp32")
     teacher_cache: TeacherCacheOptions | None = Field(
         None, description="compute the teacher's outputs once and read them from disk; null: the teacher runs at "
         "every step")
+
+    @field_validator("word_table_int4")
+    @classmethod
+    def _int4_block(cls, v: int | None) -> int | None:
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"must be a power of two of at least 16, as ONNX Runtime's GatherBlockQuantized "
+                             f"requires (got {v})")
+        return v
 
 
 class DistillStage(DistillOptions):

@@ -202,6 +202,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def _options(cfg: QuantizeStage, mode: str) -> Any:
     """The quantizer options of the stage's configuration for one mode."""
+    from compressor.export.matmul4 import NBitsGroup
     from compressor.export.quantize import QuantOptions
 
     return QuantOptions(
@@ -211,8 +212,8 @@ def _options(cfg: QuantizeStage, mode: str) -> Any:
         calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
         num_bins=cfg.calibration.num_bins, embedding=cfg.embedding,
         embedding_block_size=cfg.embedding_block_size,
-        **({"matmul4": list(cfg.matmul_int4.nodes), "matmul4_block_size": cfg.matmul_int4.block_size,
-            "matmul4_accuracy_level": cfg.matmul_int4.accuracy_level} if cfg.matmul_int4 else {}),
+        matmul_nbits=[NBitsGroup(tuple(g.nodes), g.bits, g.block_size, g.accuracy_level)
+                      for g in cfg.matmul_nbits or []],
     )
 
 
@@ -236,7 +237,7 @@ def _write_summary(job: _Job, picked: dict[str, Any], mode: str, compared: dict[
         "mode": mode, "requested_mode": cfg.mode, "compared": compared, "target": cfg.target, "per_channel": cfg.per_channel, "source": str(picked["source"]),
         "embedding": cfg.embedding, "source_notes": source_notes,
         **({"embedding_block_size": cfg.embedding_block_size} if cfg.embedding == "int4_block" else {}),
-        **({"matmul_int4": cfg.matmul_int4.model_dump()} if cfg.matmul_int4 else {}),
+        **({"matmul_nbits": [g.model_dump() for g in cfg.matmul_nbits]} if cfg.matmul_nbits else {}),
         "tolerance_test": cfg.tolerance_test,
         **({"confidence": cfg.confidence, "bootstrap_samples": cfg.bootstrap_samples}
            if cfg.tolerance_test == "bootstrap" else {}),
@@ -259,13 +260,14 @@ def _notes(ctx: StageContext, outcome: Any, mode: str, compared: dict[str, Any],
     tables = f"{final.integer_ops.get('int8_gather', 0)} INT8"
     if cfg.embedding == "int4_block":
         tables = f"{final.integer_ops.get('int4_gather', 0)} INT4 (blocks of {cfg.embedding_block_size}) and {tables}"
-    four_bits = cfg.matmul_int4 is not None or cfg.embedding == "int4_block"
-    four = final.integer_ops.get("MatMulNBits", 0)
-    four_note = (f" ({four} of them 4-bit MatMulNBits, blocks of {cfg.matmul_int4.block_size}; a 4-bit node "
-                 "the fallback moves goes to INT8)" if cfg.matmul_int4 else "")
+    four_bits = bool(cfg.matmul_nbits) or cfg.embedding == "int4_block"
+    nbits = final.integer_ops.get("MatMulNBits", 0)
+    groups = "; ".join(f"{', '.join(g.nodes)}: {g.bits}-bit, blocks of {g.block_size}" for g in cfg.matmul_nbits or [])
+    four_note = (f" ({nbits} of them block-wise MatMulNBits ({groups}); one the fallback moves goes to per-column "
+                 "INT8)" if cfg.matmul_nbits else "")
     notes = [f"{mode} INT8 ({cfg.target}{', per-channel' if cfg.per_channel else ''}): {n_int} integer "
              f"MatMul(s){four_note}, {tables} embedding table lookup(s) ({cfg.embedding}); {len(final.excluded)} "
-             f"node(s) {'moved by the fallback (4-bit ones to INT8)' if four_bits else 'moved back to fp32'} after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
+             f"node(s) {'moved by the fallback (block-wise ones to INT8)' if four_bits else 'moved back to fp32'} after {len(outcome.attempts) - 1} fallback round(s)", *source_notes]
     if compared:
         notes.append("static vs dynamic: " + "; ".join(
             f"{m}: p50 {c['latency_ms_p50']:.2f} ms, {'within' if c['passed'] else 'OVER'} tolerance, "

@@ -75,6 +75,11 @@ class TrainOptions(_Options):
     grad_clip: float | None = Field(1.0, gt=0)
     dropout: float | None = Field(None, ge=0, lt=1)
     freeze_embeddings: bool = False
+    word_table_int4: int | None = Field(
+        None, description="quantization-aware training of the word table: before the first step, snap the "
+        "word-embedding table to the INT4 grid the quantize stage stores it on (`embedding: int4_block` with this "
+        "`embedding_block_size`) and keep it frozen, so the rest of the model learns around the 4-bit table (the "
+        "export then quantizes it exactly); null: the table trains in fp32")
     freeze_layers: int = Field(0, ge=0)
     sampling: Sampling = Sampling()
     loss_weighting: LossWeighting = LossWeighting()

@@ -86,12 +86,29 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 setattr(m, attr, p)
 
 
+def snap_word_table(model: MultiTaskModel, block_size: int) -> float:
+    """Put the word-embedding table on the INT4 grid of the quantize stage's ``embedding: int4_block`` (the very
+    function the export uses, so quantizing it again is exact) and freeze it. Returns the table's relative error."""
+    from compressor.export.embedding_rows import check_int4_block_size, int4_blocks
+
+    check_int4_block_size(block_size)
+    table = model.encoder.get_input_embeddings().weight
+    w = table.detach().float().cpu().numpy()
+    _, _, snapped = int4_blocks(w, block_size)
+    with torch.no_grad():
+        table.copy_(torch.from_numpy(snapped).to(table.device, table.dtype))
+    table.requires_grad_(False)
+    return float(((snapped - w) ** 2).sum() ** 0.5 / max(float((w ** 2).sum() ** 0.5), 1e-12))
+
+
 def configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     if cfg.freeze_embeddings:
         for p in model.encoder.embeddings.parameters():
             p.requires_grad_(False)
+    if cfg.word_table_int4 is not None:
+        snap_word_table(model, cfg.word_table_int4)
     if cfg.freeze_layers:
         layers = encoder_layers(model.encoder)
         if cfg.freeze_layers > len(layers):
