@@ -178,3 +178,53 @@ def test_every_recovery_step_of_every_pruning_step_reads_one_teacher_cache(train
     assert stats["built"] == n_train and stats["loaded"] == 0
     assert stats["hits"] == 2 * 5 * 16 and stats["misses"] == 0
     assert stats["path"].startswith(str(ctx.run_dir / "teacher-cache"))
+
+
+def test_a_killed_recovery_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(trained, monkeypatch):
+    """Two pruning steps, each recovered until within the tolerance in 5-step runs; the run is stopped before its
+    last run of 5 steps (inside the second recovery). ``--resume`` replays the pruning, takes the first recovery's
+    saved result and weights, continues the second from its checkpoint (one run left), and ends with the
+    uninterrupted run's checks and weights, bit for bit."""
+    import dataclasses
+
+    from compressor.stages.prune import run
+    from compressor.train.loop import Engine
+
+    stage = {**PRUNE, "steps": 2, "recovery_until": {"tolerance": 0.001, "eval_every": 5, "max_steps": 10},
+             "recovery": {"teacher": "input", "alpha": 0.0, "lr": 1e-4, "batch_size": 8}}
+
+    def ctx(name: str, resume: bool = False):
+        c = context(trained["tmp"] / name, trained["root"], stage, trained["teacher"])
+        return dataclasses.replace(c, checkpoint_dir=trained["tmp"] / name / "checkpoints", resume=resume)
+
+    class Killed(Exception):
+        pass
+
+    calls: list[int] = []
+    stop = {"at": None}
+    original = Engine.run
+
+    def counted(self, n_steps, description=None):
+        calls.append(n_steps)
+        if len(calls) == stop["at"]:
+            raise Killed
+        return original(self, n_steps, description)
+
+    monkeypatch.setattr(Engine, "run", counted)
+    whole = run(ctx("whole"))
+    recoveries = [s["recovery"] for s in whole.outputs["steps"]]
+    assert recoveries[1]["steps"] == 10 and len(calls) >= 2  # the second recovery ran two 5-step runs
+    stop["at"], total = len(calls), len(calls)
+    calls.clear()
+    with pytest.raises(Killed):
+        run(ctx("killed"))
+    assert (trained["tmp"] / "killed" / "checkpoints" / "recovery-2" / "trainer.json").is_file()
+    calls.clear()
+    stop["at"] = None
+    resumed = run(ctx("killed", resume=True))
+    assert len(calls) == 1 < total  # only the run the second recovery had left
+    assert [s["recovery"] for s in resumed.outputs["steps"]] == recoveries
+    a, _, _ = load_model(trained["tmp"] / "whole" / "stage.tmp" / "model")
+    b, _, _ = load_model(trained["tmp"] / "killed" / "stage.tmp" / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -58,8 +58,8 @@ stages:
   - {{kind: train, name: teacher, epochs: 2, batch_size: 8, lr: 1.0e-2, warmup_ratio: 0.0,
       sampling: {{strategy: round_robin}}, baselines: false}}
   - {{kind: distill, student: {{from_teacher: {{layers: 1}}}}, epochs: 1, batch_size: 8, lr: 3.0e-3}}
-  - {{kind: prune, importance: taylor, head_ratio: 0.5, ffn_ratio: 0.5, steps: 1, recovery_steps: 2,
-      importance_batches: 1, batch_size: 8}}
+  - {{kind: prune, importance: taylor, head_ratio: 0.5, ffn_ratio: 0.5, steps: 2, importance_batches: 1,
+      batch_size: 8, recovery_until: {{tolerance: 1.0e-6, eval_every: 1, max_steps: 2}}}}
   - {{kind: prune_vocab, english_words: 200, sizes: [1000]}}
   - {{kind: export, parity_batches: 1}}
   - {{kind: quantize, tolerance: 1.0}}

@@ -6,6 +6,9 @@ model as it was before this stage) after every pruning step: a fixed ``recovery_
 ``recovery_until`` until every task's dev metric is back within a tolerance of the model's before this stage
 (checked every ``eval_every`` steps; at most ``max_steps`` / ``max_epochs``; the best checked weights kept).
 Hidden states and attention relations are distilled through the layer map (kept teacher layers).
+Resumable: a ``recovery_until`` recovery writes a checkpoint at every dev check (weights, optimizer, schedule,
+sampler, the checks so far) and one when it ends, so ``--resume`` after a kill replays the pruning steps (they are
+deterministic), skips the recoveries that had finished and continues the one that had not.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def run(ctx: StageContext) -> StageResult:
         if not recovers or teacher is None:
             return None
         kept = [base_map[i] for i in pruner.layer_ids] if base_map is not None else None
-        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step, reference, cache)
+        return _recover(ctx, cfg, model, teacher, tokenizer, kept, seed + step, reference, cache, step)
 
     reports = pruner.run(recover)
     model.eval()
@@ -177,7 +180,7 @@ def _teacher(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel,
 
 def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher: MultiTaskModel, tokenizer: Any,
              kept: list[int] | None, seed: int, reference: dict[str, float] | None = None,
-             teacher_cache: Any = None) -> dict[str, Any]:
+             teacher_cache: Any = None, step: int = 1) -> dict[str, Any]:
     """Distillation after one pruning step; ``kept`` maps student layers to the teacher's.
 
     Without ``cfg.recovery_until``: ``recovery_steps`` steps; returns the mean loss parts. With it: dev checks
@@ -185,7 +188,7 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
     before this stage; stops at the first check where every task is within the tolerance or when the budget is
     spent, and keeps the weights of the best check (highest worst-task retention). Returns the mean loss parts
     plus ``steps``, ``budget``, ``reached``, ``retention`` / ``dev`` (of the kept weights), ``kept_at`` and
-    ``checks`` (every check: steps, dev, retention).
+    ``checks`` (every check: steps, dev, retention). ``step``: the pruning step (names its checkpoint).
     """
     from compressor.distill.objective import recovery_engine
     from compressor.model.student import default_layer_map
@@ -200,7 +203,8 @@ def _recover(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, teacher:
         model.eval()
         return parts
     assert reference is not None
-    return _recover_until(ctx, cfg, model, tokenizer, engine, budget, reference)
+    ckpt = ctx.checkpoint_dir / f"recovery-{step}" if ctx.checkpoint_dir is not None else None
+    return _recover_until(ctx, cfg, model, tokenizer, engine, budget, reference, ckpt)
 
 
 def _recovery_budget(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any) -> int:
@@ -221,13 +225,15 @@ def _recovery_budget(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, 
 
 
 def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, tokenizer: Any, engine: Any,
-                   budget: int, reference: dict[str, float]) -> dict[str, Any]:
+                   budget: int, reference: dict[str, float], ckpt: Path | None = None) -> dict[str, Any]:
     """Distil in ``eval_every``-step runs until every task is within the tolerance of ``reference`` or the
-    budget is spent; loads the best check's weights. Returns what :func:`_recover` documents."""
+    budget is spent; loads the best check's weights. Returns what :func:`_recover` documents. ``ckpt``: the
+    directory of this recovery's checkpoint (written at every check; continued from on ``--resume``)."""
     from compressor.model.forward import dev_metrics
 
     ru = cfg.recovery_until
     tasks = list(reference)
+    shape = [a.to_dict() for a in read_architecture(model.encoder)]
 
     def check() -> dict[str, Any]:
         dev = dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
@@ -238,25 +244,79 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
         r = list(c["retention"].values())
         return min(r), sum(r) / len(r)
 
+    def finish(best: dict[str, Any], checks: list[dict[str, Any]], sums: dict[str, float]) -> dict[str, Any]:
+        done = engine.steps_done
+        parts = {k: v / done for k, v in sums.items()} if done else {}
+        return {**parts, "steps": done, "budget": budget, "tolerance": ru.tolerance,
+                "reached": score(best)[0] >= floor - 1e-12, "kept_at": best["steps"], "dev": best["dev"],
+                "retention": best["retention"], "checks": checks}
+
     floor = 1.0 - ru.tolerance
-    checks = [check()]
-    best, best_state = checks[0], _state(model)
-    sums: dict[str, float] = {}
+    saved = _load_recovery(ctx, ckpt, engine, shape) if ckpt is not None else None
+    if saved is not None and saved.get("result") is not None:  # this recovery had finished: its kept weights
+        model.eval()
+        return saved["result"]
+    if saved is not None:
+        checks, sums = saved["checks"], saved["sums"]
+        best = checks[saved["best"]]
+        best_state = _best_weights(ckpt)
+    else:
+        checks, sums = [check()], {}
+        best, best_state = checks[0], _state(model)
+        _save_recovery(ckpt, engine, shape, checks, sums, 0, improved=True)
     while score(checks[-1])[0] < floor - 1e-12 and engine.steps_done < budget:
         n = min(ru.eval_every, budget - engine.steps_done)
         means = engine.run(n).means()
         sums = {k: sums.get(k, 0.0) + v * n for k, v in means.items()}
         checks.append(check())
-        if score(checks[-1]) > score(best):
+        improved = score(checks[-1]) > score(best)
+        if improved:
             best, best_state = checks[-1], _state(model)
+        _save_recovery(ckpt, engine, shape, checks, sums, checks.index(best), improved)
     if best is not checks[-1]:
         model.load_state_dict(best_state)
     model.eval()
-    done = engine.steps_done
-    parts = {k: v / done for k, v in sums.items()} if done else {}
-    return {**parts, "steps": done, "budget": budget, "tolerance": ru.tolerance,
-            "reached": score(best)[0] >= floor - 1e-12, "kept_at": best["steps"], "dev": best["dev"],
-            "retention": best["retention"], "checks": checks}
+    result = finish(best, checks, sums)
+    _save_recovery(ckpt, engine, shape, checks, sums, checks.index(best), True, result)  # the model holds the best
+    return result
+
+
+def _save_recovery(ckpt: Path | None, engine: Any, shape: list[dict[str, Any]], checks: list[dict[str, Any]],
+                   sums: dict[str, float], best: int, improved: bool, result: dict[str, Any] | None = None) -> None:
+    """The recovery's checkpoint (see :func:`_recover_until`): the engine's state, the checks, the best check's
+    weights (``improved``: the model's current ones), and ``result`` once the recovery has ended."""
+    from compressor.train.checkpoint import save_checkpoint
+
+    if ckpt is None:
+        return
+    state = {"architecture": shape, "checks": checks, "sums": sums, "best": best, "result": result}
+    save_checkpoint(ckpt, *engine.checkpoint_parts(), state, improved, extra=engine.objective_module())
+
+
+def _load_recovery(ctx: StageContext, ckpt: Path, engine: Any, shape: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The state a resumed run's recovery continues from (the engine restored in place), or None: not resuming,
+    no checkpoint, or one of a model of another shape (the pruning went another way: start this recovery
+    afresh). A finished recovery also gets its kept weights loaded into the model."""
+    import json
+
+    from compressor.train.checkpoint import load_checkpoint
+
+    trainer = ckpt / "trainer.json"
+    if not (ctx.resume and trainer.is_file()):
+        return None
+    if json.loads(trainer.read_text()).get("architecture") != shape:
+        return None
+    state = load_checkpoint(ckpt, *engine.checkpoint_parts(), extra=engine.objective_module())
+    if state.get("result") is not None:
+        engine.core.load_state_dict(_best_weights(ckpt))
+    return state
+
+
+def _best_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The best check's weights saved with the recovery's checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "best.safetensors"))
 
 
 def _state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
