@@ -14,7 +14,7 @@ import pytest
 
 from _export_helpers import build_run, make_run
 from compressor.export.matmul4 import (
-    NBitsGroup, check_matmul4_block_size, matmul4_blocks, matmul4_candidates, quantize_matmuls_4bit,
+    NBitsGroup, check_matmul4_block_size, matmul4_blocks, matmul4_candidates, quantize_matmuls_nbits,
 )
 from compressor.export.quantize import (
     QuantOptions, integer_matmuls, integer_op_counts, prepare_source, quantize_graph, quantized_nodes,
@@ -73,7 +73,7 @@ def test_matmulnbits_computes_with_the_dequantized_weight(k, block, bits, tmp_pa
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
                               [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
-    assert quantize_matmuls_4bit(tmp_path / "g.onnx", tmp_path / "q.onnx", ["mm"], block, accuracy_level=0,
+    assert quantize_matmuls_nbits(tmp_path / "g.onnx", tmp_path / "q.onnx", ["mm"], block, accuracy_level=0,
                                  bits=bits) == ["mm"]
     q = onnx.load(str(tmp_path / "q.onnx"))
     assert [n.op_type for n in q.graph.node] == ["MatMulNBits"] and "w" not in {i.name for i in q.graph.initializer}
@@ -183,4 +183,4 @@ def test_a_block_size_matmulnbits_cannot_read_is_refused(block, tmp_path):
     with pytest.raises(ValueError, match="power of two of at least 16"):
         check_matmul4_block_size(block)
     with pytest.raises(ValueError, match="power of two of at least 16"):
-        quantize_matmuls_4bit(tmp_path / "none.onnx", tmp_path / "out.onnx", [], block_size=block)
+        quantize_matmuls_nbits(tmp_path / "none.onnx", tmp_path / "out.onnx", [], block_size=block)

@@ -108,7 +108,7 @@ def matmul4_blocks(w: np.ndarray, block_size: int = MATMUL4_BLOCK_SIZE, bits: in
     return packed, scale.astype(np.float32).reshape(-1), zp_packed, np.ascontiguousarray(deq)
 
 
-def quantize_matmuls_4bit(src: Path, dst: Path, nodes: Sequence[str], block_size: int = MATMUL4_BLOCK_SIZE,
+def quantize_matmuls_nbits(src: Path, dst: Path, nodes: Sequence[str], block_size: int = MATMUL4_BLOCK_SIZE,
                           accuracy_level: int = 4, bits: int = 4) -> list[str]:
     """Write ``src`` to ``dst`` with each of ``nodes`` (MatMuls with a constant 2-D float weight) as
     ``MatMulNBits`` of ``bits`` bits named ``<node>_Q<bits>`` (same output tensor). Returns the nodes replaced; every other node is

@@ -18,7 +18,7 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.export.embedding_rows import (EMBED_MIN_ELEMENTS, HEAD_SCOPE, INT4_BLOCK_SIZE,
                                               quantize_embedding_rows)
-from compressor.export.matmul4 import NBitsGroup, nbits_assignment, quantize_matmuls_4bit
+from compressor.export.matmul4 import NBitsGroup, nbits_assignment, quantize_matmuls_nbits
 from compressor.export.optimize import quiet_loggers
 
 Mode = Literal["dynamic", "static"]
@@ -243,8 +243,8 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
     fallback = set(exclude) - set(fixed)  # what the caller (the accuracy fallback) asks to keep fp32
     nbits = nbits_assignment(src, options.matmul_nbits, fixed)
     demoted = fallback & set(nbits)  # the fallback sends a block-wise node to per-column INT8 first
-    four = [n for n in nbits if n not in demoted]
-    exclude = nodes_to_exclude(src, options, [*(n for n in exclude if n not in demoted), *four])
+    blockwise = [n for n in nbits if n not in demoted]
+    exclude = nodes_to_exclude(src, options, [*(n for n in exclude if n not in demoted), *blockwise])
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
         with quiet_loggers("optimum.onnxruntime.quantization", "optimum", ""), contextlib.redirect_stdout(io.StringIO()):
@@ -255,9 +255,9 @@ def quantize_graph(src: Path, dst: Path, options: QuantOptions, exclude: Sequenc
         if not out.is_file():
             raise QuantizationError(f"ORTQuantizer wrote no {out.name} for {src}")
         for group in options.matmul_nbits:
-            chosen = [n for n in four if nbits[n] is group]
+            chosen = [n for n in blockwise if nbits[n] is group]
             if chosen:
-                quantize_matmuls_4bit(out, out, chosen, group.block_size, group.accuracy_level, group.bits)
+                quantize_matmuls_nbits(out, out, chosen, group.block_size, group.accuracy_level, group.bits)
         if options.lookup_embeddings():
             quantize_embedding_rows(out, out, exclude=set(exclude), min_elements=options.embedding_min_elements,
                                     skip_heads=options.quantize_heads is not True, bits=options.embedding_bits(),
