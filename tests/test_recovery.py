@@ -4,6 +4,7 @@ stage's ``recovery_until`` distils it back to within a tolerance of its pre-prun
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -228,3 +229,12 @@ def test_a_killed_recovery_resumes_where_it_stopped_and_ends_as_an_uninterrupted
     b, _, _ = load_model(trained["tmp"] / "killed" / "stage.tmp" / "model")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    # a checkpoint whose recovery started from other weights (a replayed pruning step that came out differently)
+    # is not continued: that recovery runs afresh, to the same end
+    trainer = trained["tmp"] / "killed" / "checkpoints" / "recovery-2" / "trainer.json"
+    state = json.loads(trainer.read_text())
+    trainer.write_text(json.dumps({**state, "start": "other weights"}))
+    calls.clear()
+    again = run(ctx("killed", resume=True))
+    assert len(calls) == 2 and [s["recovery"] for s in again.outputs["steps"]] == recoveries

@@ -233,7 +233,7 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
 
     ru = cfg.recovery_until
     tasks = list(reference)
-    shape = [a.to_dict() for a in read_architecture(model.encoder)]
+    start = _fingerprint(model)  # the pruned (and reconstructed) weights this recovery starts from
 
     def check() -> dict[str, Any]:
         dev = dev_metrics(model, tokenizer, ctx.data, tasks, ctx.recipe.model.max_length, cfg.eval_batch_size)
@@ -252,7 +252,7 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
                 "retention": best["retention"], "checks": checks}
 
     floor = 1.0 - ru.tolerance
-    saved = _load_recovery(ctx, ckpt, engine, shape) if ckpt is not None else None
+    saved = _load_recovery(ctx, ckpt, engine, start) if ckpt is not None else None
     if saved is not None and saved.get("result") is not None:  # this recovery had finished: its kept weights
         model.eval()
         return saved["result"]
@@ -263,7 +263,7 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
     else:
         checks, sums = [check()], {}
         best, best_state = checks[0], _state(model)
-        _save_recovery(ckpt, engine, shape, checks, sums, 0, improved=True)
+        _save_recovery(ckpt, engine, start, checks, sums, 0, improved=True)
     while score(checks[-1])[0] < floor - 1e-12 and engine.steps_done < budget:
         n = min(ru.eval_every, budget - engine.steps_done)
         means = engine.run(n).means()
@@ -272,31 +272,32 @@ def _recover_until(ctx: StageContext, cfg: PruneStage, model: MultiTaskModel, to
         improved = score(checks[-1]) > score(best)
         if improved:
             best, best_state = checks[-1], _state(model)
-        _save_recovery(ckpt, engine, shape, checks, sums, checks.index(best), improved)
+        _save_recovery(ckpt, engine, start, checks, sums, checks.index(best), improved)
     if best is not checks[-1]:
         model.load_state_dict(best_state)
     model.eval()
     result = finish(best, checks, sums)
-    _save_recovery(ckpt, engine, shape, checks, sums, checks.index(best), True, result)  # the model holds the best
+    _save_recovery(ckpt, engine, start, checks, sums, checks.index(best), True, result)  # the model holds the best
     return result
 
 
-def _save_recovery(ckpt: Path | None, engine: Any, shape: list[dict[str, Any]], checks: list[dict[str, Any]],
+def _save_recovery(ckpt: Path | None, engine: Any, start: str, checks: list[dict[str, Any]],
                    sums: dict[str, float], best: int, improved: bool, result: dict[str, Any] | None = None) -> None:
     """The recovery's checkpoint (see :func:`_recover_until`): the engine's state, the checks, the best check's
-    weights (``improved``: the model's current ones), and ``result`` once the recovery has ended."""
+    weights (``improved``: the model's current ones), ``result`` once the recovery has ended, and ``start``, the
+    fingerprint of the weights it started from."""
     from compressor.train.checkpoint import save_checkpoint
 
     if ckpt is None:
         return
-    state = {"architecture": shape, "checks": checks, "sums": sums, "best": best, "result": result}
+    state = {"start": start, "checks": checks, "sums": sums, "best": best, "result": result}
     save_checkpoint(ckpt, *engine.checkpoint_parts(), state, improved, extra=engine.objective_module())
 
 
-def _load_recovery(ctx: StageContext, ckpt: Path, engine: Any, shape: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _load_recovery(ctx: StageContext, ckpt: Path, engine: Any, start: str) -> dict[str, Any] | None:
     """The state a resumed run's recovery continues from (the engine restored in place), or None: not resuming,
-    no checkpoint, or one of a model of another shape (the pruning went another way: start this recovery
-    afresh). A finished recovery also gets its kept weights loaded into the model."""
+    no checkpoint, or one that started from other weights (the replayed pruning did not come out bit for bit the
+    same: this recovery starts afresh). A finished recovery also gets its kept weights loaded into the model."""
     import json
 
     from compressor.train.checkpoint import load_checkpoint
@@ -304,12 +305,28 @@ def _load_recovery(ctx: StageContext, ckpt: Path, engine: Any, shape: list[dict[
     trainer = ckpt / "trainer.json"
     if not (ctx.resume and trainer.is_file()):
         return None
-    if json.loads(trainer.read_text()).get("architecture") != shape:
+    if json.loads(trainer.read_text()).get("start") != start:
+        engine.log(f"[{engine.label}] the replayed pruning step is not the checkpoint's: recovering afresh")
         return None
     state = load_checkpoint(ckpt, *engine.checkpoint_parts(), extra=engine.objective_module())
     if state.get("result") is not None:
         engine.core.load_state_dict(_best_weights(ckpt))
+        engine.log(f"[{engine.label}] finished before the interruption: its kept weights reloaded")
+    else:
+        engine.log(f"[{engine.label}] resumed at step {engine.steps_done} ({len(state['checks'])} dev check(s) done)")
     return state
+
+
+def _fingerprint(model: MultiTaskModel) -> str:
+    """SHA-256 of the model's weights (names, shapes and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _best_weights(ckpt: Path) -> dict[str, torch.Tensor]:
