@@ -29,10 +29,14 @@ def percentiles(times: Sequence[float]) -> dict[str, float]:
     return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
 
 
-def time_calls(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall time (ms) of ``runs`` calls of ``call`` after ``warmup`` untimed ones (``sync`` waits for a device)."""
-    times = []
-    for i in range(warmup + runs):
+def time_calls(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None] | None = None,
+               min_seconds: float = 0.0) -> list[float]:
+    """Wall time (ms) of ``runs`` calls of ``call`` after ``warmup`` untimed ones (``sync`` waits for a device);
+    with ``min_seconds``, more calls until the timed ones span that long (a median over a window of seconds, not
+    of a tenth of one, so a burst of other load on a shared machine moves a fast model's median less)."""
+    times: list[float] = []
+    i = 0
+    while i < warmup + runs or sum(times) < 1000 * min_seconds:
         if sync is not None:
             sync()
         t0 = time.perf_counter()
@@ -41,6 +45,7 @@ def time_calls(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[
             sync()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
+        i += 1
     return times
 
 
@@ -111,9 +116,10 @@ def load_warning(others: float, cores: int, threads: int, load: float | None = N
 
 
 def ort_latency_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int = 30, warmup: int = 5,
-                   threads: int | None = None) -> dict[str, Any]:
-    """Median and p95 wall time (ms) of one ``session.run`` of every output, with ``load_warning`` when other
-    processes competed for the cores (:class:`LoadWatch`; ``threads``: the session's intra-op threads)."""
+                   threads: int | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
+    """Median and p95 wall time (ms) of one ``session.run`` of every output (at least ``runs`` runs spanning at
+    least ``min_seconds``), with ``load_warning`` when other processes competed for the cores
+    (:class:`LoadWatch`; ``threads``: the session's intra-op threads)."""
     feeds = dict(feeds)
     if threads is None:
         try:
@@ -121,7 +127,8 @@ def ort_latency_ms(session: Any, feeds: Mapping[str, np.ndarray], runs: int = 30
         except Exception:  # noqa: BLE001 - a stand-in session without options
             threads = None
     with LoadWatch(threads) as watch:
-        out: dict[str, Any] = percentiles(time_calls(lambda: session.run(None, feeds), runs, warmup))
+        out: dict[str, Any] = percentiles(time_calls(lambda: session.run(None, feeds), runs, warmup,
+                                                     min_seconds=min_seconds))
     if watch.warning:
         out["load_warning"] = watch.warning
     return out

@@ -65,7 +65,7 @@ report:""")
     sst_model = runs["sst"] / "stages" / "00-teacher" / "model"  # a bare model dir: the benchmark exports it
     out = tmp / "reports" / "bench"
     args = [str(runs["chain"]), "--out", str(out), "--single", str(runs["ner"]), "--single", str(sst_model),
-            "--runs", "2", "--batch", "4", "--seq-len", "32", "--samples", "8"]
+            "--runs", "2", "--min-seconds", "0.05", "--batch", "4", "--seq-len", "32", "--samples", "8"]
     for t in THREADS:
         args += ["--threads", str(t)]
     result = CliRunner().invoke(app, args)
@@ -386,3 +386,13 @@ def test_targets_come_from_the_recipe():
     targets = {t["id"]: t for t in check_targets(rows, [1], 128, lenient)}
     assert all(targets[k]["met"] for k in ("size", "latency", "retention", "vs_c"))
     assert targets["size"]["target"].startswith(">= 4x") and "95%" in targets["retention"]["target"]
+
+
+def test_a_latency_spans_min_seconds_of_timed_runs():
+    import time
+
+    from compressor.measure import time_calls
+
+    times = time_calls(lambda: time.sleep(0.002), runs=3, warmup=1, min_seconds=0.1)
+    assert len(times) > 3 and sum(times) >= 100  # more than the 3 runs asked: the runs span 0.1 s
+    assert len(time_calls(lambda: None, runs=3, warmup=1)) == 3  # without it, exactly the runs asked

@@ -17,7 +17,8 @@ from compressor.errors import CompressorError
 
 def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), threads: Sequence[int] | None = None,
                   batch: int = 32, runs: int = 20, seq_len: int = 128, samples: int = 100,
-                  data_root: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+                  data_root: Path | None = None, log: Callable[[str], None] | None = None,
+                  min_seconds: float = 3.0) -> dict[str, Path]:
     """Benchmark the run's teacher (a, b, c), single-task students (d) and multi-head student (e) on the run's
     test data; returns ``{"markdown", "json", "latency_plot", "size_plot"}`` paths.
 
@@ -31,6 +32,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         seq_len: tokens of the dummy inputs.
         samples: real test inputs per task for real-length latency and throughput.
         data_root: overrides the recipe's data root.
+        min_seconds: each batch-1 dummy-input latency runs until its timed runs span at least this long.
     """
     import torch
 
@@ -43,6 +45,8 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
     for name, value in (("batch", batch), ("runs", runs), ("seq_len", seq_len), ("samples", samples)):
         if value < 1:
             raise CompressorError(f"benchmark: {name} must be at least 1 (got {value})")
+    if min_seconds < 0:
+        raise CompressorError(f"benchmark: min_seconds must be at least 0 (got {min_seconds})")
     cores = physical_cores()
     thread_list = tuple(sorted(set(threads or (1, cores))))
     if thread_list[0] < 1:
@@ -53,7 +57,7 @@ def run_benchmark(run_dir: Path, out: Path, singles: Sequence[Path] = (), thread
         singles = list(src.singles.values())
     single_srcs = [read_single(Path(p)) for p in singles]
     recipe = load_recipe(src.recipe_path)
-    bench = Bench(Settings(thread_list, batch, runs, seq_len, samples), max(thread_list),
+    bench = Bench(Settings(thread_list, batch, runs, seq_len, samples, min_seconds), max(thread_list),
                    src.reference.target if src.reference and src.reference.target else cpu_target(),
                    DataStore(recipe.data_options(), resolve_data_root(recipe.data_root, data_root, required=False)),
                    log or say)

@@ -35,6 +35,8 @@ class Settings:
     runs: int = 20
     seq_len: int = 128
     samples: int = 100
+    #: the batch-1 latency is the median of at least ``runs`` runs spanning at least this long
+    min_seconds: float = 3.0
 
     @property
     def warmup(self) -> int:
@@ -70,7 +72,7 @@ def time_each(runner: Any, feeds: Sequence[Mapping[str, np.ndarray]], warmup: in
 def model_timings(runner: Any, spec: GraphSpec, vocab_size: int, threads: int, settings: Settings) -> dict[str, float]:
     """Dummy-input latency at batch 1 and throughput at batch ``settings.batch``."""
     one = ort_latency_ms(runner, latency_inputs(spec, vocab_size, settings.seq_len, 1), settings.runs,
-                         settings.warmup)
+                         settings.warmup, min_seconds=settings.min_seconds)
     many = ort_latency_ms(runner, latency_inputs(spec, vocab_size, settings.seq_len, settings.batch),
                           settings.batch_runs, 1)
     return {key("latency_seq_p50_ms", threads): one["p50"], key("latency_seq_p95_ms", threads): one["p95"],

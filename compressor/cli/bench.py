@@ -23,7 +23,9 @@ def benchmark(
     threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, help="Intra-op thread count "
                                                          "(repeatable; default: 1 and all physical cores).")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the throughput measurements.")] = 32,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch-1 latency.")] = 20,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch-1 latency (at least).")] = 20,
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0, help="Each batch-1 latency is the median "
+                                               "of runs spanning at least this long (0: exactly --runs).")] = 3.0,
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens of the dummy latency inputs.")] = 128,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Real test inputs per task for real-length "
                                          "latency and throughput.")] = 100,
@@ -41,7 +43,7 @@ def benchmark(
 
     with stdout_to_stderr(json_out):
         paths = run_benchmark(run, out, singles=singles or [], threads=threads or None, batch=batch, runs=runs,
-                              seq_len=seq_len, samples=samples, data_root=data_root)
+                              seq_len=seq_len, samples=samples, data_root=data_root, min_seconds=min_seconds)
     result = json.loads(paths["json"].read_text())
     if json_out:
         emit_json({"paths": {k: str(v) for k, v in paths.items()}, "benchmark": result})
