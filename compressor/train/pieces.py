@@ -86,9 +86,9 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 setattr(m, attr, p)
 
 
-def snap_word_table(model: MultiTaskModel, block_size: int) -> float:
+def snap_word_table(model: MultiTaskModel, block_size: int) -> None:
     """Put the word-embedding table on the INT4 grid of the quantize stage's ``embedding: int4_block`` (the very
-    function the export uses, so quantizing it again is exact) and freeze it. Returns the table's relative error."""
+    function the export uses, so quantizing it again is exact) and freeze it."""
     from compressor.export.embedding_rows import check_int4_block_size, int4_blocks
 
     check_int4_block_size(block_size)
@@ -98,7 +98,6 @@ def snap_word_table(model: MultiTaskModel, block_size: int) -> float:
     with torch.no_grad():
         table.copy_(torch.from_numpy(snapped).to(table.device, table.dtype))
     table.requires_grad_(False)
-    return float(((snapped - w) ** 2).sum() ** 0.5 / max(float((w ** 2).sum() ** 0.5), 1e-12))
 
 
 def configure(model: MultiTaskModel, cfg: TrainOptions) -> None:
